@@ -1,0 +1,143 @@
+"""Partial attention with log-sum-exp, and the exact merge of partials.
+
+Attention over a key set split into parts (context shards, the request's own tokens) is
+exact when each part returns (output, lse) and the parts are merged with log-sum-exp.
+Visibility is decided from absolute positions, so the same function serves causal
+self-attention, a prompt over a registered context, chunked-local layers and sliding windows.
+
+Shapes: q [Tq, Hq, D], k/v [Tk, Hkv, D], positions int64 [Tq] / [Tk];
+out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32 (-inf where a query sees no key of this part).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+_QUERY_BLOCK = 2048  # rows per masked block: bounds the [tq, Tk] mask in memory
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What decides which keys a query of one layer sees."""
+
+    scale: float
+    chunk_size: int | None = None  # keys in the same chunk only (Llama-4 local layers)
+    window: int | None = None  # sliding window (Mixtral)
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Boolean mask [Tq, Tk]: key j is visible to query i."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    mask = kp <= qp
+    if spec.chunk_size:
+        mask &= (kp // spec.chunk_size) == (qp // spec.chunk_size)
+    if spec.window:
+        mask &= (qp - kp) < spec.window
+    return mask
+
+
+def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> bool:
+    """Cheap test whether a key part can matter to any query (no [Tq, Tk] mask)."""
+    if len(q_pos) == 0 or len(k_pos) == 0:
+        return False
+    if int(k_pos.min()) > int(q_pos.max()):
+        return False
+    if spec.chunk_size:
+        qc = torch.unique(q_pos // spec.chunk_size)
+        kc = torch.unique(k_pos // spec.chunk_size)
+        if not bool(torch.isin(qc, kc).any()):
+            return False
+    if spec.window and int(q_pos.min()) - int(k_pos.max()) >= spec.window:
+        return False
+    return True
+
+
+def _fully_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> bool:
+    if int(k_pos.max()) > int(q_pos.min()):
+        return False
+    if spec.chunk_size:
+        c = spec.chunk_size
+        lo, hi = int(k_pos.min()) // c, int(q_pos.max()) // c
+        if lo != hi:
+            return False
+    if spec.window and int(q_pos.max()) - int(k_pos.min()) >= spec.window:
+        return False
+    return True
+
+
+def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, Tq, D], k/v [H, Tk, D] -> out [H, Tq, D], lse [H, Tq]."""
+    if q.device.type == "cpu":
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))[None, None]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, causal, attn_mask=bias, scale=scale
+        )
+        return out[0], lse[0]
+    scores = torch.einsum("htd,hsd->hts", q, k) * scale  # [H, Tq, Tk]
+    if causal:
+        tq, tk = scores.shape[-2:]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.einsum("hts,hsd->htd", probs, v), lse
+
+
+def partial_attention(
+    q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
+    spec: AttentionSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries over one part of the keys: (out [Tq, Hq, D], lse [Tq, Hq])."""
+    tq, hq, d = q.shape
+    out = torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    if not any_visible(q_pos, k_pos, spec):
+        return out, lse
+    groups = hq // k.shape[1]
+    qh = q.float().transpose(0, 1)  # [Hq, Tq, D]
+    kh = k.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [Hq, Tk, D]
+    vh = v.float().repeat_interleave(groups, dim=1).transpose(0, 1)
+    if _fully_visible(q_pos, k_pos, spec):
+        o, l = _sdpa_lse(qh, kh, vh, spec.scale, None, False)
+        return o.transpose(0, 1), l.transpose(0, 1)
+    same = len(q_pos) == len(k_pos) and bool(torch.equal(q_pos, k_pos))
+    contiguous = same and int(q_pos[-1] - q_pos[0]) == len(q_pos) - 1
+    if contiguous and not spec.chunk_size and not spec.window:
+        o, l = _sdpa_lse(qh, kh, vh, spec.scale, None, True)
+        return o.transpose(0, 1), l.transpose(0, 1)
+    for start in range(0, tq, _QUERY_BLOCK):
+        rows = slice(start, start + _QUERY_BLOCK)
+        mask = visible(q_pos[rows], k_pos, spec)  # [tq, Tk]
+        cols = mask.any(dim=0).nonzero().squeeze(1)
+        if len(cols) == 0:
+            continue
+        if len(cols) < mask.shape[1]:  # drop keys no query of the block sees (chunked layers)
+            mask, kb, vb = mask[:, cols], kh[:, cols], vh[:, cols]
+        else:
+            kb, vb = kh, vh
+        seen = mask.any(dim=1)
+        o, l = _sdpa_lse(qh[:, rows], kb, vb, spec.scale, mask, False)
+        o, l = o.transpose(0, 1), l.transpose(0, 1)
+        out[rows] = torch.where(seen[:, None, None], o, 0.0)
+        lse[rows] = torch.where(seen[:, None], l, float("-inf"))
+    return out, lse
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of (out [T, H, D], lse [T, H]) partials over disjoint key parts."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([p[1] for p in parts])  # [P, T, H]
+    top = lses.max(dim=0).values
+    top = torch.where(torch.isinf(top), 0.0, top)
+    w = torch.exp(lses - top)  # [P, T, H]
+    total = w.sum(dim=0)
+    out = sum(wi[..., None] * p[0] for wi, p in zip(w, parts))
+    safe = torch.where(total > 0, total, 1.0)
+    return out / safe[..., None], torch.log(total) + top

@@ -1,0 +1,126 @@
+"""One decoder layer, exposed as the steps the mesh runs in different places.
+
+    h = attn_norm(x);  q, k, v = qkv(h, pos)            (router)
+    a = attention over KV parts, merged with LSE          (context shards + router)
+    x = x + o_proj(a)
+    h = mlp_norm(x);   experts, weights = gate(h)        (router)
+    y = experts(h) combined by weight (+ shared expert)   (expert groups)
+    x = x + y
+
+The single-process model runs the same steps in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertmesh.model.attention import AttentionSpec
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.moe import DenseMLP, ExpertBank, route
+from expertmesh.model.norm import RMSNorm, rms
+from expertmesh.model.rope import apply_rope, inv_freq
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, experts: range | None = None) -> None:
+        """experts: which experts of this layer to hold (None: all; empty: none)."""
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.attn_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
+        self.use_rope = cfg.use_rope[index]
+        self.register_buffer("freqs", inv_freq(d, cfg.rope_theta), persistent=False)
+        self.spec = AttentionSpec(cfg.attn_scale_factor, cfg.chunk_size[index], cfg.sliding_window)
+        self.is_moe = cfg.moe_layers[index]
+        if self.is_moe:
+            self.gate = nn.Linear(h, cfg.num_experts, bias=False)
+            held = range(cfg.num_experts) if experts is None else experts
+            self.experts = ExpertBank(len(held), h, cfg.moe_intermediate_size, first=held.start if len(held) else 0)
+            if cfg.shared_expert_intermediate_size:
+                self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size)
+            if cfg.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        else:
+            self.mlp = DenseMLP(h, cfg.dense_intermediate_size)
+
+    # -- attention ------------------------------------------------------------------------
+    def qkv(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed hidden h [T, H], positions [T] -> q [T, Hq, D], k, v [T, Hkv, D]."""
+        cfg, t = self.cfg, h.shape[0]
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if cfg.qk_norm == "full":  # OLMoE: norm over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
+        q = q.view(t, cfg.num_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":  # Qwen3-MoE: per-head norm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q = apply_rope(q, pos, self.freqs, cfg.rope_style)
+            k = apply_rope(k, pos, self.freqs, cfg.rope_style)
+            if cfg.qk_norm == "l2":  # Llama-4: weightless RMS norm after RoPE, RoPE layers only
+                q, k = rms(q, cfg.rms_norm_eps), rms(k, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:  # Llama-4 NoPE layers: position-dependent temperature
+            scale = torch.log1p(torch.floor((pos.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+            q = (q * scale[:, None, None]).to(q.dtype)
+        return q, k, v
+
+    def attn_out(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual x [T, H] + o_proj(attn [T, Hq, D])."""
+        return x + self.o_proj(attn.reshape(attn.shape[0], -1).to(x.dtype))
+
+    # -- feed-forward ---------------------------------------------------------------------
+    def gate_route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed hidden [T, H] -> (router logits [T, E], experts [T, k], weights [T, k])."""
+        logits = self.gate(h)
+        experts, weights = route(logits, self.cfg)
+        return logits, experts, weights
+
+    def shared(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Shared-expert output [T, H] (gated where the architecture gates it), or None."""
+        if not hasattr(self, "shared_expert"):
+            return None
+        y = self.shared_expert(h)
+        if hasattr(self, "shared_expert_gate"):
+            y = torch.sigmoid(self.shared_expert_gate(h)) * y
+        return y
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+def init_weights(module: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Deterministic random init (normal(0, std) matrices, ones for norms)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters()):
+        with torch.no_grad():
+            if name.endswith("norm.weight") or "norm." in name and p.dim() == 1:
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def tokens_per_expert(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+

@@ -1,0 +1,191 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (sharded index allowed).
+
+`load_model(path)` builds the single-process model. Partial loads (`experts=`,
+`with_experts=False`) read only the tensors an actor holds. Never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from expertmesh.errors import CheckpointError
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.rope import inv_freq
+from expertmesh.model.transformer import MoETransformer
+
+_MOE_PREFIX = {
+    "MixtralForCausalLM": "block_sparse_moe",
+    "Qwen2MoeForCausalLM": "mlp",
+    "Qwen3MoeForCausalLM": "mlp",
+    "OlmoeForCausalLM": "mlp",
+    "Llama4ForCausalLM": "feed_forward",
+}
+_EXPERT_NAMES = {  # local -> per-expert HF name
+    "MixtralForCausalLM": {"gate": "w1", "up": "w3", "down": "w2"},
+}
+_DEFAULT_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A local directory for a path or `file://`, `s3://`, `gs://` URI (copied once to a cache)."""
+    text = str(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if "://" not in text:
+        p = Path(text).expanduser()
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"checkpoint {p}: no config.json (expected a Hugging Face model directory)")
+        return p
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    cache = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
+    local = cache / "checkpoints" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not (local / "config.json").is_file():
+        fs, root = pafs.FileSystem.from_uri(text)
+        tmp = local.with_suffix(".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+            if info.type == pafs.FileType.File:
+                with fs.open_input_stream(info.path) as src, open(tmp / info.base_name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        tmp.rename(local)
+    return local
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_file(resolve_checkpoint(path) / "config.json")
+
+
+class _Tensors:
+    """Lazy access to the tensors of a checkpoint, across shards."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif (root / "model.safetensors").is_file():
+            with safe_open(root / "model.safetensors", "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise CheckpointError(f"checkpoint {root}: no model.safetensors or model.safetensors.index.json")
+        self._open: dict[str, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def _file(self, key: str):
+        if key not in self.where:
+            raise CheckpointError(f"checkpoint {self.root}: tensor {key!r} is missing")
+        name = self.where[key]
+        if name not in self._open:
+            file = self.root / name
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {self.root}: safetensors shard {name} is missing (needed for {key})")
+            self._open[name] = safe_open(file, "pt")
+        return self._open[name]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._file(key).get_tensor(key)
+
+    def slice(self, key: str):
+        return self._file(key).get_slice(key)
+
+
+def _expert_tensors(t: _Tensors, cfg: ModelConfig, layer: int, held: range) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    pre = f"model.layers.{layer}.{_MOE_PREFIX[cfg.architecture]}.experts"
+    inter = cfg.moe_intermediate_size
+    if f"{pre}.gate_up_proj" in t:  # packed layout [E, H, 2I] (Llama-4) or [E, 2I, H]
+        def packed(part: str) -> torch.Tensor:
+            gu = t.slice(f"{pre}.gate_up_proj")[held.start:held.stop]
+            if gu.shape[-1] == 2 * inter and gu.shape[1] == cfg.hidden_size:
+                gu = gu.transpose(1, 2)  # -> [E, 2I, H]
+            return (gu[:, :inter] if part == "gate" else gu[:, inter:]).contiguous()
+
+        def down() -> torch.Tensor:
+            d = t.slice(f"{pre}.down_proj")[held.start:held.stop]
+            if d.shape[1] == inter:  # [E, I, H] -> [E, H, I]
+                d = d.transpose(1, 2)
+            return d.contiguous()
+
+        yield "gate", lambda: packed("gate")
+        yield "up", lambda: packed("up")
+        yield "down", down
+        return
+    names = _EXPERT_NAMES.get(cfg.architecture, _DEFAULT_EXPERT_NAMES)
+    for local, hf in names.items():
+        yield local, lambda hf=hf: torch.stack([t.get(f"{pre}.{e}.{hf}.weight") for e in held]) if len(held) else torch.empty(0)
+
+
+def _hf_name(cfg: ModelConfig, local: str) -> str:
+    """Local parameter name -> Hugging Face tensor name (non-expert parameters)."""
+    if local == "embed.weight":
+        return "model.embed_tokens.weight"
+    if local in ("norm.weight", "lm_head.weight"):
+        return local if local.startswith("lm_head") else "model.norm.weight"
+    _, i, rest = local.split(".", 2)
+    base = f"model.layers.{i}"
+    moe = _MOE_PREFIX[cfg.architecture]
+    first = rest.split(".")[0]
+    if first == "attn_norm":
+        return f"{base}.input_layernorm.weight"
+    if first == "mlp_norm":
+        return f"{base}.post_attention_layernorm.weight"
+    if first in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        return f"{base}.self_attn.{rest}"
+    if first == "gate":
+        return f"{base}.{moe}.{'router' if cfg.architecture == 'Llama4ForCausalLM' else 'gate'}.weight"
+    if first in ("shared_expert", "shared_expert_gate"):
+        return f"{base}.{moe}.{rest}"
+    if first == "mlp":
+        return f"{base}.{moe}.{rest.split('.', 1)[1]}"
+    raise KeyError(local)
+
+
+def hf_name_map(model: MoETransformer) -> dict[str, str]:
+    """Local non-expert parameter name -> Hugging Face tensor name."""
+    return {
+        n: _hf_name(model.cfg, n) for n, _ in model.named_parameters(remove_duplicate=True)
+        if ".experts." not in n
+    }
+
+
+def load_model(path: str | os.PathLike, experts: range | None = None, with_experts: bool = True,
+               dtype: torch.dtype = torch.float32) -> MoETransformer:
+    """Build the single-process model from a checkpoint directory or URI."""
+    root = resolve_checkpoint(path)
+    cfg = ModelConfig.from_file(root / "config.json")
+    t = _Tensors(root)
+    with torch.device("meta"):
+        model = MoETransformer(cfg, experts=experts, with_experts=with_experts)
+    state: dict[str, torch.Tensor] = {}
+    for local, hf in hf_name_map(model).items():
+        if local == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        state[local] = t.get(hf)
+    for i, layer in enumerate(model.layers):
+        if layer.is_moe:
+            held = range(layer.experts.first, layer.experts.first + layer.experts.count)
+            for local, get in _expert_tensors(t, cfg, i, held):
+                state[f"layers.{i}.experts.{local}"] = get() if len(held) else torch.empty(
+                    getattr(layer.experts, local).shape)
+    model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {root}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for layer in model.layers:  # buffers are not in checkpoints: rebuild them on the CPU
+        layer.freqs = inv_freq(cfg.head_dim, cfg.rope_theta)
+    return model.to(dtype).eval()

@@ -1,0 +1,279 @@
+"""Typed model configuration, read from a Hugging Face `config.json`.
+
+One dataclass describes every supported architecture; the per-architecture differences
+(routing rule, q/k norms, shared expert, RoPE layout, chunked layers) are explicit fields,
+so model code branches on properties, never on architecture names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from expertmesh.errors import UnsupportedArchitecture
+
+SUPPORTED_ARCHITECTURES = (
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+    "Llama4ForCausalLM",
+)
+
+Routing = Literal["softmax_topk", "sigmoid_topk"]
+QKNorm = Literal["none", "head", "full", "l2"]
+RopeStyle = Literal["half", "interleaved"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_style: RopeStyle
+    # per layer
+    use_rope: tuple[bool, ...]
+    chunk_size: tuple[int | None, ...]  # chunked local attention (Llama-4 iRoPE); None: global
+    moe_layers: tuple[bool, ...]
+    # attention details
+    qkv_bias: bool = False
+    qk_norm: QKNorm = "none"
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    attn_temperature_tuning: bool = False  # Llama-4 NoPE layers scale q by position
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    # experts
+    num_experts: int = 0
+    top_k: int = 1
+    routing: Routing = "softmax_topk"
+    norm_topk_prob: bool = False
+    expert_input_scaling: bool = False  # Llama-4 multiplies the expert input by its score
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    dense_intermediate_size: int = 0
+    router_aux_loss_coef: float = 0.0
+    tie_word_embeddings: bool = False
+    eos_token_id: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    max_position_embeddings: int = 1 << 20
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size <= 0 or self.num_layers <= 0 or self.vocab_size <= 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}), num_layers ({self.num_layers}) and "
+                f"vocab_size ({self.vocab_size}) must be positive"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        for name in ("use_rope", "chunk_size", "moe_layers"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries; the model has {self.num_layers} layers")
+        if any(self.moe_layers) and not (1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok ({self.top_k}) must be in 1..num_experts ({self.num_experts})")
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attn_scale_factor(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def alignment(self) -> int:
+        """Token multiple that segment boundaries should respect (chunked-local layers)."""
+        chunks = [c for c in self.chunk_size if c]
+        return math.lcm(*chunks) if chunks else 1
+
+    def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * bytes_per_value
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitecture(
+                f"architecture {arch!r} (model_type {cfg.get('model_type')!r}) is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedArchitecture(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: 'silu'")
+        return _PARSERS[arch](cfg)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_hf(json.loads(Path(path).read_text()))
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise UnsupportedArchitecture(f"rope_type {rope_type!r} is not supported; supported: 'default'")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    return tuple(int(i) for i in ids if 0 <= int(i) < cfg["vocab_size"])
+
+
+def _common(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    n = cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    return dict(
+        architecture=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_layers=n,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(cfg),
+        rope_style="half",
+        use_rope=(True,) * n,
+        chunk_size=(None,) * n,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        eos_token_id=_eos(cfg),
+        bos_token_id=cfg.get("bos_token_id"),
+        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 1 << 20),
+        hf_config=dict(cfg),
+    )
+
+
+def _num_experts(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+
+
+def _sparse_layers(cfg: dict[str, Any]) -> tuple[bool, ...]:
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    only_mlp = set(cfg.get("mlp_only_layers") or [])
+    return tuple(
+        i not in only_mlp and _num_experts(cfg) > 0 and (i + 1) % step == 0
+        for i in range(cfg["num_hidden_layers"])
+    )
+
+
+def _window(cfg: dict[str, Any], flag: str | None = None) -> int | None:
+    if flag is not None and not cfg.get(flag, False):
+        return None
+    return cfg.get("sliding_window") or None
+
+
+def _mixtral(cfg: dict[str, Any]) -> ModelConfig:
+    n = cfg["num_hidden_layers"]
+    return ModelConfig(
+        **_common(cfg, "MixtralForCausalLM"),
+        moe_layers=(True,) * n,
+        sliding_window=_window(cfg),
+        num_experts=cfg["num_local_experts"],
+        top_k=cfg["num_experts_per_tok"],
+        norm_topk_prob=True,
+        moe_intermediate_size=cfg["intermediate_size"],
+    )
+
+
+def _qwen2moe(cfg: dict[str, Any]) -> ModelConfig:
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedArchitecture("Qwen2-MoE with use_sliding_window=true is not supported")
+    return ModelConfig(
+        **_common(cfg, "Qwen2MoeForCausalLM"),
+        moe_layers=_sparse_layers(cfg),
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        num_experts=_num_experts(cfg),
+        top_k=cfg["num_experts_per_tok"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0),
+        shared_expert_gate=cfg.get("shared_expert_intermediate_size", 0) > 0,
+        dense_intermediate_size=cfg["intermediate_size"],
+    )
+
+
+def _qwen3moe(cfg: dict[str, Any]) -> ModelConfig:
+    if cfg.get("use_sliding_window"):
+        raise UnsupportedArchitecture("Qwen3-MoE with use_sliding_window=true is not supported")
+    return ModelConfig(
+        **_common(cfg, "Qwen3MoeForCausalLM"),
+        moe_layers=_sparse_layers(cfg),
+        qkv_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm="head",
+        num_experts=_num_experts(cfg),
+        top_k=cfg["num_experts_per_tok"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        dense_intermediate_size=cfg["intermediate_size"],
+    )
+
+
+def _olmoe(cfg: dict[str, Any]) -> ModelConfig:
+    n = cfg["num_hidden_layers"]
+    return ModelConfig(
+        **_common(cfg, "OlmoeForCausalLM"),
+        moe_layers=(True,) * n,
+        qkv_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm="full",
+        clip_qkv=cfg.get("clip_qkv"),
+        num_experts=_num_experts(cfg),
+        top_k=cfg["num_experts_per_tok"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_intermediate_size=cfg["intermediate_size"],
+    )
+
+
+def _llama4(cfg: dict[str, Any]) -> ModelConfig:
+    n = cfg["num_hidden_layers"]
+    no_rope = cfg.get("no_rope_layers") or [int((i + 1) % cfg.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    use_rope = tuple(bool(x) for x in no_rope)
+    chunk = cfg.get("attention_chunk_size")
+    layer_types = cfg.get("layer_types") or [
+        "chunked_attention" if r else "full_attention" for r in use_rope
+    ]
+    chunk_size = tuple(chunk if t == "chunked_attention" and chunk else None for t in layer_types)
+    moe_layers = set(cfg.get("moe_layers") or list(range(cfg.get("interleave_moe_layer_step", 1) - 1, n, cfg.get("interleave_moe_layer_step", 1))))
+    common = _common(cfg, "Llama4ForCausalLM")
+    common.update(rope_style="interleaved", use_rope=use_rope, chunk_size=chunk_size)
+    return ModelConfig(
+        **common,
+        moe_layers=tuple(i in moe_layers for i in range(n)),
+        qkv_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm="l2" if cfg.get("use_qk_norm", True) else "none",
+        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+        floor_scale=float(cfg.get("floor_scale", 8192)),
+        attn_scale=float(cfg.get("attn_scale", 0.1)),
+        num_experts=cfg["num_local_experts"],
+        top_k=cfg.get("num_experts_per_tok", 1),
+        routing="sigmoid_topk",
+        expert_input_scaling=True,
+        moe_intermediate_size=cfg["intermediate_size"],
+        shared_expert_intermediate_size=cfg["intermediate_size"],
+        dense_intermediate_size=cfg.get("intermediate_size_mlp", cfg["intermediate_size"]),
+    )
+
+
+_PARSERS = {
+    "MixtralForCausalLM": _mixtral,
+    "Qwen2MoeForCausalLM": _qwen2moe,
+    "Qwen3MoeForCausalLM": _qwen3moe,
+    "OlmoeForCausalLM": _olmoe,
+    "Llama4ForCausalLM": _llama4,
+}

@@ -1,0 +1,101 @@
+"""MoE routing (the gate) and grouped expert compute.
+
+Routing turns gate logits into (expert index, weight) pairs per token, exactly as each
+reference architecture does. Expert compute takes (token row, expert) pairs, sorts them by
+expert and runs one matmul per expert touched: no per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.config import ModelConfig
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate logits [T, E] -> (experts [T, k] int64, weights [T, k] fp32)."""
+    if cfg.routing == "sigmoid_topk":  # Llama-4: top-k on logits, sigmoid of the chosen
+        top, idx = torch.topk(logits, cfg.top_k, dim=-1)
+        return idx, torch.sigmoid(top.float())
+    probs = F.softmax(logits.float(), dim=-1)  # [T, E]
+    top, idx = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]
+    if cfg.norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return idx, top
+
+
+class ExpertBank(nn.Module):
+    """SwiGLU experts `first .. first+count-1` of one MoE layer, stacked.
+
+    gate/up [E, I, H], down [E, H, I] (nn.Linear orientation).
+    """
+
+    def __init__(self, count: int, hidden: int, inter: int, first: int = 0) -> None:
+        super().__init__()
+        self.first = first
+        self.count = count
+        self.gate = nn.Parameter(torch.empty(count, inter, hidden))
+        self.up = nn.Parameter(torch.empty(count, inter, hidden))
+        self.down = nn.Parameter(torch.empty(count, hidden, inter))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [N, H] rows, experts [N] global expert ids held here -> y [N, H]."""
+        local = experts - self.first  # [N]
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=self.count).tolist()
+        xs = x[order]  # [N, H] sorted by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = xs[start:start + n]  # [n, H]
+            h = F.silu(rows @ self.gate[e].T) * (rows @ self.up[e].T)  # [n, I]
+            ys[start:start + n] = h @ self.down[e].T
+            start += n
+        y = torch.empty_like(ys)
+        y[order] = ys
+        return y
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: the shared expert and the dense layers."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def dispatch_pairs(experts: torch.Tensor, weights: torch.Tensor, cfg: ModelConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten top-k choices into (token, expert) pairs.
+
+    experts/weights [T, k] -> token [P], expert [P], in_scale [P], out_weight [P] with P = T*k.
+    Llama-4 scales the expert input by the score (out weight 1); the others weight the output.
+    """
+    t, k = experts.shape
+    token = torch.arange(t, device=experts.device).repeat_interleave(k)
+    expert = experts.reshape(-1)
+    w = weights.reshape(-1).float()
+    ones = torch.ones_like(w)
+    return (token, expert, w, ones) if cfg.expert_input_scaling else (token, expert, ones, w)
+
+
+def expert_partition(num_experts: int, groups: int) -> list[range]:
+    """Contiguous, balanced split of expert ids over expert groups."""
+    if not 1 <= groups <= num_experts:
+        raise ValueError(f"expert_groups ({groups}) must be in 1..num_experts ({num_experts})")
+    base, extra = divmod(num_experts, groups)
+    out, start = [], 0
+    for g in range(groups):
+        n = base + (1 if g < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out

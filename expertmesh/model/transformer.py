@@ -1,0 +1,65 @@
+"""The single-process MoE transformer: `model(ids) -> logits`.
+
+It runs the same layer steps the mesh distributes (see block.py), all in one process.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from expertmesh.model.attention import partial_attention
+from expertmesh.model.block import DecoderLayer, Embedding
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.moe import dispatch_pairs
+from expertmesh.model.norm import RMSNorm
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, experts: range | None = None, with_experts: bool = True) -> None:
+        """experts: subset of expert ids to hold in every MoE layer (None: all).
+
+        with_experts=False builds the dense part only (the router's share of the weights).
+        """
+        super().__init__()
+        self.cfg = cfg
+        held = experts if with_experts else range(0)
+        self.embed = Embedding(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, held) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden [T, H] -> logits [T, V] fp32."""
+        return self.lm_head(self.norm(x)).float()
+
+    def mlp(self, layer: DecoderLayer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed-forward of one layer in-process: h [T, H] -> (y [T, H], router logits [T, E] | None)."""
+        if not layer.is_moe:
+            return layer.mlp(h), None
+        logits, experts, weights = layer.gate_route(h)
+        token, expert, in_scale, out_w = dispatch_pairs(experts, weights, self.cfg)
+        rows = h[token] * in_scale[:, None].to(h.dtype)  # [P, H]
+        y_pairs = layer.experts(rows, expert) * out_w[:, None].to(h.dtype)
+        y = torch.zeros_like(h).index_add_(0, token, y_pairs)
+        shared = layer.shared(h)
+        return (y if shared is None else y + shared), logits
+
+    def forward(self, ids: torch.Tensor, return_router_logits: bool = False):
+        """ids [T] or [1, T] -> logits [T, V] (and router logits per MoE layer)."""
+        ids = ids.reshape(-1)
+        pos = torch.arange(ids.shape[0])
+        x = self.embed(ids)  # [T, H]
+        router_logits = []
+        for layer in self.layers:
+            q, k, v = layer.qkv(layer.attn_norm(x), pos)
+            attn, _ = partial_attention(q, pos, k, v, pos, layer.spec)
+            x = layer.attn_out(x, attn)
+            y, rl = self.mlp(layer, layer.mlp_norm(x))
+            x = x + y
+            if rl is not None:
+                router_logits.append(rl)
+        out = self.logits(x)
+        return (out, router_logits) if return_router_logits else out
