@@ -1,1 +1,25 @@
-"""expertmesh"""
+"""expertmesh: serve and train sparse MoE transformers over long shared contexts on Ray.
+
+    import expertmesh as em
+    mesh = em.Mesh.start(context_shards=4, expert_groups=2)
+    ctx = mesh.register_context(mesh.tokenizer.encode(long_text))
+    res = mesh.generate(mesh.tokenizer.encode(question), context_id=ctx.id)
+"""
+
+from expertmesh.errors import (
+    CapacityError,
+    CheckpointError,
+    ContextNotFound,
+    ExpertMeshError,
+    UnsupportedArchitecture,
+)
+from expertmesh.model.checkpoint import load_model, save_model
+from expertmesh.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from expertmesh.platform.mesh import GenerationResult, Mesh
+from expertmesh.platform.registry import ContextInfo
+
+__all__ = [
+    "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "ExpertMeshError",
+    "GenerationResult", "Mesh", "ModelConfig", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture",
+    "load_model", "save_model",
+]

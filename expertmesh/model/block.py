@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from expertmesh.model.attention import AttentionSpec
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.moe import DenseMLP, ExpertBank, route
 from expertmesh.model.norm import RMSNorm, rms
@@ -41,7 +40,7 @@ class DecoderLayer(nn.Module):
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
         self.use_rope = cfg.use_rope[index]
         self.register_buffer("freqs", inv_freq(d, cfg.rope_theta), persistent=False)
-        self.spec = AttentionSpec(cfg.attn_scale_factor, cfg.chunk_size[index], cfg.sliding_window)
+        self.spec = cfg.attention_spec(index)
         self.is_moe = cfg.moe_layers[index]
         if self.is_moe:
             self.gate = nn.Linear(h, cfg.num_experts, bias=False)

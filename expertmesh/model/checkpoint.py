@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from expertmesh.errors import CheckpointError
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.moe import ExpertBank
 from expertmesh.model.rope import inv_freq
 from expertmesh.model.transformer import MoETransformer
 
@@ -189,3 +190,57 @@ def load_model(path: str | os.PathLike, experts: range | None = None, with_exper
     for layer in model.layers:  # buffers are not in checkpoints: rebuild them on the CPU
         layer.freqs = inv_freq(cfg.head_dim, cfg.rope_theta)
     return model.to(dtype).eval()
+
+
+def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (all experts must be held)."""
+    cfg = model.cfg
+    out = {hf: p.detach().contiguous() for n, hf in hf_name_map(model).items()
+           for p in [model.get_parameter(n)]}
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    for i, layer in enumerate(model.layers):
+        if not layer.is_moe:
+            continue
+        bank = layer.experts
+        if bank.count != cfg.num_experts:
+            raise ValueError(f"layer {i} holds {bank.count} of {cfg.num_experts} experts; save needs all")
+        pre = f"model.layers.{i}.{_MOE_PREFIX[cfg.architecture]}.experts"
+        if cfg.architecture == "Llama4ForCausalLM":  # packed [E, H, 2I] and [E, I, H]
+            out[f"{pre}.gate_up_proj"] = torch.cat([bank.gate, bank.up], 1).transpose(1, 2).detach().contiguous()
+            out[f"{pre}.down_proj"] = bank.down.transpose(1, 2).detach().contiguous()
+            continue
+        names = _EXPERT_NAMES.get(cfg.architecture, _DEFAULT_EXPERT_NAMES)
+        for local, hf in names.items():
+            for e in range(bank.count):
+                out[f"{pre}.{e}.{hf}.weight"] = getattr(bank, local)[e].detach().contiguous()
+    return out
+
+
+def save_model(model: MoETransformer, path: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors in Hugging Face layout."""
+    from safetensors.torch import save_file
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(model.cfg.hf_config, indent=2, sort_keys=True))
+    save_file({k: v.float().cpu() for k, v in hf_state_dict(model).items()}, str(root / "model.safetensors"),
+              metadata={"format": "pt"})
+    return root
+
+
+def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype = torch.float32) -> dict[int, ExpertBank]:
+    """Experts `held` of every MoE layer (what one expert group holds): {layer: ExpertBank}."""
+    root = resolve_checkpoint(path)
+    cfg = ModelConfig.from_file(root / "config.json")
+    t = _Tensors(root)
+    banks: dict[int, ExpertBank] = {}
+    for i in range(cfg.num_layers):
+        if not cfg.moe_layers[i]:
+            continue
+        bank = ExpertBank(len(held), cfg.hidden_size, cfg.moe_intermediate_size, first=held.start)
+        with torch.no_grad():
+            for local, get in _expert_tensors(t, cfg, i, held):
+                getattr(bank, local).copy_(get().to(dtype))
+        banks[i] = bank.to(dtype).eval().requires_grad_(False)
+    return banks

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from expertmesh.errors import UnsupportedArchitecture
+from expertmesh.model.attention import AttentionSpec
 
 SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",
@@ -99,6 +100,9 @@ class ModelConfig:
         """Token multiple that segment boundaries should respect (chunked-local layers)."""
         chunks = [c for c in self.chunk_size if c]
         return math.lcm(*chunks) if chunks else 1
+
+    def attention_spec(self, layer: int) -> AttentionSpec:
+        return AttentionSpec(self.attn_scale_factor, self.chunk_size[layer], self.sliding_window)
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * bytes_per_value

@@ -1,0 +1,147 @@
+"""The layer loop of one router step over a batch of sequences.
+
+All sequences' new tokens run as one flat batch [T, H]. Per layer:
+  dense q/k/v (router) -> fan q out to the context shards on each pathway, attend over each
+  sequence's own KV meanwhile, merge with LSE -> o_proj -> gate -> fan token rows out to the
+  expert groups holding their experts, shared expert meanwhile -> combine.
+One fan-out to the shards and one to the expert groups per layer, whatever the batch size.
+
+Shards and groups are Ray actor handles or in-process objects (same methods).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable
+
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from expertmesh.actors.context_shard import AttendItem
+from expertmesh.actors.pathway import choose_shards, segment_visible
+from expertmesh.actors.sequence import Sequence
+from expertmesh.model.attention import merge_partials, partial_attention
+from expertmesh.model.moe import dispatch_pairs
+from expertmesh.model.transformer import MoETransformer
+
+
+def call(target: Any, method: str, *args: Any) -> Awaitable:
+    """Invoke a method of an actor handle (remote) or a local object, as an awaitable."""
+    if isinstance(target, ray.actor.ActorHandle):
+        return getattr(target, method).remote(*args)
+    fut = asyncio.get_running_loop().create_future()
+    try:
+        fut.set_result(getattr(target, method)(*args))
+    except Exception as exc:  # noqa: BLE001 - delivered to the awaiting caller
+        fut.set_exception(exc)
+    return fut
+
+# Arrays from Ray's object store are read-only views; these modules only read them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class Engine:
+    def __init__(self, dense: MoETransformer, shards: list[Any], groups: list[Any], partition: list[range],
+                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
+        self.model, self.cfg = dense, dense.cfg
+        self.shards, self.groups, self.partition = shards, groups, partition
+        self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
+        bounds = torch.tensor([r.stop for r in partition])
+        self._group_of = lambda experts: torch.bucketize(experts, bounds, right=True)  # noqa: E731
+
+    async def forward(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
+        """Run the new tokens of every sequence; return logits rows each sequence needs."""
+        ids, pos, spans = [], [], []
+        for seq in batch:
+            t_ids, t_pos = seq.new_tokens()
+            spans.append((len(ids), len(ids) + len(t_ids)))
+            ids.extend(t_ids)
+            pos.append(t_pos)
+        positions = torch.cat(pos)  # [T]
+        x = self.model.embed(torch.tensor(ids))  # [T, H]
+        for index, layer in enumerate(self.model.layers):
+            q, k, v = layer.qkv(layer.attn_norm(x), positions)  # [T, Hq, D], [T, Hkv, D]
+            for seq, (a, b) in zip(batch, spans):
+                seq.kv.append(index, k[a:b], v[a:b], positions[a:b])
+            attn = await self._attend(index, layer, batch, spans, q, positions)
+            x = layer.attn_out(x, attn)
+            h = layer.mlp_norm(x)
+            x = x + (await self._experts(index, layer, batch, spans, h) if layer.is_moe else layer.mlp(h))
+        out: list[torch.Tensor | None] = []
+        for seq, (a, b) in zip(batch, spans):
+            seq.num_computed = len(seq.token_ids)
+            if seq.kind == "segment":
+                out.append(None)
+            elif seq.kind == "logits":
+                out.append(self.model.logits(x[a:b]))
+            else:
+                out.append(self.model.logits(x[b - 1:b])[0])
+        return out
+
+    async def _attend(self, index: int, layer, batch: list[Sequence], spans, q: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Attention of all new queries: context shards (remote) + own KV (here), merged."""
+        plan: dict[int, dict[str, list[int]]] = {}  # shard -> context -> batch rows
+        for i, (seq, (a, b)) in enumerate(zip(batch, spans)):
+            if not seq.segments:
+                continue
+            if seq.layer_shards[index] is None:  # pathway is chosen during prefill, layer by layer
+                seq.layer_shards[index] = choose_shards(
+                    seq.segments, q[a:b], positions[a:b], layer.spec, seq.top_shards,
+                    {s: m[index] for s, m in self.summaries.get(seq.context_id, {}).items()},
+                )
+            q_lo, q_hi = int(positions[a]), int(positions[b - 1])
+            chunks = set((positions[a:b] // layer.spec.chunk_size).tolist()) if layer.spec.chunk_size else None
+            by_shard = {s.shard: s for s in seq.segments}
+            for shard in seq.layer_shards[index]:
+                if segment_visible(by_shard[shard], q_lo, q_hi, chunks, layer.spec):
+                    plan.setdefault(shard, {}).setdefault(seq.context_id, []).append(i)
+        calls, layout = [], []
+        for shard, per_ctx in plan.items():
+            items = []
+            for ctx, rows in per_ctx.items():
+                idx = torch.cat([torch.arange(*spans[i]) for i in rows])
+                items.append(AttendItem(ctx, q[idx].numpy(), positions[idx].numpy(),
+                                        {batch[i].request_id: spans[i][1] - spans[i][0] for i in rows}))
+                layout.append((shard, rows, idx))
+            calls.append(call(self.shards[shard], "attend", index, items))
+        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for seq, (a, b) in zip(batch, spans):  # own tokens, while the shards work
+            k, v, kpos = seq.kv.get(index)
+            parts.append([partial_attention(q[a:b], positions[a:b], k, v, kpos, layer.spec)])
+        results = [r for res in await asyncio.gather(*calls) for r in res]
+        for (shard, rows, idx), (o, lse) in zip(layout, results):
+            o, lse = torch.from_numpy(o), torch.from_numpy(lse)
+            offset = 0
+            for i in rows:
+                n = spans[i][1] - spans[i][0]
+                parts[i].append((o[offset:offset + n], lse[offset:offset + n]))
+                batch[i].pathway_visits.add(shard)
+                offset += n
+        return torch.cat([merge_partials(p)[0] for p in parts]).to(q.dtype)  # [T, Hq, D]
+
+    async def _experts(self, index: int, layer, batch: list[Sequence], spans, h: torch.Tensor) -> torch.Tensor:
+        """MoE feed-forward: gate here, experts in their groups, combine by gate weight."""
+        _, experts, weights = layer.gate_route(h)  # [T, k]
+        token, expert, in_scale, out_w = dispatch_pairs(experts, weights, self.cfg)  # [P]
+        group = self._group_of(expert)  # [P]
+        rows = h[token] * in_scale[:, None].to(h.dtype)  # [P, H]
+        calls, picks = [], []
+        for g in torch.unique(group).tolist():
+            pick = (group == g).nonzero().squeeze(1)
+            calls.append(call(self.groups[g], "compute", index, rows[pick].numpy(), expert[pick].numpy()))
+            picks.append(pick)
+        shared = layer.shared(h)  # while the groups work
+        seq_of_token = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(spans)])
+        counts = np.zeros((len(batch), len(self.groups)), dtype=np.int64)
+        np.add.at(counts, (seq_of_token[token].numpy(), group.numpy()), 1)
+        for seq, row in zip(batch, counts):
+            seq.group_tokens.update({g: int(n) for g, n in enumerate(row) if n})
+        y_pairs = torch.empty_like(rows)
+        for pick, res in zip(picks, await asyncio.gather(*calls)):
+            y_pairs[pick] = torch.from_numpy(res)
+        y = torch.zeros_like(h).index_add_(0, token, y_pairs * out_w[:, None].to(h.dtype))
+        return y if shared is None else y + shared

@@ -1,0 +1,50 @@
+"""ExpertGroup: holds a contiguous subset of the experts of every MoE layer.
+
+The router sends only the (token row, expert) pairs routed to this group's experts; the group
+runs grouped expert compute (one matmul per expert touched) and counts tokens per expert.
+The class is plain Python; `RemoteExpertGroup` is the Ray actor of it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from expertmesh.model.checkpoint import load_experts
+
+# Arrays from Ray's object store are read-only views; these modules only read them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class ExpertGroup:
+    def __init__(self, checkpoint: str, index: int, experts: range, num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.index, self.experts = index, experts
+        self.banks = load_experts(checkpoint, experts)  # {layer: ExpertBank}
+        self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
+
+    def ping(self) -> tuple[int, int, int]:
+        return self.index, self.experts.start, self.experts.stop
+
+    @torch.no_grad()
+    def compute(self, layer: int, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """x [P, H] rows, experts [P] (global ids held here) -> expert outputs [P, H]."""
+        if layer not in self.banks:
+            raise ValueError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(self.banks)}")
+        e = torch.from_numpy(experts).long()
+        if len(e) and (int(e.min()) < self.experts.start or int(e.max()) >= self.experts.stop):
+            raise ValueError(f"expert group {self.index} holds experts {self.experts.start}.."
+                             f"{self.experts.stop - 1}; got {int(e.min())}..{int(e.max())}")
+        self.tokens[layer] += np.bincount(experts - self.experts.start, minlength=len(self.experts))
+        return self.banks[layer](torch.from_numpy(x), e).numpy()
+
+    def stats(self) -> dict:
+        return {"index": self.index, "experts": [self.experts.start, self.experts.stop],
+                "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
+
+
+RemoteExpertGroup = ray.remote(ExpertGroup)

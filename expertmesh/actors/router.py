@@ -1,0 +1,274 @@
+"""Router: registers contexts over the shards and runs requests in shared batches.
+
+The step loop reads like the work it does: admit, run the layers (attend over each request's
+pathway, route tokens to expert groups), sample, emit. Requests arriving while others decode
+join at the next step. A bad request gets its own error; the actor and the batch live on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import numpy as np
+import ray
+import torch
+
+from expertmesh.actors.engine import Engine, call
+from expertmesh.actors.scheduler import Scheduler
+from expertmesh.actors.sequence import Sequence
+from expertmesh.errors import ContextNotFound
+from expertmesh.model.checkpoint import load_model
+from expertmesh.model.moe import expert_partition
+from expertmesh.model.sampling import SamplingParams, sample
+from expertmesh.platform.registry import MODES, ContextInfo, ContextRecord, plan_segments
+
+
+class Router:
+    def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int,
+                 num_threads: int | None = None, max_batch_tokens: int = 16384) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
+        self.cfg = self.model.cfg
+        self.shards, self.groups = shards, groups
+        self.capacity_tokens = capacity_tokens
+        self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
+        self.contexts: dict[str, ContextRecord] = {}
+        self.engine = Engine(self.model, shards, groups, self.partition, {})
+        self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens)
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self.steps = 0
+
+    # -- public methods (Ray actor methods) -----------------------------------------------
+    def ping(self) -> dict:
+        return {"architecture": self.cfg.architecture, "vocab_size": self.cfg.vocab_size,
+                "num_layers": self.cfg.num_layers, "eos_token_id": list(self.cfg.eos_token_id)}
+
+    async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
+                               context_id: str | None = None) -> ContextInfo:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self._check_tokens(token_ids, "context")
+        cid = context_id or f"ctx-{uuid.uuid4().hex[:12]}"
+        if cid in self.contexts:
+            raise ValueError(f"context id {cid!r} is already registered")
+        segments = plan_segments(len(token_ids), self._free_tokens(), self.capacity_tokens,
+                                 self.cfg.alignment, shards)
+        info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode)
+        record = ContextRecord(info, segments)
+        self.contexts[cid] = record
+        try:
+            params = SamplingParams(max_new_tokens=0)
+            seqs = [Sequence(f"{cid}/seg{i}", "segment", list(token_ids[s.start:s.end]), s.start,
+                             segments[:i] if mode == "exact" else [], cid, params, self.cfg.num_layers)
+                    for i, s in enumerate(segments)]
+            if mode == "exact":  # each segment attends to the stored KV of all earlier ones
+                for seq, seg in zip(seqs, segments):
+                    await self._run(seq)
+                    await self._store(record, seq, seg.shard)
+            else:  # independent segments: one batch, stored in parallel
+                await asyncio.gather(*(self._run(seq) for seq in seqs))
+                await asyncio.gather(*(self._store(record, seq, seg.shard) for seq, seg in zip(seqs, segments)))
+        except BaseException:
+            self.contexts.pop(cid, None)
+            await asyncio.gather(*(call(self.shards[s.shard], "drop", cid) for s in segments),
+                                 return_exceptions=True)
+            raise
+        record.ready = True
+        return info
+
+    async def drop_context(self, context_id: str) -> None:
+        record = self._record(context_id)
+        record.dropped = True
+        del self.contexts[context_id]
+        self.engine.summaries.pop(context_id, None)
+        if record.active == 0:
+            await self._drop_segments(record)
+
+    def list_contexts(self) -> list[ContextInfo]:
+        return [r.info for r in self.contexts.values() if r.ready]
+
+    def get_context(self, context_id: str) -> ContextInfo:
+        return self._record(context_id).info
+
+    async def forward_logits(self, prompt_ids: list[int], context_id: str | None = None) -> np.ndarray:
+        seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), None)
+        await self._run(seq)
+        return torch.cat([torch.as_tensor(x) for x in seq.logits]).numpy()
+
+    async def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                       top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
+                       tenant: str = "default") -> dict:
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
+        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant)
+        await self._run(seq)
+        return self._result(seq)
+
+    async def stream(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                     top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
+                     tenant: str = "default") -> AsyncIterator[dict]:
+        """Yield {"token_id": int} per generated token, then the final result dict."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
+        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant)
+        seq.stream = asyncio.Queue()
+        task = asyncio.ensure_future(self._run(seq))
+        while True:
+            item = await seq.stream.get()
+            if item is None:
+                break
+            yield {"token_id": item}
+        await task
+        yield self._result(seq)
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "waiting": len(self.scheduler.waiting),
+                "running": len(self.scheduler.running), "contexts": len(self.contexts)}
+
+    # -- the step loop --------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            batch = self.scheduler.schedule()  # admit
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outs = await self.engine.forward(batch)  # attend + route experts, layer by layer
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                for seq in batch:
+                    self._finish(seq, error=exc)
+                continue
+            self.steps += 1
+            for seq, logits in zip(batch, outs):  # sample, emit
+                self._postprocess(seq, logits)
+
+    def _postprocess(self, seq: Sequence, logits: torch.Tensor | None) -> None:
+        if seq.kind == "segment":
+            return self._finish(seq)
+        if seq.kind == "logits":
+            seq.logits.append(logits.numpy())
+            return self._finish(seq)
+        if seq.t_first is None:
+            seq.t_first = time.perf_counter()
+            seq.freeze_pathway()
+        if seq.params.max_new_tokens == 0:
+            return self._finish(seq, reason="length")
+        token = sample(logits, seq.params, seq.generator)
+        seq.output.append(token)
+        seq.token_ids.append(token)
+        if seq.stream is not None:
+            seq.stream.put_nowait(token)
+        if token in self.cfg.eos_token_id or token in seq.params.stop_token_ids:
+            self._finish(seq, reason="stop")
+        elif len(seq.output) >= seq.params.max_new_tokens:
+            self._finish(seq, reason="length")
+        else:
+            self.scheduler.keep_running(seq)
+
+    def _finish(self, seq: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        if seq.stream is not None:
+            seq.stream.put_nowait(None)
+        if seq.done is not None and not seq.done.done():
+            if error is not None:
+                seq.done.set_exception(error)
+            else:
+                seq.done.set_result(None)
+
+    async def _run(self, seq: Sequence) -> None:
+        """Queue a sequence for the step loop and wait until it finishes."""
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        record = self.contexts.get(seq.context_id) if seq.kind != "segment" else None
+        if record is not None:
+            record.active += 1
+        seq.done = asyncio.get_running_loop().create_future()
+        self.scheduler.add(seq)
+        self._wake.set()
+        try:
+            await seq.done
+        finally:
+            if record is not None:
+                record.active -= 1
+                if record.dropped and record.active == 0:
+                    await self._drop_segments(record)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _sequence(self, kind: str, prompt_ids: list[int], context_id: str | None, params: SamplingParams,
+                  top_shards: int | None, tenant: str = "default") -> Sequence:
+        self._check_tokens(prompt_ids, "prompt")
+        if top_shards is not None and top_shards < 1:
+            raise ValueError(f"top_shards must be >= 1 or None (all shards), got {top_shards}")
+        segments, start = [], 0
+        if context_id is not None:
+            record = self._record(context_id)
+            segments, start = record.segments, record.info.num_tokens
+        total = start + len(prompt_ids) + params.max_new_tokens
+        if total > self.cfg.max_position_embeddings:
+            raise ValueError(f"context ({start}) + prompt ({len(prompt_ids)}) + max_new_tokens "
+                             f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings})")
+        return Sequence(f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments, context_id,
+                        params, self.cfg.num_layers, top_shards, tenant)
+
+    def _check_tokens(self, ids: list[int], what: str) -> None:
+        if len(ids) == 0:
+            raise ValueError(f"the {what} is empty; at least 1 token is needed")
+        arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{what} token ids must be integers, got dtype {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.cfg.vocab_size)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary "
+                             f"[0, {self.cfg.vocab_size})")
+
+    def _record(self, context_id: str) -> ContextRecord:
+        record = self.contexts.get(context_id)
+        if record is None or not record.ready:
+            raise ContextNotFound(f"context {context_id!r} is not registered")
+        return record
+
+    def _free_tokens(self) -> list[int]:
+        used = [0] * len(self.shards)
+        for record in self.contexts.values():
+            for s in record.segments:
+                used[s.shard] += s.end - s.start
+        return [self.capacity_tokens - u for u in used]
+
+    async def _store(self, record: ContextRecord, seq: Sequence, shard: int) -> None:
+        layers = [seq.kv.get(i) for i in range(self.cfg.num_layers)]
+        k = [x[0].numpy() for x in layers]
+        v = [x[1].numpy() for x in layers]
+        kmin, kmax = await call(self.shards[shard], "store", record.info.id, k, v, layers[0][2].numpy())
+        record.summaries[shard] = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in zip(kmin, kmax)]
+        self.engine.summaries.setdefault(record.info.id, {})[shard] = record.summaries[shard]
+
+    async def _drop_segments(self, record: ContextRecord) -> None:
+        await asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id) for s in record.segments),
+                             return_exceptions=True)
+
+    def _result(self, seq: Sequence) -> dict:
+        now = time.perf_counter()
+        pathway = seq.pathway.summary(dict(seq.group_tokens)) if seq.pathway else {}
+        if pathway:
+            pathway["shards"] = sorted(seq.pathway_visits)
+        return {
+            "request_id": seq.request_id, "token_ids": list(seq.output), "finish_reason": seq.finish_reason,
+            "prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.output),
+            "context_tokens": seq.start_pos if seq.context_id else 0, "pathway": pathway,
+            "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None, "total_s": now - seq.t_submit,
+        }
+
+
+RemoteRouter = ray.remote(Router)

@@ -1,0 +1,55 @@
+"""Tokenizers: byte-level (the default model; nothing to download) or a checkpoint's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by `offset` (ids below it are special tokens: pad, bos, eos, ...)."""
+
+    def __init__(self, offset: int = 4, vocab_size: int | None = None) -> None:
+        self.offset = offset
+        self.vocab_size = vocab_size or 256 + offset
+        if self.vocab_size < 256 + offset:
+            raise ValueError(f"a byte tokenizer needs vocab_size >= {256 + offset}; the model has {self.vocab_size}")
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A checkpoint's `tokenizer.json`, through the `tokenizers` library."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+def load_tokenizer(checkpoint_dir: Path, vocab_size: int) -> Tokenizer:
+    """The checkpoint's tokenizer.json if present, else bytes (needs vocab_size >= 260)."""
+    tok = Path(checkpoint_dir) / "tokenizer.json"
+    if tok.is_file():
+        return HFTokenizer(tok)
+    return ByteTokenizer(vocab_size=vocab_size)

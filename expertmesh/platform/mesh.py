@@ -1,0 +1,150 @@
+"""`Mesh`: the driver-side handle of a running expertmesh deployment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from expertmesh.actors.context_shard import RemoteContextShard
+from expertmesh.actors.expert_group import RemoteExpertGroup
+from expertmesh.actors.router import RemoteRouter
+from expertmesh.model.checkpoint import resolve_checkpoint
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.default import default_checkpoint
+from expertmesh.model.moe import expert_partition
+from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
+from expertmesh.platform.cluster import CONTEXT_SHARD, EXPERT_GROUP, actor_options, connect, threads_per_actor
+from expertmesh.platform.registry import ContextInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    pathway: dict
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    context_tokens: int
+    ttft_s: float | None
+    total_s: float
+
+
+def _unwrap(fn):
+    """Re-raise an actor's exception as itself (ContextNotFound, ValueError, ...)."""
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+class Mesh:
+    """Context shards + expert groups + a router, as Ray actors."""
+
+    def __init__(self, router, shards: list, groups: list, config: ModelConfig, tokenizer: Tokenizer,
+                 checkpoint: Path, started_ray: bool) -> None:
+        self.router, self.shards, self.groups = router, shards, groups
+        self.config, self.tokenizer, self.checkpoint = config, tokenizer, checkpoint
+        self._started_ray = started_ray
+
+    @classmethod
+    def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
+              address: str | None = None, shard_capacity_tokens: int = 1 << 20, page_size: int = 64,
+              max_batch_tokens: int = 16384) -> "Mesh":
+        """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL)."""
+        if context_shards < 1:
+            raise ValueError(f"context_shards must be >= 1, got {context_shards}")
+        path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
+        config = ModelConfig.from_file(path / "config.json")
+        partition = expert_partition(config.num_experts, expert_groups) if any(config.moe_layers) else []
+        started = connect(address, context_shards, expert_groups)
+        threads = threads_per_actor(context_shards + expert_groups + 1)
+        specs = [config.attention_spec(i) for i in range(config.num_layers)]
+        shards = [
+            RemoteContextShard.options(**actor_options(CONTEXT_SHARD), name=None).remote(
+                i, specs, shard_capacity_tokens, page_size, threads)
+            for i in range(context_shards)
+        ]
+        groups = [
+            RemoteExpertGroup.options(**actor_options(EXPERT_GROUP)).remote(str(path), g, experts, threads)
+            for g, experts in enumerate(partition)
+        ]
+        router = RemoteRouter.options(**actor_options(None)).remote(
+            str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens)
+        ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
+        return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
+
+    # -- contexts -------------------------------------------------------------------------
+    @_unwrap
+    def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None) -> ContextInfo:
+        """Register a context once; its KV is kept sharded over the context shards."""
+        return ray.get(self.router.register_context.remote(self._ids(token_ids, "context"), mode, shards))
+
+    @_unwrap
+    def drop_context(self, context_id: str) -> None:
+        ray.get(self.router.drop_context.remote(context_id))
+
+    @_unwrap
+    def contexts(self) -> list[ContextInfo]:
+        return ray.get(self.router.list_contexts.remote())
+
+    # -- requests -------------------------------------------------------------------------
+    @_unwrap
+    def forward_logits(self, prompt_ids: list[int], context_id: str | None = None) -> np.ndarray:
+        """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
+        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt"), context_id))
+
+    @_unwrap
+    def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 top_shards: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> GenerationResult:
+        """Generate after context + prompt; safe to call from many threads (requests batch)."""
+        res = ray.get(self.router.generate.remote(
+            self._ids(prompt_ids, "prompt"), context_id, max_new_tokens, temperature, top_p, seed,
+            top_shards, tuple(stop_token_ids)))
+        return GenerationResult(
+            token_ids=res["token_ids"], text=self.tokenizer.decode(res["token_ids"]), pathway=res["pathway"],
+            finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],
+            completion_tokens=res["completion_tokens"], context_tokens=res["context_tokens"],
+            ttft_s=res["ttft_s"], total_s=res["total_s"])
+
+    def stats(self) -> dict:
+        return {
+            "router": ray.get(self.router.stats.remote()),
+            "shards": ray.get([s.stats.remote() for s in self.shards]),
+            "expert_groups": ray.get([g.stats.remote() for g in self.groups]),
+        }
+
+    def shutdown(self) -> None:
+        """Stop this mesh's actors (and Ray, if this mesh started it)."""
+        for actor in [self.router, *self.shards, *self.groups]:
+            ray.kill(actor)
+        if self._started_ray:
+            ray.shutdown()
+
+    def _ids(self, ids, what: str) -> list[int]:
+        out = [int(i) for i in np.asarray(ids).reshape(-1).tolist()] if len(ids) else []
+        if not out:
+            raise ValueError(f"the {what} is empty; at least 1 token is needed")
+        for i, t in enumerate(out):
+            if not 0 <= t < self.config.vocab_size:
+                raise ValueError(f"{what} token id {t} at index {i} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        return out
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
