@@ -97,8 +97,9 @@ class Router:
     def get_context(self, context_id: str) -> ContextInfo:
         return self._record(context_id).info
 
-    async def forward_logits(self, prompt_ids: list[int], context_id: str | None = None) -> np.ndarray:
-        seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), None)
+    async def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
+                             top_shards: int | None = None) -> np.ndarray:
+        seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), top_shards)
         await self._run(seq)
         return torch.cat([torch.as_tensor(x) for x in seq.logits]).numpy()
 

@@ -23,6 +23,7 @@ from expertmesh.platform.registry import ContextInfo
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
+    request_id: str
     token_ids: list[int]
     text: str
     pathway: dict
@@ -100,9 +101,10 @@ class Mesh:
 
     # -- requests -------------------------------------------------------------------------
     @_unwrap
-    def forward_logits(self, prompt_ids: list[int], context_id: str | None = None) -> np.ndarray:
+    def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
+                       top_shards: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
-        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt"), context_id))
+        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt"), context_id, top_shards))
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
@@ -113,7 +115,7 @@ class Mesh:
             self._ids(prompt_ids, "prompt"), context_id, max_new_tokens, temperature, top_p, seed,
             top_shards, tuple(stop_token_ids)))
         return GenerationResult(
-            token_ids=res["token_ids"], text=self.tokenizer.decode(res["token_ids"]), pathway=res["pathway"],
+            request_id=res["request_id"], token_ids=res["token_ids"], text=self.tokenizer.decode(res["token_ids"]), pathway=res["pathway"],
             finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],
             completion_tokens=res["completion_tokens"], context_tokens=res["context_tokens"],
             ttft_s=res["ttft_s"], total_s=res["total_s"])

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints, one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama4")
+VOCAB = 300
+
+
+def build_tiny(arch: str, path) -> str:
+    """A tiny random checkpoint of `arch`, saved with transformers' own save_pretrained."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, max_position_embeddings=4096)
+    if arch == "mixtral":
+        cfg, cls = tf.MixtralConfig(**common, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                    eos_token_id=2, bos_token_id=1), tf.MixtralForCausalLM
+    elif arch == "qwen2moe":
+        cfg, cls = tf.Qwen2MoeConfig(**common, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                                     decoder_sparse_step=1, mlp_only_layers=[1]), tf.Qwen2MoeForCausalLM
+    elif arch == "qwen3moe":
+        cfg, cls = tf.Qwen3MoeConfig(**common, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=32, head_dim=16, norm_topk_prob=True), tf.Qwen3MoeForCausalLM
+    elif arch == "olmoe":
+        cfg, cls = tf.OlmoeConfig(**common, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                  clip_qkv=0.5, eos_token_id=VOCAB - 1, pad_token_id=0), tf.OlmoeForCausalLM
+    elif arch == "llama4":
+        cfg, cls = tf.Llama4TextConfig(**common, num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1,
+                                       intermediate_size_mlp=56, attention_chunk_size=16, head_dim=16,
+                                       floor_scale=8, interleave_moe_layer_step=2,
+                                       eos_token_id=2, bos_token_id=1), tf.Llama4ForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(1234)
+    model = cls(cfg)
+    with torch.no_grad():  # random tiny models have flat logits; sharpen them so greedy choices are clear
+        model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    cache: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = build_tiny(arch, tmp_path_factory.mktemp(arch))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(arch), dtype=torch.float32).eval()
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the whole session (ray.init costs ~6 s here)."""
+    import ray
+
+    os.environ.setdefault("EXPERTMESH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ray.init(resources={"context_shard": 64, "expert_group": 64}, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"EXPERTMESH_CACHE": os.environ["EXPERTMESH_CACHE"]}})
+    yield ray
+    ray.shutdown()
