@@ -55,6 +55,7 @@ class Router:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self._check_tokens(token_ids, "context")
+        token_ids = np.asarray(token_ids, dtype=np.int64)
         cid = context_id or f"ctx-{uuid.uuid4().hex[:12]}"
         if cid in self.contexts:
             raise ValueError(f"context id {cid!r} is already registered")
@@ -65,7 +66,7 @@ class Router:
         self.contexts[cid] = record
         try:
             params = SamplingParams(max_new_tokens=0)
-            seqs = [Sequence(f"{cid}/seg{i}", "segment", list(token_ids[s.start:s.end]), s.start,
+            seqs = [Sequence(f"{cid}/seg{i}", "segment", token_ids[s.start:s.end].tolist(), s.start,
                              segments[:i] if mode == "exact" else [], cid, params, self.cfg.num_layers)
                     for i, s in enumerate(segments)]
             if mode == "exact":  # each segment attends to the stored KV of all earlier ones

@@ -104,7 +104,7 @@ class Mesh:
     def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
                        top_shards: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
-        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt"), context_id, top_shards))
+        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards))
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
@@ -112,7 +112,7 @@ class Mesh:
                  top_shards: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> GenerationResult:
         """Generate after context + prompt; safe to call from many threads (requests batch)."""
         res = ray.get(self.router.generate.remote(
-            self._ids(prompt_ids, "prompt"), context_id, max_new_tokens, temperature, top_p, seed,
+            self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens, temperature, top_p, seed,
             top_shards, tuple(stop_token_ids)))
         return GenerationResult(
             request_id=res["request_id"], token_ids=res["token_ids"], text=self.tokenizer.decode(res["token_ids"]), pathway=res["pathway"],
@@ -134,15 +134,18 @@ class Mesh:
         if self._started_ray:
             ray.shutdown()
 
-    def _ids(self, ids, what: str) -> list[int]:
-        out = [int(i) for i in np.asarray(ids).reshape(-1).tolist()] if len(ids) else []
-        if not out:
+    def _ids(self, ids, what: str) -> np.ndarray:
+        arr = np.asarray(ids).reshape(-1)
+        if arr.size == 0:
             raise ValueError(f"the {what} is empty; at least 1 token is needed")
-        for i, t in enumerate(out):
-            if not 0 <= t < self.config.vocab_size:
-                raise ValueError(f"{what} token id {t} at index {i} is outside the vocabulary "
-                                 f"[0, {self.config.vocab_size})")
-        return out
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{what} token ids must be integers, got {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return arr.astype(np.int64)
 
     def __enter__(self) -> "Mesh":
         return self
