@@ -8,6 +8,7 @@ join at the next step. A bad request gets its own error; the actor and the batch
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 import uuid
@@ -44,6 +45,7 @@ class Router:
         self._loop_task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.steps = 0
+        self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
 
     # -- public methods (Ray actor methods) -----------------------------------------------
     def ping(self) -> dict:
@@ -130,6 +132,10 @@ class Router:
         await task
         yield self._result(seq)
 
+    def step_times(self) -> list[tuple[int, int, float]]:
+        """Recent steps as (sequences, new tokens, seconds)."""
+        return list(self.step_log)
+
     def stats(self) -> dict:
         return {"steps": self.steps, "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running), "contexts": len(self.contexts)}
@@ -142,6 +148,7 @@ class Router:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            tokens, t0 = sum(len(s.token_ids) - s.num_computed for s in batch), time.perf_counter()
             try:
                 outs = await self.engine.forward(batch)  # attend + route experts, layer by layer
             except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
@@ -149,6 +156,7 @@ class Router:
                     self._finish(seq, error=exc)
                 continue
             self.steps += 1
+            self.step_log.append((len(batch), tokens, time.perf_counter() - t0))
             for seq, logits in zip(batch, outs):  # sample, emit
                 self._postprocess(seq, logits)
 

@@ -108,21 +108,32 @@ def partial_attention(
         return o.transpose(0, 1), l.transpose(0, 1)
     same = len(q_pos) == len(k_pos) and bool(torch.equal(q_pos, k_pos))
     contiguous = same and int(q_pos[-1] - q_pos[0]) == len(q_pos) - 1
-    if contiguous and not spec.chunk_size and not spec.window:
-        o, l = _sdpa_lse(qh, kh, vh, spec.scale, None, True)
-        return o.transpose(0, 1), l.transpose(0, 1)
+    if contiguous and not spec.window:  # self-attention over one run of positions
+        if not spec.chunk_size:
+            o, l = _sdpa_lse(qh, kh, vh, spec.scale, None, True)
+            return o.transpose(0, 1), l.transpose(0, 1)
+        c, p0 = spec.chunk_size, int(q_pos[0])
+        cuts = [0, *range(-p0 % c or c, tq, c), tq]  # chunk boundaries in row space
+        for a, b in zip(cuts, cuts[1:]):  # causal within each chunk
+            if a >= b:
+                continue
+            o, l = _sdpa_lse(qh[:, a:b], kh[:, a:b], vh[:, a:b], spec.scale, None, True)
+            out[a:b], lse[a:b] = o.transpose(0, 1), l.transpose(0, 1)
+        return out, lse
     for start in range(0, tq, _QUERY_BLOCK):
         rows = slice(start, start + _QUERY_BLOCK)
-        mask = visible(q_pos[rows], k_pos, spec)  # [tq, Tk]
-        cols = mask.any(dim=0).nonzero().squeeze(1)
+        qp = q_pos[rows]
+        cand = k_pos <= int(qp.max())  # 1-D prefilter before the [tq, Tk] mask
+        if spec.chunk_size:
+            cand &= torch.isin(k_pos // spec.chunk_size, torch.unique(qp // spec.chunk_size))
+        if spec.window:
+            cand &= k_pos > int(qp.min()) - spec.window
+        cols = cand.nonzero().squeeze(1)
         if len(cols) == 0:
             continue
-        if len(cols) < mask.shape[1]:  # drop keys no query of the block sees (chunked layers)
-            mask, kb, vb = mask[:, cols], kh[:, cols], vh[:, cols]
-        else:
-            kb, vb = kh, vh
+        mask = visible(qp, k_pos[cols], spec)  # [tq, Tc]
         seen = mask.any(dim=1)
-        o, l = _sdpa_lse(qh[:, rows], kb, vb, spec.scale, mask, False)
+        o, l = _sdpa_lse(qh[:, rows], kh[:, cols], vh[:, cols], spec.scale, mask, False)
         o, l = o.transpose(0, 1), l.transpose(0, 1)
         out[rows] = torch.where(seen[:, None, None], o, 0.0)
         lse[rows] = torch.where(seen[:, None], l, float("-inf"))

@@ -1,0 +1,152 @@
+"""Core mesh benchmark: single-process vs the mesh, same models, same machine, same run.
+
+For the default model and a tiny Mixtral:
+  (a) registering a 16K-token context,
+  (b) one decode step at batch 1 and batch 16 over it.
+Single-process = the same router code in this process with one in-process shard holding the
+whole context and one in-process expert group holding all experts (no Ray), plus a plain
+`model(ids)` forward for (a). Mesh = 4 context shards + 2 expert groups + router, Ray actors.
+Writes benchmarks/results/core.json and prints the ratios.
+
+    python benchmarks/bench_core.py [--context 16384] [--steps 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tiny_mixtral(path: Path) -> Path:
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(vocab_size=260, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=256, num_local_experts=8,
+                           num_experts_per_tok=2, max_position_embeddings=65536)
+    torch.manual_seed(0)
+    tf.MixtralForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def decode_step_medians(steps: list[tuple[int, int, float]], batch: int) -> float:
+    """Median seconds of steps that decoded exactly `batch` sequences, one token each."""
+    times = [s for n, t, s in steps if n == batch and t == batch]
+    return statistics.median(times) if times else float("nan")
+
+
+def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int) -> dict:
+    from expertmesh.actors.context_shard import ContextShard
+    from expertmesh.actors.expert_group import ExpertGroup
+    from expertmesh.actors.router import Router
+    from expertmesh.model import load_model
+    from expertmesh.model.config import ModelConfig
+
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    model = load_model(ckpt).requires_grad_(False)
+    ids = torch.tensor(context)
+    model(ids[:512])  # warm up
+    t0 = time.perf_counter()
+    model(ids)
+    forward_s = time.perf_counter() - t0
+
+    specs = [cfg.attention_spec(i) for i in range(cfg.num_layers)]
+    cap = 1 << 22
+    router = Router(str(ckpt), [ContextShard(0, specs, cap)], [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))], cap)
+
+    async def run() -> dict:
+        t0 = time.perf_counter()
+        ctx = await router.register_context(context, "exact")
+        register_s = time.perf_counter() - t0
+        await router.generate(prompts[0], ctx.id, max_new_tokens=steps)
+        await asyncio.gather(*(router.generate(p, ctx.id, max_new_tokens=steps) for p in prompts))
+        return {"register_s": register_s}
+
+    out = asyncio.run(run())
+    log = router.step_times()
+    out.update(forward_s=forward_s, decode_b1_s=decode_step_medians(log, 1),
+               decode_b16_s=decode_step_medians(log, len(prompts)))
+    return out
+
+
+def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int) -> dict:
+    import ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    import expertmesh as em
+
+    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2)
+    try:
+        warm = mesh.register_context(context[:2048])
+        mesh.generate(prompts[0], context_id=warm.id, max_new_tokens=4)
+        mesh.drop_context(warm.id)
+        t0 = time.perf_counter()
+        ctx = mesh.register_context(context, mode="exact")
+        register_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        blk = mesh.register_context(context, mode="blockwise")
+        register_blockwise_s = time.perf_counter() - t0
+        mesh.drop_context(blk.id)
+        mesh.generate(prompts[0], context_id=ctx.id, max_new_tokens=steps)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            list(pool.map(lambda p: mesh.generate(p, context_id=ctx.id, max_new_tokens=steps), prompts))
+        log = ray.get(mesh.router.step_times.remote())
+        return {"register_s": register_s, "register_blockwise_s": register_blockwise_s,
+                "decode_b1_s": decode_step_medians(log, 1), "decode_b16_s": decode_step_medians(log, len(prompts))}
+    finally:
+        mesh.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--out", default=str(RESULTS / "core.json"))
+    args = ap.parse_args()
+
+    import ray
+
+    from expertmesh.model.default import default_checkpoint
+
+    rng = np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp(prefix="expertmesh-bench-"))
+    models = {"default": default_checkpoint(), "tiny-mixtral": tiny_mixtral(tmp / "tiny-mixtral")}
+    report = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                          "torch": torch.__version__, "ray": ray.__version__},
+              "context_tokens": args.context, "decode_steps": args.steps, "models": {}}
+    for name, ckpt in models.items():
+        context = rng.integers(4, 260, args.context).tolist()
+        prompts = [rng.integers(4, 260, 8).tolist() for _ in range(16)]
+        single = single_process(ckpt, context, prompts, args.steps)
+        mesh = mesh_run(ckpt, context, prompts, args.steps)
+        ratios = {
+            "register_mesh_over_single": mesh["register_s"] / single["register_s"],
+            "register_mesh_over_forward": mesh["register_s"] / single["forward_s"],
+            "decode_b1_mesh_over_single": mesh["decode_b1_s"] / single["decode_b1_s"],
+            "decode_b16_mesh_over_single": mesh["decode_b16_s"] / single["decode_b16_s"],
+        }
+        report["models"][name] = {"single_process": single, "mesh": mesh, "ratios": ratios}
+        print(f"\n== {name}")
+        for k, v in single.items():
+            print(f"  single {k:<22} {v * 1e3:9.1f} ms")
+        for k, v in mesh.items():
+            print(f"  mesh   {k:<22} {v * 1e3:9.1f} ms")
+        for k, v in ratios.items():
+            print(f"  ratio  {k:<30} {v:6.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""`expertmesh generate` from the command line, joining the session's Ray cluster."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+
+def test_generate_over_a_context_file_matches_hf(tmp_path, ray_cluster, tiny_checkpoint, hf_model):
+    ckpt = tiny_checkpoint("qwen3moe")
+    text = "The grass is green. The sky is blue. " * 6  # bytes: the tiny model's vocab covers 0..299
+    (tmp_path / "ctx.txt").write_text(text)
+    prompt = " What colour is the sky?"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", "generate", "--checkpoint", ckpt, "--context-file",
+         str(tmp_path / "ctx.txt"), "--prompt", prompt, "--max-new-tokens", "12", "--context-shards", "2",
+         "--expert-groups", "2", "--address", ray_cluster.get_runtime_context().gcs_address, "--json"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    ids = [b + 4 for b in (text + prompt).encode()]  # the byte tokenizer (no tokenizer.json in the checkpoint)
+    with torch.no_grad():
+        ref = hf_model("qwen3moe").generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert res["token_ids"] == ref[0, len(ids):].tolist()
+    assert res["context"]["num_tokens"] == len(text)
+    assert res["pathway"]["shards"] == [0, 1]
+
+
+def test_cli_reports_a_missing_checkpoint_clearly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "expertmesh.cli", "generate", "--checkpoint", str(tmp_path / "x"),
+                          "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "no config.json" in out.stderr
