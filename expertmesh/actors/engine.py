@@ -12,6 +12,8 @@ Shards and groups are Ray actor handles or in-process objects (same methods).
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 from typing import Any, Awaitable
 
 import warnings
@@ -49,6 +51,7 @@ class Engine:
         self.model, self.cfg = dense, dense.cfg
         self.shards, self.groups, self.partition = shards, groups, partition
         self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
+        self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
         bounds = torch.tensor([r.stop for r in partition])
         self._group_of = lambda experts: torch.bucketize(experts, bounds, right=True)  # noqa: E731
 
@@ -112,7 +115,9 @@ class Engine:
         for seq, (a, b) in zip(batch, spans):  # own tokens, while the shards work
             k, v, kpos = seq.kv.get(index)
             parts.append([partial_attention(q[a:b], positions[a:b], k, v, kpos, layer.spec)])
+        t0 = time.perf_counter()
         results = [r for res in await asyncio.gather(*calls) for r in res]
+        self.waits["shards"] += time.perf_counter() - t0
         for (shard, rows, idx), (o, lse) in zip(layout, results):
             o, lse = torch.from_numpy(o), torch.from_numpy(lse)
             offset = 0
@@ -141,7 +146,10 @@ class Engine:
         for seq, row in zip(batch, counts):
             seq.group_tokens.update({g: int(n) for g, n in enumerate(row) if n})
         y_pairs = torch.empty_like(rows)
-        for pick, res in zip(picks, await asyncio.gather(*calls)):
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*calls)
+        self.waits["expert_groups"] += time.perf_counter() - t0
+        for pick, res in zip(picks, done):
             y_pairs[pick] = torch.from_numpy(res)
         y = torch.zeros_like(h).index_add_(0, token, y_pairs * out_w[:, None].to(h.dtype))
         return y if shared is None else y + shared

@@ -137,7 +137,8 @@ class Router:
         return list(self.step_log)
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "waiting": len(self.scheduler.waiting),
+        return {"steps": self.steps, "step_seconds": sum(s for _, _, s in self.step_log),
+                "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.running), "contexts": len(self.contexts)}
 
     # -- the step loop --------------------------------------------------------------------

@@ -44,10 +44,11 @@ def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -
         return False
     if int(k_pos.min()) > int(q_pos.max()):
         return False
-    if spec.chunk_size:
-        qc = torch.unique(q_pos // spec.chunk_size)
-        kc = torch.unique(k_pos // spec.chunk_size)
-        if not bool(torch.isin(qc, kc).any()):
+    if spec.chunk_size:  # conservative: chunks spanned by the keys' position range
+        c = spec.chunk_size
+        lo, hi = int(k_pos.min()) // c, int(k_pos.max()) // c
+        qc = q_pos // c
+        if not bool(((qc >= lo) & (qc <= hi)).any()):
             return False
     if spec.window and int(q_pos.min()) - int(k_pos.max()) >= spec.window:
         return False
@@ -99,16 +100,30 @@ def partial_attention(
     lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
     if not any_visible(q_pos, k_pos, spec):
         return out, lse
-    groups = hq // k.shape[1]
-    qh = q.float().transpose(0, 1)  # [Hq, Tq, D]
-    kh = k.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [Hq, Tk, D]
-    vh = v.float().repeat_interleave(groups, dim=1).transpose(0, 1)
+    hkv = k.shape[1]
+    groups = hq // hkv
+
+    def folded(mask: torch.Tensor | None, rows: slice, cols) -> tuple[torch.Tensor, torch.Tensor]:
+        """GQA without copying K/V: the g query heads of a KV head become g x rows queries."""
+        qb = q[rows].float()
+        t = qb.shape[0]
+        qf = qb.view(t, hkv, groups, d).permute(1, 2, 0, 3).reshape(hkv, groups * t, d)
+        kb, vb = k.float(), v.float()
+        if cols is not None:
+            kb, vb = kb[cols], vb[cols]
+        m = None if mask is None else mask.repeat(groups, 1)  # [g*t, Tk]
+        o, l = _sdpa_lse(qf, kb.transpose(0, 1), vb.transpose(0, 1), spec.scale, m, False)
+        o = o.view(hkv, groups, t, d).permute(2, 0, 1, 3).reshape(t, hq, d)
+        return o, l.view(hkv, groups, t).permute(2, 0, 1).reshape(t, hq)
+
     if _fully_visible(q_pos, k_pos, spec):
-        o, l = _sdpa_lse(qh, kh, vh, spec.scale, None, False)
-        return o.transpose(0, 1), l.transpose(0, 1)
+        return folded(None, slice(None), None)
     same = len(q_pos) == len(k_pos) and bool(torch.equal(q_pos, k_pos))
     contiguous = same and int(q_pos[-1] - q_pos[0]) == len(q_pos) - 1
     if contiguous and not spec.window:  # self-attention over one run of positions
+        qh = q.float().transpose(0, 1)  # [Hq, Tq, D]
+        kh = k.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [Hq, Tk, D]
+        vh = v.float().repeat_interleave(groups, dim=1).transpose(0, 1)
         if not spec.chunk_size:
             o, l = _sdpa_lse(qh, kh, vh, spec.scale, None, True)
             return o.transpose(0, 1), l.transpose(0, 1)
@@ -133,8 +148,7 @@ def partial_attention(
             continue
         mask = visible(qp, k_pos[cols], spec)  # [tq, Tc]
         seen = mask.any(dim=1)
-        o, l = _sdpa_lse(qh[:, rows], kh[:, cols], vh[:, cols], spec.scale, mask, False)
-        o, l = o.transpose(0, 1), l.transpose(0, 1)
+        o, l = folded(mask, rows, cols)
         out[rows] = torch.where(seen[:, None, None], o, 0.0)
         lse[rows] = torch.where(seen[:, None], l, float("-inf"))
     return out, lse
