@@ -39,10 +39,9 @@ def tiny_mixtral(path: Path) -> Path:
     return path
 
 
-def decode_step_medians(steps: list[tuple[int, int, float]], batch: int) -> float:
-    """Median seconds of steps that decoded exactly `batch` sequences, one token each."""
-    times = [s for n, t, s in steps if n == batch and t == batch]
-    return statistics.median(times) if times else float("nan")
+def decode_step(results: list[dict]) -> float:
+    """Decode step time at this batch: median over requests of seconds between output tokens."""
+    return statistics.median((r["total_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in results)
 
 
 def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int) -> dict:
@@ -62,30 +61,29 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], ste
 
     specs = [cfg.attention_spec(i) for i in range(cfg.num_layers)]
     cap = 1 << 22
-    router = Router(str(ckpt), [ContextShard(0, specs, cap)], [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))], cap)
+    router = Router(str(ckpt), [ContextShard(0, specs, cap)], [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))],
+                    cap, lanes=1)
 
     async def run() -> dict:
         t0 = time.perf_counter()
         ctx = await router.register_context(context, "exact")
         register_s = time.perf_counter() - t0
-        await router.generate(prompts[0], ctx.id, max_new_tokens=steps)
-        await asyncio.gather(*(router.generate(p, ctx.id, max_new_tokens=steps) for p in prompts))
-        return {"register_s": register_s}
+        one = [await router.generate(prompts[0], ctx.id, max_new_tokens=steps)]
+        many = await asyncio.gather(*(router.generate(p, ctx.id, max_new_tokens=steps) for p in prompts))
+        return {"register_s": register_s, "decode_b1_s": decode_step(one), "decode_b16_s": decode_step(many)}
 
     out = asyncio.run(run())
-    log = router.step_times()
-    out.update(forward_s=forward_s, decode_b1_s=decode_step_medians(log, 1),
-               decode_b16_s=decode_step_medians(log, len(prompts)))
+    out["forward_s"] = forward_s
     return out
 
 
-def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int) -> dict:
+def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, lanes: int) -> dict:
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
     import expertmesh as em
 
-    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2)
+    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2, lanes=lanes)
     try:
         warm = mesh.register_context(context[:2048])
         mesh.generate(prompts[0], context_id=warm.id, max_new_tokens=4)
@@ -97,12 +95,14 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: in
         blk = mesh.register_context(context, mode="blockwise")
         register_blockwise_s = time.perf_counter() - t0
         mesh.drop_context(blk.id)
-        mesh.generate(prompts[0], context_id=ctx.id, max_new_tokens=steps)
+        def gen(p):
+            return ray.get(mesh.router.generate.remote(p, ctx.id, steps))
+
+        one = [gen(prompts[0])]
         with ThreadPoolExecutor(len(prompts)) as pool:
-            list(pool.map(lambda p: mesh.generate(p, context_id=ctx.id, max_new_tokens=steps), prompts))
-        log = ray.get(mesh.router.step_times.remote())
+            many = list(pool.map(gen, prompts))
         return {"register_s": register_s, "register_blockwise_s": register_blockwise_s,
-                "decode_b1_s": decode_step_medians(log, 1), "decode_b16_s": decode_step_medians(log, len(prompts))}
+                "decode_b1_s": decode_step(one), "decode_b16_s": decode_step(many)}
     finally:
         mesh.shutdown()
 
@@ -111,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--lanes", type=int, default=2, help="router step loops in the mesh")
     ap.add_argument("--out", default=str(RESULTS / "core.json"))
     args = ap.parse_args()
 
@@ -123,12 +124,12 @@ def main() -> None:
     models = {"default": default_checkpoint(), "tiny-mixtral": tiny_mixtral(tmp / "tiny-mixtral")}
     report = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "ray": ray.__version__},
-              "context_tokens": args.context, "decode_steps": args.steps, "models": {}}
+              "context_tokens": args.context, "decode_steps": args.steps, "lanes": args.lanes, "models": {}}
     for name, ckpt in models.items():
         context = rng.integers(4, 260, args.context).tolist()
         prompts = [rng.integers(4, 260, 8).tolist() for _ in range(16)]
         single = single_process(ckpt, context, prompts, args.steps)
-        mesh = mesh_run(ckpt, context, prompts, args.steps)
+        mesh = mesh_run(ckpt, context, prompts, args.steps, args.lanes)
         ratios = {
             "register_mesh_over_single": mesh["register_s"] / single["register_s"],
             "register_mesh_over_forward": mesh["register_s"] / single["forward_s"],

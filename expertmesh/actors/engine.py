@@ -25,7 +25,7 @@ import torch
 from expertmesh.actors.context_shard import AttendItem
 from expertmesh.actors.pathway import choose_shards, segment_visible
 from expertmesh.actors.sequence import Sequence
-from expertmesh.model.attention import merge_partials, partial_attention
+from expertmesh.model.attention import batched_decode_attention, merge_partials, partial_attention
 from expertmesh.model.moe import dispatch_pairs
 from expertmesh.model.transformer import MoETransformer
 
@@ -111,22 +111,40 @@ class Engine:
                                         {batch[i].request_id: spans[i][1] - spans[i][0] for i in rows}))
                 layout.append((shard, rows, idx))
             calls.append(call(self.shards[shard], "attend", index, items))
-        parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for seq, (a, b) in zip(batch, spans):  # own tokens, while the shards work
-            k, v, kpos = seq.kv.get(index)
-            parts.append([partial_attention(q[a:b], positions[a:b], k, v, kpos, layer.spec)])
+        own_out, own_lse = self._own_attention(index, layer, batch, spans, q, positions)  # while shards work
         t0 = time.perf_counter()
         results = [r for res in await asyncio.gather(*calls) for r in res]
         self.waits["shards"] += time.perf_counter() - t0
+        parts = [(own_out, own_lse)]
+        per_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for (shard, rows, idx), (o, lse) in zip(layout, results):
-            o, lse = torch.from_numpy(o), torch.from_numpy(lse)
-            offset = 0
+            if shard not in per_shard:  # rows a shard did not serve stay neutral (lse = -inf)
+                per_shard[shard] = (torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf")))
+                parts.append(per_shard[shard])
+            per_shard[shard][0][idx] = torch.from_numpy(np.array(o))
+            per_shard[shard][1][idx] = torch.from_numpy(np.array(lse))
             for i in rows:
-                n = spans[i][1] - spans[i][0]
-                parts[i].append((o[offset:offset + n], lse[offset:offset + n]))
                 batch[i].pathway_visits.add(shard)
-                offset += n
-        return torch.cat([merge_partials(p)[0] for p in parts]).to(q.dtype)  # [T, Hq, D]
+        return merge_partials(parts)[0].to(q.dtype)  # [T, Hq, D]
+
+    def _own_attention(self, index: int, layer, batch: list[Sequence], spans, q: torch.Tensor,
+                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's queries over its own tokens: out [T, Hq, D], lse [T, Hq]."""
+        out = torch.empty(q.shape, dtype=torch.float32)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32)
+        decode = [i for i, (a, b) in enumerate(spans) if b - a == 1]
+        if len(decode) > 1:  # one padded batch for all single-token steps
+            rows = torch.tensor([spans[i][0] for i in decode])
+            cache = [batch[i].kv.get(index) for i in decode]
+            o, l = batched_decode_attention(q[rows], positions[rows], [c[0] for c in cache],
+                                            [c[1] for c in cache], [c[2] for c in cache], layer.spec)
+            out[rows], lse[rows] = o, l
+        for i, (seq, (a, b)) in enumerate(zip(batch, spans)):
+            if len(decode) > 1 and b - a == 1:
+                continue
+            k, v, kpos = seq.kv.get(index)
+            out[a:b], lse[a:b] = partial_attention(q[a:b], positions[a:b], k, v, kpos, layer.spec)
+        return out, lse
 
     async def _experts(self, index: int, layer, batch: list[Sequence], spans, h: torch.Tensor) -> torch.Tensor:
         """MoE feed-forward: gate here, experts in their groups, combine by gate weight."""

@@ -30,7 +30,7 @@ from expertmesh.platform.registry import MODES, ContextInfo, ContextRecord, plan
 
 class Router:
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int,
-                 num_threads: int | None = None, max_batch_tokens: int = 16384) -> None:
+                 num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
@@ -40,9 +40,9 @@ class Router:
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
         self.contexts: dict[str, ContextRecord] = {}
         self.engine = Engine(self.model, shards, groups, self.partition, {})
-        self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens)
+        self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._loop_tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
@@ -139,7 +139,7 @@ class Router:
     def stats(self) -> dict:
         return {"steps": self.steps, "step_seconds": sum(s for _, _, s in self.step_log),
                 "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
-                "running": len(self.scheduler.running), "contexts": len(self.contexts)}
+                "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
 
     # -- the step loop --------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -153,9 +153,11 @@ class Router:
             try:
                 outs = await self.engine.forward(batch)  # attend + route experts, layer by layer
             except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                self.scheduler.step_done(batch)
                 for seq in batch:
                     self._finish(seq, error=exc)
                 continue
+            self.scheduler.step_done(batch)
             self.steps += 1
             self.step_log.append((len(batch), tokens, time.perf_counter() - t0))
             for seq, logits in zip(batch, outs):  # sample, emit
@@ -185,7 +187,6 @@ class Router:
             self.scheduler.keep_running(seq)
 
     def _finish(self, seq: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
-        self.scheduler.finish(seq)
         seq.finish_reason = reason
         if seq.stream is not None:
             seq.stream.put_nowait(None)
@@ -197,9 +198,12 @@ class Router:
 
     async def _run(self, seq: Sequence) -> None:
         """Queue a sequence for the step loop and wait until it finishes."""
-        if self._loop_task is None or self._loop_task.done():
+        if not self._loop_tasks or any(t.done() for t in self._loop_tasks):
+            for t in self._loop_tasks:
+                t.cancel()
             self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+            loop = asyncio.get_running_loop()
+            self._loop_tasks = [loop.create_task(self._loop()) for _ in range(self.scheduler.lanes)]
         record = self.contexts.get(seq.context_id) if seq.kind != "segment" else None
         if record is not None:
             record.active += 1

@@ -1,43 +1,50 @@
 """Continuous batching: which sequences run in the next router step.
 
-Every running sequence decodes one token per step; waiting sequences (new requests,
-context segments) join between steps while the step's token budget allows.
+Every ready sequence decodes one token per step; waiting sequences (new requests, context
+segments) join between steps while the step's token budget allows. With `lanes` > 1 the
+router runs that many step loops, each over its share of the sequences, so one lane computes
+while another waits on its remote calls (two-batch overlap).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from expertmesh.actors.sequence import Sequence
 
 
 class Scheduler:
-    def __init__(self, max_batch_tokens: int = 16384, max_running: int = 256) -> None:
-        self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+    def __init__(self, max_batch_tokens: int = 16384, max_running: int = 256, lanes: int = 1) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        self.max_batch_tokens, self.max_running, self.lanes = max_batch_tokens, max_running, lanes
+        self.waiting: deque[Sequence] = deque()  # not started
+        self.ready: deque[Sequence] = deque()  # decoding, between steps
+        self.in_flight = 0  # sequences inside a running step
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.ready) + self.in_flight
 
     def schedule(self) -> list[Sequence]:
-        batch = list(self.running)
+        """The next step's batch: this lane's share of ready sequences, then admissions."""
+        share = min(self.max_running, math.ceil(len(self) / self.lanes))
+        batch = [self.ready.popleft() for _ in range(min(share, len(self.ready)))]
         budget = self.max_batch_tokens - len(batch)
-        while self.waiting and len(batch) < self.max_running:
+        while self.waiting and len(batch) < share:
             need = len(self.waiting[0].token_ids) - self.waiting[0].num_computed
             if need > budget and batch:  # a long prefill runs alone rather than never
                 break
             batch.append(self.waiting.popleft())
             budget -= need
+        self.in_flight += len(batch)
         return batch
 
-    def keep_running(self, seq: Sequence) -> None:
-        if seq not in self.running:
-            self.running.append(seq)
+    def step_done(self, batch: list[Sequence]) -> None:
+        self.in_flight -= len(batch)
 
-    def finish(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
+    def keep_running(self, seq: Sequence) -> None:
+        self.ready.append(seq)

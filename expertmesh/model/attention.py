@@ -166,3 +166,34 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     out = sum(wi[..., None] * p[0] for wi, p in zip(w, parts))
     safe = torch.where(total > 0, total, 1.0)
     return out / safe[..., None], torch.log(total) + top
+
+
+def batched_decode_attention(
+    q: torch.Tensor, q_pos: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+    k_pos: list[torch.Tensor], spec: AttentionSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence over each sequence's own keys, in one padded batch.
+
+    q [B, Hq, D], q_pos [B]; ks/vs[b] [L_b, Hkv, D], k_pos[b] [L_b] -> out [B, Hq, D], lse [B, Hq].
+    """
+    b, hq, d = q.shape
+    hkv = ks[0].shape[1]
+    longest = max(len(p) for p in k_pos)
+    k = q.new_zeros(b, longest, hkv, d)
+    v = q.new_zeros(b, longest, hkv, d)
+    pos = torch.full((b, longest), torch.iinfo(torch.int64).max, dtype=torch.int64)  # padding: never visible
+    for i, (ki, vi, pi) in enumerate(zip(ks, vs, k_pos)):
+        k[i, :len(pi)], v[i, :len(pi)], pos[i, :len(pi)] = ki, vi, pi
+    qp = q_pos[:, None]
+    mask = pos <= qp  # [B, L]
+    if spec.chunk_size:
+        mask &= (pos // spec.chunk_size) == (qp // spec.chunk_size)
+    if spec.window:
+        mask &= (qp - pos) < spec.window
+    qg = q.float().view(b, hkv, hq // hkv, d)  # [B, Hkv, g, D]
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * spec.scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, g]
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    return out.reshape(b, hq, d), lse.reshape(b, hq)

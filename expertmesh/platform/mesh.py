@@ -61,8 +61,11 @@ class Mesh:
     @classmethod
     def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
               address: str | None = None, shard_capacity_tokens: int = 1 << 20, page_size: int = 64,
-              max_batch_tokens: int = 16384) -> "Mesh":
-        """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL)."""
+              max_batch_tokens: int = 16384, lanes: int = 2) -> "Mesh":
+        """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
+
+        lanes: router step loops that overlap one batch's compute with another's remote calls.
+        """
         if context_shards < 1:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
@@ -81,7 +84,7 @@ class Mesh:
             for g, experts in enumerate(partition)
         ]
         router = RemoteRouter.options(**actor_options(None)).remote(
-            str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens)
+            str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes)
         ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
         return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
 
