@@ -42,6 +42,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mesh.shutdown()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ray import serve
+
+    from expertmesh.pipelines.serve import build_app
+    from expertmesh.platform.cluster import connect
+    from expertmesh.platform.tenancy import load_tenants
+
+    if args.tenants is None and args.host != "127.0.0.1":
+        raise ValueError(f"refusing to bind {args.host} without --tenants: an open server (no API keys) "
+                         "only binds 127.0.0.1")
+    settings = {"checkpoint": args.checkpoint, "context_shards": args.context_shards,
+                "expert_groups": args.expert_groups, "max_queue": args.max_queue,
+                "max_completion_tokens": args.max_completion_tokens}
+    if args.tenants:  # parsed here (clear errors) and passed inline, so no node needs the file
+        settings["tenants"] = load_tenants(args.tenants).model_dump()
+    connect(args.address, args.context_shards, args.expert_groups)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(settings), name="expertmesh", route_prefix="/")
+    print(f"expertmesh serving on http://{args.host}:{args.port} (OpenAI base URL http://{args.host}:{args.port}/v1)",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.delete("expertmesh")
+    serve.shutdown()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from expertmesh.pipelines import demo
 
@@ -65,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-shards", type=int, default=None, help="visit only the k best-scoring shards")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible multi-tenant HTTP API on Ray Serve")
+    _mesh_args(s)
+    s.add_argument("--tenants", default=None, help="tenants YAML (API key hashes and limits)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=256, help="requests admitted at once; more get 503")
+    s.add_argument("--max-completion-tokens", type=int, default=4096, help="largest max_tokens a request may ask")
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the main job: questions over a long shared context")
     _mesh_args(d)

@@ -34,6 +34,7 @@ class Scheduler:
         share = min(self.max_running, math.ceil(len(self) / self.lanes))
         batch = [self.ready.popleft() for _ in range(min(share, len(self.ready)))]
         budget = self.max_batch_tokens - len(batch)
+        self._fair_order()
         while self.waiting and len(batch) < share:
             need = len(self.waiting[0].token_ids) - self.waiting[0].num_computed
             if need > budget and batch:  # a long prefill runs alone rather than never
@@ -42,6 +43,16 @@ class Scheduler:
             budget -= need
         self.in_flight += len(batch)
         return batch
+
+    def _fair_order(self) -> None:
+        """Interleave waiting sequences by tenant, so one tenant's flood cannot starve others."""
+        tenants: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            tenants.setdefault(seq.tenant, []).append(seq)
+        if len(tenants) > 1:
+            queues = list(tenants.values())
+            order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+            self.waiting = deque(order)
 
     def step_done(self, batch: list[Sequence]) -> None:
         self.in_flight -= len(batch)

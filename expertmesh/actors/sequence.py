@@ -52,6 +52,7 @@ class Sequence:
     t_submit: float = dataclasses.field(default_factory=time.perf_counter)
     t_first: float | None = None
     finish_reason: str | None = None
+    cancelled: bool = False
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.token_ids)

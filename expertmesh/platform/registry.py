@@ -21,6 +21,10 @@ class ContextInfo:
     num_tokens: int
     shards: tuple[int, ...]
     mode: str = "exact"
+    owner: str = "default"
+    visibility: str = "private"  # "private": owner only; "shared": every tenant may attend over it
+    name: str | None = None
+    created: float = 0.0
 
 
 @dataclasses.dataclass

@@ -1,0 +1,377 @@
+"""Multi-tenant, OpenAI-compatible inference on Ray Serve over the shared context pool.
+
+    serve run expertmesh.pipelines.serve:app                      # defaults, loopback use
+    serve deploy deploy/serve_config.yaml                          # import_path: ...serve:build_app
+    expertmesh serve --tenants tenants.yaml --port 8000            # the CLI way
+
+One `ExpertMeshServer` replica owns a mesh (router, context shards, expert groups as Ray
+actors); it authenticates each request to a tenant, admits it against the tenant's limits
+and the server's queue, and streams tokens from the router, which batches all tenants'
+requests together.
+"""
+
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from expertmesh.errors import CapacityError, ContextNotFound
+from expertmesh.pipelines import openai_schema as oa
+from expertmesh.pipelines.detokenize import TextStream
+from expertmesh.platform.tenancy import RateLimited, Tenants, TenantsFile, load_tenants
+
+
+class ServeSettings(BaseModel):
+    """What the serving app is built from (serve config `args`, CLI flags, Helm values)."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str | None = Field(None, description="HF model directory or URI; None: the built-in model")
+    context_shards: int = Field(4, ge=1, description="context shard actors")
+    expert_groups: int = Field(2, ge=1, description="expert group actors")
+    tenants_file: str | None = Field(None, description="tenants YAML; None: one anonymous tenant, no keys")
+    tenants: TenantsFile | None = Field(None, description="tenants inline (instead of tenants_file)")
+    model_name: str = Field("expertmesh", description="the model id clients pass as `model`")
+    max_queue: int = Field(256, ge=1, description="requests admitted at once over all tenants; more get 503")
+    max_prompt_tokens: int = Field(131072, ge=1, description="prompt tokens per request")
+    max_completion_tokens: int = Field(4096, ge=1, description="max_tokens per request")
+    shard_capacity_tokens: int = Field(1 << 20, ge=1, description="context tokens each shard holds")
+    compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+_ERRORS = {s: {"model": oa.ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+
+api = FastAPI(title="expertmesh", version="0.1.0",
+              description="OpenAI-compatible inference over shared long contexts (Bearer API key per tenant).")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return _error(422, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc if isinstance(exc, ray.exceptions.RayTaskError) else exc
+
+
+def chat_prompt(messages: list[oa.ChatMessage]) -> str:
+    """A plain chat layout for checkpoints without a chat template."""
+    return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
+
+
+class _Admission:
+    """An admitted request's hold on the server queue and its tenant's limits (released once)."""
+
+    def __init__(self, server: "ExpertMeshServer", tenant: str, reserved_tokens: int) -> None:
+        self.server, self.tenant, self.reserved = server, tenant, reserved_tokens
+        self.done = False
+
+    def release(self, used_tokens: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.server.in_flight -= 1
+        self.server.metrics.queue.set(self.server.in_flight)
+        self.server.tenants.release(self.tenant, max(0, self.reserved - used_tokens) if used_tokens else 0)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=10)
+@serve.ingress(api)
+class ExpertMeshServer:
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        from expertmesh.platform.mesh import Mesh
+        from expertmesh.platform.metrics import ServeMetrics
+
+        self.settings = ServeSettings(**(settings or {}))
+        s = self.settings
+        tenants = s.tenants or (load_tenants(s.tenants_file) if s.tenants_file else None)
+        self.tenants = Tenants(tenants)
+        self.mesh = Mesh.start(checkpoint=s.checkpoint, context_shards=s.context_shards,
+                               expert_groups=s.expert_groups, address="auto",
+                               shard_capacity_tokens=s.shard_capacity_tokens,
+                               **({"compiled_graphs": True} if s.compiled_graphs else {}))
+        self.router = self.mesh.router
+        self.metrics = ServeMetrics()
+        self.in_flight = 0
+        self.created = int(time.time())
+
+    # -- helpers --------------------------------------------------------------------------
+    def _tenant(self, request: Request) -> str:
+        tenant = self.tenants.authenticate(request.headers.get("authorization"))
+        if tenant is None:
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
+                           code="invalid_api_key")
+        return tenant
+
+    async def _visible(self, tenant: str, context_id: str):
+        try:
+            info = await self.router.get_context.remote(context_id)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(_cause(exc), ContextNotFound):
+                raise ApiError(404, f"context {context_id!r} not found", param="context_id",
+                               code="context_not_found") from None
+            raise
+        if info.owner != tenant and info.visibility != "shared":  # never reveal another tenant's context
+            raise ApiError(404, f"context {context_id!r} not found", param="context_id", code="context_not_found")
+        return info
+
+    @staticmethod
+    def _context_object(info) -> oa.ContextObject:
+        return oa.ContextObject(id=info.id, num_tokens=info.num_tokens, shards=list(info.shards), owner=info.owner,
+                                visibility=info.visibility, name=info.name, mode=info.mode, created=int(info.created))
+
+    def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        ids = self.mesh.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.mesh.config.vocab_size
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise ApiError(413, f"prompt of {len(ids)} tokens is over the limit of "
+                           f"{self.settings.max_prompt_tokens} tokens", param="prompt", code="prompt_too_long")
+        return ids
+
+    async def _admit(self, tenant: str, body: oa._Sampling, ids: list[int]) -> "_Admission":
+        if body.model != self.settings.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
+                           f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        if body.max_tokens > self.settings.max_completion_tokens:
+            raise ApiError(400, f"max_tokens {body.max_tokens} is over the limit of "
+                           f"{self.settings.max_completion_tokens}", param="max_tokens")
+        if body.context_id is not None:
+            await self._visible(tenant, body.context_id)
+        if self.in_flight >= self.settings.max_queue:
+            self.metrics.refused.inc(1, {"tenant": tenant, "status": "503"})
+            raise ApiError(503, f"server queue is full ({self.settings.max_queue} requests); retry later",
+                           "server_overloaded", code="queue_full")
+        try:
+            self.tenants.acquire(tenant, len(ids) + body.max_tokens)
+        except RateLimited as exc:
+            self.metrics.refused.inc(1, {"tenant": tenant, "status": "429"})
+            raise ApiError(429, str(exc), "rate_limit_exceeded", code="rate_limit_exceeded") from None
+        self.in_flight += 1
+        self.metrics.queue.set(self.in_flight)
+        return _Admission(self, tenant, len(ids) + body.max_tokens)
+
+    async def _generate(self, admission: "_Admission", body: oa._Sampling, ids: list[int]
+                        ) -> AsyncIterator[tuple[str, dict | None]]:
+        """Yield (text delta, None) per token and finally ("", result). Admission already done."""
+        tenant = admission.tenant
+        request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        text = TextStream(self.mesh.tokenizer.decode, body.stop_list())
+        result: dict | None = None
+        try:
+            gen = self.router.stream.options(num_returns="streaming").remote(
+                ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed, body.top_shards,
+                (), tenant, request_id)
+            async for ref in gen:
+                item = await ref
+                if "token_id" not in item:
+                    result = item
+                    continue
+                if text.stopped:
+                    continue
+                delta = text.push(item["token_id"])
+                if text.stopped:
+                    await self.router.cancel.remote(request_id)
+                if delta:
+                    yield delta, None
+        except ray.exceptions.RayTaskError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, ContextNotFound):
+                raise ApiError(404, str(cause), param="context_id", code="context_not_found") from None
+            if isinstance(cause, ValueError):
+                raise ApiError(400, str(cause)) from None
+            raise
+        finally:
+            admission.release(len(ids) + (result or {}).get("completion_tokens", 0))
+        tail = text.flush()
+        if tail:
+            yield tail, None
+        result = dict(result or {})
+        result["finish_reason"] = "stop" if text.stopped else result.get("finish_reason")
+        result["id"] = request_id
+        self.metrics.record(tenant, result)
+        yield "", result
+
+    @staticmethod
+    def _usage(result: dict) -> oa.Usage:
+        p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
+        return oa.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                        context_tokens=result.get("context_tokens", 0))
+
+    def _sse(self, admission: "_Admission", body: oa._Sampling, ids: list[int], chat: bool) -> StreamingResponse:
+        created = int(time.time())
+
+        async def events() -> AsyncIterator[str]:
+            rid = None
+            first = True
+            try:
+                async for delta, result in self._generate(admission, body, ids):
+                    if result is not None:
+                        rid = result["id"]
+                        end = self._chunk(rid, created, "", chat, result["finish_reason"], first=False)
+                        end["usage"] = self._usage(result).model_dump()
+                        end["pathway"] = result.get("pathway", {})
+                        yield f"data: {json.dumps(end)}\n\n"
+                        break
+                    yield f"data: {json.dumps(self._chunk(rid or 'cmpl', created, delta, chat, None, first))}\n\n"
+                    first = False
+            except ApiError as exc:
+                err = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+                yield f"data: {json.dumps(err)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        # released here too in case the client left before the stream started (release is idempotent)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 background=BackgroundTask(admission.release, 0))
+
+    def _chunk(self, rid: str, created: int, delta: str, chat: bool, finish: str | None, first: bool) -> dict:
+        if chat:
+            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.settings.model_name,
+                    "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
+                "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}
+
+    async def _complete(self, admission: "_Admission", body: oa._Sampling, ids: list[int]) -> tuple[str, dict]:
+        parts, result = [], {}
+        async for delta, res in self._generate(admission, body, ids):
+            if res is not None:
+                result = res
+            else:
+                parts.append(delta)
+        return "".join(parts), result
+
+    # -- routes ---------------------------------------------------------------------------
+    @api.get("/healthz", summary="200 once the model is loaded")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.settings.model_name}
+
+    @api.get("/v1/models", response_model=oa.ModelList, responses=_ERRORS)
+    async def models(self, request: Request) -> oa.ModelList:
+        self._tenant(request)
+        return oa.ModelList(data=[oa.ModelCard(id=self.settings.model_name, created=self.created)])
+
+    @api.post("/v1/contexts", status_code=201, response_model=oa.ContextObject, responses=_ERRORS)
+    async def create_context(self, body: oa.ContextRequest, request: Request) -> oa.ContextObject:
+        tenant = self._tenant(request)
+        ids = self.mesh.tokenizer.encode(body.text) if body.text is not None else list(body.token_ids)
+        vocab = self.mesh.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"context token id {bad} is outside the vocabulary [0, {vocab})", param="token_ids")
+        owned = sum(c.num_tokens for c in await self.router.list_contexts.remote() if c.owner == tenant)
+        limit = self.tenants.spec(tenant).max_context_tokens
+        if owned + len(ids) > limit:
+            raise ApiError(413, f"tenant {tenant!r} owns contexts of {owned} tokens; {len(ids)} more would pass "
+                           f"its max_context_tokens of {limit}", code="context_quota_exceeded")
+        try:
+            info = await self.router.register_context.remote(ids, body.mode, None, None, tenant, body.visibility,
+                                                             body.name)
+        except ray.exceptions.RayTaskError as exc:
+            cause = _cause(exc)
+            if isinstance(cause, CapacityError):
+                raise ApiError(413, str(cause), code="context_too_large") from None
+            if isinstance(cause, ValueError):
+                raise ApiError(400, str(cause)) from None
+            raise
+        return self._context_object(info)
+
+    @api.get("/v1/contexts", response_model=oa.ContextList, responses=_ERRORS)
+    async def list_contexts(self, request: Request) -> oa.ContextList:
+        tenant = self._tenant(request)
+        infos = await self.router.list_contexts.remote()
+        return oa.ContextList(data=[self._context_object(i) for i in infos
+                                    if i.owner == tenant or i.visibility == "shared"])
+
+    @api.get("/v1/contexts/{context_id}", response_model=oa.ContextObject, responses=_ERRORS)
+    async def get_context(self, context_id: str, request: Request) -> oa.ContextObject:
+        return self._context_object(await self._visible(self._tenant(request), context_id))
+
+    @api.delete("/v1/contexts/{context_id}", responses=_ERRORS)
+    async def delete_context(self, context_id: str, request: Request) -> dict:
+        tenant = self._tenant(request)
+        info = await self._visible(tenant, context_id)
+        if info.owner != tenant:
+            raise ApiError(403, f"context {context_id!r} belongs to another tenant; only its owner may delete it",
+                           "permission_error")
+        try:
+            await self.router.drop_context.remote(context_id)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(_cause(exc), ContextNotFound):
+                raise ApiError(404, f"context {context_id!r} not found", code="context_not_found") from None
+            raise
+        return {"id": context_id, "object": "context", "deleted": True}
+
+    @api.post("/v1/completions", response_model=oa.CompletionResponse, responses=_ERRORS)
+    async def completions(self, body: oa.CompletionRequest, request: Request):
+        tenant = self._tenant(request)
+        ids = self._encode_prompt(body.prompt)
+        admission = await self._admit(tenant, body, ids)
+        if body.stream:
+            return self._sse(admission, body, ids, chat=False)
+        text, result = await self._complete(admission, body, ids)
+        return oa.CompletionResponse(
+            id=result["id"], created=int(time.time()), model=self.settings.model_name,
+            choices=[oa.CompletionChoice(text=text, finish_reason=result.get("finish_reason"))],
+            usage=self._usage(result), pathway=result.get("pathway", {}))
+
+    @api.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_ERRORS)
+    async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request):
+        tenant = self._tenant(request)
+        ids = self._encode_prompt(chat_prompt(body.messages))
+        admission = await self._admit(tenant, body, ids)
+        if body.stream:
+            return self._sse(admission, body, ids, chat=True)
+        text, result = await self._complete(admission, body, ids)
+        return oa.ChatCompletionResponse(
+            id=result["id"], created=int(time.time()), model=self.settings.model_name,
+            choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text),
+                                   finish_reason=result.get("finish_reason"))],
+            usage=self._usage(result), pathway=result.get("pathway", {}))
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Application builder for `serve run` / `serve deploy` (import_path ...serve:build_app)."""
+    settings = ServeSettings(**(args or {}))
+    return ExpertMeshServer.bind(settings.model_dump(exclude_none=True, exclude={"tenants"})
+                                 | ({"tenants": settings.tenants.model_dump()} if settings.tenants else {}))
+
+
+app = build_app()

@@ -1,0 +1,127 @@
+"""Tenants: API keys (stored as SHA-256 only), concurrency, token-rate and context quotas.
+
+Ray Serve has no authentication, quotas or per-tenant isolation of its own; this module is
+where a request is tied to a tenant and admitted or refused before it reaches the router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ANONYMOUS = "anonymous"
+
+
+class TenantSpec(BaseModel):
+    """One tenant of the tenants file."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="tenant name, shown as the owner of its contexts", min_length=1, max_length=64)
+    api_key_sha256: str = Field(description="hex SHA-256 of the tenant's API key (the key itself is never stored)")
+    max_concurrent_requests: int = Field(8, ge=1, description="requests in flight at once; more get 429")
+    tokens_per_minute: int = Field(200_000, ge=1, description="prompt + completion tokens per minute; more get 429")
+    max_context_tokens: int = Field(2_000_000, ge=0, description="total tokens of the contexts this tenant owns")
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex64(cls, v: str) -> str:
+        v = v.strip().lower()
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError("api_key_sha256 must be 64 hex characters (sha256 of the key)")
+        return v
+
+
+class TenantsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenants: list[TenantSpec] = Field(description="the tenants allowed to use this server")
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique(cls, v: list[TenantSpec]) -> list[TenantSpec]:
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tenant names must be unique, got {names}")
+        return v
+
+
+def load_tenants(path: str | Path) -> TenantsFile:
+    return TenantsFile.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class RateLimited(Exception):
+    """A tenant over its concurrency or token rate (HTTP 429)."""
+
+
+@dataclasses.dataclass
+class _State:
+    spec: TenantSpec
+    in_flight: int = 0
+    tokens: float = 0.0  # token bucket: refills at tokens_per_minute / 60 per second
+    stamp: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Tenants:
+    """Authentication and admission. Thread-safe; one instance per server replica."""
+
+    def __init__(self, spec: TenantsFile | None) -> None:
+        self.open = spec is None  # no tenants file: one anonymous tenant, no keys (loopback only)
+        specs = spec.tenants if spec else [TenantSpec(name=ANONYMOUS, api_key_sha256="0" * 64,
+                                                      max_concurrent_requests=64, tokens_per_minute=10**9,
+                                                      max_context_tokens=10**9)]
+        self._by_hash = {s.api_key_sha256: s.name for s in specs}
+        self._state = {s.name: _State(s, tokens=float(s.tokens_per_minute)) for s in specs}
+        self._lock = threading.Lock()
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """Tenant name for an `Authorization: Bearer KEY` header, or None."""
+        if self.open:
+            return ANONYMOUS
+        if not authorization or not authorization.lower().startswith("bearer "):
+            return None
+        digest = hash_key(authorization[7:].strip())
+        for known, name in self._by_hash.items():
+            if hmac.compare_digest(known, digest):
+                return name
+        return None
+
+    def spec(self, tenant: str) -> TenantSpec:
+        return self._state[tenant].spec
+
+    def acquire(self, tenant: str, tokens: int) -> None:
+        """Admit a request of about `tokens` tokens, or raise RateLimited (the caller must release)."""
+        with self._lock:
+            st = self._state[tenant]
+            now = time.monotonic()
+            rate = st.spec.tokens_per_minute / 60.0
+            st.tokens = min(float(st.spec.tokens_per_minute), st.tokens + (now - st.stamp) * rate)
+            st.stamp = now
+            if st.in_flight >= st.spec.max_concurrent_requests:
+                raise RateLimited(f"tenant {tenant!r} has {st.in_flight} requests in flight; "
+                                  f"max_concurrent_requests is {st.spec.max_concurrent_requests}")
+            if tokens > st.tokens:
+                wait = (tokens - st.tokens) / rate
+                raise RateLimited(f"tenant {tenant!r} is over its token rate ({st.spec.tokens_per_minute} "
+                                  f"tokens per minute); retry in {wait:.1f}s")
+            st.tokens -= tokens
+            st.in_flight += 1
+
+    def release(self, tenant: str, unused_tokens: int = 0) -> None:
+        with self._lock:
+            st = self._state[tenant]
+            st.in_flight = max(0, st.in_flight - 1)
+            st.tokens = min(float(st.spec.tokens_per_minute), st.tokens + max(0, unused_tokens))
+
+    def in_flight(self) -> dict[str, int]:
+        with self._lock:
+            return {n: s.in_flight for n, s in self._state.items()}
