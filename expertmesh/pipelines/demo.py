@@ -1,57 +1,95 @@
-"""The main job (`make demo`): a long shared context on the mesh, several questions over it.
+"""The main job (`make demo`): two tenants query a long shared context through the HTTP API.
 
-Starts a local Ray cluster, loads the embedded default model, registers a generated
-passkey haystack, answers questions concurrently and prints pathway and timing.
+Starts a local Ray cluster and the Ray Serve app on the embedded default model, registers a
+long shared context (tenant acme) and a private one (tenant globex), asks questions with the
+`openai` client (one streaming) and prints answers, time to first token, tokens/s and pathways.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
+import secrets
+import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from expertmesh.pipelines.tasks import passkey
+from expertmesh.pipelines.tasks import multikey, passkey
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int = 2,
         checkpoint: str | None = None, address: str | None = None, mode: str = "exact") -> None:
-    import expertmesh as em
+    import httpx
+    import openai
+    import ray
+    from ray import serve
 
+    from expertmesh.pipelines.serve import build_app
+    from expertmesh.platform.cluster import connect
+
+    keys = {name: secrets.token_urlsafe(16) for name in ("acme", "globex")}
+    tenants = {"tenants": [{"name": n, "api_key_sha256": hashlib.sha256(k.encode()).hexdigest(),
+                            "max_concurrent_requests": 8, "tokens_per_minute": 1_000_000,
+                            "max_context_tokens": 4 * context_tokens} for n, k in keys.items()]}
     t0 = time.perf_counter()
-    mesh = em.Mesh.start(checkpoint=checkpoint, context_shards=context_shards, expert_groups=expert_groups,
-                         address=address)
-    print(f"mesh up in {time.perf_counter() - t0:.1f}s: {mesh.config.architecture}, "
-          f"{mesh.config.num_layers} layers, {mesh.config.num_experts} experts, "
-          f"{context_shards} context shards, {expert_groups} expert groups ({mesh.checkpoint})")
+    started = connect(address, context_shards, expert_groups)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": checkpoint, "context_shards": context_shards,
+                         "expert_groups": expert_groups, "tenants": tenants}), name="expertmesh", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    print(f"server up in {time.perf_counter() - t0:.1f}s at {url}/v1 "
+          f"({context_shards} context shards, {expert_groups} expert groups)")
     try:
-        tasks = [passkey(context_tokens, key, depth) for key, depth in ((40213, 0.3),)]
-        ids = mesh.tokenizer.encode(tasks[0].context)[:context_tokens]
+        acme, globex = ({"Authorization": f"Bearer {keys[n]}"} for n in ("acme", "globex"))
+        task = passkey(context_tokens, 40213, 0.3)
+        private = multikey(context_tokens // 4, 4, random.Random(0))
         t0 = time.perf_counter()
-        ctx = mesh.register_context(ids, mode=mode)
-        print(f"registered context {ctx.id}: {ctx.num_tokens:,} tokens over shards {list(ctx.shards)} "
-              f"({mode}) in {time.perf_counter() - t0:.2f}s")
-        questions = [
-            (tasks[0].prompt, None),
-            (" Repeat the first sentence:", None),
-            (tasks[0].prompt, 1),
-        ]
-
-        def ask(q):
-            prompt, top = q
-            return mesh.generate(mesh.tokenizer.encode(prompt), context_id=ctx.id, max_new_tokens=16,
-                                 top_shards=top)
-
+        shared = httpx.post(f"{url}/v1/contexts", headers=acme, timeout=600, json={
+            "text": task.context[:context_tokens], "mode": mode, "visibility": "shared", "name": "haystack"}).json()
+        print(f"acme registered shared context {shared['id']}: {shared['num_tokens']:,} tokens over shards "
+              f"{shared['shards']} ({mode}) in {time.perf_counter() - t0:.2f}s")
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(questions)) as pool:  # concurrent requests share router steps
-            results = list(pool.map(ask, questions))
-        wall = time.perf_counter() - t0
-        for (prompt, top), res in zip(questions, results):
-            print(f"\nQ:{prompt!r} (top_shards={top})\nA:{res.text!r}")
-            print(f"   ttft {res.ttft_s * 1e3:.0f} ms, {res.completion_tokens} tokens in {res.total_s:.2f}s, "
-                  f"shards visited {res.pathway['shards']}, tokens per expert group "
-                  f"{res.pathway['expert_group_tokens']}")
-        out = sum(r.completion_tokens for r in results)
-        print(f"\n{len(results)} concurrent requests: {out} tokens in {wall:.2f}s ({out / wall:.1f} tokens/s)")
-        print(f"expected passkey answer: {tasks[0].answer!r}")
-        mesh.drop_context(ctx.id)
+        mine = httpx.post(f"{url}/v1/contexts", headers=globex, timeout=600, json={
+            "text": private.context, "visibility": "private", "name": "globex-notes"}).json()
+        print(f"globex registered private context {mine['id']}: {mine['num_tokens']:,} tokens "
+              f"in {time.perf_counter() - t0:.2f}s")
+
+        clients = {n: openai.OpenAI(base_url=f"{url}/v1", api_key=k, max_retries=0) for n, k in keys.items()}
+        asks = [("acme", shared["id"], task.prompt, task.answer),
+                ("globex", shared["id"], task.prompt, task.answer),
+                ("globex", mine["id"], private.prompt, private.answer)]
+        for i, (tenant, ctx, prompt, answer) in enumerate(asks):
+            stream = i == 1
+            t0 = time.perf_counter()
+            kw = dict(model="expertmesh", prompt=prompt, max_tokens=16, temperature=0.0,
+                      extra_body={"context_id": ctx})
+            if stream:
+                ttft, text, usage, pathway = None, "", None, {}
+                for chunk in clients[tenant].completions.create(stream=True, **kw):
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    text += chunk.choices[0].text if chunk.choices else ""
+                    usage = chunk.usage or usage
+                    pathway = chunk.model_extra.get("pathway") or pathway
+                n_out = usage.completion_tokens if usage else 0
+            else:
+                res = clients[tenant].completions.create(**kw)
+                ttft, text, n_out, pathway = None, res.choices[0].text, res.usage.completion_tokens, \
+                    res.model_extra["pathway"]
+            wall = time.perf_counter() - t0
+            print(f"\n[{tenant}{' stream' if stream else ''}] Q:{prompt[-60:]!r}\n  A:{text!r} (expected {answer!r})")
+            print(f"  {'ttft %.0f ms, ' % (ttft * 1e3) if ttft else ''}{n_out} tokens in {wall:.2f}s "
+                  f"({n_out / wall:.1f} tokens/s), shards {pathway.get('shards')}, tokens per expert group "
+                  f"{pathway.get('expert_group_tokens')}")
+        r = httpx.get(f"{url}/v1/contexts/{mine['id']}", headers=acme)
+        print(f"\nacme asking for globex's private context: HTTP {r.status_code} ({r.json()['error']['message']})")
     finally:
-        mesh.shutdown()
+        serve.shutdown()
+        if started:
+            ray.shutdown()
