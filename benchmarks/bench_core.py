@@ -8,7 +8,9 @@ whole context and one in-process expert group holding all experts (no Ray), plus
 `model(ids)` forward for (a). Mesh = 4 context shards + 2 expert groups + router, Ray actors.
 Writes benchmarks/results/core.json and prints the ratios.
 
-    python benchmarks/bench_core.py [--context 16384] [--steps 24]
+    python benchmarks/bench_core.py [--context 16384] [--steps 24] [--compiled-graphs]
+
+--compiled-graphs runs the mesh's per-layer fan-outs over Ray Compiled Graphs.
 """
 
 from __future__ import annotations
@@ -77,13 +79,15 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], ste
     return out
 
 
-def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, lanes: int) -> dict:
+def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, lanes: int,
+             compiled_graphs: bool = False) -> dict:
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
     import expertmesh as em
 
-    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2, lanes=lanes)
+    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2, lanes=lanes,
+                         compiled_graphs=compiled_graphs)
     try:
         warm = mesh.register_context(context[:2048])
         mesh.generate(prompts[0], context_id=warm.id, max_new_tokens=4)
@@ -112,6 +116,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--lanes", type=int, default=2, help="router step loops in the mesh")
+    ap.add_argument("--compiled-graphs", action="store_true", help="mesh fan-outs over Ray Compiled Graphs")
     ap.add_argument("--out", default=str(RESULTS / "core.json"))
     args = ap.parse_args()
 
@@ -124,12 +129,13 @@ def main() -> None:
     models = {"default": default_checkpoint(), "tiny-mixtral": tiny_mixtral(tmp / "tiny-mixtral")}
     report = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "ray": ray.__version__},
-              "context_tokens": args.context, "decode_steps": args.steps, "lanes": args.lanes, "models": {}}
+              "context_tokens": args.context, "decode_steps": args.steps, "lanes": args.lanes,
+              "compiled_graphs": args.compiled_graphs, "models": {}}
     for name, ckpt in models.items():
         context = rng.integers(4, 260, args.context).tolist()
         prompts = [rng.integers(4, 260, 8).tolist() for _ in range(16)]
         single = single_process(ckpt, context, prompts, args.steps)
-        mesh = mesh_run(ckpt, context, prompts, args.steps, args.lanes)
+        mesh = mesh_run(ckpt, context, prompts, args.steps, args.lanes, args.compiled_graphs)
         ratios = {
             "register_mesh_over_single": mesh["register_s"] / single["register_s"],
             "register_mesh_over_forward": mesh["register_s"] / single["forward_s"],

@@ -11,6 +11,7 @@ The class is plain Python; `RemoteContextShard` is the Ray actor of it.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import Counter
 
 import warnings
@@ -56,12 +57,15 @@ class ContextShard:
         self._ctx: dict[str, _Stored] = {}
         self.visits: Counter[str] = Counter()  # request id -> query tokens served (recent)
         self.calls = 0
+        # a compiled graph runs attend_cg on its own thread, beside store/drop/stats
+        self._lock = threading.RLock()
 
     def ping(self) -> int:
         return self.index
 
     def used_tokens(self) -> int:
-        return sum(len(s.pos) for s in self._ctx.values())
+        with self._lock:
+            return sum(len(s.pos) for s in self._ctx.values())
 
     def store(self, context_id: str, k: list[np.ndarray], v: list[np.ndarray], pos: np.ndarray
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -80,7 +84,8 @@ class ContextShard:
             pages = self._paged(kl)  # [P, ps, Hkv, D] padded with the page's own first key
             kmin.append(pages.amin(dim=1))
             kmax.append(pages.amax(dim=1))
-        self._ctx[context_id] = _Stored(ks, vs, torch.from_numpy(np.array(pos)).long(), kmin, kmax)
+        with self._lock:
+            self._ctx[context_id] = _Stored(ks, vs, torch.from_numpy(np.array(pos)).long(), kmin, kmax)
         return [x.numpy() for x in kmin], [x.numpy() for x in kmax]
 
     def _paged(self, k: torch.Tensor) -> torch.Tensor:
@@ -92,16 +97,29 @@ class ContextShard:
         return k.view(n, ps, *k.shape[1:])
 
     def drop(self, context_id: str) -> bool:
-        return self._ctx.pop(context_id, None) is not None
+        with self._lock:
+            return self._ctx.pop(context_id, None) is not None
 
     def contexts(self) -> dict[str, int]:
-        return {c: len(s.pos) for c, s in self._ctx.items()}
+        with self._lock:
+            return {c: len(s.pos) for c, s in self._ctx.items()}
 
     def attend(self, layer: int, items: list[AttendItem]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Partial attention of each item's queries over this shard's keys of its context.
 
         Returns per item (out [T, Hq, D], lse [T, Hq]) as fp32 numpy.
         """
+        with self._lock:
+            return self._attend(layer, items)
+
+    def attend_cg(self, payload: tuple) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`attend` in a compiled graph: payload (layer, ((context_id, q, q_pos, visits), ...)) or ()."""
+        if not payload:
+            return []
+        layer, items = payload
+        return self.attend(layer, [AttendItem(*item) for item in items])
+
+    def _attend(self, layer: int, items: list[AttendItem]) -> list[tuple[np.ndarray, np.ndarray]]:
         self.calls += 1
         out = []
         for item in items:
@@ -126,9 +144,10 @@ class ContextShard:
         return rows[rows < t]
 
     def stats(self) -> dict:
-        return {"index": self.index, "calls": self.calls, "contexts": self.contexts(),
-                "used_tokens": self.used_tokens(), "capacity_tokens": self.capacity_tokens,
-                "visits": dict(self.visits)}
+        with self._lock:
+            return {"index": self.index, "calls": self.calls, "contexts": self.contexts(),
+                    "used_tokens": self.used_tokens(), "capacity_tokens": self.capacity_tokens,
+                    "visits": dict(self.visits)}
 
 
 RemoteContextShard = ray.remote(ContextShard)

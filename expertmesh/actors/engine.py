@@ -6,7 +6,9 @@ All sequences' new tokens run as one flat batch [T, H]. Per layer:
   expert groups holding their experts, shared expert meanwhile -> combine.
 One fan-out to the shards and one to the expert groups per layer, whatever the batch size.
 
-Shards and groups are Ray actor handles or in-process objects (same methods).
+Shards and groups are Ray actor handles or in-process objects (same methods). The two fan-outs
+go through a `FanOut`: plain calls, or one Ray Compiled Graph execution per fan-out
+(`CompiledFanOut`, opt-in: less Ray overhead per layer).
 """
 
 from __future__ import annotations
@@ -41,15 +43,98 @@ def call(target: Any, method: str, *args: Any) -> Awaitable:
         fut.set_exception(exc)
     return fut
 
+
+class FanOut:
+    """One per-layer fan-out: a request (method args) to some of the targets, replies in order.
+
+    `send` submits at once and returns an awaitable of the replies, so the caller can compute
+    while the targets work. Targets are Ray actor handles or in-process objects.
+    """
+
+    def __init__(self, targets: list[Any], method: str) -> None:
+        self.targets, self.method = targets, method
+
+    async def send(self, requests: dict[int, tuple]) -> Awaitable[list]:
+        return asyncio.gather(*(call(self.targets[i], self.method, *args) for i, args in requests.items()))
+
+    def close(self) -> None:
+        pass
+
+
+class CompiledFanOut(FanOut):
+    """The same over one Ray Compiled Graph of `<method>_cg(payload)` on all the targets.
+
+    Every execution gives each target one payload (its args as a plain tuple; `()` for a
+    target not asked, which returns at once). Built lazily in the running event loop (only the
+    compiling process may execute). Replies are zero-copy views into channel buffers: copied
+    here and released at once, since a held view blocks later executions.
+    """
+
+    def __init__(self, targets: list[Any], method: str, encode=lambda *args: args) -> None:
+        super().__init__(targets, method)
+        self.encode, self._dag = encode, None
+
+    async def send(self, requests: dict[int, tuple]) -> Awaitable[list]:
+        if not requests:
+            return asyncio.gather()
+        if self._dag is None:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as inp:
+                dag = MultiOutputNode([getattr(t, f"{self.method}_cg").bind(inp[i])
+                                       for i, t in enumerate(self.targets)])
+            self._dag = dag.experimental_compile(enable_asyncio=True)
+        payloads = [self.encode(*requests[i]) if i in requests else () for i in range(len(self.targets))]
+        futures = await self._dag.execute_async(*payloads)
+        return self._replies(futures, list(requests))
+
+    @staticmethod
+    async def _replies(futures: list, asked: list[int]) -> list:
+        done = await asyncio.gather(*futures, return_exceptions=True)  # await all: none left cached
+        for res in done:
+            if isinstance(res, BaseException):
+                raise res
+        return [_owned(done[i]) for i in asked]
+
+    def close(self) -> None:
+        if self._dag is not None:
+            dag, self._dag = self._dag, None
+            dag.teardown()
+
+
+def _owned(x: Any) -> Any:
+    """A reply with every numpy array copied out of the channel buffer."""
+    if isinstance(x, np.ndarray):
+        return np.array(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_owned(v) for v in x)
+    return x
+
+
+def _attend_payload(layer: int, items: list[AttendItem]) -> tuple:
+    return layer, tuple((it.context_id, it.q, it.q_pos, it.visits) for it in items)
+
+
+def fan_outs(shards: list[Any], groups: list[Any], compiled_graphs: bool) -> tuple[FanOut, FanOut]:
+    """(to the context shards' `attend`, to the expert groups' `compute`)."""
+    if not compiled_graphs:
+        return FanOut(shards, "attend"), FanOut(groups, "compute")
+    if not all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups):
+        raise ValueError("compiled graphs need Ray actor handles for all shards and groups")
+    return CompiledFanOut(shards, "attend", _attend_payload), CompiledFanOut(groups, "compute")
+
+
 # Arrays from Ray's object store are read-only views; these modules only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class Engine:
     def __init__(self, dense: MoETransformer, shards: list[Any], groups: list[Any], partition: list[range],
-                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
+                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]],
+                 compiled_graphs: bool = False) -> None:
         self.model, self.cfg = dense, dense.cfg
         self.shards, self.groups, self.partition = shards, groups, partition
+        self.to_shards, self.to_groups = fan_outs(shards, groups, compiled_graphs)
         self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
         self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
         bounds = torch.tensor([r.stop for r in partition])
@@ -102,7 +187,7 @@ class Engine:
             for shard in seq.layer_shards[index]:
                 if segment_visible(by_shard[shard], q_lo, q_hi, chunks, layer.spec):
                     plan.setdefault(shard, {}).setdefault(seq.context_id, []).append(i)
-        calls, layout = [], []
+        requests, layout = {}, []
         for shard, per_ctx in plan.items():
             items = []
             for ctx, rows in per_ctx.items():
@@ -110,10 +195,11 @@ class Engine:
                 items.append(AttendItem(ctx, q[idx].numpy(), positions[idx].numpy(),
                                         {batch[i].request_id: spans[i][1] - spans[i][0] for i in rows}))
                 layout.append((shard, rows, idx))
-            calls.append(call(self.shards[shard], "attend", index, items))
+            requests[shard] = (index, items)
+        replies = await self.to_shards.send(requests)
         own_out, own_lse = self._own_attention(index, layer, batch, spans, q, positions)  # while shards work
         t0 = time.perf_counter()
-        results = [r for res in await asyncio.gather(*calls) for r in res]
+        results = [r for res in await replies for r in res]
         self.waits["shards"] += time.perf_counter() - t0
         parts = [(own_out, own_lse)]
         per_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -152,11 +238,12 @@ class Engine:
         token, expert, in_scale, out_w = dispatch_pairs(experts, weights, self.cfg)  # [P]
         group = self._group_of(expert)  # [P]
         rows = h[token] * in_scale[:, None].to(h.dtype)  # [P, H]
-        calls, picks = [], []
+        requests, picks = {}, []
         for g in torch.unique(group).tolist():
             pick = (group == g).nonzero().squeeze(1)
-            calls.append(call(self.groups[g], "compute", index, rows[pick].numpy(), expert[pick].numpy()))
+            requests[g] = (index, rows[pick].numpy(), expert[pick].numpy())
             picks.append(pick)
+        replies = await self.to_groups.send(requests)
         shared = layer.shared(h)  # while the groups work
         seq_of_token = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(spans)])
         counts = np.zeros((len(batch), len(self.groups)), dtype=np.int64)
@@ -165,9 +252,14 @@ class Engine:
             seq.group_tokens.update({g: int(n) for g, n in enumerate(row) if n})
         y_pairs = torch.empty_like(rows)
         t0 = time.perf_counter()
-        done = await asyncio.gather(*calls)
+        done = await replies
         self.waits["expert_groups"] += time.perf_counter() - t0
         for pick, res in zip(picks, done):
             y_pairs[pick] = torch.from_numpy(res)
         y = torch.zeros_like(h).index_add_(0, token, y_pairs * out_w[:, None].to(h.dtype))
         return y if shared is None else y + shared
+
+    def close(self) -> None:
+        """Tear down the compiled graphs (before the actors are killed)."""
+        self.to_shards.close()
+        self.to_groups.close()

@@ -7,6 +7,7 @@ The class is plain Python; `RemoteExpertGroup` is the Ray actor of it.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -26,6 +27,7 @@ class ExpertGroup:
         self.index, self.experts = index, experts
         self.banks = load_experts(checkpoint, experts)  # {layer: ExpertBank}
         self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
+        self._lock = threading.Lock()  # a compiled graph runs compute_cg on its own thread
 
     def ping(self) -> tuple[int, int, int]:
         return self.index, self.experts.start, self.experts.stop
@@ -39,12 +41,18 @@ class ExpertGroup:
         if len(e) and (int(e.min()) < self.experts.start or int(e.max()) >= self.experts.stop):
             raise ValueError(f"expert group {self.index} holds experts {self.experts.start}.."
                              f"{self.experts.stop - 1}; got {int(e.min())}..{int(e.max())}")
-        self.tokens[layer] += np.bincount(experts - self.experts.start, minlength=len(self.experts))
+        with self._lock:
+            self.tokens[layer] += np.bincount(experts - self.experts.start, minlength=len(self.experts))
         return self.banks[layer](torch.from_numpy(x), e).numpy()
 
+    def compute_cg(self, payload: tuple) -> np.ndarray | tuple:
+        """`compute` in a compiled graph: payload (layer, x, experts), or () for nothing to do."""
+        return self.compute(*payload) if payload else ()
+
     def stats(self) -> dict:
-        return {"index": self.index, "experts": [self.experts.start, self.experts.stop],
-                "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
+        with self._lock:
+            return {"index": self.index, "experts": [self.experts.start, self.experts.stop],
+                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
 
 
 RemoteExpertGroup = ray.remote(ExpertGroup)

@@ -30,7 +30,9 @@ from expertmesh.platform.registry import MODES, ContextInfo, ContextRecord, plan
 
 class Router:
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int,
-                 num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2) -> None:
+                 num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
+                 compiled_graphs: bool = False) -> None:
+        """compiled_graphs: run the per-layer fan-outs over Ray Compiled Graphs (built on first use)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
@@ -39,7 +41,7 @@ class Router:
         self.capacity_tokens = capacity_tokens
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
         self.contexts: dict[str, ContextRecord] = {}
-        self.engine = Engine(self.model, shards, groups, self.partition, {})
+        self.engine = Engine(self.model, shards, groups, self.partition, {}, compiled_graphs)
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
@@ -131,6 +133,10 @@ class Router:
             yield {"token_id": item}
         await task
         yield self._result(seq)
+
+    async def close(self) -> None:
+        """Tear down the compiled graphs, if any; call before the actors are killed."""
+        self.engine.close()
 
     def step_times(self) -> list[tuple[int, int, float]]:
         """Recent steps as (sequences, new tokens, seconds)."""
