@@ -201,12 +201,12 @@ class ExpertMeshServer:
                 (), tenant, request_id)
             async for ref in gen:
                 item = await ref
-                if "token_id" not in item:
+                if "tokens" not in item:
                     result = item
                     continue
                 if text.stopped:
                     continue
-                delta = text.push(item["token_id"])
+                delta = "".join(text.push(t) for t in item["tokens"] if not text.stopped)
                 if text.stopped:
                     await self.router.cancel.remote(request_id)
                 if delta:

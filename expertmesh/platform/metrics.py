@@ -31,7 +31,8 @@ class ServeMetrics:
             n = result.get("completion_tokens", 0)
             if n > 1:
                 self.tpot.observe((result["total_s"] - result["ttft_s"]) / (n - 1), tags)
-        self.tokens_in.inc(result.get("prompt_tokens", 0) or 0, tags)
+        if result.get("prompt_tokens"):
+            self.tokens_in.inc(result["prompt_tokens"], tags)
         if result.get("completion_tokens"):
             self.tokens_out.inc(result["completion_tokens"], tags)
         pathway = result.get("pathway") or {}
