@@ -38,3 +38,21 @@ def test_cli_reports_a_missing_checkpoint_clearly(tmp_path):
                           "--prompt", "hi"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "no config.json" in out.stderr
+
+
+def test_serve_without_tenants_refuses_a_public_address():
+    out = subprocess.run([sys.executable, "-m", "expertmesh.cli", "serve", "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "refusing to bind 0.0.0.0 without --tenants" in out.stderr
+
+
+def test_serve_app_is_importable_for_ray_tooling():
+    from ray.serve import Application
+
+    from expertmesh.pipelines import serve
+
+    assert isinstance(serve.app, Application)
+    assert isinstance(serve.build_app({"context_shards": 2, "tenants_file": "/etc/x.yaml"}), Application)
+    with pytest.raises(Exception, match="context_shards"):
+        serve.build_app({"context_shards": 0})
