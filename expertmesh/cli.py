@@ -74,6 +74,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+JOB_MODULES = {"train": "expertmesh.pipelines.train", "ingest": "expertmesh.pipelines.ingest"}
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Ray Jobs: submit training or ingestion, and follow jobs, through the dashboard's job API."""
+    import shlex
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(args.address)
+    if args.action in JOB_MODULES:
+        rest = args.rest
+        entrypoint = " ".join(["python", "-m", JOB_MODULES[args.action], *map(shlex.quote, rest)])
+        runtime_env: dict = {"env_vars": {"PYTHONWARNINGS": "ignore"}}
+        if args.working_dir:
+            runtime_env.update(working_dir=args.working_dir,
+                               excludes=[".venv", ".git", "*.safetensors.partial", "benchmarks/results"])
+        if args.pip:
+            runtime_env["pip"] = args.pip
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.job_id)
+        print(job_id)
+        if not args.wait:
+            return 0
+        args.job_id = job_id
+        args.action = "wait"
+    if args.job_id is None:
+        raise ValueError(f"submit {args.action} needs a job id")
+    if args.action == "status":
+        print(client.get_job_status(args.job_id).value)
+    elif args.action == "logs":
+        print(client.get_job_logs(args.job_id), end="")
+    elif args.action == "stop":
+        print("stopped" if client.stop_job(args.job_id) else "not running")
+    elif args.action == "wait":
+        while (status := client.get_job_status(args.job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                      JobStatus.STOPPED}:
+            time.sleep(1)
+        print(status.value)
+        return 0 if status == JobStatus.SUCCEEDED else 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from expertmesh.pipelines import demo
 
@@ -107,13 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-completion-tokens", type=int, default=4096, help="largest max_tokens a request may ask")
     s.set_defaults(func=cmd_serve)
 
+    j = sub.add_parser("submit", help="Ray Jobs: submit train/ingest (job arguments after --), "
+                                      "or status/logs/stop/wait ID")
+    j.add_argument("action", choices=("train", "ingest", "status", "logs", "stop", "wait"))
+    j.add_argument("job_id", nargs="?", default=None, help="job id (status/logs/stop/wait; optional id for new jobs)")
+    j.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard URL of the cluster")
+    j.add_argument("--working-dir", default=None, help="upload this directory as the job's working_dir")
+    j.add_argument("--pip", nargs="*", default=None, help="pip packages for the job's runtime_env")
+    j.add_argument("--wait", action="store_true", help="wait for the new job and exit with its outcome")
+    j.set_defaults(func=cmd_submit)
+
     d = sub.add_parser("demo", help="the main job: questions over a long shared context")
     _mesh_args(d)
     d.add_argument("--context-tokens", type=int, default=16384)
     d.add_argument("--mode", choices=("exact", "blockwise"), default="exact")
     d.set_defaults(func=cmd_demo)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if "--" in argv:  # everything after "--" goes to the submitted job's module
+        cut = argv.index("--")
+        argv, rest = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.rest = rest
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError) as exc:
