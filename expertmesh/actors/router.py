@@ -41,6 +41,7 @@ class Router:
         self.capacity_tokens = capacity_tokens
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
         self.contexts: dict[str, ContextRecord] = {}
+        self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
         self.engine = Engine(self.model, shards, groups, self.partition, {}, compiled_graphs)
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
@@ -55,7 +56,8 @@ class Router:
                 "num_layers": self.cfg.num_layers, "eos_token_id": list(self.cfg.eos_token_id)}
 
     async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
-                               context_id: str | None = None) -> ContextInfo:
+                               context_id: str | None = None, owner: str = "default",
+                               visibility: str = "private", name: str | None = None) -> ContextInfo:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self._check_tokens(token_ids, "context")
@@ -65,7 +67,8 @@ class Router:
             raise ValueError(f"context id {cid!r} is already registered")
         segments = plan_segments(len(token_ids), self._free_tokens(), self.capacity_tokens,
                                  self.cfg.alignment, shards)
-        info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode)
+        info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
+                           time.time())
         record = ContextRecord(info, segments)
         self.contexts[cid] = record
         try:
@@ -111,28 +114,41 @@ class Router:
     async def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                       tenant: str = "default") -> dict:
+                       tenant: str = "default", request_id: str | None = None) -> dict:
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
-        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant)
+        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id)
         await self._run(seq)
         return self._result(seq)
 
     async def stream(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                      top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                     tenant: str = "default") -> AsyncIterator[dict]:
-        """Yield {"token_id": int} per generated token, then the final result dict."""
+                     tenant: str = "default", request_id: str | None = None) -> AsyncIterator[dict]:
+        """Yield {"tokens": [int, ...]} as tokens are generated (several when the reader lags),
+        then the final result dict."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
-        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant)
+        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id)
         seq.stream = asyncio.Queue()
         task = asyncio.ensure_future(self._run(seq))
-        while True:
-            item = await seq.stream.get()
-            if item is None:
-                break
-            yield {"token_id": item}
+        finished = False
+        while not finished:
+            tokens = [await seq.stream.get()]
+            while not seq.stream.empty():  # coalesce what arrived meanwhile: fewer hops under load
+                tokens.append(seq.stream.get_nowait())
+            finished = tokens[-1] is None
+            tokens = [t for t in tokens if t is not None]
+            if tokens:
+                yield {"tokens": tokens}
         await task
         yield self._result(seq)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request after its current step (e.g. its client hit a stop string or left)."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return False
+        seq.cancelled = True
+        return True
 
     async def close(self) -> None:
         """Tear down the compiled graphs, if any; call before the actors are killed."""
@@ -185,7 +201,7 @@ class Router:
         seq.token_ids.append(token)
         if seq.stream is not None:
             seq.stream.put_nowait(token)
-        if token in self.cfg.eos_token_id or token in seq.params.stop_token_ids:
+        if token in self.cfg.eos_token_id or token in seq.params.stop_token_ids or seq.cancelled:
             self._finish(seq, reason="stop")
         elif len(seq.output) >= seq.params.max_new_tokens:
             self._finish(seq, reason="length")
@@ -214,11 +230,13 @@ class Router:
         if record is not None:
             record.active += 1
         seq.done = asyncio.get_running_loop().create_future()
+        self._by_id[seq.request_id] = seq
         self.scheduler.add(seq)
         self._wake.set()
         try:
             await seq.done
         finally:
+            self._by_id.pop(seq.request_id, None)
             if record is not None:
                 record.active -= 1
                 if record.dropped and record.active == 0:
@@ -226,7 +244,7 @@ class Router:
 
     # -- helpers --------------------------------------------------------------------------
     def _sequence(self, kind: str, prompt_ids: list[int], context_id: str | None, params: SamplingParams,
-                  top_shards: int | None, tenant: str = "default") -> Sequence:
+                  top_shards: int | None, tenant: str = "default", request_id: str | None = None) -> Sequence:
         self._check_tokens(prompt_ids, "prompt")
         if top_shards is not None and top_shards < 1:
             raise ValueError(f"top_shards must be >= 1 or None (all shards), got {top_shards}")
@@ -239,8 +257,8 @@ class Router:
             raise ValueError(f"context ({start}) + prompt ({len(prompt_ids)}) + max_new_tokens "
                              f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
-        return Sequence(f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments, context_id,
-                        params, self.cfg.num_layers, top_shards, tenant)
+        return Sequence(request_id or f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments,
+                        context_id, params, self.cfg.num_layers, top_shards, tenant)
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
         if len(ids) == 0:
