@@ -1,0 +1,627 @@
+"""The Helm chart (helm/expertmesh), rendered offline with Helm's own engine (helm-python-sdk
+binds Helm's Go SDK): lint, built-in objects against Kubernetes' schemas, RayService / RayJob
+against KubeRay's CRD schemas, the serve config against the real app builder, and the values
+schema refusing bad values with the key named. No cluster, no Ray runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import hashlib
+import json
+import re
+import shlex
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "expertmesh"
+CRDS = next(p for p in (ROOT / "shared" / "kuberay-crds", ROOT.parent / "shared" / "kuberay-crds",
+                        Path("/work/shared/kuberay-crds")) if p.is_dir())
+K8S_VERSION = "1.33"
+CUSTOM_GROUPS = {"ray.io", "monitoring.coreos.com"}  # CRDs: checked against KubeRay's schemas / by structure
+RELEASE, NAMESPACE = "prod", "ml"
+
+KEY = "s3cret-key-for-acme"
+TENANTS = [{"name": "acme", "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+            "max_concurrent_requests": 8, "tokens_per_minute": 200000, "max_context_tokens": 2000000},
+           {"name": "globex", "api_key_sha256": "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"}]
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+SMALL = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+
+CASES: dict[str, dict] = {
+    "defaults": {},
+    "gpu": {
+        "serve": {"checkpoint": "s3://models/mixtral-8x7b", "contextShards": 8, "expertGroups": 4,
+                  "modelName": "mixtral", "maxPromptTokens": 1000000, "shardCapacityTokens": 262144,
+                  "runtimeEnv": {"pip": ["expertmesh==0.1.0"], "env_vars": {"HF_HOME": "/tmp/hf"}}},
+        "tenants": {"list": TENANTS},
+        "autoscaling": {"enabled": True, "upscalingMode": "Conservative"},
+        "workerGroups": {
+            "context-shards": {"replicas": 2, "minReplicas": 1, "maxReplicas": 4, "gpus": 1,
+                               "rayResources": {"context_shard": 4},
+                               "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                               "tolerations": [GPU_TOLERATION],
+                               "resources": {"requests": {"cpu": "8", "memory": "64Gi"},
+                                             "limits": {"cpu": "8", "memory": "64Gi"}}},
+            "experts": {"replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gpus": 2,
+                        "rayResources": {"expert_group": 2}, "tolerations": [GPU_TOLERATION],
+                        "rayStartParams": {"object-store-memory": "10000000000"},
+                        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                                "labelSelector": {"matchLabels": {
+                                                                    "app.kubernetes.io/instance": RELEASE}}}}]}}},
+        },
+    },
+    "cpu-only": {
+        "tenants": {"existingSecret": "expertmesh-tenants", "secretKey": "tenants.yaml"},
+        "rayAuth": {"secretName": "ray-token"},
+        "sharedMemory": {"enabled": False},
+        "helmTest": {"enabled": False},
+        "head": {"resources": SMALL, "rayStartParams": {"num-cpus": "0"}},
+        "workerGroups": {"context-shards": {"resources": SMALL, "gpus": 0},
+                         "experts": {"resources": SMALL, "gpus": 0}},
+        "env": [{"name": "EXPERTMESH_CACHE", "value": "/tmp/expertmesh"}],
+    },
+    "tpu": {
+        "workerGroups": {
+            "context-shards": {"tpus": 4, "numOfHosts": 2, "rayResources": {"context_shard": 2},
+                               "nodeSelector": {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+                                                "cloud.google.com/gke-tpu-topology": "2x4"}},
+        },
+    },
+    "jobs": {
+        "tenants": {"list": TENANTS[:1]},
+        "jobs": {
+            "train": {"enabled": True, "config": {"checkpoint_out": "s3://models/run-7", "steps": 2000,
+                                                  "lr": 0.0003},
+                      "runtimeEnv": {"working_dir": "s3://code/expertmesh.zip"},
+                      "activeDeadlineSeconds": 86400,
+                      "workerGroups": {"trainers": {"replicas": 4, "minReplicas": 4, "maxReplicas": 4, "gpus": 8,
+                                                    "tolerations": [GPU_TOLERATION],
+                                                    "resources": {"requests": {"cpu": "32", "memory": "256Gi"},
+                                                                  "limits": {"cpu": "32", "memory": "256Gi"}}}}},
+            "ingest": {"enabled": True, "rayClusterName": "prod-expertmesh-x7k2p",
+                       "args": ["--parquet", "s3://bucket/docs/", "--owner", "acme", "--name", "Q3 reports's"]},
+        },
+    },
+    "jobs-off": {"jobs": {"train": {"enabled": False}, "ingest": {"enabled": False}}},
+    "group-disabled": {
+        "workerGroups": {"experts": {"disabled": True},
+                         "context-shards": {"rayResources": {"context_shard": 4, "expert_group": 2}}},
+    },
+    "podmonitor": {"monitoring": {"enabled": True, "labels": {"release": "prometheus"}}},
+    "servicemonitor": {"monitoring": {"enabled": True, "kind": "ServiceMonitor", "interval": "15s"}},
+}
+
+
+# -- rendering ------------------------------------------------------------------------------
+@functools.cache
+def _chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+@pytest.fixture(scope="session")
+def chart() -> helm.Chart:
+    return _chart()
+
+
+@functools.cache
+def _render(case: str, release: str) -> tuple[dict, tuple]:
+    out = _chart().render(copy.deepcopy(CASES[case]), name=release, namespace=NAMESPACE, is_install=True)
+    docs = tuple(d for path, text in sorted(out.items()) if not path.endswith("NOTES.txt")
+                 for d in yaml.safe_load_all(text) if d)
+    return out, docs
+
+
+def render(chart: helm.Chart, case: str, release: str = RELEASE) -> tuple[dict, list[dict]]:
+    """Helm's rendering of a value set: (template path -> text, parsed objects); copies, safe to edit."""
+    assert chart is _chart()
+    out, docs = _render(case, release)
+    return dict(out), copy.deepcopy(list(docs))
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def cluster_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    specs = [(d["metadata"]["name"], d["spec"]["rayClusterConfig"]) for d in of_kind(docs, "RayService")]
+    specs += [(d["metadata"]["name"], d["spec"]["rayClusterSpec"]) for d in of_kind(docs, "RayJob")
+              if "rayClusterSpec" in d["spec"]]
+    return specs
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """Every pod template inside the Ray objects: head, worker groups, job submitters."""
+    pods = []
+    for name, spec in cluster_specs(docs):
+        pods.append((f"{name}/head", spec["headGroupSpec"]["template"]))
+        pods += [(f"{name}/{g['groupName']}", g["template"]) for g in spec.get("workerGroupSpecs", [])]
+    pods += [(f"{d['metadata']['name']}/submitter", d["spec"]["submitterPodTemplate"])
+             for d in of_kind(docs, "RayJob")]
+    pods += [(d["metadata"]["name"], d) for d in of_kind(docs, "Pod")]
+    return pods
+
+
+def serve_config(docs: list[dict]) -> dict:
+    (rs,) = of_kind(docs, "RayService")
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+def workers(docs: list[dict]) -> dict[str, dict]:
+    (rs,) = of_kind(docs, "RayService")
+    return {g["groupName"]: g for g in rs["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])}
+
+
+def ray_resources(group: dict) -> dict:
+    """rayStartParams.resources is a JSON object inside a quoted JSON string ('"{\\"x\\": 1}"')."""
+    return json.loads(json.loads(group["rayStartParams"]["resources"]))
+
+
+# -- lint and schemas -----------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_lint_reports_no_errors_or_warnings(case):
+    report = helm.lint(CHART, copy.deepcopy(CASES[case]), strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{K8S_VERSION}.0")
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_builtin_objects_validate_against_kubernetes(chart, case):
+    _, docs = render(chart, case)
+    builtin = [d for d in docs if d["apiVersion"].split("/")[0] not in CUSTOM_GROUPS]
+    assert {d["kind"] for d in builtin} <= {"Secret", "ConfigMap", "Service", "Pod"}
+    for doc in builtin:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ray_pod_templates_validate_as_pods(chart, case):
+    """The pod templates embedded in RayService / RayJob pass Kubernetes' strict Pod schema."""
+    _, docs = render(chart, case)
+    for name, tpl in pod_templates(docs):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **tpl.get("metadata", {})},
+               "spec": tpl["spec"]}
+        pod["metadata"].pop("namespace", None)
+        try:
+            kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{name}: {exc.message} at {list(exc.path)}") from None
+
+
+def _crd_schema(kind: str) -> dict:
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+def _strict(schema):
+    """The API server prunes or (strict field validation) refuses unknown fields: refuse them here."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def crd_validators(kind: str) -> tuple:
+    schema = _crd_schema(kind)
+    return (jsonschema.Draft7Validator(schema), jsonschema.Draft7Validator(_strict(schema)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ray_objects_validate_against_kuberay_crds(chart, case):
+    _, docs = render(chart, case)
+    ray_docs = [d for d in docs if d["apiVersion"].startswith("ray.io/")]
+    assert of_kind(ray_docs, "RayService")
+    for doc in ray_docs:
+        assert doc["apiVersion"] == "ray.io/v1"
+        for validator in crd_validators(doc["kind"]):
+            errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+            assert not errors, [f"{doc['kind']} {'.'.join(map(str, e.path))}: {e.message}" for e in errors]
+        # the cluster inside a RayService / RayJob is a RayCluster spec: check it against that CRD too
+        spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec")
+        if spec is not None:
+            rc = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}, "spec": spec}
+            for validator in crd_validators("RayCluster"):
+                assert not list(validator.iter_errors(rc))
+
+
+def test_crd_validation_catches_misplaced_fields(chart):
+    """The strict CRD check is not vacuous: a typo'd field in the rendered RayService is refused."""
+    _, docs = render(chart, "defaults")
+    (rs,) = of_kind(docs, "RayService")
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    rs["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = 5
+    _, strict = crd_validators("RayService")
+    messages = [e.message for e in strict.iter_errors(rs)]
+    assert any("maxReplica" in m for m in messages) and any("5 is not of type 'string'" in m for m in messages)
+
+
+# -- the serving app --------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["defaults", "gpu", "cpu-only", "group-disabled"])
+def test_serve_config_builds_the_app(chart, case):
+    from ray.serve import Application
+
+    from expertmesh.pipelines.serve import ServeSettings, build_app
+
+    _, docs = render(chart, case)
+    cfg = serve_config(docs)
+    assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "expertmesh.pipelines.serve:build_app"
+    module, attr = app["import_path"].split(":")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is build_app
+    assert isinstance(build_app(app["args"]), Application)  # construct only, deploy nothing
+    settings = ServeSettings(**app["args"])
+    serve = {**{"contextShards": 4, "expertGroups": 2, "modelName": "expertmesh", "maxQueue": 256,
+                "checkpoint": None}, **CASES[case].get("serve", {})}
+    assert (settings.context_shards, settings.expert_groups, settings.model_name, settings.max_queue,
+            settings.checkpoint) == (serve["contextShards"], serve["expertGroups"], serve["modelName"],
+                                     serve["maxQueue"], serve["checkpoint"])
+    assert all(type(v) is int for k, v in app["args"].items() if k.startswith(("max_", "context_", "expert_")))
+    if "runtimeEnv" in serve:
+        assert app["runtime_env"] == serve["runtimeEnv"]
+    else:
+        assert "runtime_env" not in app
+
+
+@pytest.mark.parametrize("case", ["defaults", "gpu", "cpu-only"])
+def test_tenants_file_is_mounted_from_the_secret_on_every_serving_pod(chart, case):
+    _, docs = render(chart, case)
+    tenants_file = serve_config(docs)["applications"][0]["args"]["tenants_file"]
+    existing = CASES[case].get("tenants", {}).get("existingSecret")
+    if existing:
+        assert not of_kind(docs, "Secret")
+        secret_name = existing
+    else:
+        (secret,) = of_kind(docs, "Secret")
+        secret_name = secret["metadata"]["name"]
+        from expertmesh.platform.tenancy import TenantsFile
+
+        key = Path(tenants_file).name
+        parsed = TenantsFile.model_validate(yaml.safe_load(base64.b64decode(secret["data"][key])))
+        assert [t.model_dump(include={"name", "api_key_sha256"}) for t in parsed.tenants] == [
+            {"name": t["name"], "api_key_sha256": t["api_key_sha256"]} for t in CASES[case].get("tenants", {}).get("list", [])]
+    (rs,) = of_kind(docs, "RayService")
+    for name, tpl in pod_templates([rs]):
+        vols = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        (mount,) = [m for m in tpl["spec"]["containers"][0]["volumeMounts"] if m["name"] == "tenants"]
+        assert vols["tenants"]["secret"]["secretName"] == secret_name, name
+        assert Path(mount["mountPath"]) / vols["tenants"]["secret"]["items"][0]["path"] == Path(tenants_file)
+        assert mount["readOnly"] is True
+
+
+def test_api_key_hash_in_secret_matches_the_key(chart):
+    from expertmesh.platform.tenancy import Tenants, TenantsFile
+
+    _, docs = render(chart, "gpu")
+    (secret,) = of_kind(docs, "Secret")
+    tenants = Tenants(TenantsFile.model_validate(yaml.safe_load(base64.b64decode(secret["data"]["tenants.yaml"]))))
+    assert tenants.authenticate(f"Bearer {KEY}") == "acme"
+    assert tenants.authenticate("Bearer wrong") is None
+
+
+# -- worker groups ----------------------------------------------------------------------------
+def test_default_groups_declare_the_custom_resources(chart):
+    _, docs = render(chart, "defaults")
+    groups = workers(docs)
+    assert set(groups) == {"context-shards", "experts"}
+    assert groups["context-shards"]["rayStartParams"]["resources"] == '"{\\"context_shard\\":4}"'
+    assert ray_resources(groups["experts"]) == {"expert_group": 2}
+    for g in groups.values():
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        assert "nvidia.com/gpu" not in res["limits"] and "google.com/tpu" not in res["limits"]
+
+
+def test_gpu_groups_request_gpus_and_bounds(chart):
+    _, docs = render(chart, "gpu")
+    (rs,) = of_kind(docs, "RayService")
+    spec = rs["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["upscalingMode"] == "Conservative"
+    groups = workers(docs)
+    cs, ex = groups["context-shards"], groups["experts"]
+    assert (cs["replicas"], cs["minReplicas"], cs["maxReplicas"]) == (2, 1, 4)
+    for g, n in ((cs, 1), (ex, 2)):
+        pod = g["template"]["spec"]
+        res = pod["containers"][0]["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == n
+        assert GPU_TOLERATION in pod["tolerations"]
+    assert cs["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert ex["rayStartParams"]["object-store-memory"] == "10000000000"
+    assert "podAntiAffinity" in ex["template"]["spec"]["affinity"]
+    # 2 context-shard hosts x 4 units (autoscaling to 4 hosts) cover the 8 shards
+    assert ray_resources(cs) == {"context_shard": 4} and serve_config(docs)["applications"][0]["args"]["context_shards"] == 8
+
+
+def test_tpu_group(chart):
+    _, docs = render(chart, "tpu")
+    cs = workers(docs)["context-shards"]
+    res = cs["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["google.com/tpu"] == res["limits"]["google.com/tpu"] == 4
+    assert cs["numOfHosts"] == 2
+    assert cs["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "2x4"
+
+
+def test_disabled_group_renders_no_worker_group(chart):
+    _, docs = render(chart, "group-disabled")
+    groups = workers(docs)
+    assert set(groups) == {"context-shards"}
+    assert ray_resources(groups["context-shards"]) == {"context_shard": 4, "expert_group": 2}
+    assert "experts" not in json.dumps(docs)
+
+
+def test_capacity_shortfall_is_refused_with_the_numbers(chart):
+    with pytest.raises(helm.HelmRenderError, match=r"serve.contextShards is 6, but the enabled workerGroups "
+                                                   r"declare 4 context_shard"):
+        chart.render({"serve": {"contextShards": 6}}, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmRenderError, match=r"serve.expertGroups is 2, .* declare 0 expert_group"):
+        chart.render({"workerGroups": {"experts": {"disabled": True}}}, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmRenderError, match=r"workerGroups.experts: minReplicas \(3\) must not exceed "
+                                                   r"maxReplicas \(2\)"):
+        chart.render({"workerGroups": {"experts": {"minReplicas": 3, "maxReplicas": 2}}}, name=RELEASE)
+
+
+# -- security defaults ------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_every_container_is_non_root_with_requests_and_limits(chart, case):
+    _, docs = render(chart, case)
+    containers = [(name, c, tpl["spec"]) for name, tpl in pod_templates(docs)
+                  for c in tpl["spec"]["containers"] + tpl["spec"].get("initContainers", [])]
+    for name, spec in cluster_specs(docs):
+        if spec.get("enableInTreeAutoscaling"):
+            containers.append((f"{name}/autoscaler", spec["autoscalerOptions"], {}))
+    assert containers
+    for name, c, pod in containers:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+        assert sc.get("runAsNonRoot") or pod.get("securityContext", {}).get("runAsNonRoot"), name
+        assert sc.get("privileged") is not True, name
+        for part in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c["resources"][part]), (name, part)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ray_auth_on_and_dashboard_cluster_internal(chart, case):
+    _, docs = render(chart, case)
+    for name, spec in cluster_specs(docs):
+        assert spec["authOptions"]["mode"] == "token", name
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP", name
+        assert spec["headGroupSpec"].get("enableIngress") is False, name
+    assert not [d for d in docs if d["kind"] in {"Ingress", "Route", "HTTPRoute", "Gateway"}]
+    assert all(d["spec"].get("type", "ClusterIP") == "ClusterIP" for d in of_kind(docs, "Service"))
+    (rs,) = of_kind(docs, "RayService")
+    assert rs["spec"]["serveService"]["spec"]["type"] == "ClusterIP"
+    if CASES[case].get("rayAuth", {}).get("secretName"):
+        assert rs["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "ray-token"
+
+
+def test_optional_blocks_leave_nothing_when_unset(chart):
+    _, docs = render(chart, "defaults")
+    for name, tpl in pod_templates(docs):
+        spec = tpl["spec"]
+        for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
+            assert key not in spec, (name, key)
+        assert "env" not in spec["containers"][0], name
+        assert "annotations" not in tpl["metadata"] or tpl.get("kind") == "Pod", name  # the test pod's hook
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def test_jobs_disabled_by_default(chart):
+    for case in ("defaults", "jobs-off"):
+        _, docs = render(chart, case)
+        assert not of_kind(docs, "RayJob") and not of_kind(docs, "ConfigMap")
+
+
+def test_train_and_ingest_jobs(chart):
+    _, docs = render(chart, "jobs")
+    jobs = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in of_kind(docs, "RayJob")}
+    train, ingest = jobs["train"], jobs["ingest"]
+
+    argv = shlex.split(train["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "expertmesh.pipelines.train"] and argv[3] == "--config"
+    (cm,) = of_kind(docs, "ConfigMap")
+    assert yaml.safe_load(cm["data"]["train.yaml"]) == CASES["jobs"]["jobs"]["train"]["config"]
+    head = train["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == "job-config"]
+    assert [v for v in head["volumes"] if v["name"] == "job-config"][0]["configMap"]["name"] == cm["metadata"]["name"]
+    assert Path(mount["mountPath"]) / "train.yaml" == Path(argv[4])
+    assert yaml.safe_load(train["spec"]["runtimeEnvYAML"]) == {"working_dir": "s3://code/expertmesh.zip"}
+    assert train["spec"]["activeDeadlineSeconds"] == 86400 and train["spec"]["shutdownAfterJobFinishes"] is True
+    (trainers,) = train["spec"]["rayClusterSpec"]["workerGroupSpecs"]  # the job's own groups, not the serving ones
+    assert trainers["groupName"] == "trainers"
+    assert trainers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+    assert shlex.split(ingest["spec"]["entrypoint"]) == ["python", "-m", "expertmesh.pipelines.ingest",
+                                                         *CASES["jobs"]["jobs"]["ingest"]["args"]]
+    assert ingest["spec"]["clusterSelector"] == {"ray.io/cluster": "prod-expertmesh-x7k2p"}
+    assert "rayClusterSpec" not in ingest["spec"]
+    assert ingest["spec"]["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_ingest_job_needs_the_serving_cluster(chart):
+    with pytest.raises(helm.HelmRenderError, match="jobs.ingest.rayClusterName is required"):
+        chart.render({"jobs": {"ingest": {"enabled": True}}}, name=RELEASE, namespace=NAMESPACE)
+
+
+# -- monitoring -------------------------------------------------------------------------------
+def test_monitoring_off_by_default(chart):
+    _, docs = render(chart, "defaults")
+    assert not [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+@pytest.mark.parametrize("case,kind", [("podmonitor", "PodMonitor"), ("servicemonitor", "ServiceMonitor")])
+def test_monitor_selects_the_ray_pods_metrics_port(chart, case, kind):
+    _, docs = render(chart, case)
+    (mon,) = [d for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"]
+    assert mon["kind"] == kind
+    pods = [tpl for _, tpl in pod_templates(of_kind(docs, "RayService"))]
+    if kind == "PodMonitor":
+        selector, (ep,) = mon["spec"]["selector"]["matchLabels"], mon["spec"]["podMetricsEndpoints"]
+        assert mon["metadata"]["labels"]["release"] == "prometheus"
+    else:
+        (svc,) = [s for s in of_kind(docs, "Service")
+                  if s["metadata"]["labels"].items() >= mon["spec"]["selector"]["matchLabels"].items()]
+        (ep,) = mon["spec"]["endpoints"]
+        assert ep["interval"] == "15s" and svc["spec"]["ports"][0]["targetPort"] == "metrics"
+        selector = svc["spec"]["selector"]
+    for tpl in pods:
+        assert tpl["metadata"]["labels"].items() >= selector.items()
+        assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in tpl["spec"]["containers"][0]["ports"]
+    assert ep["port"] == "metrics"
+
+
+# -- names, notes, values documentation -----------------------------------------------------------
+def test_long_release_names_are_truncated(chart):
+    long = "a" * 53  # the longest release name Helm accepts
+    docs = render(chart, "jobs", release=long)[1] + render(chart, "servicemonitor", release=long)[1]
+    for d in docs:
+        name = d["metadata"]["name"]
+        limit = 47 if d["apiVersion"].startswith("ray.io/") else 63  # KubeRay appends to Ray object names
+        assert len(name) <= limit and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), (d["kind"], name)
+    for d in of_kind(docs, "RayService"):
+        assert len(d["spec"]["serveService"]["metadata"]["name"]) <= 63
+
+
+def test_notes_say_how_to_reach_the_api(chart):
+    out, _ = render(chart, "defaults")
+    notes = out["expertmesh/templates/NOTES.txt"]
+    assert f"kubectl -n {NAMESPACE} get rayservice {RELEASE}-expertmesh" in notes
+    assert f"port-forward svc/{RELEASE}-expertmesh-serve-svc 8000:8000" in notes
+    assert "OpenAI base URL: http://127.0.0.1:8000/v1" in notes and "/healthz" in notes
+    assert "no tenants are configured" in notes
+    assert "no tenants are configured" not in render(chart, "gpu")[0]["expertmesh/templates/NOTES.txt"]
+
+
+def test_helm_test_pod_checks_healthz_on_the_serve_service(chart):
+    _, docs = render(chart, "defaults")
+    (pod,) = of_kind(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert f"http://{RELEASE}-expertmesh-serve-svc:8000/healthz" in pod["spec"]["containers"][0]["command"][-1]
+
+
+def test_every_values_key_is_documented():
+    """helm-docs style: each leaf value, or a map above it, has a `# --` comment."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented: set[tuple] = set()
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    for line in lines:
+        if not line.strip():
+            comment = []
+            continue
+        if line.lstrip().startswith("#"):
+            comment.append(line.strip())
+            continue
+        m = re.match(r"^( *)([A-Za-z0-9_.-]+):", line)
+        if not m:  # list items and block scalars belong to the key above
+            comment = []
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        if any(c.startswith("# --") for c in comment):
+            documented.add(tuple(k for _, k in stack))
+        comment = []
+
+    def leaves(node, path=()):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                yield from leaves(v, path + (k,))
+        else:
+            yield path
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [".".join(p) for p in leaves(values)
+               if not any(p[:i] in documented for i in range(1, len(p) + 1))]
+    assert not missing, f"values without a `# --` comment: {missing}"
+
+
+# -- the values schema ------------------------------------------------------------------------------
+def test_values_schema_is_draft7_and_accepts_every_case(chart):
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    validator.validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+    for case, values in CASES.items():
+        merged = chart.merge_values(copy.deepcopy(values))
+        errors = [e.message for e in validator.iter_errors(merged)]
+        assert not errors, (case, errors)
+        chart.validate_schema(copy.deepcopy(values))
+
+
+def test_values_schema_closes_every_object():
+    """Every object users set has additionalProperties: false (maps of names declare a value type)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" or "properties" in node:
+                ap = node.get("additionalProperties")
+                free = node.get("description", "").startswith("Kubernetes ") or path[-1] in {"global", "config"}
+                assert ap is False or isinstance(ap, dict) or free, "/".join(path)
+            for k, v in node.items():
+                walk(v, path + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + [str(i)])
+
+    walk(schema, ["#"])
+    for key, value in schema["properties"].items():
+        assert "type" in value or "$ref" in value, key
+
+
+BAD_VALUES = [
+    ({"serve": {"contextShards": "four"}}, "/serve/contextShards", "want integer"),
+    ({"serve": {"contextShard": 4}}, "/serve", "'contextShard' not allowed"),
+    ({"serve": {"runtimeEnv": {"pipx": ["x"]}}}, "/serve/runtimeEnv", "'pipx' not allowed"),
+    ({"imagee": {"tag": "x"}}, "at ''", "'imagee' not allowed"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", "must be one of"),
+    ({"rayAuth": {"enabled": "yes"}}, "/rayAuth/enabled", "want boolean"),
+    ({"workerGroups": {"experts": {"gpus": "1"}}}, "/workerGroups/experts/gpus", "want integer"),
+    ({"workerGroups": {"experts": {"replica": 2}}}, "/workerGroups/experts", "'replica' not allowed"),
+    ({"workerGroups": {"experts": {"rayStartParams": {"num-cpus": 4}}}},
+     "/workerGroups/experts/rayStartParams/num-cpus", "want string"),
+    # null deletes a default in Helm: a container without limits is refused
+    ({"workerGroups": {"experts": {"resources": {"limits": None}}}}, "/workerGroups/experts/resources", "'limits'"),
+    ({"head": {"resources": {"requests": {"memory": None}}}}, "/head/resources/requests", "'memory'"),
+    ({"workerGroups": {"experts": {"tolerations": [{"key": "a", "efect": "NoSchedule"}]}}},
+     "/workerGroups/experts/tolerations/0", "'efect' not allowed"),
+    ({"workerGroups": {"Big_Group": {"replicas": 1, "minReplicas": 1, "maxReplicas": 1, "resources": SMALL}}},
+     "Big_Group", "pattern"),
+    ({"tenants": {"list": [{"name": "a", "api_key_sha256": "not-a-hash"}]}},
+     "/tenants/list/0/api_key_sha256", "pattern"),
+    ({"tenants": {"list": [{"name": "a", "api_key": "x" * 64}]}}, "/tenants/list/0", "api_key"),
+    ({"jobs": {"train": {"enabled": True, "args": [{"x": 1}]}}}, "/jobs/train/args/0", "want"),
+    ({"monitoring": {"kind": "Probe"}}, "/monitoring/kind", "must be one of"),
+    ({"serve": {"service": {"type": "External"}}}, "/serve/service/type", "must be one of"),
+]
+
+
+@pytest.mark.parametrize("values,where,what", BAD_VALUES, ids=[w for _, w, _ in BAD_VALUES])
+def test_bad_values_are_refused_with_the_key_named(chart, values, where, what):
+    for call in (lambda: chart.validate_schema(copy.deepcopy(values)),
+                 lambda: chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)):
+        with pytest.raises(helm.HelmValuesError) as exc:
+            call()
+        assert where in str(exc.value) and what in str(exc.value), str(exc.value)
+    report = helm.lint(CHART, copy.deepcopy(values))
+    assert any(where in e for e in report["errors"]), report
