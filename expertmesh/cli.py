@@ -94,7 +94,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                excludes=[".venv", ".git", "*.safetensors.partial", "benchmarks/results"])
         if args.pip:
             runtime_env["pip"] = args.pip
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.job_id)
+        deadline = time.time() + 120
+        while True:  # a freshly started head answers "no available agent" until its agent is up
+            try:
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                           submission_id=args.job_id)
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.time() > deadline:
+                    raise
+                time.sleep(2)
         print(job_id)
         if not args.wait:
             return 0

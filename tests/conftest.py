@@ -80,7 +80,7 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     os.environ.setdefault("EXPERTMESH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ray.init(resources={"context_shard": 64, "expert_group": 64}, include_dashboard=False,
+    ray.init(address="local", resources={"context_shard": 64, "expert_group": 64}, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {"EXPERTMESH_CACHE": os.environ["EXPERTMESH_CACHE"]}})
     yield ray
     ray.shutdown()

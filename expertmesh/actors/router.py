@@ -35,6 +35,7 @@ class Router:
         """compiled_graphs: run the per-layer fan-outs over Ray Compiled Graphs (built on first use)."""
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.checkpoint = checkpoint
         self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
         self.cfg = self.model.cfg
         self.shards, self.groups = shards, groups
@@ -51,6 +52,10 @@ class Router:
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
 
     # -- public methods (Ray actor methods) -----------------------------------------------
+    def describe(self) -> dict:
+        """What a driver needs to attach to this mesh."""
+        return {"checkpoint": self.checkpoint, "shards": self.shards, "groups": self.groups}
+
     def ping(self) -> dict:
         return {"architecture": self.cfg.architecture, "vocab_size": self.cfg.vocab_size,
                 "num_layers": self.cfg.num_layers, "eos_token_id": list(self.cfg.eos_token_id)}

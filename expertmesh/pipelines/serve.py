@@ -46,6 +46,7 @@ class ServeSettings(BaseModel):
     max_completion_tokens: int = Field(4096, ge=1, description="max_tokens per request")
     shard_capacity_tokens: int = Field(1 << 20, ge=1, description="context tokens each shard holds")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
+    mesh_name: str | None = Field("expertmesh", description="name ingestion jobs attach to (Mesh.attach)")
 
 
 class ApiError(Exception):
@@ -121,7 +122,7 @@ class ExpertMeshServer:
         self.tenants = Tenants(tenants)
         self.mesh = Mesh.start(checkpoint=s.checkpoint, context_shards=s.context_shards,
                                expert_groups=s.expert_groups, address="auto",
-                               shard_capacity_tokens=s.shard_capacity_tokens,
+                               shard_capacity_tokens=s.shard_capacity_tokens, name=s.mesh_name,
                                **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
         self.metrics = ServeMetrics()

@@ -23,6 +23,7 @@ def connect(address: str | None, context_shards: int, expert_groups: int) -> boo
         return False
     if address is None:
         ray.init(
+            address="local",  # a new local cluster even where a `ray start` cluster runs on this machine
             resources={CONTEXT_SHARD: context_shards, EXPERT_GROUP: expert_groups},
             include_dashboard=False, log_to_driver=False,
             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},

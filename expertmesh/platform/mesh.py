@@ -49,24 +49,30 @@ def _unwrap(fn):
     return wrapper
 
 
+NAMESPACE = "expertmesh"  # where named meshes' routers live, for Mesh.attach
+
+
 class Mesh:
     """Context shards + expert groups + a router, as Ray actors."""
 
     def __init__(self, router, shards: list, groups: list, config: ModelConfig, tokenizer: Tokenizer,
-                 checkpoint: Path, started_ray: bool) -> None:
+                 checkpoint: Path, started_ray: bool, owned: bool = True) -> None:
         self.router, self.shards, self.groups = router, shards, groups
         self.config, self.tokenizer, self.checkpoint = config, tokenizer, checkpoint
-        self._started_ray = started_ray
+        self._started_ray, self._owned = started_ray, owned
 
     @classmethod
     def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
               address: str | None = None, shard_capacity_tokens: int = 1 << 20, page_size: int = 64,
-              max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False) -> "Mesh":
+              max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
+              name: str | None = None) -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         lanes: router step loops that overlap one batch's compute with another's remote calls.
         compiled_graphs: the router's per-layer fan-outs to shards and groups run over Ray
         Compiled Graphs (less Ray overhead per call; built on first use).
+        name: register the router under this name so other drivers and jobs can
+        `Mesh.attach(name)` (e.g. an ingestion job adding contexts to a serving mesh).
         """
         if context_shards < 1:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
@@ -85,16 +91,33 @@ class Mesh:
             RemoteExpertGroup.options(**actor_options(EXPERT_GROUP)).remote(str(path), g, experts, threads)
             for g, experts in enumerate(partition)
         ]
-        router = RemoteRouter.options(**actor_options(None)).remote(
+        named = {"name": f"{name}.router", "namespace": NAMESPACE} if name else {}
+        router = RemoteRouter.options(**actor_options(None), **named).remote(
             str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs)
         ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
         return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
 
+    @classmethod
+    def attach(cls, name: str) -> "Mesh":
+        """A handle on a running mesh started with `Mesh.start(name=...)` (Ray must be initialised)."""
+        try:
+            router = ray.get_actor(f"{name}.router", namespace=NAMESPACE)
+        except ValueError:
+            raise ValueError(f"no running mesh named {name!r} in this Ray cluster (start one with "
+                             f"Mesh.start(name={name!r}) or `expertmesh serve`)") from None
+        desc = ray.get(router.describe.remote())
+        path = resolve_checkpoint(desc["checkpoint"])
+        config = ModelConfig.from_file(path / "config.json")
+        return cls(router, desc["shards"], desc["groups"], config, load_tokenizer(path, config.vocab_size), path,
+                   started_ray=False, owned=False)
+
     # -- contexts -------------------------------------------------------------------------
     @_unwrap
-    def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None) -> ContextInfo:
+    def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
+                         owner: str = "default", visibility: str = "private", name: str | None = None) -> ContextInfo:
         """Register a context once; its KV is kept sharded over the context shards."""
-        return ray.get(self.router.register_context.remote(self._ids(token_ids, "context"), mode, shards))
+        return ray.get(self.router.register_context.remote(self._ids(token_ids, "context"), mode, shards, None,
+                                                           owner, visibility, name))
 
     @_unwrap
     def drop_context(self, context_id: str) -> None:
@@ -133,7 +156,9 @@ class Mesh:
         }
 
     def shutdown(self) -> None:
-        """Stop this mesh's actors (and Ray, if this mesh started it)."""
+        """Stop this mesh's actors (and Ray, if this mesh started it); an attached handle only lets go."""
+        if not self._owned:
+            return
         try:  # compiled graphs first: killing their actors under them hangs for 30 s
             ray.get(self.router.close.remote(), timeout=60)
         except Exception:  # noqa: BLE001 - a dead router has no graphs left to tear down

@@ -1,0 +1,103 @@
+"""Ray Jobs: a real head with the dashboard; `expertmesh submit ingest` adds contexts to a running mesh."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# `ray start` clusters use Ray's token authentication (token in ~/.ray/auth_token); clients opt in
+# and job entrypoints run `python` from PATH: the virtual environment's, as on an activated shell
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", RAY_AUTH_MODE="token",
+           PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "expertmesh.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+@pytest.fixture(scope="module")
+def head(tiny_checkpoint):
+    """A second, real Ray cluster (`ray start --head --block` with the dashboard) and a named mesh on it."""
+    import httpx
+    from ray._private.services import get_node_ip_address
+
+    gcs, dash, client = free_port(), free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="emh", dir="/tmp")  # short: Ray's socket paths live under it
+    head = subprocess.Popen([ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                             f"--ray-client-server-port={client}", "--num-cpus=2", "--include-dashboard=true",
+                             f"--temp-dir={temp}", "--resources", '{"context_shard": 4, "expert_group": 4}'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    mesh = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # the job API answers once the dashboard's agent is up
+            try:
+                if httpx.get(f"http://127.0.0.1:{dash}/api/jobs/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        mesh = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, time, ray, expertmesh as em; ray.init(address=sys.argv[1]); "
+             "m = em.Mesh.start(sys.argv[2], context_shards=2, expert_groups=2, address=sys.argv[1], name='jobs'); "
+             "print('ready', flush=True); time.sleep(900)", f"{get_node_ip_address()}:{gcs}",
+             tiny_checkpoint("qwen3moe")], stdout=subprocess.PIPE, text=True, env=ENV)
+        assert mesh.stdout.readline().strip() == "ready"
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        if mesh is not None:
+            mesh.kill()
+        os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started, only this cluster
+        head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ingest_jobs_from_a_file_and_from_parquet(head, tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("The grass is green. The sky is blue. " * 40)
+    out = cli("submit", "ingest", "--address", head, "--wait", "--", "--file", str(text), "--mesh", "jobs",
+              "--owner", "acme", "--name", "book")
+    assert len(out.stdout.split()) == 2, out.stderr[-3000:]
+    job_id, status = out.stdout.split()[:2]
+    assert out.returncode == 0, cli("submit", "logs", job_id, "--address", head).stdout[-3000:]
+    assert status == "SUCCEEDED"
+    logs = cli("submit", "logs", job_id, "--address", head)
+    assert '"num_tokens": 1480' in logs.stdout and "registered 1,480 tokens" in logs.stdout
+    assert cli("submit", "status", job_id, "--address", head).stdout.strip() == "SUCCEEDED"
+
+    pq.write_table(pa.table({"text": [f"Document {i}: the number is {i * 7}." for i in range(50)]}),
+                   tmp_path / "docs.parquet")
+    out = cli("submit", "ingest", "--address", head, "--wait", "--", "--parquet", str(tmp_path / "docs.parquet"),
+              "--column", "text", "--mesh", "jobs", "--visibility", "shared")
+    assert out.returncode == 0, cli("submit", "logs", out.stdout.split()[0], "--address", head).stdout[-3000:]
+    assert out.stdout.split()[1] == "SUCCEEDED"
+
+
+def test_a_failing_job_is_reported(head):
+    out = cli("submit", "ingest", "--address", head, "--wait", "--", "--file", "/no/such/file", "--mesh", "jobs")
+    assert out.returncode == 1 and out.stdout.split()[1] == "FAILED"
