@@ -18,7 +18,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     out = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server}/openapi.json",
          "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {KEYS['acme']}",
-         "--max-examples", "60", "--seed", "7", "--request-timeout", "120", "--continue-on-failure",
+         "--max-examples", "35", "--seed", "7", "--request-timeout", "120", "--continue-on-failure",
          "--report", "har", "--report-har-path", str(har)],
         capture_output=True, text=True, timeout=900,
     )

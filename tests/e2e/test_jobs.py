@@ -45,10 +45,13 @@ def head(tiny_checkpoint):
     import httpx
     from ray._private.services import get_node_ip_address
 
-    gcs, dash, client = free_port(), free_port(), free_port()
+    gcs, dash, client, agent, agent_grpc, metrics, renv = (free_port() for _ in range(7))
     temp = tempfile.mkdtemp(prefix="emh", dir="/tmp")  # short: Ray's socket paths live under it
     head = subprocess.Popen([ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             f"--ray-client-server-port={client}", "--num-cpus=2", "--include-dashboard=true",
+                             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                             f"--runtime-env-agent-port={renv}",  # no clash with the session's cluster
+                             "--num-cpus=2", "--include-dashboard=true",
                              f"--temp-dir={temp}", "--resources", '{"context_shard": 4, "expert_group": 4}'],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     mesh = None
