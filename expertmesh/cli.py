@@ -134,6 +134,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from expertmesh.pipelines.train import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from expertmesh.pipelines.train_data import DataSpec, write_dataset
+
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    spec = DataSpec(rows=args.rows, lengths=lengths, multikey_share=args.multikey_share,
+                    prose_share=args.prose_share, group_rows=args.group_rows, seed=args.seed)
+    paths = write_dataset(args.out, spec, files=args.files)
+    print(json.dumps({"out": args.out, "files": len(paths), "rows": spec.rows, "lengths": list(lengths)}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import expertmesh as em
+    from expertmesh.pipelines.evaluate import evaluate
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    modes = args.modes.split(",")
+    capacity = max(1 << 20, -(-max(lengths) // args.context_shards) + 4096)
+    mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
+                         expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity)
+    try:
+        cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,
+                         log=lambda s: print(s, flush=True))
+    finally:
+        mesh.shutdown()
+    rows = [c.row() for c in cells]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"task": args.task, "checkpoint": args.checkpoint or "default",
+                                               "context_shards": args.context_shards,
+                                               "expert_groups": args.expert_groups, "results": rows}, indent=1))
+    print(f"{'task':8s} {'length':>9s} {'mode':9s} {'accuracy':>8s}")
+    for r in rows:
+        print(f"{r['task']:8s} {r['length']:>9,d} {r['mode']:9s} {r['accuracy']:>8.1%}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +216,34 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--context-tokens", type=int, default=16384)
     d.add_argument("--mode", choices=("exact", "blockwise"), default="exact")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train on Ray Train (TorchTrainer) from a YAML config")
+    from expertmesh.pipelines.train import add_arguments
+
+    add_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    dd = sub.add_parser("data", help="generate the synthetic long-context training tasks into Parquet")
+    dd.add_argument("--out", required=True, help="output directory")
+    dd.add_argument("--rows", type=int, default=2048)
+    dd.add_argument("--lengths", default="1024,2048,4096", help="comma-separated sequence lengths (tokens)")
+    dd.add_argument("--multikey-share", type=float, default=0.4)
+    dd.add_argument("--prose-share", type=float, default=0.2)
+    dd.add_argument("--group-rows", type=int, default=16, help="rows of one length per Parquet row group")
+    dd.add_argument("--files", type=int, default=4)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(func=cmd_data)
+
+    e = sub.add_parser("eval", help="long-context retrieval accuracy (passkey, multikey) over a mesh")
+    e.add_argument("task", choices=("passkey", "multikey"))
+    _mesh_args(e)
+    e.add_argument("--lengths", default="4096,32768,131072", help="comma-separated context lengths (tokens)")
+    e.add_argument("--modes", default="exact,blockwise", help="registration modes, comma-separated")
+    e.add_argument("--samples", type=int, default=20, help="needles per length and mode (depths spread 0-100%%)")
+    e.add_argument("--keys", type=int, default=4, help="needle lines per multikey context")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="write the results here")
+    e.set_defaults(func=cmd_eval)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []

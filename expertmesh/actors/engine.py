@@ -124,6 +124,21 @@ def fan_outs(shards: list[Any], groups: list[Any], compiled_graphs: bool) -> tup
     return CompiledFanOut(shards, "attend", _attend_payload), CompiledFanOut(groups, "compute")
 
 
+def _drop_segments(batch: list[Sequence], spans, x: torch.Tensor, q: torch.Tensor, positions: torch.Tensor):
+    """The batch without its context segments: (batch, spans, x, q, positions) re-indexed."""
+    keep = [i for i, seq in enumerate(batch) if seq.kind != "segment"]
+    if len(keep) == len(batch):
+        return batch, spans, x, q, positions
+    rows, new_spans, n = [], [], 0
+    for i in keep:
+        a, b = spans[i]
+        rows.append(torch.arange(a, b))
+        new_spans.append((n, n + b - a))
+        n += b - a
+    idx = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    return [batch[i] for i in keep], new_spans, x[idx], q[idx], positions[idx]
+
+
 # Arrays from Ray's object store are read-only views; these modules only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -149,18 +164,30 @@ class Engine:
             ids.extend(t_ids)
             pos.append(t_pos)
         positions = torch.cat(pos)  # [T]
+        everyone = list(batch)
         x = self.model.embed(torch.tensor(ids))  # [T, H]
+        last = len(self.model.layers) - 1
         for index, layer in enumerate(self.model.layers):
             q, k, v = layer.qkv(layer.attn_norm(x), positions)  # [T, Hq, D], [T, Hkv, D]
             for seq, (a, b) in zip(batch, spans):
                 seq.kv.append(index, k[a:b], v[a:b], positions[a:b])
+            if index == last and any(seq.kind == "segment" for seq in batch):
+                # a context segment needs only the last layer's K/V, never its output
+                batch, spans, x, q, positions = _drop_segments(batch, spans, x, q, positions)
+                if not batch:
+                    break
             attn = await self._attend(index, layer, batch, spans, q, positions)
             x = layer.attn_out(x, attn)
             h = layer.mlp_norm(x)
             x = x + (await self._experts(index, layer, batch, spans, h) if layer.is_moe else layer.mlp(h))
+        by_seq = {id(seq): (a, b) for seq, (a, b) in zip(batch, spans)}
         out: list[torch.Tensor | None] = []
-        for seq, (a, b) in zip(batch, spans):
+        for seq in everyone:
             seq.num_computed = len(seq.token_ids)
+            if id(seq) not in by_seq:
+                out.append(None)
+                continue
+            a, b = by_seq[id(seq)]
             if seq.kind == "segment":
                 out.append(None)
             elif seq.kind == "logits":

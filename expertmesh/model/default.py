@@ -38,9 +38,9 @@ DEFAULT_HF_CONFIG = {
     "moe_layers": [0, 1, 2, 3],
     "no_rope_layers": [1, 1, 1, 0],  # layers 0-2 chunked-local RoPE, layer 3 global NoPE
     "layer_types": ["chunked_attention", "chunked_attention", "chunked_attention", "full_attention"],
-    "attention_chunk_size": 256,
+    "attention_chunk_size": 2048,
     "attn_temperature_tuning": True,
-    "floor_scale": 8192,
+    "floor_scale": 2048,
     "attn_scale": 0.1,
     "use_qk_norm": True,
     "rms_norm_eps": 1e-5,
@@ -61,7 +61,7 @@ def default_checkpoint() -> Path:
     from expertmesh.model.checkpoint import save_model
 
     cache = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
-    root = cache / "default-random-v1"
+    root = cache / "default-random-v2"
     if not (root / "model.safetensors").is_file():
         model = MoETransformer(ModelConfig.from_hf(DEFAULT_HF_CONFIG))
         init_weights(model, seed=0)

@@ -34,19 +34,25 @@ WORDS = ("apple", "river", "falcon", "copper", "meadow", "violet", "harbor", "su
          "glacier", "pepper", "thunder", "willow", "marble", "saffron", "canyon", "ember", "juniper", "quartz")
 
 
-def multikey(approx_chars: int, keys: int, rng: random.Random) -> Task:
-    """Several "special magic number" lines in filler; ask for one of them."""
+def multikey(approx_chars: int, keys: int, rng: random.Random, depth: float | None = None) -> Task:
+    """Several "special magic number" lines in filler; ask for one (its line at `depth` 0..1 if given)."""
     words = rng.sample(WORDS, keys)
     numbers = [rng.randint(1000000, 9999999) for _ in words]
     reps = max(keys, approx_chars // len(PASSKEY_FILLER))
-    slots = sorted(rng.sample(range(reps), keys))
-    parts, j = [], 0
+    pick = rng.randrange(keys)
+    slots = rng.sample(range(reps), keys)  # filler sentence after which each line goes
+    if depth is not None:
+        asked = min(reps - 1, int(round(depth * (reps - 1))))
+        if asked in slots:
+            slots[slots.index(asked)] = slots[pick]
+        slots[pick] = asked
+    line_at = {slot: j for j, slot in enumerate(slots)}
+    parts = []
     for i in range(reps):
         parts.append(PASSKEY_FILLER)
-        if j < keys and slots[j] == i:
+        if i in line_at:
+            j = line_at[i]
             parts.append(f" The special magic number for {words[j]} is: {numbers[j]}.")
-            j += 1
-    pick = rng.randrange(keys)
     w = words[pick]
     prompt = (f" What is the special magic number for {w} mentioned in the provided text? "
               f"The special magic number for {w} mentioned in the provided text is")

@@ -1,0 +1,231 @@
+"""Training on Ray Train: `python -m expertmesh.pipelines.train --config CONFIG.yaml`.
+
+A `TorchTrainer` runs `train_loop_per_worker` on `num_workers` workers (DDP over NCCL on
+GPUs, gloo on CPUs). Input comes through Ray Data from Parquet (`expertmesh data` writes
+it); each worker reads its own split. Every `checkpoint_every` steps rank 0 writes a Hugging
+Face-layout checkpoint (plus optimizer state) and reports it; a run whose worker dies is
+restarted by Ray Train (`FailureConfig(max_failures)`) from the last checkpoint. At the end
+the last checkpoint's model is copied to `output`, which `Mesh.start(checkpoint=...)` and
+`transformers` load directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expertmesh.pipelines.train_config import TrainConfig
+
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build the model, resume if a checkpoint exists, step through data."""
+    import ray.train
+    import ray.train.torch
+
+    from expertmesh.pipelines import train_step as ts
+
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    core = ts.build_model(cfg).to(device)
+    optimizer = ts.make_optimizer(core, cfg)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = ts.load_state(core, optimizer, d, device)
+        if rank == 0:
+            print(f"[expertmesh.train] resumed from step {start} ({checkpoint.path})", flush=True)
+    model = ts.BatchedModel(core)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                              parallel_strategy_kwargs={"find_unused_parameters": True})
+    shard = ray.train.get_dataset_shard("train")
+    bar = _progress(rank, cfg.max_steps, start)
+    window = _Window(core.cfg.num_experts)
+    step_index = start
+    while step_index < cfg.max_steps:
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                        prefetch_batches=2):
+            t0 = time.perf_counter()
+            res = ts.step(model, core, optimizer, ts.collate(batch), cfg, step_index, device)
+            window.add(res, time.perf_counter() - t0)
+            step_index += 1
+            bar.update(1)
+            last = step_index >= cfg.max_steps
+            if step_index % cfg.log_every == 0 or step_index % cfg.checkpoint_every == 0 or last:
+                metrics = window.metrics(step_index, world)
+                if rank == 0:
+                    bar.set_description(f"loss {metrics['loss']:.3f} acc {metrics['answer_accuracy']:.2f} "
+                                        f"{metrics['tokens_per_s']:.0f} tok/s")
+                    print("[expertmesh.train] " + json.dumps(metrics), flush=True)
+                if step_index % cfg.checkpoint_every == 0 or last:
+                    _report_with_checkpoint(core, optimizer, step_index, metrics, rank)
+                else:
+                    ray.train.report(metrics)
+                window.reset()
+            if last:
+                break
+    bar.close()
+
+
+def _report_with_checkpoint(core, optimizer, step_index: int, metrics: dict, rank: int) -> None:
+    import ray.train
+
+    from expertmesh.pipelines import train_step as ts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:  # one copy of the (replicated) weights
+            ts.save_state(core, optimizer, step_index, tmp, extra={"metrics": metrics})
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _Window:
+    """Metrics over the steps since the last report."""
+
+    def __init__(self, experts: int) -> None:
+        self.experts = experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.results, self.seconds = [], 0.0
+        self.load = np.zeros(self.experts, dtype=np.int64)
+
+    def add(self, res, seconds: float) -> None:
+        self.results.append(res)
+        self.seconds += seconds
+        if len(res.expert_tokens):
+            self.load += res.expert_tokens
+
+    def metrics(self, step_index: int, world: int) -> dict:
+        rs = self.results or []
+        mean = (lambda k: float(np.mean([getattr(r, k) for r in rs]))) if rs else (lambda k: float("nan"))
+        tokens = sum(r.tokens for r in rs)
+        load = self.load
+        return {"step": step_index, "loss": mean("loss"), "answer_loss": mean("answer_loss"),
+                "lm_loss": mean("lm_loss"), "aux_loss": mean("aux_loss"), "z_loss": mean("z_loss"),
+                "answer_accuracy": mean("answer_accuracy"),
+                "tokens_per_s": tokens * world / self.seconds if self.seconds else 0.0,
+                "expert_load_mean": float(load.mean()) if load.sum() else 0.0,
+                "expert_load_max": float(load.max()) if load.sum() else 0.0,
+                "expert_load_max_over_mean": float(load.max() / load.mean()) if load.sum() else 0.0}
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_description(self, s: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(rank: int, total: int, start: int):
+    """A progress bar in the driver's terminal (Ray's tqdm), from rank 0 only."""
+    if rank != 0:
+        return _NoBar()
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, desc="training")
+    bar.update(start)
+    return bar
+
+
+def run(cfg: TrainConfig, address: str | None = None):
+    """Fit with Ray Train; copy the final model to `cfg.output`. Returns the Ray Train Result."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():  # a Ray Job's driver joins its cluster (RAY_ADDRESS); else a local one
+        ray.init(address=address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"),
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    data = ray.data.read_parquet(_data_path(cfg.data), columns=["input_ids", "answer_start", "answer_len"])
+    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).expanduser().resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": data},
+    )
+    result = trainer.fit()
+    if cfg.output and result.checkpoint is not None:
+        export(result.checkpoint, cfg.output)
+    return result
+
+
+def _data_path(path: str) -> str:
+    if "://" in path:
+        return path
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise FileNotFoundError(f"training data {p} does not exist (write it with `expertmesh data --out {path}`)")
+    return str(p)
+
+
+def export(checkpoint, output: str) -> Path:
+    """Copy the model files of a Ray Train checkpoint to `output` (a Hugging Face directory)."""
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as d:
+        for name in MODEL_FILES:
+            shutil.copy2(Path(d) / name, out / name)
+        state = json.loads((Path(d) / "trainer_state.json").read_text())
+    (out / "training.json").write_text(json.dumps({"step": state["step"], "metrics": state.get("metrics")}, indent=1))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training YAML (see configs/)")
+    p.add_argument("--data", help="override the config's data path")
+    p.add_argument("--output", help="override where the final checkpoint goes")
+    p.add_argument("--init-from", dest="init_from", help="fine-tune from this checkpoint")
+    p.add_argument("--num-workers", dest="num_workers", type=int, help="override the config's num_workers")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
+    p.add_argument("--storage-path", dest="storage_path", help="override Ray Train's storage path")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None, help="train on GPUs")
+    p.add_argument("--address", default=None, help="Ray address to join ('auto' or URL); default: as Ray Jobs sets it, else local")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m expertmesh.pipelines.train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    overrides = {k: getattr(args, k) for k in ("data", "output", "init_from", "num_workers", "max_steps",
+                                               "storage_path", "use_gpu")}
+    cfg = TrainConfig.from_yaml(args.config, **overrides)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    t0 = time.time()
+    result = run(cfg, address)
+    print(json.dumps({"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                      "output": cfg.output, "seconds": round(time.time() - t0, 1)}, default=str))
+    return 0 if result.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
