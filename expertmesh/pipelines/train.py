@@ -59,6 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     bar = _progress(rank, cfg.max_steps, start)
     window = _Window(core.cfg.num_experts)
     step_index = start
+    began = time.monotonic()
     while step_index < cfg.max_steps:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
                                         prefetch_batches=2):
@@ -67,7 +68,8 @@ def train_loop_per_worker(config: dict) -> None:
             window.add(res, time.perf_counter() - t0)
             step_index += 1
             bar.update(1)
-            last = step_index >= cfg.max_steps
+            out_of_time = cfg.time_limit_s is not None and time.monotonic() - began > cfg.time_limit_s
+            last = step_index >= cfg.max_steps or out_of_time
             if step_index % cfg.log_every == 0 or step_index % cfg.checkpoint_every == 0 or last:
                 metrics = window.metrics(step_index, world)
                 if rank == 0:
@@ -81,6 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
                 window.reset()
             if last:
                 break
+        if out_of_time:
+            break
     bar.close()
 
 
@@ -204,6 +208,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", dest="num_workers", type=int, help="override the config's num_workers")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
     p.add_argument("--storage-path", dest="storage_path", help="override Ray Train's storage path")
+    p.add_argument("--time-limit-s", dest="time_limit_s", type=float, help="stop after this many seconds of training")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None, help="train on GPUs")
     p.add_argument("--address", default=None, help="Ray address to join ('auto' or URL); default: as Ray Jobs sets it, else local")
 
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("data", "output", "init_from", "num_workers", "max_steps",
-                                               "storage_path", "use_gpu")}
+                                               "storage_path", "use_gpu", "time_limit_s")}
     cfg = TrainConfig.from_yaml(args.config, **overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
     t0 = time.time()

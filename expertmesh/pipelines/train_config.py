@@ -31,6 +31,7 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None  # None: the model config's
     router_z_loss_coef: float = 0.0
     amp_bf16: bool = False  # bf16 autocast (GPU); the CPU path stays fp32
+    time_limit_s: float | None = None  # stop (with a checkpoint) after this many seconds of training
     checkpoint_every: int = 100
     log_every: int = 10
     num_to_keep: int = 2
