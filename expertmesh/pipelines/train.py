@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     bar = _progress(rank, cfg.max_steps, start)
     window = _Window(core.cfg.num_experts)
     step_index = start
-    began = time.monotonic()
+    began, out_of_time = time.monotonic(), False
     while step_index < cfg.max_steps:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
                                         prefetch_batches=2):
