@@ -162,6 +162,8 @@ def run(cfg: TrainConfig, address: str | None = None):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     data = ray.data.read_parquet(_data_path(cfg.data), columns=["input_ids", "answer_start", "answer_len"])
+    if cfg.init_from and "://" not in cfg.init_from:  # workers run elsewhere: absolute paths
+        cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).expanduser().resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
