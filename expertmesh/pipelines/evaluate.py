@@ -48,13 +48,22 @@ class Cell:
 
 
 def make_task(task: str, length: int, index: int, samples: int, rng: random.Random, keys: int = 4) -> tasks.Task:
-    """The `index`-th of `samples` tasks at about `length` tokens (byte tokenizer: 1 char = 1 token)."""
+    """The `index`-th of `samples` tasks whose context + question + answer is `length` tokens
+    (the byte tokenizer: one token per byte), as RULER counts sequence length."""
     depth = index / max(1, samples - 1)
-    if task == "passkey":
-        return tasks.passkey(length - 60, rng.randint(1, 50000), depth)
-    if task == "multikey":
-        return tasks.multikey(length - 200, keys, rng, depth=depth)
-    raise ValueError(f"unknown task {task!r}; choose passkey or multikey")
+    if task not in ("passkey", "multikey"):
+        raise ValueError(f"unknown task {task!r}; choose passkey or multikey")
+    seed, approx = rng.random(), length - 250
+    while True:
+        r = random.Random(seed)  # the same needles at every attempt
+        t = (tasks.passkey(approx, r.randint(1, 50000), depth) if task == "passkey"
+             else tasks.multikey(approx, keys, r, depth=depth))
+        pad = length - len((t.context + t.prompt + t.answer).encode())
+        if pad >= 0:
+            break
+        approx += pad - 50
+    filler = tasks.PASSKEY_FILLER * (pad // len(tasks.PASSKEY_FILLER) + 1)  # top up after the context
+    return tasks.Task(t.context + filler[len(filler) - pad:] if pad else t.context, t.prompt, t.answer)
 
 
 def evaluate(mesh, task: str, lengths: list[int], modes: list[str], samples: int, seed: int = 0,
