@@ -71,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
             out_of_time = cfg.time_limit_s is not None and time.monotonic() - began > cfg.time_limit_s
             last = step_index >= cfg.max_steps or out_of_time
             if step_index % cfg.log_every == 0 or step_index % cfg.checkpoint_every == 0 or last:
-                metrics = window.metrics(step_index, world)
+                metrics = {**window.metrics(step_index, world), "resumed_from": start}
                 if rank == 0:
                     bar.set_description(f"loss {metrics['loss']:.3f} acc {metrics['answer_accuracy']:.2f} "
                                         f"{metrics['tokens_per_s']:.0f} tok/s")
@@ -109,7 +109,7 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.results, self.seconds = [], 0.0
+        self.results, self.seconds, self.since = [], 0.0, time.perf_counter()
         self.load = np.zeros(self.experts, dtype=np.int64)
 
     def add(self, res, seconds: float) -> None:
@@ -126,7 +126,8 @@ class _Window:
         return {"step": step_index, "loss": mean("loss"), "answer_loss": mean("answer_loss"),
                 "lm_loss": mean("lm_loss"), "aux_loss": mean("aux_loss"), "z_loss": mean("z_loss"),
                 "answer_accuracy": mean("answer_accuracy"),
-                "tokens_per_s": tokens * world / self.seconds if self.seconds else 0.0,
+                # wall time since the last report: data loading and reporting included
+                "tokens_per_s": tokens * world / max(1e-9, time.perf_counter() - self.since),
                 "expert_load_mean": float(load.mean()) if load.sum() else 0.0,
                 "expert_load_max": float(load.max()) if load.sum() else 0.0,
                 "expert_load_max_over_mean": float(load.max() / load.mean()) if load.sum() else 0.0}
@@ -161,7 +162,7 @@ def run(cfg: TrainConfig, address: str | None = None):
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    data = ray.data.read_parquet(_data_path(cfg.data), columns=["input_ids", "answer_start", "answer_len"])
+    data = ray.data.read_parquet(_data_path(cfg.data)).select_columns(["input_ids", "answer_start", "answer_len"])
     if cfg.init_from and "://" not in cfg.init_from:  # workers run elsewhere: absolute paths
         cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).expanduser().resolve())

@@ -1,0 +1,150 @@
+"""Ray Train end to end on the session's local Ray cluster (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expertmesh.model.checkpoint import load_model
+from expertmesh.pipelines.train import run
+from expertmesh.pipelines.train_config import TrainConfig
+from expertmesh.pipelines.train_data import DataSpec, write_dataset
+
+TINY = {"num_hidden_layers": 2, "no_rope_layers": [1, 0], "layer_types": ["chunked_attention", "full_attention"],
+        "moe_layers": [0, 1], "attention_chunk_size": 256, "hidden_size": 64, "head_dim": 16,
+        "intermediate_size": 64, "intermediate_size_mlp": 64, "num_local_experts": 4}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-data")
+    write_dataset(out, DataSpec(rows=96, lengths=(640,), group_rows=4, seed=1), files=2)
+    return str(out)
+
+
+def _config(data: str, tmp: Path, **kw) -> TrainConfig:
+    base = dict(data=data, name=f"run-{time.time_ns()}", model=TINY, storage_path=str(tmp / "runs"),
+                output=str(tmp / "out"), num_workers=1, cpus_per_worker=0.5, batch_size=2, max_steps=24,
+                lr=3e-3, warmup_steps=2, checkpoint_every=8, log_every=4, max_failures=2)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def _log(result) -> list[dict]:
+    """Metrics of every report of the run, in order (Ray Train's result files)."""
+    path = Path(result.path)
+    rows = []
+    for f in sorted(path.rglob("*.json")):
+        if f.name == "trainer_state.json":
+            rows.append(json.loads(f.read_text())["metrics"])
+    return sorted(rows, key=lambda m: m["step"])
+
+
+def _held_out_loss(model, data: str) -> float:
+    """The training objective (answer CE + 0.1 x context CE) on the first rows of the data."""
+    import pyarrow.parquet as pq
+
+    from expertmesh.model.batched import forward_batch
+    from expertmesh.model.losses import token_loss
+    from expertmesh.pipelines.train_step import collate
+
+    rows = pq.read_table(data).slice(0, 8).to_pydict()
+    b = collate(rows)
+    with torch.no_grad():
+        logits, _ = forward_batch(model, b["ids"])
+    return float(token_loss(logits, b["targets"], b["answer"])
+                 + 0.1 * token_loss(logits, b["targets"], b["valid"] * (1 - b["answer"])))
+
+
+def test_two_worker_run_lowers_the_loss_and_exports_a_checkpoint(ray_cluster, data, tmp_path):
+    from expertmesh.pipelines.train_step import build_model
+
+    cfg = _config(data, tmp_path, num_workers=2, max_steps=24)
+    result = run(cfg)
+    assert result.error is None
+    states = _log(result)
+    assert states[-1]["step"] == 24
+    assert states[-1]["tokens_per_s"] > 0
+    assert states[-1]["expert_load_max"] >= states[-1]["expert_load_mean"] > 0
+    out = Path(cfg.output)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "training.json"]
+    before = _held_out_loss(build_model(cfg), data)  # the same seeded init the workers started from
+    after = _held_out_loss(load_model(out), data)
+    assert after < before - 1.0, (before, after)
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp_path):
+    cfg = _config(data, tmp_path, max_steps=24, checkpoint_every=6, log_every=3)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run(cfg)))
+    thread.start()
+    runs = tmp_path / "runs" / cfg.name
+    deadline = time.time() + 240
+    # two checkpoints on disk: the first is surely registered with the controller by now
+    while time.time() < deadline and len(list(runs.glob("checkpoint_*/trainer_state.json"))) < 2:
+        time.sleep(0.2)
+    assert len(list(runs.glob("checkpoint_*/trainer_state.json"))) >= 2, "no checkpoints were written"
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    result = box["result"]
+    assert result.error is None
+    assert result.metrics["step"] == 24
+    assert result.metrics["resumed_from"] >= 6  # the restarted worker began at a checkpoint, not at 0
+
+
+def test_trained_checkpoint_serves_in_the_mesh_and_loads_in_transformers(ray_cluster, data, tmp_path):
+    import expertmesh as em
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(data, tmp_path, max_steps=4, checkpoint_every=4, log_every=2)
+    run(cfg)
+    ours = load_model(cfg.output)
+    hf = AutoModelForCausalLM.from_pretrained(cfg.output, dtype=torch.float32).eval()
+    ids = torch.randint(4, 260, (300,))
+    with torch.no_grad():
+        want = ours(ids)
+        theirs = hf(ids[None]).logits[0]
+    assert torch.allclose(want, theirs, atol=1e-4), (want - theirs).abs().max()
+    mesh = em.Mesh.start(checkpoint=cfg.output, context_shards=2, expert_groups=2, address="auto")
+    try:
+        ctx = mesh.register_context(ids[:200].tolist())
+        got = mesh.forward_logits(ids[200:].tolist(), context_id=ctx.id)
+    finally:
+        mesh.shutdown()
+    assert np.abs(got - want[200:].numpy()).max() <= 1e-4
+
+
+def test_bad_config_is_refused_with_the_key_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        TrainConfig.from_dict({"data": "x", "learning_rate": 1})
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        TrainConfig.from_dict({"data": "x", "batch_size": 0})
+    with pytest.raises(ValueError, match="'data'"):
+        TrainConfig.from_dict({})
+    with pytest.raises(FileNotFoundError, match="expertmesh data"):
+        run(TrainConfig.from_dict({"data": str(tmp_path / "missing")}))
