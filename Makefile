@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # CI and developer machines); GPU machines get the default (CUDA) build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-train eval train-demo-model clean
 
 setup: $(VENV)/.ready
 
@@ -30,6 +30,20 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_core.py
+
+bench-train: setup
+	$(PY) benchmarks/bench_train.py
+
+# retrieval accuracy of the built-in model (README "The demo model")
+eval: setup
+	$(PY) -m expertmesh.cli eval passkey --lengths 4096,32768,131072 --modes exact,blockwise --samples 20 \
+	    --json benchmarks/results/eval_passkey.json
+	$(PY) -m expertmesh.cli eval multikey --lengths 32768 --modes exact --samples 20 \
+	    --json benchmarks/results/eval_multikey.json
+
+# the recorded command that trained expertmesh/assets/default-model (on a GPU host)
+train-demo-model: setup
+	PY=$(PY) scripts/train_demo_model.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -13,7 +13,7 @@ import secrets
 import socket
 import time
 
-from expertmesh.pipelines.tasks import multikey, passkey
+from expertmesh.pipelines.evaluate import make_task
 
 
 def _free_port() -> int:
@@ -47,11 +47,12 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
           f"({context_shards} context shards, {expert_groups} expert groups)")
     try:
         acme, globex = ({"Authorization": f"Bearer {keys[n]}"} for n in ("acme", "globex"))
-        task = passkey(context_tokens, 40213, 0.3)
-        private = multikey(context_tokens // 4, 4, random.Random(0))
+        # sized as RULER counts: context + question + answer = the stated length
+        task = make_task("passkey", context_tokens, 3, 10, random.Random(0))
+        private = make_task("multikey", context_tokens // 4, 5, 10, random.Random(1))
         t0 = time.perf_counter()
         shared = httpx.post(f"{url}/v1/contexts", headers=acme, timeout=600, json={
-            "text": task.context[:context_tokens], "mode": mode, "visibility": "shared", "name": "haystack"}).json()
+            "text": task.context, "mode": mode, "visibility": "shared", "name": "haystack"}).json()
         print(f"acme registered shared context {shared['id']}: {shared['num_tokens']:,} tokens over shards "
               f"{shared['shards']} ({mode}) in {time.perf_counter() - t0:.2f}s")
         t0 = time.perf_counter()
@@ -67,7 +68,7 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
         for i, (tenant, ctx, prompt, answer) in enumerate(asks):
             stream = i == 1
             t0 = time.perf_counter()
-            kw = dict(model="expertmesh", prompt=prompt, max_tokens=16, temperature=0.0,
+            kw = dict(model="expertmesh", prompt=prompt, max_tokens=9, temperature=0.0,
                       extra_body={"context_id": ctx})
             if stream:
                 ttft, text, usage, pathway = None, "", None, {}

@@ -104,3 +104,25 @@ def test_ingest_jobs_from_a_file_and_from_parquet(head, tmp_path):
 def test_a_failing_job_is_reported(head):
     out = cli("submit", "ingest", "--address", head, "--wait", "--", "--file", "/no/such/file", "--mesh", "jobs")
     assert out.returncode == 1 and out.stdout.split()[1] == "FAILED"
+
+
+def test_training_job_runs_ray_train_on_the_cluster(head, tmp_path):
+    from expertmesh.pipelines.train_data import DataSpec, write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, DataSpec(rows=24, lengths=(640,), group_rows=4), files=2)
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"data: {data}\nname: job-train\nstorage_path: {tmp_path / 'runs'}\noutput: {tmp_path / 'model'}\n"
+        "model: {num_hidden_layers: 2, no_rope_layers: [1, 0], layer_types: [chunked_attention, full_attention],\n"
+        "        moe_layers: [0, 1], attention_chunk_size: 256, hidden_size: 64, head_dim: 16,\n"
+        "        intermediate_size: 64, intermediate_size_mlp: 64, num_local_experts: 4}\n"
+        "num_workers: 1\ncpus_per_worker: 0.5\nbatch_size: 2\nmax_steps: 6\ncheckpoint_every: 3\nlog_every: 3\n")
+    out = cli("submit", "train", "--address", head, "--wait", "--", "--config", str(config), timeout=400)
+    assert len(out.stdout.split()) == 2, out.stderr[-3000:]
+    job_id, status = out.stdout.split()
+    logs = cli("submit", "logs", job_id, "--address", head).stdout
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert '"step": 6' in logs
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "training.json"]
