@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=cmd_eval)
 
+    from expertmesh.platform.k8s_status import add_parser as add_k8s_parser
+
+    add_k8s_parser(sub)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
     if "--" in argv:  # everything after "--" goes to the submitted job's module

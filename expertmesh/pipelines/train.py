@@ -158,8 +158,10 @@ def run(cfg: TrainConfig, address: str | None = None):
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():  # a Ray Job's driver joins its cluster (RAY_ADDRESS); else a local one
-        ray.init(address=address or ("auto" if os.environ.get("RAY_ADDRESS") else "local"),
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or "auto")  # a job's runtime_env is the job's
+        else:
+            ray.init(address="local", runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     data = ray.data.read_parquet(_data_path(cfg.data)).select_columns(["input_ids", "answer_start", "answer_len"])
