@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -193,16 +192,28 @@ def _data_path(path: str) -> str:
     return str(p)
 
 
-def export(checkpoint, output: str) -> Path:
-    """Copy the model files of a Ray Train checkpoint to `output` (a Hugging Face directory)."""
-    out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+def export(checkpoint, output: str) -> str:
+    """Copy the model files of a Ray Train checkpoint to `output`: a directory, or a URI
+    (`s3://`, `gs://`, ... through pyarrow.fs) that `Mesh.start(checkpoint=...)` reads back."""
     with checkpoint.as_directory() as d:
-        for name in MODEL_FILES:
-            shutil.copy2(Path(d) / name, out / name)
         state = json.loads((Path(d) / "trainer_state.json").read_text())
-    (out / "training.json").write_text(json.dumps({"step": state["step"], "metrics": state.get("metrics")}, indent=1))
-    return out
+        summary = json.dumps({"step": state["step"], "metrics": state.get("metrics")}, indent=1).encode()
+        files = {name: (Path(d) / name).read_bytes() for name in MODEL_FILES}
+    files["training.json"] = summary
+    if "://" in output and not output.startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(output)
+        fs.create_dir(root, recursive=True)
+        for name, data in files.items():
+            with fs.open_output_stream(f"{root.rstrip('/')}/{name}") as f:
+                f.write(data)
+        return output
+    out = Path(output.removeprefix("file://")).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return str(out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

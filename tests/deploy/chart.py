@@ -77,8 +77,9 @@ CASES: dict[str, dict] = {
     "jobs": {
         "tenants": {"list": TENANTS[:1]},
         "jobs": {
-            "train": {"enabled": True, "config": {"checkpoint_out": "s3://models/run-7", "steps": 2000,
-                                                  "lr": 0.0003},
+            "train": {"enabled": True, "config": {"data": "s3://data/long-context/", "output": "s3://models/run-7",
+                                                  "storage_path": "s3://runs/", "num_workers": 32,
+                                                  "use_gpu": True, "max_steps": 2000, "lr": 0.0003},
                       "runtimeEnv": {"working_dir": "s3://code/expertmesh.zip"},
                       "activeDeadlineSeconds": 86400,
                       "workerGroups": {"trainers": {"replicas": 4, "minReplicas": 4, "maxReplicas": 4, "gpus": 8,

@@ -296,6 +296,9 @@ def test_train_and_ingest_jobs(chart):
     assert argv[:3] == ["python", "-m", "expertmesh.pipelines.train"] and argv[3] == "--config"
     (cm,) = of_kind(docs, "ConfigMap")
     assert yaml.safe_load(cm["data"]["train.yaml"]) == CASES["jobs"]["jobs"]["train"]["config"]
+    from expertmesh.pipelines.train_config import TrainConfig
+
+    assert TrainConfig.from_dict(yaml.safe_load(cm["data"]["train.yaml"])).num_workers == 32  # what the job reads
     head = train["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == "job-config"]
     assert [v for v in head["volumes"] if v["name"] == "job-config"][0]["configMap"]["name"] == cm["metadata"]["name"]
