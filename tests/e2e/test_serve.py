@@ -9,7 +9,7 @@ import pytest
 from tests.e2e.conftest import KEYS
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
-CONTEXT = "The grass is green. The sky is blue. The pass key is 4242. " * 20
+CONTEXT = "The grass is green. The sky is blue. The pass key is 4242. " * 80  # 4,720 tokens: 3 chunks of 2048
 
 
 def client(url, tenant="acme"):
