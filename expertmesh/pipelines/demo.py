@@ -68,7 +68,7 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
         for i, (tenant, ctx, prompt, answer) in enumerate(asks):
             stream = i == 1
             t0 = time.perf_counter()
-            kw = dict(model="expertmesh", prompt=prompt, max_tokens=9, temperature=0.0,
+            kw = dict(model="expertmesh", prompt=prompt, max_tokens=len(answer.encode()), temperature=0.0,
                       extra_body={"context_id": ctx})
             if stream:
                 ttft, text, usage, pathway = None, "", None, {}
