@@ -46,7 +46,7 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return (ce * w).sum() / w.sum().clamp(min=1e-9)
 
 
-def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int, routing_topk=None) -> torch.Tensor:
+def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
     """Tokens routed to each expert, summed over layers: [E] (top-k of the logits)."""
     counts = torch.zeros(num_experts, dtype=torch.long, device=router_logits[0].device)
     for logits in router_logits:
