@@ -34,6 +34,13 @@ _EXPERT_NAMES = {  # local -> per-expert HF name
 _DEFAULT_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
+def open_filesystem(uri: str):
+    """(pyarrow filesystem, path inside it) for a URI such as s3://bucket/dir or gs://bucket/dir."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A local directory for a path or `file://`, `s3://`, `gs://` URI (copied once to a cache)."""
     text = str(path)
@@ -51,7 +58,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     cache = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
     local = cache / "checkpoints" / hashlib.sha256(text.encode()).hexdigest()[:16]
     if not (local / "config.json").is_file():
-        fs, root = pafs.FileSystem.from_uri(text)
+        fs, root = open_filesystem(text)
         tmp = local.with_suffix(".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

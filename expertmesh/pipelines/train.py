@@ -201,9 +201,9 @@ def export(checkpoint, output: str) -> str:
         files = {name: (Path(d) / name).read_bytes() for name in MODEL_FILES}
     files["training.json"] = summary
     if "://" in output and not output.startswith("file://"):
-        import pyarrow.fs as pafs
+        from expertmesh.model import checkpoint as ckpt
 
-        fs, root = pafs.FileSystem.from_uri(output)
+        fs, root = ckpt.open_filesystem(output)
         fs.create_dir(root, recursive=True)
         for name, data in files.items():
             with fs.open_output_stream(f"{root.rstrip('/')}/{name}") as f:
