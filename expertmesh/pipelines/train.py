@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
             window.add(res, time.perf_counter() - t0)
             step_index += 1
             bar.update(1)
-            out_of_time = cfg.time_limit_s is not None and time.monotonic() - began > cfg.time_limit_s
+            out_of_time = _out_of_time(cfg, began, world, device)
             last = step_index >= cfg.max_steps or out_of_time
             if step_index % cfg.log_every == 0 or step_index % cfg.checkpoint_every == 0 or last:
                 metrics = {**window.metrics(step_index, world), "resumed_from": start}
@@ -85,6 +85,16 @@ def train_loop_per_worker(config: dict) -> None:
         if out_of_time:
             break
     bar.close()
+
+
+def _out_of_time(cfg: TrainConfig, began: float, world: int, device: torch.device) -> bool:
+    """Whether the time limit has passed, agreed by all workers (they must stop at the same step)."""
+    if cfg.time_limit_s is None:
+        return False
+    flag = torch.tensor([float(time.monotonic() - began > cfg.time_limit_s)], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _report_with_checkpoint(core, optimizer, step_index: int, metrics: dict, rank: int) -> None:

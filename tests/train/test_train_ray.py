@@ -148,3 +148,11 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
         TrainConfig.from_dict({})
     with pytest.raises(FileNotFoundError, match="expertmesh data"):
         run(TrainConfig.from_dict({"data": str(tmp_path / "missing")}))
+
+
+def test_time_limit_stops_all_workers_at_the_same_step(ray_cluster, data, tmp_path):
+    cfg = _config(data, tmp_path, num_workers=2, max_steps=10_000, time_limit_s=3.0, checkpoint_every=1000)
+    result = run(cfg)  # a worker stopping alone would leave the other waiting in DDP forever
+    assert result.error is None
+    assert 1 <= result.metrics["step"] < 10_000
+    assert Path(cfg.output, "model.safetensors").is_file()
