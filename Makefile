@@ -43,7 +43,7 @@ eval: setup
 
 # the recorded command that trained expertmesh/assets/default-model (on a GPU host)
 train-demo-model: setup
-	PY=$(PY) scripts/train_demo_model.sh
+	for r in 1 2 3; do PY=$(PY) scripts/train_demo_model.sh $$r; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
