@@ -64,11 +64,17 @@ def _held_out_loss(model, data: str) -> float:
                  + 0.1 * token_loss(logits, b["targets"], b["valid"] * (1 - b["answer"])))
 
 
-def test_two_worker_run_lowers_the_loss_and_exports_a_checkpoint(ray_cluster, data, tmp_path):
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, data, tmp_path_factory):
+    """One 2-worker run shared by the tests below (each Ray Train start costs ~15 s here)."""
+    cfg = _config(data, tmp_path_factory.mktemp("two-workers"), num_workers=2, max_steps=24)
+    return cfg, run(cfg)
+
+
+def test_two_worker_run_lowers_the_loss_and_exports_a_checkpoint(two_worker_run, data):
     from expertmesh.pipelines.train_step import build_model
 
-    cfg = _config(data, tmp_path, num_workers=2, max_steps=24)
-    result = run(cfg)
+    cfg, result = two_worker_run
     assert result.error is None
     states = _log(result)
     assert states[-1]["step"] == 24
@@ -117,12 +123,11 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_cluster, data, tmp_path):
     assert result.metrics["resumed_from"] >= 6  # the restarted worker began at a checkpoint, not at 0
 
 
-def test_trained_checkpoint_serves_in_the_mesh_and_loads_in_transformers(ray_cluster, data, tmp_path):
+def test_trained_checkpoint_serves_in_the_mesh_and_loads_in_transformers(two_worker_run):
     import expertmesh as em
     from transformers import AutoModelForCausalLM
 
-    cfg = _config(data, tmp_path, max_steps=4, checkpoint_every=4, log_every=2)
-    run(cfg)
+    cfg, _ = two_worker_run
     ours = load_model(cfg.output)
     hf = AutoModelForCausalLM.from_pretrained(cfg.output, dtype=torch.float32).eval()
     ids = torch.randint(4, 260, (300,))
