@@ -21,10 +21,11 @@ import torch
 from expertmesh.actors.engine import Engine, call
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
-from expertmesh.errors import ContextNotFound
+from expertmesh.errors import ContextNotFound, Unavailable
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
+from expertmesh.platform.cluster import lookup
 from expertmesh.platform.registry import MODES, ContextInfo, ContextRecord, plan_segments
 
 
@@ -38,10 +39,12 @@ class Router:
         self.checkpoint = checkpoint
         self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
         self.cfg = self.model.cfg
-        self.shards, self.groups = shards, groups
+        self.shards, self.groups = lookup(shards), lookup(groups)  # names: see cluster.actor_name
+        shards, groups = self.shards, self.groups
         self.capacity_tokens = capacity_tokens
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
         self.contexts: dict[str, ContextRecord] = {}
+        self.lost: dict[str, str] = {}  # context id -> why it was lost (a shard restarted without a store)
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
         self.engine = Engine(self.model, shards, groups, self.partition, {}, compiled_graphs)
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
@@ -179,10 +182,9 @@ class Router:
             tokens, t0 = sum(len(s.token_ids) - s.num_computed for s in batch), time.perf_counter()
             try:
                 outs = await self.engine.forward(batch)  # attend + route experts, layer by layer
-            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+            except Exception as exc:  # noqa: BLE001 - fail or retry this batch's requests, keep serving
                 self.scheduler.step_done(batch)
-                for seq in batch:
-                    self._finish(seq, error=exc)
+                await self._recover(batch, exc)
                 continue
             self.scheduler.step_done(batch)
             self.steps += 1
@@ -222,6 +224,47 @@ class Router:
                 seq.done.set_exception(error)
             else:
                 seq.done.set_result(None)
+
+    async def _recover(self, batch: list[Sequence], exc: Exception) -> None:
+        """A step failed. An actor that died under it (Ray restarts it) or a shard that restarted
+        without a store (it lost its contexts) is recoverable: contexts the shards no longer hold
+        are dropped and their requests fail with ContextNotFound; the rest run the step once more.
+        Any other error fails the batch's requests."""
+        recoverable = isinstance(exc, (ContextNotFound, ray.exceptions.RayActorError))
+        lost = await self._drop_lost_contexts() if recoverable else {}
+        for seq in batch:
+            if seq.context_id in lost:
+                self._finish(seq, error=ContextNotFound(lost[seq.context_id]))
+            elif recoverable and seq.retries == 0:
+                seq.retries += 1
+                seq.kv.truncate(seq.num_computed)  # forget the failed step's partial KV
+                self.scheduler.add(seq)
+                self._wake.set()
+            elif isinstance(exc, ray.exceptions.RayActorError):
+                self._finish(seq, error=Unavailable(f"a mesh actor failed twice under request {seq.request_id!r} "
+                                                    f"({type(exc).__name__}); retry later"))
+            else:
+                self._finish(seq, error=exc)
+
+    async def _drop_lost_contexts(self) -> dict[str, str]:
+        """Ready contexts with a segment that its shard no longer holds (the shard restarted and
+        had no store to reload it from): drop them; return id -> why, for their requests."""
+        held = await asyncio.gather(*(call(s, "contexts") for s in self.shards), return_exceptions=True)
+        lost = {}
+        for cid, record in list(self.contexts.items()):
+            gone = [s.shard for s in record.segments if isinstance(held[s.shard], dict) and cid not in held[s.shard]]
+            if record.ready and gone:
+                lost[cid] = (f"context {cid!r} was lost with context shard {gone[0]}: the shard restarted and "
+                             f"the mesh has no store to reload it from; register it again")
+                del self.contexts[cid]
+                self.engine.summaries.pop(cid, None)
+                record.dropped = True
+                if record.active == 0:
+                    await self._drop_segments(record)
+        self.lost.update(lost)
+        while len(self.lost) > 10_000:  # remembered for clear errors, bounded
+            self.lost.pop(next(iter(self.lost)))
+        return lost
 
     async def _run(self, seq: Sequence) -> None:
         """Queue a sequence for the step loop and wait until it finishes."""
@@ -280,7 +323,7 @@ class Router:
     def _record(self, context_id: str) -> ContextRecord:
         record = self.contexts.get(context_id)
         if record is None or not record.ready:
-            raise ContextNotFound(f"context {context_id!r} is not registered")
+            raise ContextNotFound(self.lost.get(context_id, f"context {context_id!r} is not registered"))
         return record
 
     def _free_tokens(self) -> list[int]:

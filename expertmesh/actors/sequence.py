@@ -53,6 +53,7 @@ class Sequence:
     t_first: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    retries: int = 0  # steps run again after an actor failed under them (at most 1)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.token_ids)
