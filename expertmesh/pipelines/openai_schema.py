@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,7 +34,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] = Field(description="text, or token ids")
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] = Field(
+        description="text, or token ids (not empty)")
 
 
 class ChatMessage(BaseModel):
@@ -47,10 +48,18 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
 
 
+def _one_source_schema(schema: dict) -> None:
+    """Declare what `_one_source` enforces: exactly one of text / token_ids, neither null."""
+    schema["oneOf"] = [{"required": ["text"]}, {"required": ["token_ids"]}]
+    for name in ("text", "token_ids"):
+        schema["properties"][name].pop("default", None)
+
+
 class ContextRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, description="context text (give text or token_ids)")
-    token_ids: list[int] | None = Field(None, description="context token ids (give text or token_ids)")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_source_schema)
+    text: str = Field(None, min_length=1, description="context text (give exactly one of text or token_ids)")
+    token_ids: list[int] = Field(None, min_length=1,
+                                 description="context token ids (give exactly one of text or token_ids)")
     mode: Literal["exact", "blockwise"] = Field("exact", description="registration mode")
     visibility: Literal["private", "shared"] = Field("private", description="shared: every tenant may use it")
     name: str | None = Field(None, max_length=256, description="a label for the context")

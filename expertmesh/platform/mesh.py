@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -177,6 +178,33 @@ class Mesh:
         config = ModelConfig.from_file(path / "config.json")
         return cls(router, desc["shards"], desc["groups"], config, load_tokenizer(path, config.vocab_size), path,
                    started_ray=False, owned=False)
+
+    @classmethod
+    def attach_or_start(cls, name: str, start_timeout_s: float = 120.0, **start: Any) -> "Mesh":
+        """The running mesh `name`, or a new detached one started under that name (Ray must be
+        initialised). Serve replicas meet here: the first starts the mesh, every other one (a
+        second replica, a replacement, a redeploy) attaches; replicas racing to start it leave
+        one mesh. The handle returned never stops the mesh (`shutdown(stop_actors=True)` does)."""
+        deadline = time.monotonic() + start_timeout_s
+        try:
+            return cls.attach(name)
+        except ValueError:
+            pass
+        try:
+            mesh = cls.start(name=name, detached=True, address="auto", start_timeout_s=start_timeout_s, **start)
+            mesh._owned = False
+            return mesh
+        except ValueError as exc:  # another replica took the name first: wait for its mesh
+            if "already taken" not in str(exc):
+                raise
+        while True:
+            try:
+                return cls.attach(name)
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise PlacementError(f"mesh {name!r} is being started by another driver and was not up "
+                                         f"within {start_timeout_s:g} s") from None
+                time.sleep(0.5)
 
     # -- contexts -------------------------------------------------------------------------
     @_unwrap
