@@ -194,9 +194,8 @@ class Mesh:
             mesh = cls.start(name=name, detached=True, address="auto", start_timeout_s=start_timeout_s, **start)
             mesh._owned = False
             return mesh
-        except ValueError as exc:  # another replica took the name first: wait for its mesh
-            if "already taken" not in str(exc):
-                raise
+        except ray.exceptions.ActorAlreadyExistsError:  # another replica took the name first: wait for its mesh
+            pass
         while True:
             try:
                 return cls.attach(name)
