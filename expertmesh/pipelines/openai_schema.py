@@ -15,8 +15,10 @@ class _Sampling(BaseModel):
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the completion")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed (reproducible output)")
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        max_length=MAX_STOP)] | None = Field(None, description="up to 4 non-empty strings that end the completion")
+    seed: int | None = Field(None, ge=0, le=2**53 - 1,  # exact in every JSON parser (doubles)
+                             description="sampling seed (reproducible output)")
     stream: bool = Field(False, description="server-sent events, one chunk per token")
     n: int = Field(1, ge=1, le=1, description="completions per prompt (only 1)")
     context_id: str | None = Field(None, max_length=128, description="registered context to attend over")
@@ -156,3 +158,16 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def declare_limits(schema: dict, vocab_size: int, max_completion_tokens: int) -> dict:
+    """An OpenAPI schema of this API with the serving limits it enforces: token ids inside the
+    vocabulary, max_tokens up to the server's limit (known once the model is loaded)."""
+    comps = schema["components"]["schemas"]
+    ids = [comps["ContextRequest"]["properties"]["token_ids"]["items"]]
+    ids += [v["items"] for v in comps["CompletionRequest"]["properties"]["prompt"]["anyOf"] if "items" in v]
+    for item in ids:
+        item.update(minimum=0, maximum=vocab_size - 1)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        comps[name]["properties"]["max_tokens"]["maximum"] = max_completion_tokens
+    return schema

@@ -19,6 +19,7 @@ it stops; under `serve run`/`serve deploy` stop it with
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -117,8 +118,18 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)  # 405: Allow
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = exc.headers
+    if exc.status_code == 405:  # Allow: every method the schema documents for the path (Starlette: one route's)
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed(request.app.openapi(), request.url.path))}
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error", headers=headers)
+
+
+def _allowed(schema: dict, path: str) -> list[str]:
+    for template, ops in schema["paths"].items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
+            return sorted(m.upper() for m in ops)
+    return []
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -217,6 +228,8 @@ class ExpertMeshServer:
             expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens,
             **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
+        api.openapi_schema = None
+        api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)
         self.holder = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
         self.limits = TenantLimits.options(name=f"{s.mesh_name}.tenants", namespace=NAMESPACE, lifetime="detached",
                                            get_if_exists=True).remote(tenants.model_dump() if tenants else None)
