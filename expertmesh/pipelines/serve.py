@@ -210,7 +210,7 @@ class _Admission:
 
 
 # graceful_shutdown_timeout_s: how long a stopping replica lets in-flight streams finish (drain)
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=10,
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2,
                   graceful_shutdown_timeout_s=10, graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(api)
 class ExpertMeshServer:
