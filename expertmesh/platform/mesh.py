@@ -73,7 +73,7 @@ def _await_pings(router, shards: list, groups: list, timeout_s: float) -> None:
 
 def wait_until_back(actor, what: str, timeout_s: float) -> float:
     """Block until a restarting actor answers again; return the seconds waited, or raise
-    Unavailable (retryable) after timeout_s or if it will not come back."""
+    Unavailable (retryable) after timeout_s, or once it is clearly not coming back."""
     t0 = time.monotonic()
     while True:
         left = timeout_s - (time.monotonic() - t0)
@@ -81,7 +81,9 @@ def wait_until_back(actor, what: str, timeout_s: float) -> float:
             ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, min(left, 5.0)))
             return time.monotonic() - t0
         except ray.exceptions.ActorDiedError as exc:
-            if "restart" not in str(exc).lower() and time.monotonic() - t0 > 1.0:
+            # calls to a restarting actor wait for it; "died" after a short grace (the handle
+            # learning of the restart) means it will not restart (killed for good, node gone)
+            if time.monotonic() - t0 > 2.0:
                 raise Unavailable(f"{what} died and is not coming back: {exc}") from None
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             pass
