@@ -18,8 +18,9 @@ EXPERT_GROUP = "expert_group"
 NAMESPACE = "expertmesh"  # where a mesh's named actors live (Mesh.attach, restarts)
 
 
-def connect(address: str | None, context_shards: int, expert_groups: int) -> bool:
-    """Make sure Ray is initialised; return True if this call started it."""
+def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
+    """Make sure Ray is initialised; return True if this call started it. env: environment
+    variables of this job's workers (and of the actors it creates)."""
     if ray.is_initialized():
         return False
     if address is None:
@@ -27,10 +28,10 @@ def connect(address: str | None, context_shards: int, expert_groups: int) -> boo
             address="local",  # a new local cluster even where a `ray start` cluster runs on this machine
             resources={CONTEXT_SHARD: context_shards, EXPERT_GROUP: expert_groups},
             include_dashboard=False, log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore", **(env or {})}},
         )
     else:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, **({"runtime_env": {"env_vars": env}} if env else {}))
     return True
 
 
