@@ -18,7 +18,8 @@ from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.platform.cluster import CONTEXT_SHARD, EXPERT_GROUP, actor_options, connect, threads_per_actor
-from expertmesh.platform.registry import ContextInfo
+from expertmesh.store.pages import KV_DTYPES
+from expertmesh.store.registry import ContextInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +64,19 @@ class Mesh:
 
     @classmethod
     def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
-              address: str | None = None, shard_capacity_tokens: int = 1 << 20, page_size: int = 64,
+              address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
               max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
-              name: str | None = None) -> "Mesh":
+              name: str | None = None, store: str | os.PathLike | None = None,
+              shard_memory_bytes: int | None = None, kv_dtype: str = "float32") -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
+
+        store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
+        and manifests: contexts survive restarts and may be larger than memory. None: each
+        shard keeps its pages in a scratch directory of its host, lost with the shard.
+        shard_memory_bytes: each shard's budget of hot pages in memory (None: an eighth of
+        its host's memory); the rest are read from the store on demand.
+        kv_dtype: "float32" or "bfloat16", how KV pages are stored (attention accumulates in fp32).
+        shard_capacity_tokens: a cap on the tokens each shard holds (None: bounded by the store).
 
         lanes: router step loops that overlap one batch's compute with another's remote calls.
         compiled_graphs: the router's per-layer fan-outs to shards and groups run over Ray
@@ -76,6 +86,13 @@ class Mesh:
         """
         if context_shards < 1:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if shard_memory_bytes is not None and shard_memory_bytes < 1:
+            raise ValueError(f"shard_memory_bytes must be >= 1 or None, got {shard_memory_bytes}")
+        store = None if store is None else str(store)
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
         partition = expert_partition(config.num_experts, expert_groups) if any(config.moe_layers) else []
@@ -84,7 +101,7 @@ class Mesh:
         specs = [config.attention_spec(i) for i in range(config.num_layers)]
         shards = [
             RemoteContextShard.options(**actor_options(CONTEXT_SHARD), name=None).remote(
-                i, specs, shard_capacity_tokens, page_size, threads)
+                i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype)
             for i in range(context_shards)
         ]
         groups = [
@@ -93,7 +110,8 @@ class Mesh:
         ]
         named = {"name": f"{name}.router", "namespace": NAMESPACE} if name else {}
         router = RemoteRouter.options(**actor_options(None), **named).remote(
-            str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs)
+            str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs,
+            store, kv_dtype, page_size)
         ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
         return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
 
@@ -130,18 +148,23 @@ class Mesh:
     # -- requests -------------------------------------------------------------------------
     @_unwrap
     def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
-                       top_shards: int | None = None) -> np.ndarray:
+                       top_shards: int | None = None, top_pages: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
-        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards))
+        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt").tolist(), context_id,
+                                                         top_shards, top_pages))
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 top_shards: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> GenerationResult:
-        """Generate after context + prompt; safe to call from many threads (requests batch)."""
+                 top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
+                 top_pages: int | None = None) -> GenerationResult:
+        """Generate after context + prompt; safe to call from many threads (requests batch).
+
+        top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
+        top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact."""
         res = ray.get(self.router.generate.remote(
             self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens, temperature, top_p, seed,
-            top_shards, tuple(stop_token_ids)))
+            top_shards, tuple(stop_token_ids), "default", None, top_pages))
         return GenerationResult(
             request_id=res["request_id"], token_ids=res["token_ids"], text=self.tokenizer.decode(res["token_ids"]), pathway=res["pathway"],
             finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],
