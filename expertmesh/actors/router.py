@@ -95,23 +95,22 @@ class Router:
                              f"({self.cfg.max_position_embeddings:,})")
         segments = plan_segments(len(token_ids), self._free_tokens(), self.capacity_tokens,
                                  self.cfg.alignment, shards)
-        digest = tokens_sha256(token_ids) if self.catalog is not None else ""
-        reuse = self._reusable(digest, mode, len(token_ids), len(segments))
-        if reuse is not None:
-            segments = [Segment(e.shard, e.start, e.end) for e in reuse.segments]
         info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
                            time.time(), self.kv_dtype, self.catalog is not None)
         record = ContextRecord(info, segments)
+        record.files = [f"{cid}.{i}.kv" for i in range(len(segments))]
+        record.nbytes = [0] * len(segments)
+        digests = self._digests(token_ids, segments)
+        reused = self._reuse(record, digests)
         self.contexts[cid] = record
         try:
-            if reuse is not None:
-                record.files = [e.file for e in reuse.segments]
-                await self._open_segments(record)
-            else:
-                record.files = [f"{cid}.{i}.kv" for i in range(len(segments))]
-                await self._compute_segments(record, token_ids)
+            if reused:  # stored KV of the same tokens (same model, mode, positions): no recompute
+                await self._open_segments(record, reused)
+            todo = [i for i in range(len(segments)) if i not in reused]
+            if todo:
+                await self._compute_segments(record, token_ids, todo)
             if self.catalog is not None:
-                self.catalog.add(self._manifest(record, digest))
+                self.catalog.add(self._manifest(record, digests))
         except BaseException:
             self.contexts.pop(cid, None)
             self.engine.summaries.pop(cid, None)
@@ -119,15 +118,17 @@ class Router:
                                  return_exceptions=True)
             raise
         record.ready = True
+        record.opened = True
         return info
 
-    async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray) -> None:
-        """Run the context's pieces and append their KV to the segment files; exact: in order, each
-        piece attending to everything stored before it; blockwise: each segment on its own."""
+    async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int]) -> None:
+        """Run the pieces of segments `todo` and append their KV to new segment files; exact: in
+        order, each piece attending to everything stored before it; blockwise: each segment on
+        its own."""
         cid, segments, cfg = record.info.id, record.segments, self.cfg
         heads, head_dim = cfg.num_kv_heads, cfg.head_dim
-        await asyncio.gather(*(call(self.shards[s.shard], "begin", cid, f, s.start, s.end, cfg.num_layers, heads,
-                                    head_dim) for s, f in zip(segments, record.files)))
+        await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
+                                    segments[i].end, cfg.num_layers, heads, head_dim) for i in todo))
 
         async def piece(i: int, seg: Segment, a: int, b: int) -> None:
             seen = segments[:i] if record.info.mode == "exact" else []
@@ -146,47 +147,56 @@ class Router:
                 await piece(i, seg, a, min(seg.end, a + self.piece_tokens))
 
         if record.info.mode == "exact":
-            for i, seg in enumerate(segments):
-                await segment(i, seg)
+            for i in todo:
+                await segment(i, segments[i])
         else:
-            await asyncio.gather(*(segment(i, seg) for i, seg in enumerate(segments)))
-        done = await asyncio.gather(*(call(self.shards[s.shard], "finish", cid) for s in segments))
-        record.nbytes = [n for n, _ in done]
-        self._keep_summaries(record, [summ for _, summ in done])
+            await asyncio.gather(*(segment(i, segments[i]) for i in todo))
+        done = await asyncio.gather(*(call(self.shards[segments[i].shard], "finish", cid) for i in todo))
+        for i, (n, _) in zip(todo, done):
+            record.nbytes[i] = n
+        self._keep_summaries(record, todo, [summ for _, summ in done])
 
-    async def _open_segments(self, record: ContextRecord) -> None:
-        """Have the shards serve a stored context's segment files (after a restart, or reuse)."""
+    async def _open_segments(self, record: ContextRecord, which: list[int] | None = None) -> None:
+        """Have the shards serve stored segment files of a context (after a restart, or reuse)."""
         cid = record.info.id
-        summ = await asyncio.gather(*(call(self.shards[s.shard], "open", cid, f, s.start, s.end)
-                                      for s, f in zip(record.segments, record.files)))
-        self._keep_summaries(record, summ)
+        which = list(range(len(record.segments))) if which is None else which
+        summ = await asyncio.gather(*(call(self.shards[record.segments[i].shard], "open", cid, record.files[i],
+                                           record.segments[i].start, record.segments[i].end) for i in which))
+        self._keep_summaries(record, which, summ)
         record.opened = True
 
-    def _keep_summaries(self, record: ContextRecord, per_segment: list) -> None:
-        for seg, summ in zip(record.segments, per_segment):
-            record.summaries[seg.shard] = [None if x is None else (torch.from_numpy(x[0]), torch.from_numpy(x[1]))
-                                           for x in summ]
+    def _keep_summaries(self, record: ContextRecord, which: list[int], per_segment: list) -> None:
+        for i, summ in zip(which, per_segment):
+            record.summaries[record.segments[i].shard] = [
+                None if x is None else (torch.from_numpy(x[0]), torch.from_numpy(x[1])) for x in summ]
         self.engine.summaries[record.info.id] = record.summaries
-        record.opened = True
 
-    def _reusable(self, digest: str, mode: str, num_tokens: int, count: int):
+    def _digests(self, token_ids: np.ndarray, segments: list[Segment]) -> list[tuple[str, str]]:
+        """(segment tokens sha256, prefix sha256) per segment: what stored KV may be reused for."""
         if self.catalog is None:
-            return None
-        for m in self.catalog.manifests.values():
-            if (m.tokens_sha256, m.mode, m.num_tokens, m.kv_dtype, m.page_size, len(m.segments)) == (
-                    digest, mode, num_tokens, self.kv_dtype, self.page_size, count) \
-                    and all(e.shard < len(self.shards) for e in m.segments):
-                return m
-        return None
+            return [("", "")] * len(segments)
+        return [(tokens_sha256(token_ids[s.start:s.end]), tokens_sha256(token_ids[:s.end])) for s in segments]
 
-    def _manifest(self, record: ContextRecord, digest: str) -> Manifest:
+    def _reuse(self, record: ContextRecord, digests: list[tuple[str, str]]) -> list[int]:
+        """Point segments at stored files computed from the same tokens; returns their indices."""
+        if self.catalog is None:
+            return []
+        out = []
+        for i, (seg, (tokens, prefix)) in enumerate(zip(record.segments, digests)):
+            entry = self.catalog.reusable_segment(record.info.mode, seg.start, seg.end, tokens, prefix,
+                                                  self.kv_dtype, self.page_size)
+            if entry is not None:
+                record.files[i], record.nbytes[i] = entry.file, entry.nbytes
+                out.append(i)
+        return out
+
+    def _manifest(self, record: ContextRecord, digests: list[tuple[str, str]]) -> Manifest:
         i = record.info
-        sizes = record.nbytes or [0] * len(record.segments)
-        reused = {e.file: e.nbytes for m in self.catalog.manifests.values() for e in m.segments}
         return Manifest(i.id, i.num_tokens, i.mode, tuple(
-            SegmentEntry(s.shard, s.start, s.end, f, n or reused.get(f, 0))
-            for s, f, n in zip(record.segments, record.files, sizes)), i.owner, i.visibility, i.name, i.created,
-            self.kv_dtype, self.page_size, self.fingerprint, digest)
+            SegmentEntry(s.shard, s.start, s.end, f, n, tokens, prefix)
+            for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
+            i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
+            tokens_sha256(np.zeros(0)) if not digests else digests[-1][1])
 
     def _adopt(self, m: Manifest) -> None:
         """A stored context, listed at once; its shards open its files at first use."""

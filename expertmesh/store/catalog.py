@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 
 from expertmesh.store.location import StoreLocation
-from expertmesh.store.manifest import Manifest
+from expertmesh.store.manifest import Manifest, SegmentEntry
 
 
 def tokens_sha256(token_ids: np.ndarray) -> str:
@@ -83,9 +83,16 @@ class Catalog:
             self.location.delete(f"segments/{f}")
         return files
 
-    def find_reusable(self, probe: Manifest) -> Manifest | None:
-        """A stored context whose KV serves `probe` (same tokens, model, mode and cut)."""
+    def reusable_segment(self, mode: str, start: int, end: int, tokens: str, prefix: str, kv_dtype: str,
+                         page_size: int) -> SegmentEntry | None:
+        """A stored segment file whose KV serves tokens [start, end) of a new context: blockwise
+        KV depends only on the segment's own tokens and positions; exact KV on all tokens before
+        its end too."""
         for m in self.manifests.values():
-            if m.same_kv(probe):
-                return m
+            if (m.mode, m.kv_dtype, m.page_size) != (mode, kv_dtype, page_size):
+                continue
+            for e in m.segments:
+                if (e.start, e.end) == (start, end) and (e.prefix_sha256 == prefix if mode == "exact"
+                                                         else e.tokens_sha256 == tokens):
+                    return e
         return None

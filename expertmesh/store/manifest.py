@@ -22,6 +22,8 @@ class SegmentEntry:
     end: int
     file: str
     nbytes: int = 0
+    tokens_sha256: str = ""  # of this segment's tokens
+    prefix_sha256: str = ""  # of the context's tokens [0, end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +61,3 @@ class Manifest:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
-
-    def same_kv(self, other: "Manifest") -> bool:
-        """Would `other`'s stored KV serve this context (same tokens, model, mode, cut)?"""
-        cut = [(s.shard, s.start, s.end) for s in self.segments]
-        return (self.tokens_sha256, self.mode, self.kv_dtype, self.page_size, self.model_fingerprint, cut) == (
-            other.tokens_sha256, other.mode, other.kv_dtype, other.page_size, other.model_fingerprint,
-            [(s.shard, s.start, s.end) for s in other.segments])
