@@ -246,8 +246,11 @@ class ContextShard:
             pages = self._pages_for(opened, layer, spec, q, q_pos, item.top_pages)
             parts, reads = [], Counter(pages=len(pages))
             for i in range(0, len(pages), STREAM_PAGES):
-                k, v, k_pos = self._gather(opened, layer, pages[i:i + STREAM_PAGES], reads,
-                                           scan=item.top_pages is None and not (spec.chunk_size or spec.window))
+                try:
+                    k, v, k_pos = self._gather(opened, layer, pages[i:i + STREAM_PAGES], reads,
+                                               scan=item.top_pages is None and not (spec.chunk_size or spec.window))
+                except StoreCorrupted as exc:  # never wrong output: this context fails, the rest keep working
+                    raise ContextNotFound(f"context {item.context_id!r} is unavailable: {exc}") from None
                 parts.append(partial_attention(q, q_pos, k, v, k_pos, spec))
             if parts:
                 o, lse = merge_partials(parts)

@@ -36,7 +36,7 @@ class Router:
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
                  compiled_graphs: bool = False, store: str | None = None, kv_dtype: str = "float32",
-                 page_size: int = 64) -> None:
+                 page_size: int = 64, fingerprint: str | None = None) -> None:
         """compiled_graphs: run the per-layer fan-outs over Ray Compiled Graphs (built on first use).
         store: the mesh's context store (a directory or URI); its contexts are listed at once."""
         if num_threads:
@@ -51,7 +51,7 @@ class Router:
         self.piece_tokens = max(unit, max_batch_tokens // unit * unit)  # registration runs in pieces this long
         self.catalog: Catalog | None = None
         if store is not None:
-            self.fingerprint = model_fingerprint(checkpoint)
+            self.fingerprint = fingerprint or model_fingerprint(checkpoint)
             self.catalog = Catalog.open(store, self.fingerprint, {"architecture": self.cfg.architecture,
                                                                   "checkpoint": str(checkpoint)})
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []

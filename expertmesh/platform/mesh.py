@@ -18,6 +18,8 @@ from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.platform.cluster import CONTEXT_SHARD, EXPERT_GROUP, actor_options, connect, threads_per_actor
+from expertmesh.store.fingerprint import model_fingerprint
+from expertmesh.store.location import StoreLocation
 from expertmesh.store.pages import KV_DTYPES
 from expertmesh.store.registry import ContextInfo
 
@@ -96,6 +98,10 @@ class Mesh:
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
         partition = expert_partition(config.num_experts, expert_groups) if any(config.moe_layers) else []
+        fingerprint = None
+        if store is not None:  # refuse a store of other weights before any actor starts
+            fingerprint = model_fingerprint(path)
+            StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
         started = connect(address, context_shards, expert_groups)
         threads = threads_per_actor(context_shards + expert_groups + 1)
         specs = [config.attention_spec(i) for i in range(config.num_layers)]
@@ -111,7 +117,7 @@ class Mesh:
         named = {"name": f"{name}.router", "namespace": NAMESPACE} if name else {}
         router = RemoteRouter.options(**actor_options(None), **named).remote(
             str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs,
-            store, kv_dtype, page_size)
+            store, kv_dtype, page_size, fingerprint)
         ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
         return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
 
