@@ -13,21 +13,34 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-shards", type=int, default=4, help="context shard actors (default 4)")
     p.add_argument("--expert-groups", type=int, default=2, help="expert group actors (default 2)")
     p.add_argument("--address", default=None, help="Ray address to join ('auto' or URL); default: start locally")
+    p.add_argument("--store", default=None, help="context store: directory or URI (s3://, gs://, file://); "
+                                                 "contexts survive restarts")
+    p.add_argument("--shard-memory-bytes", type=int, default=None, help="hot KV pages per shard in memory")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default="float32", help="how KV pages are stored")
+
+
+def _store_kwargs(args: argparse.Namespace) -> dict:
+    return {"store": args.store, "shard_memory_bytes": args.shard_memory_bytes, "kv_dtype": args.kv_dtype}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import expertmesh as em
 
     mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
-                         expert_groups=args.expert_groups, address=args.address)
+                         expert_groups=args.expert_groups, address=args.address, **_store_kwargs(args))
     try:
         ctx = None
-        if args.context_file:
+        if args.context_file:  # on a store, the same file again reuses its stored KV
             text = Path(args.context_file).read_text(encoding="utf-8")
             ctx = mesh.register_context(mesh.tokenizer.encode(text), mode=args.mode)
+        elif args.context_id:
+            ctx = next((c for c in mesh.contexts() if c.id == args.context_id), None)
+            if ctx is None:
+                raise em.ContextNotFound(f"context {args.context_id!r} is not in the store "
+                                         f"({len(mesh.contexts())} stored contexts)")
         res = mesh.generate(mesh.tokenizer.encode(args.prompt), context_id=ctx.id if ctx else None,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_shards=args.top_shards, seed=args.seed)
+                            top_shards=args.top_shards, seed=args.seed, top_pages=args.top_pages)
         if args.json:
             print(json.dumps({"text": res.text, "token_ids": res.token_ids, "pathway": res.pathway,
                               "context": ctx.__dict__ if ctx else None, "ttft_s": res.ttft_s,
@@ -57,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "only binds 127.0.0.1")
     settings = {"checkpoint": args.checkpoint, "context_shards": args.context_shards,
                 "expert_groups": args.expert_groups, "max_queue": args.max_queue,
-                "max_completion_tokens": args.max_completion_tokens}
+                "max_completion_tokens": args.max_completion_tokens, **_store_kwargs(args)}
     if args.tenants:  # parsed here (clear errors) and passed inline, so no node needs the file
         settings["tenants"] = load_tenants(args.tenants).model_dump()
     connect(args.address, args.context_shards, args.expert_groups)
@@ -130,7 +143,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from expertmesh.pipelines import demo
 
     demo.run(context_tokens=args.context_tokens, context_shards=args.context_shards,
-             expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode)
+             expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode,
+             store=args.store)
     return 0
 
 
@@ -159,7 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     modes = args.modes.split(",")
     capacity = max(1 << 20, -(-max(lengths) // args.context_shards) + 4096)
     mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
-                         expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity)
+                         expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity,
+                         **_store_kwargs(args))
     try:
         cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,
                          log=lambda s: print(s, flush=True))
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--top-shards", type=int, default=None, help="visit only the k best-scoring shards")
+    g.add_argument("--top-pages", type=int, default=None, help="in each shard, only the p best-bounded KV pages")
+    g.add_argument("--context-id", default=None, help="a context already in the --store (instead of --context-file)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 

@@ -23,7 +23,8 @@ def _free_port() -> int:
 
 
 def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int = 2,
-        checkpoint: str | None = None, address: str | None = None, mode: str = "exact") -> None:
+        checkpoint: str | None = None, address: str | None = None, mode: str = "exact",
+        store: str | None = None) -> None:
     import httpx
     import openai
     import ray
@@ -41,7 +42,8 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": checkpoint, "context_shards": context_shards,
-                         "expert_groups": expert_groups, "tenants": tenants}), name="expertmesh", route_prefix="/")
+                         "expert_groups": expert_groups, "tenants": tenants, "store": store}), name="expertmesh",
+              route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     print(f"server up in {time.perf_counter() - t0:.1f}s at {url}/v1 "
           f"({context_shards} context shards, {expert_groups} expert groups)")

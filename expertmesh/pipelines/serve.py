@@ -14,7 +14,7 @@ requests together.
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -44,7 +44,13 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(256, ge=1, description="requests admitted at once over all tenants; more get 503")
     max_prompt_tokens: int = Field(131072, ge=1, description="prompt tokens per request")
     max_completion_tokens: int = Field(4096, ge=1, description="max_tokens per request")
-    shard_capacity_tokens: int = Field(1 << 20, ge=1, description="context tokens each shard holds")
+    shard_capacity_tokens: int | None = Field(None, ge=1, description="cap on context tokens each shard holds; "
+                                                                          "None: bounded by the store")
+    store: str | None = Field(None, description="context store: a directory (e.g. a PVC mount) or URI "
+                                                "(s3://, gs://, file://); contexts survive restarts. None: none")
+    shard_memory_bytes: int | None = Field(None, ge=1, description="hot KV pages per shard in memory; "
+                                                                   "None: an eighth of the host's memory")
+    kv_dtype: Literal["float32", "bfloat16"] = Field("float32", description="how KV pages are stored")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
     mesh_name: str | None = Field("expertmesh", description="name ingestion jobs attach to (Mesh.attach)")
 
@@ -122,7 +128,8 @@ class ExpertMeshServer:
         self.tenants = Tenants(tenants)
         self.mesh = Mesh.start(checkpoint=s.checkpoint, context_shards=s.context_shards,
                                expert_groups=s.expert_groups, address="auto",
-                               shard_capacity_tokens=s.shard_capacity_tokens, name=s.mesh_name,
+                               shard_capacity_tokens=s.shard_capacity_tokens, name=s.mesh_name, store=s.store,
+                               shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
                                **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
         self.metrics = ServeMetrics()
@@ -199,7 +206,7 @@ class ExpertMeshServer:
         try:
             gen = self.router.stream.options(num_returns="streaming").remote(
                 ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed, body.top_shards,
-                (), tenant, request_id)
+                (), tenant, request_id, body.top_pages)
             async for ref in gen:
                 item = await ref
                 if "tokens" not in item:
