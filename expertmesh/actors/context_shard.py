@@ -80,6 +80,20 @@ def host_memory_bytes() -> int:
     return total
 
 
+def _remove_dead_scratch() -> None:
+    """Scratch directories of shards whose process is gone (killed: no exit handler ran)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) >= 3 and parts[0] == "expertmesh" and parts[1].startswith("shard") and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 class ContextShard:
     def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
                  page_size: int = 64, num_threads: int | None = None, store: str | None = None,
@@ -94,8 +108,10 @@ class ContextShard:
         self.capacity_tokens, self.page_size, self.kv_dtype = capacity_tokens, page_size, kv_dtype
         self.memory_bytes = memory_bytes if memory_bytes is not None else host_memory_bytes() // 8
         self.durable = store is not None
-        self._scratch = None if store else tempfile.mkdtemp(prefix=f"expertmesh-shard{index}-")
-        if self._scratch:
+        self._scratch = None
+        if store is None:
+            _remove_dead_scratch()
+            self._scratch = tempfile.mkdtemp(prefix=f"expertmesh-shard{index}-{os.getpid()}-")
             atexit.register(shutil.rmtree, self._scratch, True)
         self.location = StoreLocation(store or self._scratch)
         self._ctx: dict[str, _Open] = {}  # context id -> its segment here
