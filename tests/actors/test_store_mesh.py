@@ -177,3 +177,17 @@ def test_bfloat16_kv_stays_close_to_float32(ray_cluster, tiny_checkpoint, hf_mod
         mesh.shutdown()
     with pytest.raises(ValueError, match="kv_dtype must be one of"):
         start(ckpt, None, kv_dtype="float16")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llama4"])
+def test_registration_in_many_pieces_is_exact(ray_cluster, tiny_checkpoint, hf_model, arch):
+    """Pieces of 64 tokens (max_batch_tokens=64): each piece attends to the pages already written on
+    its own shard and to the earlier segments; the result equals one forward over the context."""
+    context, prompt = ids(333, 17), ids(5, 18)
+    mesh = em.Mesh.start(tiny_checkpoint(arch), context_shards=2, expert_groups=2, page_size=16, max_batch_tokens=64)
+    try:
+        ctx = mesh.register_context(context, mode="exact")
+        got = mesh.forward_logits(prompt, context_id=ctx.id)
+        assert np.abs(got - hf_logits(hf_model(arch), context + prompt)[-len(prompt):]).max() <= 1e-4
+    finally:
+        mesh.shutdown()
