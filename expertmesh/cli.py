@@ -140,14 +140,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _lengths(value: str) -> tuple[tuple[int, ...], tuple[int, int] | None]:
+    """'1024,2048' -> fixed lengths; '1100-16383' -> a random range."""
+    if "-" in value:
+        lo, hi = (int(x) for x in value.split("-", 1))
+        return (), (lo, hi)
+    return tuple(int(x) for x in value.split(",")), None
+
+
 def cmd_data(args: argparse.Namespace) -> int:
+    from expertmesh.pipelines import text_sources
     from expertmesh.pipelines.train_data import DataSpec, write_dataset
 
-    lengths = tuple(int(x) for x in args.lengths.split(","))
-    spec = DataSpec(rows=args.rows, lengths=lengths, multikey_share=args.multikey_share,
-                    prose_share=args.prose_share, group_rows=args.group_rows, seed=args.seed)
-    paths = write_dataset(args.out, spec, files=args.files)
-    print(json.dumps({"out": args.out, "files": len(paths), "rows": spec.rows, "lengths": list(lengths)}))
+    if args.list_sources:
+        for s in text_sources.SOURCES.values():
+            print(f"{s.name:18s} {s.split:8s} {', '.join(p.spec for p in s.packages):48s} {s.about}")
+        return 0
+    if args.fetch_text:
+        manifest = text_sources.fetch(args.text or "train,heldout", args.text_cache)
+        print(json.dumps({"text_cache": args.text_cache, "sources": {k: {"split": v["split"], "bytes": v["bytes"]}
+                                                                     for k, v in sorted(manifest.items())}}))
+        if not args.out:
+            return 0
+    if not args.out:
+        raise ValueError("data needs --out (or --fetch-text / --list-sources alone)")
+    lengths, length_range = _lengths(args.lengths)
+    text = tuple(text_sources.resolve(args.text)) if args.text else ()
+    heldout = [n for n in text if text_sources.SOURCES.get(n) and text_sources.SOURCES[n].split != "train"]
+    if heldout and not args.allow_heldout:
+        raise ValueError(f"{heldout} are held out for evaluation; train on them only with --allow-heldout")
+    spec = DataSpec(rows=args.rows, lengths=lengths or (1024,), length_range=length_range,
+                    multikey_share=args.multikey_share, prose_share=args.prose_share, group_rows=args.group_rows,
+                    seed=args.seed, text=text, text_cache=args.text_cache, synthetic_share=args.synthetic_share,
+                    mix_share=args.mix_share, max_keys=args.max_keys, eos=args.eos)
+    paths = write_dataset(args.out, spec, files=args.files, workers=args.workers)
+    print(json.dumps({"out": args.out, "files": len(paths), "rows": spec.rows, "lengths": args.lengths,
+                      "text": list(text), "eos": spec.eos}))
     return 0
 
 
@@ -223,15 +251,31 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    dd = sub.add_parser("data", help="generate the synthetic long-context training tasks into Parquet")
-    dd.add_argument("--out", required=True, help="output directory")
+    dd = sub.add_parser("data", help="generate the long-context training tasks into Parquet (synthetic or real text)")
+    dd.add_argument("--out", default=None, help="output directory")
     dd.add_argument("--rows", type=int, default=2048)
-    dd.add_argument("--lengths", default="1024,2048,4096", help="comma-separated sequence lengths (tokens)")
+    dd.add_argument("--lengths", default="1024,2048,4096",
+                    help="comma-separated sequence lengths (tokens), or a range LO-HI of random lengths "
+                         "(log-uniform, never a multiple of the 2048-token chunk)")
     dd.add_argument("--multikey-share", type=float, default=0.4)
-    dd.add_argument("--prose-share", type=float, default=0.2)
+    dd.add_argument("--prose-share", type=float, default=0.2, help="synthetic fillers: share of generated prose")
     dd.add_argument("--group-rows", type=int, default=16, help="rows of one length per Parquet row group")
     dd.add_argument("--files", type=int, default=4)
     dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--text", default=None,
+                    help="real-text haystacks: 'train' (the pinned training sources), source names or paths, "
+                         "comma-separated; default: synthetic fillers only (see --list-sources)")
+    dd.add_argument("--text-cache", default="data/text", help="where fetched sources are kept (default data/text)")
+    dd.add_argument("--fetch-text", action="store_true",
+                    help="apt-get download the pinned packages of --text (default: train,heldout), check their "
+                         "sha256, extract their text into --text-cache")
+    dd.add_argument("--list-sources", action="store_true", help="print the pinned text sources and their split")
+    dd.add_argument("--allow-heldout", action="store_true", help="let --text name held-out (evaluation) sources")
+    dd.add_argument("--synthetic-share", type=float, default=0.1, help="with --text: rows on synthetic fillers")
+    dd.add_argument("--mix-share", type=float, default=0.3, help="with --text: haystacks of 2-3 sources in a row")
+    dd.add_argument("--max-keys", type=int, default=4, help="multikey rows have 1..max-keys needle lines")
+    dd.add_argument("--eos", action="store_true", help="end each sequence with the eos token right after the answer")
+    dd.add_argument("--workers", type=int, default=1, help="with --text: processes writing files in parallel")
     dd.set_defaults(func=cmd_data)
 
     e = sub.add_parser("eval", help="long-context retrieval accuracy (passkey, multikey) over a mesh")
