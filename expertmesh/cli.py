@@ -181,26 +181,42 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import expertmesh as em
-    from expertmesh.pipelines.evaluate import evaluate
+    from expertmesh.pipelines import text_sources
+    from expertmesh.pipelines.evaluate import SYNTHETIC, evaluate
 
     lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.modes.split(",")
-    capacity = max(1 << 20, -(-max(lengths) // args.context_shards) + 4096)
+    offsets = [int(x) for x in args.offsets.split(",")] if args.offsets else None
+    haystack, split = None, SYNTHETIC
+    if args.source != SYNTHETIC:
+        names = text_sources.resolve(args.source)
+        if len(names) != 1:
+            raise ValueError(f"--source names one text, got {names}")
+        text = text_sources.load(names[0], args.text_cache)
+        split = text.split
+        if split == text_sources.TRAIN:
+            print(f"note: {text.name} is a training source of the demo model, not held out", file=sys.stderr)
+        haystack = text_sources.Haystack([text], mix_share=0.0)
+    capacity = max(1 << 20, -(-(max(lengths) + 4096) // args.context_shards) + 4096)
     mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
                          expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity)
     try:
         cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,
-                         log=lambda s: print(s, flush=True))
+                         log=lambda s: print(s, flush=True), haystack=haystack, offsets=offsets)
     finally:
         mesh.shutdown()
     rows = [c.row() for c in cells]
+    source = haystack.texts[0].cite if haystack is not None else SYNTHETIC
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "checkpoint": args.checkpoint or "default",
+                                               "source": source, "source_split": split, "offsets": offsets,
                                                "context_shards": args.context_shards,
                                                "expert_groups": args.expert_groups, "results": rows}, indent=1))
-    print(f"{'task':8s} {'length':>9s} {'mode':9s} {'accuracy':>8s}")
+    print(f"{'task':8s} {'length':>9s} {'mode':9s} {'offset':>6s} {'accuracy':>8s} {'stops':>6s}  source")
     for r in rows:
-        print(f"{r['task']:8s} {r['length']:>9,d} {r['mode']:9s} {r['accuracy']:>8.1%}")
+        off = "" if r["offset"] is None else str(r["offset"])
+        print(f"{r['task']:8s} {r['length']:>9,d} {r['mode']:9s} {off:>6s} {r['accuracy']:>8.1%} "
+              f"{r['stop_rate']:>6.1%}  {r['source']}")
     return 0
 
 
@@ -286,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--samples", type=int, default=20, help="needles per length and mode (depths spread 0-100%%)")
     e.add_argument("--keys", type=int, default=4, help="needle lines per multikey context")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--source", default="synthetic",
+                   help="haystack text: 'synthetic' (the standard filler), a held-out source "
+                        "(kjv, debian-reference, debian-docs; see `expertmesh data --list-sources`) or a text file")
+    e.add_argument("--text-cache", default="data/text", help="where fetched text sources are kept")
+    e.add_argument("--offsets", default=None,
+                   help="comma-separated offsets of the question's first token within an attention chunk "
+                        "(negative: from the chunk's end), one cell each; default: where the length puts it")
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=cmd_eval)
 

@@ -60,24 +60,6 @@ def insert_needles(text: bytes, needles: list[tuple[float, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def utf8_clip(data: bytes) -> bytes:
-    """`data` with a UTF-8 character cut at either end replaced by spaces (same length)."""
-    head = 0
-    while head < len(data) and head < 3 and 0x80 <= data[head] < 0xC0:
-        head += 1
-    tail = len(data)
-    for back in range(1, min(4, len(data) - head) + 1):  # the last lead byte and its continuation bytes
-        b = data[len(data) - back]
-        if b < 0x80:
-            break
-        if b >= 0xC0:
-            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
-            if need > back:
-                tail = len(data) - back
-            break
-    return b" " * head + data[head:tail] + b" " * (len(data) - tail)
-
-
 def passkey(approx_chars: int, key: int, depth: float) -> Task:
     """The standard passkey format, needle at `depth` (0..1) of the filler."""
     reps = max(1, (approx_chars - len(PASSKEY_INTRO)) // len(PASSKEY_FILLER))

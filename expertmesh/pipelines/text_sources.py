@@ -12,7 +12,8 @@ Split: the `train` sources are what the demo model's training sequences are buil
 on (a literary text and two technical manuals of other projects than the training ones).
 
 A source may also be a local file or directory of .txt files (`path:...` or any existing path),
-for one's own documents and for tests.
+for one's own documents and for tests. `Haystack` cuts windows of exact byte length (one byte =
+one token of the byte tokenizer) out of loaded sources.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import gzip
 import hashlib
 import html.parser
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -318,3 +321,78 @@ def load(name: str, cache: str | os.PathLike = DEFAULT_CACHE, fetch_missing: boo
     else:
         raise FileNotFoundError(f"text source {name!r}: no such source, file or directory")
     return Text(path.name, "local", f"local file {path}", data)
+
+
+def utf8_clip(data: bytes) -> bytes:
+    """`data` with a UTF-8 character cut at either end replaced by spaces (same length)."""
+    head = 0
+    while head < len(data) and head < 3 and 0x80 <= data[head] < 0xC0:
+        head += 1
+    tail = len(data)
+    for back in range(1, min(4, len(data) - head) + 1):  # the last lead byte and its continuation bytes
+        b = data[len(data) - back]
+        if b < 0x80:
+            break
+        if b >= 0xC0:
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            if need > back:
+                tail = len(data) - back
+            break
+    return b" " * head + data[head:tail] + b" " * (len(data) - tail)
+
+
+class Haystack:
+    """Real text to cut haystacks from: windows of one source, or of 2-3 sources in a row."""
+
+    def __init__(self, texts: list[Text], mix_share: float = 0.3) -> None:
+        if not texts:
+            raise ValueError("a haystack needs at least one text source")
+        self.texts = texts
+        self.mix_share = mix_share
+        sizes = [len(t.data) for t in texts]
+        self.weights = [math.sqrt(s) for s in sizes]  # small sources are not drowned by large ones
+        small = [t.name for t, s in zip(texts, sizes) if s < 2048]
+        if small:
+            raise ValueError(f"text sources too small for haystacks (< 2048 bytes): {small}")
+
+    @classmethod
+    def load(cls, names: list[str] | tuple[str, ...], cache: str, mix_share: float = 0.3) -> "Haystack":
+        return cls([load(n, cache) for n in resolve(list(names))], mix_share)
+
+    def window(self, rng: random.Random, n: int, end_at_line: bool | None = None) -> bytes:
+        """`n` bytes of real text (valid UTF-8) that start at a line start, or end at a line end
+        (`end_at_line`; None: either, at random), so a question after it starts a line."""
+        if len(self.texts) > 1 and rng.random() < self.mix_share:
+            k = rng.randint(2, min(3, len(self.texts)))
+            chosen = self._pick(rng, k)
+            cuts = sorted(rng.randint(1, n - 1) for _ in range(k - 1)) if n > k else [n] * (k - 1)
+            sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n])]
+            return b"".join(self._piece(rng, t, m, end_at_line) for t, m in zip(chosen, sizes))
+        return self._piece(rng, self._pick(rng, 1)[0], n, end_at_line)
+
+    def _pick(self, rng: random.Random, k: int) -> list[Text]:
+        idx = list(range(len(self.texts)))
+        out = []
+        for _ in range(k):
+            i = rng.choices(idx, weights=[self.weights[j] for j in idx])[0]
+            idx.remove(i)
+            out.append(self.texts[i])
+        return out
+
+    @staticmethod
+    def _piece(rng: random.Random, text: Text, n: int, end_at_line: bool | None) -> bytes:
+        data = text.data
+        if end_at_line is None:
+            end_at_line = rng.random() < 0.5
+        if n >= len(data):  # the whole source, again and again, as documents one after another
+            out = (data + b"\n\n") * (n // (len(data) + 2) + 1)
+            return utf8_clip(out[-n:] if end_at_line else out[:n])
+        if end_at_line:
+            end = rng.randint(n, len(data))
+            line = data.rfind(b"\n", n, end)
+            end = line + 1 if line >= 0 else end
+            return utf8_clip(data[end - n:end])
+        start = rng.randint(0, len(data) - n)
+        line = data.find(b"\n", start, len(data) - n)
+        start = line + 1 if line >= 0 else start
+        return utf8_clip(data[start:start + n])

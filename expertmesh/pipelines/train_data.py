@@ -151,64 +151,8 @@ def pick_length(rng: random.Random, spec: DataSpec) -> int:
             return n
 
 
-class Haystack:
-    """Real text to cut haystacks from: windows of one source, or of 2-3 sources in a row."""
-
-    def __init__(self, texts: list[text_sources.Text], mix_share: float = 0.3) -> None:
-        if not texts:
-            raise ValueError("a haystack needs at least one text source")
-        self.texts = texts
-        self.mix_share = mix_share
-        sizes = [len(t.data) for t in texts]
-        self.weights = [math.sqrt(s) for s in sizes]  # small sources are not drowned by large ones
-        small = [t.name for t, s in zip(texts, sizes) if s < 2048]
-        if small:
-            raise ValueError(f"text sources too small for haystacks (< 2048 bytes): {small}")
-
-    @classmethod
-    def load(cls, names: list[str] | tuple[str, ...], cache: str, mix_share: float = 0.3) -> "Haystack":
-        return cls([text_sources.load(n, cache) for n in text_sources.resolve(list(names))], mix_share)
-
-    def window(self, rng: random.Random, n: int, end_at_line: bool | None = None) -> bytes:
-        """`n` bytes of real text (valid UTF-8) that start at a line start, or end at a line end
-        (`end_at_line`; None: either, at random), so a question after it starts a line."""
-        if len(self.texts) > 1 and rng.random() < self.mix_share:
-            k = rng.randint(2, min(3, len(self.texts)))
-            chosen = self._pick(rng, k)
-            cuts = sorted(rng.randint(1, n - 1) for _ in range(k - 1)) if n > k else [n] * (k - 1)
-            sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n])]
-            return b"".join(self._piece(rng, t, m, end_at_line) for t, m in zip(chosen, sizes))
-        return self._piece(rng, self._pick(rng, 1)[0], n, end_at_line)
-
-    def _pick(self, rng: random.Random, k: int) -> list[text_sources.Text]:
-        idx = list(range(len(self.texts)))
-        out = []
-        for _ in range(k):
-            i = rng.choices(idx, weights=[self.weights[j] for j in idx])[0]
-            idx.remove(i)
-            out.append(self.texts[i])
-        return out
-
-    @staticmethod
-    def _piece(rng: random.Random, text: text_sources.Text, n: int, end_at_line: bool | None) -> bytes:
-        data = text.data
-        if end_at_line is None:
-            end_at_line = rng.random() < 0.5
-        if n >= len(data):  # the whole source, again and again, as documents one after another
-            out = (data + b"\n\n") * (n // (len(data) + 2) + 1)
-            return tasks.utf8_clip(out[-n:] if end_at_line else out[:n])
-        if end_at_line:
-            end = rng.randint(n, len(data))
-            line = data.rfind(b"\n", n, end)
-            end = line + 1 if line >= 0 else end
-            return tasks.utf8_clip(data[end - n:end])
-        start = rng.randint(0, len(data) - n)
-        line = data.find(b"\n", start, len(data) - n)
-        start = line + 1 if line >= 0 else start
-        return tasks.utf8_clip(data[start:start + n])
-
-
-def real_text_row(rng: random.Random, length: int, spec: DataSpec, hay: Haystack) -> tuple[bytes, str, str]:
+def real_text_row(rng: random.Random, length: int, spec: DataSpec,
+                  hay: text_sources.Haystack) -> tuple[bytes, str, str]:
     """(context + prompt, answer, task) of exactly `length` bytes in all, on a real-text haystack."""
     if rng.random() < spec.multikey_share:
         keys = rng.randint(1, spec.max_keys)
@@ -241,7 +185,8 @@ def synthetic_row(rng: random.Random, length: int, spec: DataSpec) -> tuple[byte
     return (task.context + filler[len(filler) - pad:] + task.prompt).encode(), task.answer, make.__name__.split("_")[0]
 
 
-def make_row(rng: random.Random, length: int, spec: DataSpec, tok: ByteTokenizer, hay: Haystack | None = None) -> dict:
+def make_row(rng: random.Random, length: int, spec: DataSpec, tok: ByteTokenizer,
+             hay: text_sources.Haystack | None = None) -> dict:
     """One sequence of exactly `length` tokens: context, question, answer (+ eos)."""
     if length < MIN_LENGTH:
         raise ValueError(f"sequence length {length} is too short for a task (at least {MIN_LENGTH})")
@@ -287,7 +232,7 @@ def _write_file(path: Path, spec: DataSpec, index: int, files: int) -> int:
 
     rng = random.Random(f"{spec.seed}-file-{index}")
     tok = ByteTokenizer()
-    hay = Haystack.load(spec.text, spec.text_cache, spec.mix_share)
+    hay = text_sources.Haystack.load(spec.text, spec.text_cache, spec.mix_share)
     rows_written = 0
     with pq.ParquetWriter(path, _schema(), compression="zstd") as writer:
         for size in _group_sizes(spec)[index::files]:

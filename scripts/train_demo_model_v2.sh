@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Train the built-in model v2 (issue 13): real-text haystacks, questions at every chunk offset, eos
+# after the answer. The recorded commands, one step per call (each fits a 10-minute device command):
+#   scripts/train_demo_model_v2.sh text      # on a machine with Debian's archive: fetch the pinned
+#                                            #   sources into data/text (~22 MB of text; carry it over)
+#   scripts/train_demo_model_v2.sh data      # generate data/demo-train-v2 (16 processes: ~1 min)
+#   scripts/train_demo_model_v2.sh 1         # configs/demo-model-v2.yaml from the shipped model, 500 s
+#   scripts/train_demo_model_v2.sh 2         # same config (lr 1e-3 again), --init-from round 1, 500 s
+#   scripts/train_demo_model_v2.sh 3         # configs/demo-model-v2-round3.yaml, --init-from round 2, 330 s
+#   scripts/train_demo_model_v2.sh install   # copy round 3 into expertmesh/assets/default-model and mark
+#                                            #   it as trained with eos after the answer (the demo then
+#                                            #   asks with a generous max_tokens and relies on the stop)
+# About 22 GPU-minutes of training on one H100. Then, on the CPU machine:
+#   scripts/eval_realtext.sh full after
+set -euo pipefail
+STEP=${1:?usage: scripts/train_demo_model_v2.sh text|data|1|2|3|install}
+DATA=${DATA:-data/demo-train-v2}
+TEXT=${TEXT_CACHE:-data/text}
+OUT=${OUT:-runs/demo-model-v2}
+PY=${PY:-python3}
+WORKERS=${WORKERS:-16}
+DATA_ARGS=(--out "$DATA" --text train --text-cache "$TEXT" --eos --lengths 1100-16383 --max-keys 6
+           --synthetic-share 0.1 --mix-share 0.3 --multikey-share 0.4 --rows 160000 --files 32 --group-rows 32
+           --seed 1)
+case "$STEP" in
+  text) $PY -m expertmesh.cli data --fetch-text --text train,heldout --text-cache "$TEXT" ;;
+  data) $PY -m expertmesh.cli data "${DATA_ARGS[@]}" --workers "$WORKERS" ;;
+  1) $PY -m expertmesh.cli train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" \
+         --time-limit-s 500 ;;
+  2) $PY -m expertmesh.cli train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round2" \
+         --init-from "$OUT/round1" --time-limit-s 500 ;;
+  3) $PY -m expertmesh.cli train --config configs/demo-model-v2-round3.yaml --data "$DATA" \
+         --output "$OUT/round3" --init-from "$OUT/round2" --time-limit-s 330 ;;
+  install)
+    dest=expertmesh/assets/default-model
+    cp "$OUT/round3/config.json" "$OUT/round3/model.safetensors" "$dest/"
+    $PY - "$OUT/round3/training.json" "$dest/training.json" "$TEXT" "${DATA_ARGS[@]}" <<'PYEOF'
+import json, sys
+from pathlib import Path
+src, dest, text = sys.argv[1], sys.argv[2], sys.argv[3]
+summary = json.loads(Path(src).read_text())
+manifest = json.loads((Path(text) / "manifest.json").read_text())
+summary["eos_after_answer"] = True  # the demo relies on the stop only for a model marked so
+summary["data"] = {"command": "expertmesh data " + " ".join(sys.argv[4:]),
+                   "text_sources": {k: v for k, v in manifest.items() if v["split"] == "train"}}
+Path(dest).write_text(json.dumps(summary, indent=1))
+PYEOF
+    ;;
+  *) echo "step must be text, data, 1, 2, 3 or install" >&2; exit 2 ;;
+esac
