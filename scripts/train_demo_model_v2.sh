@@ -12,6 +12,8 @@
 #                                            #   asks with a generous max_tokens and relies on the stop)
 # About 22 GPU-minutes of training on one H100. Then, on the CPU machine:
 #   scripts/eval_realtext.sh full after
+# Training runs on Ray Train (`expertmesh train`) where Ray is installed, else (TRAINER=plain, or no
+# Ray, as on the lent GPU machines) in one process with the same step code: scripts/train_plain.py.
 set -euo pipefail
 STEP=${1:?usage: scripts/train_demo_model_v2.sh text|data|1|2|3|install}
 DATA=${DATA:-data/demo-train-v2}
@@ -19,18 +21,23 @@ TEXT=${TEXT_CACHE:-data/text}
 OUT=${OUT:-runs/demo-model-v2}
 PY=${PY:-python3}
 WORKERS=${WORKERS:-16}
+if [ -z "${TRAINER:-}" ]; then
+  if $PY -c "import ray.train" 2>/dev/null; then TRAINER=ray; else TRAINER=plain; fi
+fi
+train() {
+  if [ "$TRAINER" = ray ]; then $PY -m expertmesh.cli train "$@"; else $PY scripts/train_plain.py "$@"; fi
+}
 DATA_ARGS=(--out "$DATA" --text train --text-cache "$TEXT" --eos --lengths 1100-16383 --max-keys 6
            --synthetic-share 0.1 --mix-share 0.3 --multikey-share 0.4 --rows 160000 --files 32 --group-rows 32
            --seed 1)
 case "$STEP" in
   text) $PY -m expertmesh.cli data --fetch-text --text train,heldout --text-cache "$TEXT" ;;
   data) $PY -m expertmesh.cli data "${DATA_ARGS[@]}" --workers "$WORKERS" ;;
-  1) $PY -m expertmesh.cli train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" \
+  1) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" --time-limit-s 500 ;;
+  2) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round2" --init-from "$OUT/round1" \
          --time-limit-s 500 ;;
-  2) $PY -m expertmesh.cli train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round2" \
-         --init-from "$OUT/round1" --time-limit-s 500 ;;
-  3) $PY -m expertmesh.cli train --config configs/demo-model-v2-round3.yaml --data "$DATA" \
-         --output "$OUT/round3" --init-from "$OUT/round2" --time-limit-s 330 ;;
+  3) train --config configs/demo-model-v2-round3.yaml --data "$DATA" --output "$OUT/round3" \
+         --init-from "$OUT/round2" --time-limit-s 330 ;;
   install)
     dest=expertmesh/assets/default-model
     cp "$OUT/round3/config.json" "$OUT/round3/model.safetensors" "$dest/"

@@ -172,3 +172,25 @@ def test_fetch_checks_the_pinned_hash_and_extracts_text(tmp_path, monkeypatch):
     monkeypatch.setitem(ts.SOURCES, "demo", bad)
     with pytest.raises(ValueError, match="sha256"):
         ts.fetch(["demo"], cache, force=True, log=lambda s: None)
+
+
+def test_plain_trainer_trains_on_real_text_rows_and_writes_a_loadable_model(text_file, tmp_path):
+    """scripts/train_plain.py (the no-Ray trainer for the GPU machines): a few tiny steps."""
+    import importlib.util
+    from pathlib import Path
+
+    from expertmesh.model.checkpoint import load_model
+
+    data = tmp_path / "data"
+    assert cli.main(["data", "--out", str(data), "--text", str(text_file), "--eos", "--lengths", "650-900",
+                     "--rows", "8", "--group-rows", "4", "--files", "1"]) == 0
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_plain.py"
+    spec = importlib.util.spec_from_file_location("train_plain", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+    out = tmp_path / "out"
+    assert mod.main(["--config", str(config), "--data", str(data), "--output", str(out), "--max-steps", "3",
+                     "--device", "cpu"]) == 0
+    assert json.loads((out / "training.json").read_text())["step"] == 3
+    assert load_model(out).cfg.num_layers == 2
