@@ -4,21 +4,21 @@
 #   scripts/train_demo_model_v2.sh text      # on a machine with Debian's archive: fetch the pinned
 #                                            #   sources into data/text (~22 MB of text; carry it over)
 #   scripts/train_demo_model_v2.sh data      # generate data/demo-train-v2 (16 processes: ~1 min)
-#   scripts/train_demo_model_v2.sh 1         # configs/demo-model-v2.yaml from the shipped model, 500 s
-#   scripts/train_demo_model_v2.sh 2         # same config (lr 1e-3 again), --init-from round 1, 500 s
-#   scripts/train_demo_model_v2.sh 3         # configs/demo-model-v2-round3.yaml, --init-from round 2, 330 s
+#   scripts/train_demo_model_v2.sh 1         # configs/demo-model-v2.yaml from the shipped model, 480 s
+#   scripts/train_demo_model_v2.sh 2         # same config (lr 1e-3 again), --init-from round 1, 480 s
+#   scripts/train_demo_model_v2.sh 3         # configs/demo-model-v2-round3.yaml, --init-from round 2, 300 s
 #   scripts/train_demo_model_v2.sh install   # copy round 3 into expertmesh/assets/default-model and mark
 #                                            #   it as trained with eos after the answer (the demo then
 #                                            #   asks with a generous max_tokens and relies on the stop)
-# About 22 GPU-minutes of training on one H100. Then, on the CPU machine:
-#   scripts/eval_realtext.sh full after
+# About 21 GPU-minutes of training on one H100; each round's model goes to data/runs/demo-model-v2/.
+# Then, on the CPU machine: scripts/eval_realtext.sh full after
 # Training runs on Ray Train (`expertmesh train`) where Ray is installed, else (TRAINER=plain, or no
 # Ray, as on the lent GPU machines) in one process with the same step code: scripts/train_plain.py.
 set -euo pipefail
 STEP=${1:?usage: scripts/train_demo_model_v2.sh text|data|1|2|3|install}
 DATA=${DATA:-data/demo-train-v2}
 TEXT=${TEXT_CACHE:-data/text}
-OUT=${OUT:-runs/demo-model-v2}
+OUT=${OUT:-data/runs/demo-model-v2}  # under data/ (git-ignored: kept between device calls)
 PY=${PY:-python3}
 WORKERS=${WORKERS:-16}
 if [ -z "${TRAINER:-}" ]; then
@@ -28,16 +28,16 @@ train() {
   if [ "$TRAINER" = ray ]; then $PY -m expertmesh.cli train "$@"; else $PY scripts/train_plain.py "$@"; fi
 }
 DATA_ARGS=(--out "$DATA" --text train --text-cache "$TEXT" --eos --lengths 1100-16383 --max-keys 6
-           --synthetic-share 0.1 --mix-share 0.3 --multikey-share 0.4 --rows 160000 --files 32 --group-rows 32
+           --synthetic-share 0.1 --mix-share 0.3 --multikey-share 0.5 --rows 160000 --files 32 --group-rows 32
            --seed 1)
 case "$STEP" in
   text) $PY -m expertmesh.cli data --fetch-text --text train,heldout --text-cache "$TEXT" ;;
   data) $PY -m expertmesh.cli data "${DATA_ARGS[@]}" --workers "$WORKERS" ;;
-  1) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" --time-limit-s 500 ;;
+  1) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" --time-limit-s 480 ;;
   2) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round2" --init-from "$OUT/round1" \
-         --time-limit-s 500 ;;
+         --time-limit-s 480 ;;
   3) train --config configs/demo-model-v2-round3.yaml --data "$DATA" --output "$OUT/round3" \
-         --init-from "$OUT/round2" --time-limit-s 330 ;;
+         --init-from "$OUT/round2" --time-limit-s 300 ;;
   install)
     dest=expertmesh/assets/default-model
     cp "$OUT/round3/config.json" "$OUT/round3/model.safetensors" "$dest/"
