@@ -111,3 +111,12 @@ def test_evaluate_scores_answers_and_stops_per_offset(stop, haystack):
 def test_evaluate_counts_wrong_answers_as_failures(haystack):
     cells = evaluate(StandIn(True, correct=False), "passkey", [3000], ["exact"], 3, haystack=haystack, log=lambda s: None)
     assert cells[0].correct == 0 and len(cells[0].failures) == 3 and cells[0].offset is None
+
+
+def test_demo_relies_on_the_stop_only_for_a_model_marked_so(tmp_path):
+    from expertmesh.pipelines.demo import stops_after_answer
+
+    assert stops_after_answer(None) is False  # the shipped model runs on after its answers
+    (tmp_path / "training.json").write_text('{"step": 3, "eos_after_answer": true}')
+    assert stops_after_answer(str(tmp_path)) is True
+    assert stops_after_answer(str(tmp_path / "missing")) is False
