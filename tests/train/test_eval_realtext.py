@@ -116,7 +116,8 @@ def test_evaluate_counts_wrong_answers_as_failures(haystack):
 def test_demo_relies_on_the_stop_only_for_a_model_marked_so(tmp_path):
     from expertmesh.pipelines.demo import stops_after_answer
 
-    assert stops_after_answer(None) is False  # the shipped model runs on after its answers
+    (tmp_path / "training.json").write_text('{"step": 3}')  # as the first demo model's: no mark
+    assert stops_after_answer(str(tmp_path)) is False
     (tmp_path / "training.json").write_text('{"step": 3, "eos_after_answer": true}')
     assert stops_after_answer(str(tmp_path)) is True
     assert stops_after_answer(str(tmp_path / "missing")) is False
