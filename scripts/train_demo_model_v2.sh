@@ -27,12 +27,15 @@ fi
 train() {
   if [ "$TRAINER" = ray ]; then $PY -m expertmesh.cli train "$@"; else $PY scripts/train_plain.py "$@"; fi
 }
+cli() {  # `expertmesh ...`; without Ray through scripts/no_ray.py (a stand-in for the package's Ray import)
+  if [ "$TRAINER" = ray ]; then $PY -m expertmesh.cli "$@"; else $PY scripts/no_ray.py "$@"; fi
+}
 DATA_ARGS=(--out "$DATA" --text train --text-cache "$TEXT" --eos --lengths 1100-16383 --max-keys 6
            --synthetic-share 0.1 --mix-share 0.3 --multikey-share 0.5 --rows 160000 --files 32 --group-rows 32
            --seed 1)
 case "$STEP" in
-  text) $PY -m expertmesh.cli data --fetch-text --text train,heldout --text-cache "$TEXT" ;;
-  data) $PY -m expertmesh.cli data "${DATA_ARGS[@]}" --workers "$WORKERS" ;;
+  text) cli data --fetch-text --text train,heldout --text-cache "$TEXT" ;;
+  data) cli data "${DATA_ARGS[@]}" --workers "$WORKERS" ;;
   1) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" --time-limit-s 480 ;;
   2) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round2" --init-from "$OUT/round1" \
          --time-limit-s 480 ;;

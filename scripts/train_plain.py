@@ -2,7 +2,8 @@
 (expertmesh.pipelines.train_step) and output layout as `expertmesh train`.
 
 For a GPU machine where Ray cannot be installed (the device machines lent to this project have
-PyTorch and pyarrow but no Ray, and Ray's wheel is larger than what a call can carry).
+PyTorch and pyarrow but no Ray, and Ray's wheel is larger than what a call can carry; see
+scripts/no_ray.py).
 Row groups (one sequence length each) are visited in a shuffled order every epoch.
 
     python scripts/train_plain.py --config configs/demo-model-v2.yaml --data data/demo-train-v2 \
@@ -22,9 +23,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from expertmesh.pipelines import train_step as ts
-from expertmesh.pipelines.train import MODEL_FILES
-from expertmesh.pipelines.train_config import TrainConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import no_ray  # noqa: E402,F401  (a stand-in `ray` where Ray is missing: the package init imports it)
+
+from expertmesh.pipelines import train_step as ts  # noqa: E402
+from expertmesh.pipelines.train import MODEL_FILES  # noqa: E402
+from expertmesh.pipelines.train_config import TrainConfig  # noqa: E402
 
 
 def batches(data: str, batch_size: int, seed: int):
