@@ -194,3 +194,29 @@ def test_plain_trainer_trains_on_real_text_rows_and_writes_a_loadable_model(text
                      "--device", "cpu"]) == 0
     assert json.loads((out / "training.json").read_text())["step"] == 3
     assert load_model(out).cfg.num_layers == 2
+
+
+def test_data_command_runs_without_ray_through_the_stand_in(tmp_path, text_file):
+    """scripts/no_ray.py: the data command on a machine without Ray (as the lent GPU machines)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoRay(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ImportError('no Ray here')\n"
+        "sys.meta_path.insert(0, NoRay())\n")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(block), str(root)]))
+    blocked = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert blocked.returncode != 0
+    res = subprocess.run([sys.executable, str(root / "scripts" / "no_ray.py"), "data", "--out", str(tmp_path / "d"),
+                          "--text", str(text_file), "--eos", "--lengths", "650-900", "--rows", "8",
+                          "--group-rows", "4", "--files", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert pq.read_table(tmp_path / "d").num_rows == 8
