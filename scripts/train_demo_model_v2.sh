@@ -3,14 +3,15 @@
 # after the answer. The recorded commands, one step per call (each fits a 10-minute device command):
 #   scripts/train_demo_model_v2.sh text      # on a machine with Debian's archive: fetch the pinned
 #                                            #   sources into data/text (~22 MB of text; carry it over)
-#   scripts/train_demo_model_v2.sh data      # generate data/demo-train-v2 (16 processes: ~1 min)
-#   scripts/train_demo_model_v2.sh 1         # configs/demo-model-v2.yaml from the shipped model, 480 s
-#   scripts/train_demo_model_v2.sh 2         # same config (lr 1e-3 again), --init-from round 1, 480 s
+#   scripts/train_demo_model_v2.sh data      # generate data/demo-train-v2 (16 processes: ~1 min; rounds
+#                                            #   1-3 do it first where it is missing)
+#   scripts/train_demo_model_v2.sh 1         # configs/demo-model-v2.yaml from the shipped model, 450 s
+#   scripts/train_demo_model_v2.sh 2         # same config (lr 1e-3 again), --init-from round 1, 450 s
 #   scripts/train_demo_model_v2.sh 3         # configs/demo-model-v2-round3.yaml, --init-from round 2, 300 s
 #   scripts/train_demo_model_v2.sh install   # copy round 3 into expertmesh/assets/default-model and mark
 #                                            #   it as trained with eos after the answer (the demo then
 #                                            #   asks with a generous max_tokens and relies on the stop)
-# About 21 GPU-minutes of training on one H100; each round's model goes to data/runs/demo-model-v2/.
+# About 20 GPU-minutes of training on one H100; each round's model goes to data/runs/demo-model-v2/.
 # Then, on the CPU machine: scripts/eval_realtext.sh full after
 # Training runs on Ray Train (`expertmesh train`) where Ray is installed, else (TRAINER=plain, or no
 # Ray, as on the lent GPU machines) in one process with the same step code: scripts/train_plain.py.
@@ -33,12 +34,15 @@ cli() {  # `expertmesh ...`; without Ray through scripts/no_ray.py (a stand-in f
 DATA_ARGS=(--out "$DATA" --text train --text-cache "$TEXT" --eos --lengths 1100-16383 --max-keys 6
            --synthetic-share 0.1 --mix-share 0.3 --multikey-share 0.5 --rows 160000 --files 32 --group-rows 32
            --seed 1)
+if [[ "$STEP" =~ ^[123]$ ]] && [ ! -f "$DATA/part-00000.parquet" ]; then
+  cli data "${DATA_ARGS[@]}" --workers "$WORKERS"
+fi
 case "$STEP" in
   text) cli data --fetch-text --text train,heldout --text-cache "$TEXT" ;;
   data) cli data "${DATA_ARGS[@]}" --workers "$WORKERS" ;;
-  1) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" --time-limit-s 480 ;;
+  1) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round1" --time-limit-s 450 ;;
   2) train --config configs/demo-model-v2.yaml --data "$DATA" --output "$OUT/round2" --init-from "$OUT/round1" \
-         --time-limit-s 480 ;;
+         --time-limit-s 450 ;;
   3) train --config configs/demo-model-v2-round3.yaml --data "$DATA" --output "$OUT/round3" \
          --init-from "$OUT/round2" --time-limit-s 300 ;;
   install)
