@@ -202,19 +202,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity)
     try:
         cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,
-                         log=lambda s: print(s, flush=True), haystack=haystack, offsets=offsets)
+                         log=lambda s: print(s, flush=True), haystack=haystack, offsets=offsets,
+                         random_offsets=args.random_offsets)
     finally:
         mesh.shutdown()
     rows = [c.row() for c in cells]
     source = haystack.texts[0].cite if haystack is not None else SYNTHETIC
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "checkpoint": args.checkpoint or "default",
-                                               "source": source, "source_split": split, "offsets": offsets,
+                                               "source": source, "source_split": split,
+                                               "offsets": "random" if args.random_offsets and not offsets else offsets,
                                                "context_shards": args.context_shards,
                                                "expert_groups": args.expert_groups, "results": rows}, indent=1))
     print(f"{'task':8s} {'length':>9s} {'mode':9s} {'offset':>6s} {'accuracy':>8s} {'stops':>6s}  source")
     for r in rows:
-        off = "" if r["offset"] is None else str(r["offset"])
+        off = "" if r["offset"] is None else str(r["offset"])  # an offset, or "random"
         print(f"{r['task']:8s} {r['length']:>9,d} {r['mode']:9s} {off:>6s} {r['accuracy']:>8.1%} "
               f"{r['stop_rate']:>6.1%}  {r['source']}")
     return 0
@@ -309,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--offsets", default=None,
                    help="comma-separated offsets of the question's first token within an attention chunk "
                         "(negative: from the chunk's end), one cell each; default: where the length puts it")
+    e.add_argument("--random-offsets", action="store_true",
+                   help="each sample's question at a random offset within a chunk (lengths within half a "
+                        "chunk of the stated ones, not multiples of it)")
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=cmd_eval)
 

@@ -10,7 +10,8 @@ Haystack (`source`): the standard synthetic filler (default), or real text
 Offsets (`offsets`): the context is sized so the question's first token falls at this offset
 within an attention chunk (negative: from the chunk's end), e.g. 0 (the question starts a
 chunk), chunk - len(question) (the answer starts a chunk), a few tokens less (the answer
-crosses the boundary).
+crosses the boundary). `random_offsets`: each sample's question at a random offset (so lengths
+are not multiples of the chunk; within half a chunk of the nominal length).
 Stop: the model may generate 2 tokens past the answer; it "stops" when it ends the sequence
 (eos, finish_reason "stop") within them.
 """
@@ -45,6 +46,7 @@ class Cell:
     source: str = SYNTHETIC  # how the haystack's text is cited (package=version)
     offset: int | None = None  # the question's first token within a chunk (None: as the length falls)
     answer_offset: int | None = None
+    random_offsets: bool = False  # each sample's question at a random offset within a chunk
     samples: int = 0
     correct: int = 0
     stops: int = 0  # eos within STOP_SLACK tokens after the answer
@@ -65,7 +67,7 @@ class Cell:
 
     def row(self) -> dict[str, Any]:
         return {"task": self.task, "length": self.length, "mode": self.mode, "source": self.source,
-                "offset": self.offset, "answer_offset": self.answer_offset,
+                "offset": "random" if self.random_offsets else self.offset, "answer_offset": self.answer_offset,
                 "length_mean": round(self.tokens / max(1, self.samples)), "samples": self.samples,
                 "correct": self.correct, "accuracy": round(self.accuracy, 4),
                 "stops": self.stops, "stop_rate": round(self.stop_rate, 4), "stops_when_correct": self.stops_correct,
@@ -147,7 +149,7 @@ def _filler_task(task: str, length: int, index: int, samples: int, rng: random.R
 
 def evaluate(mesh, task: str, lengths: list[int], modes: list[str], samples: int, seed: int = 0,
              keys: int = 4, log=print, haystack: text_sources.Haystack | None = None,
-             offsets: list[int] | None = None) -> list[Cell]:
+             offsets: list[int] | None = None, random_offsets: bool = False) -> list[Cell]:
     cells = []
     cfg = mesh.config
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
@@ -156,13 +158,18 @@ def evaluate(mesh, task: str, lengths: list[int], modes: list[str], samples: int
     for length in lengths:
         for offset in (offsets if offsets else [None]):
             for mode in modes:
-                cell = Cell(task, length, mode, source=source, offset=None if offset is None else offset % chunk)
+                randomly = random_offsets and offset is None
+                cell = Cell(task, length, mode, source=source, offset=None if offset is None else offset % chunk,
+                            random_offsets=randomly)
                 rng = random.Random(f"{seed}-{task}-{length}")  # same needles in every mode and offset
+                where = random.Random(f"{seed}-{task}-{length}-offsets")
                 for i in range(samples):
-                    t = make_task(task, length, i, samples, rng, keys, haystack, offset, chunk)
+                    at = where.randrange(chunk) if randomly else offset
+                    t = make_task(task, length, i, samples, rng, keys, haystack, at, chunk)
                     _ask(mesh, cell, t, mode, i, samples, kv_per_token, chunk)
                 log(f"{task:8s} {length:>9,d} {mode:9s} "
                     f"{'' if offset is None else f'offset {cell.offset:4d} (answer at {cell.answer_offset:4d}) '}"
+                    f"{'random offsets ' if randomly else ''}"
                     f"{cell.correct:>3d}/{cell.samples:<3d} acc {cell.accuracy:6.1%}  stops {cell.stop_rate:6.1%}  "
                     f"register {cell.register_s / cell.samples:6.1f} s  KV {cell.kv_bytes / 2 ** 30:.2f} GiB  "
                     f"[{source}]")

@@ -121,3 +121,12 @@ def test_demo_relies_on_the_stop_only_for_a_model_marked_so(tmp_path):
     (tmp_path / "training.json").write_text('{"step": 3, "eos_after_answer": true}')
     assert stops_after_answer(str(tmp_path)) is True
     assert stops_after_answer(str(tmp_path / "missing")) is False
+
+
+def test_random_offsets_spread_the_question_over_the_chunk(haystack):
+    mesh = StandIn(stop=True)
+    (cell,) = evaluate(mesh, "passkey", [32768], ["exact"], 12, haystack=haystack, random_offsets=True,
+                       log=lambda s: None)
+    offsets = {ctx % CHUNK for ctx, _ in mesh.asked}
+    assert len(offsets) == 12 and cell.row()["offset"] == "random" and cell.accuracy == 1.0
+    assert all(abs(ctx - 32768) <= CHUNK for ctx, _ in mesh.asked)
