@@ -39,14 +39,18 @@ def multikey_prompt(word: str) -> str:
 
 def boundary(text: bytes, pos: int, reach: int = 400) -> int:
     """A cut point at or before `pos` right after a sentence end or a line end (or, failing that,
-    a space) within `reach` bytes; `pos` itself if there is none."""
+    a space) within `reach` bytes; else `pos` (moved back to the start of its UTF-8 character)."""
     lo = max(0, pos - reach)
     ends = [text.rfind(b". ", lo, pos), text.rfind(b"\n", lo, pos)]  # cut after the "." or the newline
     best = max(e + 1 for e in ends) if max(ends) >= 0 else -1
     if best > 0:
         return best
     space = text.rfind(b" ", lo, pos)
-    return space if space >= 0 else pos
+    if space >= 0:
+        return space
+    while 0 < pos < len(text) and 0x80 <= text[pos] < 0xC0:  # not inside a UTF-8 character
+        pos -= 1
+    return pos
 
 
 def insert_needles(text: bytes, needles: list[tuple[float, bytes]]) -> bytes:

@@ -130,3 +130,9 @@ def test_random_offsets_spread_the_question_over_the_chunk(haystack):
     offsets = {ctx % CHUNK for ctx, _ in mesh.asked}
     assert len(offsets) == 12 and cell.row()["offset"] == "random" and cell.accuracy == 1.0
     assert all(abs(ctx - 32768) <= CHUNK for ctx, _ in mesh.asked)
+
+
+def test_needles_never_split_a_character():
+    text = ("═" * 600).encode()  # 1,800 bytes of 3-byte characters, no space or line end
+    for depth in (0.0, 0.1, 0.37, 0.5, 0.99, 1.0):
+        tasks.insert_needles(text, [(depth, b" N.")]).decode("utf-8")
