@@ -43,8 +43,14 @@ def batches(data: str, batch_size: int, seed: int):
         for f, g in groups:
             pf = files.setdefault(f, pq.ParquetFile(f))
             table = pf.read_row_group(g, columns=["input_ids", "answer_start", "answer_len"])
-            for start in range(0, table.num_rows - batch_size + 1, batch_size):
-                yield table.slice(start, batch_size).to_pydict()
+            ids = table.column("input_ids").combine_chunks()
+            values, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()  # no Python ints per token
+            rows = [values[offsets[i]:offsets[i + 1]] for i in range(len(ids))]
+            starts = table.column("answer_start").to_numpy()
+            lens = table.column("answer_len").to_numpy()
+            for s in range(0, table.num_rows - batch_size + 1, batch_size):
+                yield {"input_ids": rows[s:s + batch_size], "answer_start": starts[s:s + batch_size],
+                       "answer_len": lens[s:s + batch_size]}
 
 
 def main(argv: list[str] | None = None) -> int:
