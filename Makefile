@@ -8,7 +8,8 @@ PIP    := $(PY) -m pip
 # CI and developer machines); GPU machines get the default (CUDA) build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 
-.PHONY: setup demo test test-fast bench bench-train eval train-demo-model clean
+.PHONY: setup demo test test-fast bench bench-train eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
+        train-demo-model train-demo-model-v2 clean
 
 setup: $(VENV)/.ready
 
@@ -40,6 +41,27 @@ eval: setup
 	    --json benchmarks/results/eval_passkey.json
 	$(PY) -m expertmesh.cli eval multikey --lengths 32768 --modes exact --samples 20 \
 	    --json benchmarks/results/eval_multikey.json
+
+# retrieval on held-out real text (Debian packages named with versions; issue 13's targets):
+# every cell of benchmarks/results/eval_realtext_$(EVAL_NAME)_*.json names its text source
+EVAL_NAME ?= after
+eval-realtext: setup
+	PY=$(PY) scripts/eval_realtext.sh full $(EVAL_NAME)
+
+eval-realtext-quick: setup
+	PY=$(PY) scripts/eval_realtext.sh quick $(EVAL_NAME)
+
+# the real text for training and evaluation: pinned Debian packages -> data/text (apt-get download)
+data-text: setup
+	$(PY) -m expertmesh.cli data --fetch-text --text train,heldout --text-cache data/text
+
+# the training data of the built-in model v2 (real text, random lengths, eos after the answer)
+data-demo-v2: data-text
+	PY=$(PY) WORKERS=$$(nproc) scripts/train_demo_model_v2.sh data
+
+# the recorded commands that train the built-in model v2 (on a GPU host; data/text fetched first)
+train-demo-model-v2: setup
+	for s in data 1 2 3 install; do PY=$(PY) scripts/train_demo_model_v2.sh $$s; done
 
 # the recorded command that trained expertmesh/assets/default-model (on a GPU host)
 train-demo-model: setup

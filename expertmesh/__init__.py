@@ -19,7 +19,7 @@ from expertmesh.errors import (
 from expertmesh.model.checkpoint import load_model, save_model
 from expertmesh.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from expertmesh.platform.mesh import GenerationResult, Mesh
-from expertmesh.platform.registry import ContextInfo
+from expertmesh.store.registry import ContextInfo
 
 __all__ = [
     "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "ExpertMeshError",

@@ -13,21 +13,34 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-shards", type=int, default=4, help="context shard actors (default 4)")
     p.add_argument("--expert-groups", type=int, default=2, help="expert group actors (default 2)")
     p.add_argument("--address", default=None, help="Ray address to join ('auto' or URL); default: start locally")
+    p.add_argument("--store", default=None, help="context store: directory or URI (s3://, gs://, file://); "
+                                                 "contexts survive restarts")
+    p.add_argument("--shard-memory-bytes", type=int, default=None, help="hot KV pages per shard in memory")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default="float32", help="how KV pages are stored")
+
+
+def _store_kwargs(args: argparse.Namespace) -> dict:
+    return {"store": args.store, "shard_memory_bytes": args.shard_memory_bytes, "kv_dtype": args.kv_dtype}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import expertmesh as em
 
     mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
-                         expert_groups=args.expert_groups, address=args.address)
+                         expert_groups=args.expert_groups, address=args.address, **_store_kwargs(args))
     try:
         ctx = None
-        if args.context_file:
+        if args.context_file:  # on a store, the same file again reuses its stored KV
             text = Path(args.context_file).read_text(encoding="utf-8")
             ctx = mesh.register_context(mesh.tokenizer.encode(text), mode=args.mode)
+        elif args.context_id:
+            ctx = next((c for c in mesh.contexts() if c.id == args.context_id), None)
+            if ctx is None:
+                raise em.ContextNotFound(f"context {args.context_id!r} is not in the store "
+                                         f"({len(mesh.contexts())} stored contexts)")
         res = mesh.generate(mesh.tokenizer.encode(args.prompt), context_id=ctx.id if ctx else None,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_shards=args.top_shards, seed=args.seed)
+                            top_shards=args.top_shards, seed=args.seed, top_pages=args.top_pages)
         if args.json:
             print(json.dumps({"text": res.text, "token_ids": res.token_ids, "pathway": res.pathway,
                               "context": ctx.__dict__ if ctx else None, "ttft_s": res.ttft_s,
@@ -126,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = {"checkpoint": args.checkpoint, "context_shards": args.context_shards,
                 "expert_groups": args.expert_groups, "max_queue": args.max_queue,
-                "max_completion_tokens": args.max_completion_tokens}
+                "max_completion_tokens": args.max_completion_tokens, **_store_kwargs(args)}
     if args.tenants:  # parsed here (clear errors) and passed inline, so no node needs the file
         settings["tenants"] = load_tenants(args.tenants).model_dump()
     app = build_app(settings)
@@ -219,7 +232,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from expertmesh.pipelines import demo
 
     demo.run(context_tokens=args.context_tokens, context_shards=args.context_shards,
-             expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode)
+             expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode,
+             store=args.store)
     return 0
 
 
@@ -229,39 +243,86 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _lengths(value: str) -> tuple[tuple[int, ...], tuple[int, int] | None]:
+    """'1024,2048' -> fixed lengths; '1100-16383' -> a random range."""
+    if "-" in value:
+        lo, hi = (int(x) for x in value.split("-", 1))
+        return (), (lo, hi)
+    return tuple(int(x) for x in value.split(",")), None
+
+
 def cmd_data(args: argparse.Namespace) -> int:
+    from expertmesh.pipelines import text_sources
     from expertmesh.pipelines.train_data import DataSpec, write_dataset
 
-    lengths = tuple(int(x) for x in args.lengths.split(","))
-    spec = DataSpec(rows=args.rows, lengths=lengths, multikey_share=args.multikey_share,
-                    prose_share=args.prose_share, group_rows=args.group_rows, seed=args.seed)
-    paths = write_dataset(args.out, spec, files=args.files)
-    print(json.dumps({"out": args.out, "files": len(paths), "rows": spec.rows, "lengths": list(lengths)}))
+    if args.list_sources:
+        for s in text_sources.SOURCES.values():
+            print(f"{s.name:18s} {s.split:8s} {', '.join(p.spec for p in s.packages):48s} {s.about}")
+        return 0
+    if args.fetch_text:
+        manifest = text_sources.fetch(args.text or "train,heldout", args.text_cache)
+        print(json.dumps({"text_cache": args.text_cache, "sources": {k: {"split": v["split"], "bytes": v["bytes"]}
+                                                                     for k, v in sorted(manifest.items())}}))
+        if not args.out:
+            return 0
+    if not args.out:
+        raise ValueError("data needs --out (or --fetch-text / --list-sources alone)")
+    lengths, length_range = _lengths(args.lengths)
+    text = tuple(text_sources.resolve(args.text)) if args.text else ()
+    heldout = [n for n in text if text_sources.SOURCES.get(n) and text_sources.SOURCES[n].split != "train"]
+    if heldout and not args.allow_heldout:
+        raise ValueError(f"{heldout} are held out for evaluation; train on them only with --allow-heldout")
+    spec = DataSpec(rows=args.rows, lengths=lengths or (1024,), length_range=length_range,
+                    multikey_share=args.multikey_share, prose_share=args.prose_share, group_rows=args.group_rows,
+                    seed=args.seed, text=text, text_cache=args.text_cache, synthetic_share=args.synthetic_share,
+                    mix_share=args.mix_share, max_keys=args.max_keys, eos=args.eos)
+    paths = write_dataset(args.out, spec, files=args.files, workers=args.workers)
+    print(json.dumps({"out": args.out, "files": len(paths), "rows": spec.rows, "lengths": args.lengths,
+                      "text": list(text), "eos": spec.eos}))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import expertmesh as em
-    from expertmesh.pipelines.evaluate import evaluate
+    from expertmesh.pipelines import text_sources
+    from expertmesh.pipelines.evaluate import SYNTHETIC, evaluate
 
     lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.modes.split(",")
-    capacity = max(1 << 20, -(-max(lengths) // args.context_shards) + 4096)
+    offsets = [int(x) for x in args.offsets.split(",")] if args.offsets else None
+    haystack, split = None, SYNTHETIC
+    if args.source != SYNTHETIC:
+        names = text_sources.resolve(args.source)
+        if len(names) != 1:
+            raise ValueError(f"--source names one text, got {names}")
+        text = text_sources.load(names[0], args.text_cache)
+        split = text.split
+        if split == text_sources.TRAIN:
+            print(f"note: {text.name} is a training source of the demo model, not held out", file=sys.stderr)
+        haystack = text_sources.Haystack([text], mix_share=0.0)
+    capacity = max(1 << 20, -(-(max(lengths) + 4096) // args.context_shards) + 4096)
     mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
-                         expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity)
+                         expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity,
+                         **_store_kwargs(args))
     try:
         cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,
-                         log=lambda s: print(s, flush=True))
+                         log=lambda s: print(s, flush=True), haystack=haystack, offsets=offsets,
+                         random_offsets=args.random_offsets)
     finally:
         mesh.shutdown()
     rows = [c.row() for c in cells]
+    source = haystack.texts[0].cite if haystack is not None else SYNTHETIC
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "checkpoint": args.checkpoint or "default",
+                                               "source": source, "source_split": split,
+                                               "offsets": "random" if args.random_offsets and not offsets else offsets,
                                                "context_shards": args.context_shards,
                                                "expert_groups": args.expert_groups, "results": rows}, indent=1))
-    print(f"{'task':8s} {'length':>9s} {'mode':9s} {'accuracy':>8s}")
+    print(f"{'task':8s} {'length':>9s} {'mode':9s} {'offset':>6s} {'accuracy':>8s} {'stops':>6s}  source")
     for r in rows:
-        print(f"{r['task']:8s} {r['length']:>9,d} {r['mode']:9s} {r['accuracy']:>8.1%}")
+        off = "" if r["offset"] is None else str(r["offset"])  # an offset, or "random"
+        print(f"{r['task']:8s} {r['length']:>9,d} {r['mode']:9s} {off:>6s} {r['accuracy']:>8.1%} "
+              f"{r['stop_rate']:>6.1%}  {r['source']}")
     return 0
 
 
@@ -278,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--top-shards", type=int, default=None, help="visit only the k best-scoring shards")
+    g.add_argument("--top-pages", type=int, default=None, help="in each shard, only the p best-bounded KV pages")
+    g.add_argument("--context-id", default=None, help="a context already in the --store (instead of --context-file)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(func=cmd_generate)
 
@@ -312,15 +375,31 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    dd = sub.add_parser("data", help="generate the synthetic long-context training tasks into Parquet")
-    dd.add_argument("--out", required=True, help="output directory")
+    dd = sub.add_parser("data", help="generate the long-context training tasks into Parquet (synthetic or real text)")
+    dd.add_argument("--out", default=None, help="output directory")
     dd.add_argument("--rows", type=int, default=2048)
-    dd.add_argument("--lengths", default="1024,2048,4096", help="comma-separated sequence lengths (tokens)")
+    dd.add_argument("--lengths", default="1024,2048,4096",
+                    help="comma-separated sequence lengths (tokens), or a range LO-HI of random lengths "
+                         "(log-uniform, never a multiple of the 2048-token chunk)")
     dd.add_argument("--multikey-share", type=float, default=0.4)
-    dd.add_argument("--prose-share", type=float, default=0.2)
+    dd.add_argument("--prose-share", type=float, default=0.2, help="synthetic fillers: share of generated prose")
     dd.add_argument("--group-rows", type=int, default=16, help="rows of one length per Parquet row group")
     dd.add_argument("--files", type=int, default=4)
     dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--text", default=None,
+                    help="real-text haystacks: 'train' (the pinned training sources), source names or paths, "
+                         "comma-separated; default: synthetic fillers only (see --list-sources)")
+    dd.add_argument("--text-cache", default="data/text", help="where fetched sources are kept (default data/text)")
+    dd.add_argument("--fetch-text", action="store_true",
+                    help="apt-get download the pinned packages of --text (default: train,heldout), check their "
+                         "sha256, extract their text into --text-cache")
+    dd.add_argument("--list-sources", action="store_true", help="print the pinned text sources and their split")
+    dd.add_argument("--allow-heldout", action="store_true", help="let --text name held-out (evaluation) sources")
+    dd.add_argument("--synthetic-share", type=float, default=0.1, help="with --text: rows on synthetic fillers")
+    dd.add_argument("--mix-share", type=float, default=0.3, help="with --text: haystacks of 2-3 sources in a row")
+    dd.add_argument("--max-keys", type=int, default=4, help="multikey rows have 1..max-keys needle lines")
+    dd.add_argument("--eos", action="store_true", help="end each sequence with the eos token right after the answer")
+    dd.add_argument("--workers", type=int, default=1, help="with --text: processes writing files in parallel")
     dd.set_defaults(func=cmd_data)
 
     e = sub.add_parser("eval", help="long-context retrieval accuracy (passkey, multikey) over a mesh")
@@ -331,6 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--samples", type=int, default=20, help="needles per length and mode (depths spread 0-100%%)")
     e.add_argument("--keys", type=int, default=4, help="needle lines per multikey context")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--source", default="synthetic",
+                   help="haystack text: 'synthetic' (the standard filler), a held-out source "
+                        "(kjv, debian-reference, debian-docs; see `expertmesh data --list-sources`) or a text file")
+    e.add_argument("--text-cache", default="data/text", help="where fetched text sources are kept")
+    e.add_argument("--offsets", default=None,
+                   help="comma-separated offsets of the question's first token within an attention chunk "
+                        "(negative: from the chunk's end), one cell each; default: where the length puts it")
+    e.add_argument("--random-offsets", action="store_true",
+                   help="each sample's question at a random offset within a chunk (lengths within half a "
+                        "chunk of the stated ones, not multiples of it)")
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=cmd_eval)
 

@@ -1,27 +1,43 @@
 """ContextShard: holds the KV of token ranges of registered contexts, for every layer.
 
 Queries come to the KV (never the reverse): `attend` takes a batch of queries per context
-and returns (partial output, log-sum-exp) per query over this shard's keys, which the router
-merges exactly with the other parts. Per-page key summaries (element-wise min/max of keys
-per page, as in Quest) let the router choose shards and pages without touching the KV.
+and returns (partial output, log-sum-exp, pages read) per item over this shard's keys, which
+the router merges exactly with the other parts.
+
+Storage is tiered. Each segment is a page file (`expertmesh.store.pages`) in the mesh's
+store (or, without one, in a scratch directory of this host that dies with the shard); hot
+pages live in a page pool in memory within `memory_bytes` (`expertmesh.store.tiers`), the
+rest are read from the file on demand. Exact attention streams every page in blocks of
+bounded size; `top_pages=p` reads only the p pages whose key summaries (element-wise
+min/max per page, as in Quest) bound q.k highest. A shard that restarts reopens its
+segments from the store when a request names them.
 
 The class is plain Python; `RemoteContextShard` is the Ray actor of it.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import shutil
+import tempfile
 import threading
-from collections import Counter
-
 import warnings
+from collections import Counter
 
 import numpy as np
 import ray
 import torch
 
 from expertmesh.errors import CapacityError, ContextNotFound
-from expertmesh.model.attention import AttentionSpec, partial_attention
+from expertmesh.model.attention import AttentionSpec, merge_partials, partial_attention
+from expertmesh.actors.pathway import quest_bound_rows
+from expertmesh.store.location import StoreLocation
+from expertmesh.store.pages import KV_DTYPES, PageShape, SegmentFile, StoreCorrupted
+from expertmesh.store.tiers import PageTable
+
+STREAM_PAGES = 1024  # pages per block of streamed attention: bounds the memory of one read
 
 
 @dataclasses.dataclass
@@ -32,32 +48,82 @@ class AttendItem:
     q: np.ndarray
     q_pos: np.ndarray
     visits: dict[str, int]  # request id -> query tokens in this item
-    pages: np.ndarray | None = None  # page indices of this shard's segment; None: all
+    top_pages: int | None = None  # None: every page (exact); p: the p best-bounded pages
+    segment: tuple[str, int, int] | None = None  # (file, start, end): reopen from the store if needed
 
 
 @dataclasses.dataclass
-class _Stored:
-    k: list[torch.Tensor]  # [layer] -> [T, Hkv, D]
-    v: list[torch.Tensor]
-    pos: torch.Tensor  # [T]
-    kmin: list[torch.Tensor]  # [layer] -> [P, Hkv, D]
-    kmax: list[torch.Tensor]
+class _Open:
+    """A segment file this shard has open; several contexts may share one (reused KV)."""
+
+    slot: int  # its id in the page table
+    file: SegmentFile
+    name: str
+    start: int  # position of its first token in the context
+    users: int = 1
+
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+def host_memory_bytes() -> int:
+    """This host's memory, or the container's limit where one is set (cgroup v2 / v1)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _remove_dead_scratch() -> None:
+    """Scratch directories of shards whose process is gone (killed: no exit handler ran)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) >= 3 and parts[0] == "expertmesh" and parts[1].startswith("shard") and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except PermissionError:
+                pass
+
+
 class ContextShard:
-    def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int, page_size: int = 64,
-                 num_threads: int | None = None) -> None:
+    def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
+                 page_size: int = 64, num_threads: int | None = None, store: str | None = None,
+                 memory_bytes: int | None = None, kv_dtype: str = "float32") -> None:
+        """store: the mesh's store location (None: a scratch directory, lost with the shard).
+        memory_bytes: the hot-page budget (None: half of the host's memory / 4)."""
         if num_threads:
             torch.set_num_threads(num_threads)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         self.index, self.specs = index, specs
-        self.capacity_tokens, self.page_size = capacity_tokens, page_size
-        self._ctx: dict[str, _Stored] = {}
+        self.capacity_tokens, self.page_size, self.kv_dtype = capacity_tokens, page_size, kv_dtype
+        self.memory_bytes = memory_bytes if memory_bytes is not None else host_memory_bytes() // 8
+        self.durable = store is not None
+        self._scratch = None
+        if store is None:
+            _remove_dead_scratch()
+            self._scratch = tempfile.mkdtemp(prefix=f"expertmesh-shard{index}-{os.getpid()}-")
+            atexit.register(shutil.rmtree, self._scratch, True)
+        self.location = StoreLocation(store or self._scratch)
+        self._ctx: dict[str, _Open] = {}  # context id -> its segment here
+        self._files: dict[str, _Open] = {}  # file name -> open segment
+        self._writing: dict[str, object] = {}  # context id -> scratch path while being written
+        self._next_slot = 0
+        self.table: PageTable | None = None  # made with the pool at the first segment
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
         self.visits: Counter[str] = Counter()  # request id -> query tokens served (recent)
+        self.reads = Counter()  # pages read: "memory" / "store"
         self.calls = 0
-        # a compiled graph runs attend_cg on its own thread, beside store/drop/stats
+        # a compiled graph runs attend_cg on its own thread, beside the other methods
         self._lock = threading.RLock()
 
     def ping(self) -> int:
@@ -65,89 +131,249 @@ class ContextShard:
 
     def used_tokens(self) -> int:
         with self._lock:
-            return sum(len(s.pos) for s in self._ctx.values())
+            return sum(o.file.num_tokens for o in self._ctx.values())
 
-    def store(self, context_id: str, k: list[np.ndarray], v: list[np.ndarray], pos: np.ndarray
-              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Keep the KV of a segment (k/v per layer [T, Hkv, D]); return its page summaries."""
-        t = len(pos)
-        free = self.capacity_tokens - self.used_tokens()
-        if t > free:
-            raise CapacityError(
-                f"context shard {self.index}: segment of {t:,} tokens does not fit; "
-                f"{free:,} of {self.capacity_tokens:,} tokens free"
-            )
-        ks = [torch.from_numpy(np.array(x)) for x in k]
-        vs = [torch.from_numpy(np.array(x)) for x in v]
-        kmin, kmax = [], []
-        for kl in ks:
-            pages = self._paged(kl)  # [P, ps, Hkv, D] padded with the page's own first key
-            kmin.append(pages.amin(dim=1))
-            kmax.append(pages.amax(dim=1))
+    # -- writing a segment ------------------------------------------------------------------
+    def begin(self, context_id: str, name: str, start: int, end: int, layers: int, heads: int,
+              head_dim: int) -> None:
+        """Start the segment file of tokens [start, end) of a context."""
         with self._lock:
-            self._ctx[context_id] = _Stored(ks, vs, torch.from_numpy(np.array(pos)).long(), kmin, kmax)
-        return [x.numpy() for x in kmin], [x.numpy() for x in kmax]
+            t = end - start
+            if self.capacity_tokens is not None:
+                free = self.capacity_tokens - self.used_tokens()
+                if t > free:
+                    raise CapacityError(f"context shard {self.index}: segment of {t:,} tokens does not fit; "
+                                        f"{free:,} of {self.capacity_tokens:,} tokens free")
+            if context_id in self._ctx:
+                raise ValueError(f"context {context_id!r} already has a segment on shard {self.index}")
+            shape = PageShape(layers, -(-t // self.page_size), self.page_size, heads, head_dim, self.kv_dtype)
+            tmp = self.location.scratch_file(name)
+            self._ensure_pool(shape)
+            opened = _Open(self._take_slot(shape), SegmentFile.create(tmp, shape, t, start), name, start)
+            self._ctx[context_id] = self._files[name] = opened
+            self._writing[context_id] = tmp
 
-    def _paged(self, k: torch.Tensor) -> torch.Tensor:
-        t, ps = k.shape[0], self.page_size
-        n = -(-t // ps)
-        pad = n * ps - t
-        if pad:
-            k = torch.cat([k, k[-1:].expand(pad, *k.shape[1:])])
-        return k.view(n, ps, *k.shape[1:])
+    def append(self, context_id: str, t0: int, k: list[np.ndarray], v: list[np.ndarray], pos: np.ndarray) -> None:
+        """Rows of the segment being written: k/v per layer [T, Hkv, D] from context position t0."""
+        with self._lock:
+            opened = self._ctx.get(context_id)
+            if opened is None or context_id not in self._writing:
+                raise ContextNotFound(f"context {context_id!r} has no segment being written on shard {self.index}")
+            opened.file.write(t0 - opened.start, [torch.from_numpy(np.asarray(x)) for x in k],
+                              [torch.from_numpy(np.asarray(x)) for x in v], torch.from_numpy(np.asarray(pos)))
+
+    def finish(self, context_id: str) -> tuple[int, list]:
+        """Close the segment file and move it into the store; returns (its bytes, summaries)."""
+        with self._lock:
+            opened = self._ctx[context_id]
+            tmp = self._writing.pop(context_id)
+            opened.file.finish()
+            opened.file.close()
+            self.location.publish(tmp, opened.name)
+            opened.file = SegmentFile.open(self.location.segment_path(opened.name))
+            return opened.file.nbytes, self._summaries(opened)
+
+    def open(self, context_id: str, name: str, start: int, end: int) -> list:
+        """Serve a stored segment (after a restart, or a context reusing stored KV); its summaries."""
+        with self._lock:
+            return self._summaries(self._open(context_id, name, start, end))
+
+    def _open(self, context_id: str, name: str, start: int, end: int) -> _Open:
+        opened = self._ctx.get(context_id)
+        if opened is not None:
+            return opened
+        if not self.durable:
+            raise ContextNotFound(f"context {context_id!r} has no segment on shard {self.index} (this mesh has "
+                                  f"no store: the context was lost with the shard's memory)")
+        opened = self._files.get(name)
+        if opened is not None:
+            opened.users += 1
+        else:
+            try:
+                file = SegmentFile.open(self.location.segment_path(name))
+            except StoreCorrupted as exc:
+                raise ContextNotFound(f"context {context_id!r} is unavailable: {exc}") from None
+            if file.num_tokens != end - start:
+                raise ContextNotFound(f"context {context_id!r} is unavailable: stored segment file {file.path} "
+                                      f"holds {file.num_tokens} tokens; the manifest says {end - start}")
+            self._ensure_pool(file.shape)
+            opened = _Open(self._take_slot(file.shape), file, name, start)
+            self._files[name] = opened
+        self._ctx[context_id] = opened
+        return opened
+
+    def _summaries(self, opened: _Open) -> list:
+        """(kmin, kmax) [P, Hkv, D] per layer that selects pages by summary (no chunk); None elsewhere."""
+        f = opened.file
+        return [None if spec.chunk_size else (f.kmin[i].copy(), f.kmax[i].copy())
+                for i, spec in enumerate(self.specs)]
 
     def drop(self, context_id: str) -> bool:
+        """Forget a context here; a scratch segment file goes with it (a store's files are the
+        router's to delete, after its manifest)."""
         with self._lock:
-            return self._ctx.pop(context_id, None) is not None
+            opened = self._ctx.pop(context_id, None)
+            if opened is None:
+                return False
+            tmp = self._writing.pop(context_id, None)
+            opened.users -= 1
+            if opened.users == 0:
+                self._files.pop(opened.name, None)
+                self.table.remove_segment(opened.slot, opened.file.shape.layers)
+                path = opened.file.path
+                opened.file.close()
+                if tmp is not None or not self.durable:
+                    path.unlink(missing_ok=True)
+            return True
 
     def contexts(self) -> dict[str, int]:
         with self._lock:
-            return {c: len(s.pos) for c, s in self._ctx.items()}
+            return {c: o.file.num_tokens for c, o in self._ctx.items()}
 
-    def attend(self, layer: int, items: list[AttendItem]) -> list[tuple[np.ndarray, np.ndarray]]:
+    # -- attention ---------------------------------------------------------------------------
+    def attend(self, layer: int, items: list[AttendItem]) -> list[tuple[np.ndarray, np.ndarray, dict]]:
         """Partial attention of each item's queries over this shard's keys of its context.
 
-        Returns per item (out [T, Hq, D], lse [T, Hq]) as fp32 numpy.
+        Returns per item (out [T, Hq, D], lse [T, Hq]) as fp32 numpy, and the pages read
+        {"pages": n, "memory": from the pool, "store": from the file}.
         """
         with self._lock:
             return self._attend(layer, items)
 
-    def attend_cg(self, payload: tuple) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`attend` in a compiled graph: payload (layer, ((context_id, q, q_pos, visits), ...)) or ()."""
+    def attend_cg(self, payload: tuple) -> list:
+        """`attend` in a compiled graph: payload (layer, ((context_id, q, q_pos, visits, top_pages, segment), ...))."""
         if not payload:
             return []
         layer, items = payload
         return self.attend(layer, [AttendItem(*item) for item in items])
 
-    def _attend(self, layer: int, items: list[AttendItem]) -> list[tuple[np.ndarray, np.ndarray]]:
+    @torch.no_grad()
+    def _attend(self, layer: int, items: list[AttendItem]) -> list:
         self.calls += 1
         out = []
         for item in items:
-            stored = self._ctx.get(item.context_id)
-            if stored is None:
-                raise ContextNotFound(f"context {item.context_id!r} has no segment on shard {self.index}")
-            k, v, pos = stored.k[layer], stored.v[layer], stored.pos
-            if item.pages is not None:
-                rows = self._page_rows(item.pages, len(pos))
-                k, v, pos = k[rows], v[rows], pos[rows]
-            o, lse = partial_attention(torch.from_numpy(item.q), torch.from_numpy(item.q_pos), k, v, pos,
-                                       self.specs[layer])
+            opened = self._ctx.get(item.context_id)
+            if opened is None:
+                if item.segment is None:
+                    raise ContextNotFound(f"context {item.context_id!r} has no segment on shard {self.index}")
+                opened = self._open(item.context_id, *item.segment)
+            spec = self.specs[layer]
+            q, q_pos = torch.from_numpy(np.asarray(item.q)), torch.from_numpy(np.asarray(item.q_pos))
+            pages = self._pages_for(opened, layer, spec, q, q_pos, item.top_pages)
+            parts, reads = [], Counter(pages=len(pages))
+            for i in range(0, len(pages), STREAM_PAGES):
+                try:
+                    k, v, k_pos = self._gather(opened, layer, pages[i:i + STREAM_PAGES], reads,
+                                               scan=item.top_pages is None and not (spec.chunk_size or spec.window))
+                except StoreCorrupted as exc:  # never wrong output: this context fails, the rest keep working
+                    raise ContextNotFound(f"context {item.context_id!r} is unavailable: {exc}") from None
+                parts.append(partial_attention(q, q_pos, k, v, k_pos, spec))
+            if parts:
+                o, lse = merge_partials(parts)
+            else:
+                o = torch.zeros(q.shape, dtype=torch.float32)
+                lse = torch.full(q.shape[:2], float("-inf"))
             self.visits.update(item.visits)
-            out.append((o.numpy(), lse.numpy()))
+            self.reads.update({"memory": reads["memory"], "store": reads["store"]})
+            out.append((o.numpy(), lse.numpy(), dict(reads)))
         if len(self.visits) > 100_000:  # bounded memory for a long-running shard
             self.visits = Counter(dict(self.visits.most_common(50_000)))
         return out
 
-    def _page_rows(self, pages: np.ndarray, t: int) -> torch.Tensor:
-        p = torch.as_tensor(pages, dtype=torch.int64)
-        rows = (p[:, None] * self.page_size + torch.arange(self.page_size)[None]).reshape(-1)
-        return rows[rows < t]
+    def _pages_for(self, opened: _Open, layer: int, spec: AttentionSpec, q: torch.Tensor, q_pos: torch.Tensor,
+                   top_pages: int | None) -> np.ndarray:
+        """The pages of this segment the queries can see (and, with top_pages, the best-bounded)."""
+        f, ps = opened.file, self.page_size
+        written = min(f.written_pages * ps, f.num_tokens)  # rows readable now
+        lo_pos, hi_pos = opened.start, opened.start + written  # positions [lo, hi)
+        if spec.chunk_size:
+            c = spec.chunk_size
+            runs = [(ch * c, (ch + 1) * c) for ch in torch.unique(q_pos // c).tolist()]
+        elif spec.window:
+            runs = [(int(q_pos.min()) - spec.window + 1, int(q_pos.max()) + 1)]
+        else:
+            runs = [(lo_pos, int(q_pos.max()) + 1)]
+        picked = []
+        for a, b in runs:
+            a, b = max(a, lo_pos), min(b, hi_pos)
+            if a < b:
+                picked.append(np.arange((a - opened.start) // ps, -(-(b - opened.start) // ps)))
+        pages = np.unique(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+        if top_pages is not None and not spec.chunk_size and len(pages) > top_pages:
+            kmin, kmax = torch.from_numpy(f.kmin[layer, pages]), torch.from_numpy(f.kmax[layer, pages])
+            score = quest_bound_rows(q, kmin, kmax)  # [n]
+            best = torch.topk(score, top_pages).indices.numpy()
+            pages = np.sort(pages[best])
+        return pages
+
+    def _gather(self, opened: _Open, layer: int, pages: np.ndarray, reads: Counter, scan: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v [n*S, Hkv, D] fp32 and positions of the pages: pool hits, the rest from the file."""
+        f, ps = opened.file, self.page_size
+        shape = f.shape
+        k_pool, v_pool = self._pool
+        slots = self.table.lookup(opened.slot, layer, pages)  # [n]
+        hit = slots >= 0
+        n_hit = int(hit.sum())
+        reads.update({"memory": n_hit, "store": len(pages) - n_hit})
+        if n_hit == len(pages) and len(pages) and int(slots[-1]) - int(slots[0]) == len(pages) - 1 \
+                and bool((np.diff(slots) == 1).all()):
+            s0 = int(slots[0])  # one run of slots: a view, no copy
+            k, v = k_pool[s0:s0 + len(pages)].float(), v_pool[s0:s0 + len(pages)].float()
+        else:
+            k = torch.empty(len(pages), ps, shape.heads, shape.head_dim)
+            v = torch.empty_like(k)
+            if n_hit:
+                idx = torch.from_numpy(slots[hit])
+                k[torch.from_numpy(hit)] = k_pool[idx].float()
+                v[torch.from_numpy(hit)] = v_pool[idx].float()
+            if n_hit < len(pages):
+                miss = pages[~hit]
+                km, vm, _ = f.read(layer, miss)
+                km, vm = km.view(-1, ps, shape.heads, shape.head_dim), vm.view(-1, ps, shape.heads, shape.head_dim)
+                k[torch.from_numpy(~hit)], v[torch.from_numpy(~hit)] = km, vm
+                given = self.table.admit(opened.slot, layer, miss, evict=not scan, keep=slots[hit])
+                ok = given >= 0
+                if ok.any():
+                    dst = torch.from_numpy(given[ok])
+                    k_pool[dst] = km[torch.from_numpy(ok)].to(k_pool.dtype)
+                    v_pool[dst] = vm[torch.from_numpy(ok)].to(v_pool.dtype)
+            k, v = k.view(-1, shape.heads, shape.head_dim), v.view(-1, shape.heads, shape.head_dim)
+        k, v = k.reshape(-1, shape.heads, shape.head_dim), v.reshape(-1, shape.heads, shape.head_dim)
+        rows = torch.from_numpy((pages[:, None] * ps + np.arange(ps)[None]).reshape(-1))
+        valid = rows < min(f.written_pages * ps, f.num_tokens)
+        if not bool(valid.all()):  # the last page's padding
+            k, v, rows = k[valid], v[valid], rows[valid]
+        return k, v, rows + opened.start
+
+    # -- the page pool -----------------------------------------------------------------------
+    def _ensure_pool(self, shape: PageShape) -> None:
+        if self._pool is not None:
+            return
+        dtype = torch.float32 if self.kv_dtype == "float32" else torch.bfloat16
+        per_page = shape.page_size * shape.heads * shape.head_dim * (4 if dtype == torch.float32 else 2)
+        slots = max(1, self.memory_bytes // (2 * per_page))
+        # torch.empty maps memory lazily: only slots that get pages become resident
+        self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype),
+                      torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype))
+        self.table = PageTable(slots)
+
+    def _take_slot(self, shape: PageShape) -> int:
+        self._next_slot += 1
+        self.table.add_segment(self._next_slot, shape.layers, shape.pages)
+        return self._next_slot
 
     def stats(self) -> dict:
         with self._lock:
+            table = self.table
             return {"index": self.index, "calls": self.calls, "contexts": self.contexts(),
                     "used_tokens": self.used_tokens(), "capacity_tokens": self.capacity_tokens,
-                    "visits": dict(self.visits)}
+                    "visits": dict(self.visits), "pages_read": dict(self.reads),
+                    "pool": {"memory_bytes": self.memory_bytes, "slots": table.slots if table else 0,
+                             "used": table.used if table else 0, "hits": table.hits if table else 0,
+                             "misses": table.misses if table else 0,
+                             "evictions": table.evictions if table else 0},
+                    "store": self.location.uri if self.durable else None}
 
 
 RemoteContextShard = ray.remote(ContextShard)

@@ -112,7 +112,7 @@ def _owned(x: Any) -> Any:
 
 
 def _attend_payload(layer: int, items: list[AttendItem]) -> tuple:
-    return layer, tuple((it.context_id, it.q, it.q_pos, it.visits) for it in items)
+    return layer, tuple((it.context_id, it.q, it.q_pos, it.visits, it.top_pages, it.segment) for it in items)
 
 
 def fan_outs(shards: list[Any], groups: list[Any], compiled_graphs: bool) -> tuple[FanOut, FanOut]:
@@ -211,16 +211,19 @@ class Engine:
             q_lo, q_hi = int(positions[a]), int(positions[b - 1])
             chunks = set((positions[a:b] // layer.spec.chunk_size).tolist()) if layer.spec.chunk_size else None
             by_shard = {s.shard: s for s in seq.segments}
+            # requests choosing pages (top_pages) get their own item; exact ones share one per context
+            key = (seq.context_id, seq.top_pages, seq.request_id if seq.top_pages else None)
             for shard in seq.layer_shards[index]:
                 if segment_visible(by_shard[shard], q_lo, q_hi, chunks, layer.spec):
-                    plan.setdefault(shard, {}).setdefault(seq.context_id, []).append(i)
+                    plan.setdefault(shard, {}).setdefault(key, []).append(i)
         requests, layout = {}, []
         for shard, per_ctx in plan.items():
             items = []
-            for ctx, rows in per_ctx.items():
+            for (ctx, top_pages, _), rows in per_ctx.items():
                 idx = torch.cat([torch.arange(*spans[i]) for i in rows])
                 items.append(AttendItem(ctx, q[idx].numpy(), positions[idx].numpy(),
-                                        {batch[i].request_id: spans[i][1] - spans[i][0] for i in rows}))
+                                        {batch[i].request_id: spans[i][1] - spans[i][0] for i in rows},
+                                        top_pages, batch[rows[0]].segment_files.get(shard)))
                 layout.append((shard, rows, idx))
             requests[shard] = (index, items)
         replies = await self.to_shards.send(requests)
@@ -230,7 +233,7 @@ class Engine:
         self.waits["shards"] += time.perf_counter() - t0
         parts = [(own_out, own_lse)]
         per_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for (shard, rows, idx), (o, lse) in zip(layout, results):
+        for (shard, rows, idx), (o, lse, reads) in zip(layout, results):
             if shard not in per_shard:  # rows a shard did not serve stay neutral (lse = -inf)
                 per_shard[shard] = (torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf")))
                 parts.append(per_shard[shard])
@@ -238,6 +241,7 @@ class Engine:
             per_shard[shard][1][idx] = torch.from_numpy(np.array(lse))
             for i in rows:
                 batch[i].pathway_visits.add(shard)
+                batch[i].page_reads.setdefault(shard, collections.Counter()).update(reads)
         return merge_partials(parts)[0].to(q.dtype)  # [T, Hq, D]
 
     def _own_attention(self, index: int, layer, batch: list[Sequence], spans, q: torch.Tensor,

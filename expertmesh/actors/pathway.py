@@ -15,15 +15,7 @@ import dataclasses
 import torch
 
 from expertmesh.model.attention import AttentionSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """Tokens [start, end) of a context, held by context shard `shard`."""
-
-    shard: int
-    start: int
-    end: int
+from expertmesh.store.registry import Segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +57,17 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
     hi = kmax.repeat_interleave(groups, dim=1)
     bound = torch.maximum(q[None] * lo, q[None] * hi).sum(-1)  # [P, Hq]
     return bound.max(dim=-1).values
+
+
+def quest_bound_rows(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of q.k per page for any of several queries: q [T, Hq, D], kmin/kmax [P, Hkv, D]
+    -> [P] (max over queries and heads). max(q*lo, q*hi) summed over D = q+ . hi + q- . lo."""
+    groups = q.shape[1] // kmin.shape[1]
+    lo = kmin.repeat_interleave(groups, dim=1)  # [P, Hq, D]
+    hi = kmax.repeat_interleave(groups, dim=1)
+    qf = q.float()
+    bound = torch.einsum("thd,phd->tph", qf.clamp(min=0), hi) + torch.einsum("thd,phd->tph", qf.clamp(max=0), lo)
+    return bound.amax(dim=(0, 2))
 
 
 def choose_shards(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -26,14 +27,19 @@ from expertmesh.model.checkpoint import load_model
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
 from expertmesh.platform.cluster import lookup
-from expertmesh.platform.registry import MODES, ContextInfo, ContextRecord, plan_segments
+from expertmesh.store.catalog import Catalog, tokens_sha256
+from expertmesh.store.fingerprint import model_fingerprint
+from expertmesh.store.manifest import Manifest, SegmentEntry
+from expertmesh.store.registry import MODES, ContextInfo, ContextRecord, Segment, plan_segments
 
 
 class Router:
-    def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int,
+    def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
-                 compiled_graphs: bool = False) -> None:
-        """compiled_graphs: run the per-layer fan-outs over Ray Compiled Graphs (built on first use)."""
+                 compiled_graphs: bool = False, store: str | None = None, kv_dtype: str = "float32",
+                 page_size: int = 64, fingerprint: str | None = None) -> None:
+        """compiled_graphs: run the per-layer fan-outs over Ray Compiled Graphs (built on first use).
+        store: the mesh's context store (a directory or URI); its contexts are listed at once."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.checkpoint = checkpoint
@@ -42,6 +48,14 @@ class Router:
         self.shards, self.groups = lookup(shards), lookup(groups)  # names: see cluster.actor_name
         shards, groups = self.shards, self.groups
         self.capacity_tokens = capacity_tokens
+        self.kv_dtype, self.page_size = kv_dtype, page_size
+        unit = math.lcm(self.cfg.alignment, page_size)
+        self.piece_tokens = max(unit, max_batch_tokens // unit * unit)  # registration runs in pieces this long
+        self.catalog: Catalog | None = None
+        if store is not None:
+            self.fingerprint = fingerprint or model_fingerprint(checkpoint)
+            self.catalog = Catalog.open(store, self.fingerprint, {"architecture": self.cfg.architecture,
+                                                                  "checkpoint": str(checkpoint)})
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
         self.contexts: dict[str, ContextRecord] = {}
         self.lost: dict[str, str] = {}  # context id -> why it was lost (a shard restarted without a store)
@@ -53,6 +67,9 @@ class Router:
         self._ids = itertools.count()
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
+        if self.catalog is not None:
+            for m in self.catalog.manifests.values():
+                self._adopt(m)
 
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
@@ -66,6 +83,9 @@ class Router:
     async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
                                context_id: str | None = None, owner: str = "default",
                                visibility: str = "private", name: str | None = None) -> ContextInfo:
+        """Compute the context's KV into segment files on the shards, piece by piece (bounded
+        memory); with a store, its manifest is written last. Stored KV of the same tokens (same
+        model, mode and cut) is reused instead of recomputed."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self._check_tokens(token_ids, "context")
@@ -73,37 +93,134 @@ class Router:
         cid = context_id or f"ctx-{uuid.uuid4().hex[:12]}"
         if cid in self.contexts:
             raise ValueError(f"context id {cid!r} is already registered")
+        if len(token_ids) > self.cfg.max_position_embeddings:
+            raise ValueError(f"context of {len(token_ids):,} tokens exceeds max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings:,})")
         segments = plan_segments(len(token_ids), self._free_tokens(), self.capacity_tokens,
                                  self.cfg.alignment, shards)
         info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
-                           time.time())
+                           time.time(), self.kv_dtype, self.catalog is not None)
         record = ContextRecord(info, segments)
+        record.files = [f"{cid}.{i}.kv" for i in range(len(segments))]
+        record.nbytes = [0] * len(segments)
+        digests = self._digests(token_ids, segments)
+        reused = self._reuse(record, digests)
         self.contexts[cid] = record
         try:
-            params = SamplingParams(max_new_tokens=0)
-            seqs = [Sequence(f"{cid}/seg{i}", "segment", token_ids[s.start:s.end].tolist(), s.start,
-                             segments[:i] if mode == "exact" else [], cid, params, self.cfg.num_layers)
-                    for i, s in enumerate(segments)]
-            if mode == "exact":  # each segment attends to the stored KV of all earlier ones
-                for seq, seg in zip(seqs, segments):
-                    await self._run(seq)
-                    await self._store(record, seq, seg.shard)
-            else:  # independent segments: one batch, stored in parallel
-                await asyncio.gather(*(self._run(seq) for seq in seqs))
-                await asyncio.gather(*(self._store(record, seq, seg.shard) for seq, seg in zip(seqs, segments)))
+            if reused:  # stored KV of the same tokens (same model, mode, positions): no recompute
+                await self._open_segments(record, reused)
+            todo = [i for i in range(len(segments)) if i not in reused]
+            if todo:
+                await self._compute_segments(record, token_ids, todo)
+            if self.catalog is not None:
+                self.catalog.add(self._manifest(record, digests))
         except BaseException:
             self.contexts.pop(cid, None)
+            self.engine.summaries.pop(cid, None)
             await asyncio.gather(*(call(self.shards[s.shard], "drop", cid) for s in segments),
                                  return_exceptions=True)
             raise
         record.ready = True
+        record.opened = True
         return info
+
+    async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int]) -> None:
+        """Run the pieces of segments `todo` and append their KV to new segment files; exact: in
+        order, each piece attending to everything stored before it; blockwise: each segment on
+        its own."""
+        cid, segments, cfg = record.info.id, record.segments, self.cfg
+        heads, head_dim = cfg.num_kv_heads, cfg.head_dim
+        await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
+                                    segments[i].end, cfg.num_layers, heads, head_dim) for i in todo))
+
+        async def piece(i: int, seg: Segment, a: int, b: int) -> None:
+            seen = segments[:i] if record.info.mode == "exact" else []
+            if a > seg.start:  # the pages of this segment already written
+                seen = [*seen, Segment(seg.shard, seg.start, a)]
+            seq = Sequence(f"{cid}/seg{i}/{a}", "segment", token_ids[a:b].tolist(), a, seen, cid,
+                           SamplingParams(max_new_tokens=0), cfg.num_layers)
+            seq.segment_files = {s.shard: (f, s.start, s.end) for s, f in zip(segments, record.files)}
+            await self._run(seq)
+            layers = [seq.kv.get(n) for n in range(cfg.num_layers)]
+            await call(self.shards[seg.shard], "append", cid, a, [x[0].numpy() for x in layers],
+                       [x[1].numpy() for x in layers], layers[0][2].numpy())
+
+        async def segment(i: int, seg: Segment) -> None:
+            for a in range(seg.start, seg.end, self.piece_tokens):
+                await piece(i, seg, a, min(seg.end, a + self.piece_tokens))
+
+        if record.info.mode == "exact":
+            for i in todo:
+                await segment(i, segments[i])
+        else:
+            await asyncio.gather(*(segment(i, segments[i]) for i in todo))
+        done = await asyncio.gather(*(call(self.shards[segments[i].shard], "finish", cid) for i in todo))
+        for i, (n, _) in zip(todo, done):
+            record.nbytes[i] = n
+        self._keep_summaries(record, todo, [summ for _, summ in done])
+
+    async def _open_segments(self, record: ContextRecord, which: list[int] | None = None) -> None:
+        """Have the shards serve stored segment files of a context (after a restart, or reuse)."""
+        cid = record.info.id
+        which = list(range(len(record.segments))) if which is None else which
+        summ = await asyncio.gather(*(call(self.shards[record.segments[i].shard], "open", cid, record.files[i],
+                                           record.segments[i].start, record.segments[i].end) for i in which))
+        self._keep_summaries(record, which, summ)
+        record.opened = True
+
+    def _keep_summaries(self, record: ContextRecord, which: list[int], per_segment: list) -> None:
+        for i, summ in zip(which, per_segment):
+            record.summaries[record.segments[i].shard] = [
+                None if x is None else (torch.from_numpy(x[0]), torch.from_numpy(x[1])) for x in summ]
+        self.engine.summaries[record.info.id] = record.summaries
+
+    def _digests(self, token_ids: np.ndarray, segments: list[Segment]) -> list[tuple[str, str]]:
+        """(segment tokens sha256, prefix sha256) per segment: what stored KV may be reused for."""
+        if self.catalog is None:
+            return [("", "")] * len(segments)
+        return [(tokens_sha256(token_ids[s.start:s.end]), tokens_sha256(token_ids[:s.end])) for s in segments]
+
+    def _reuse(self, record: ContextRecord, digests: list[tuple[str, str]]) -> list[int]:
+        """Point segments at stored files computed from the same tokens; returns their indices."""
+        if self.catalog is None:
+            return []
+        out = []
+        for i, (seg, (tokens, prefix)) in enumerate(zip(record.segments, digests)):
+            entry = self.catalog.reusable_segment(record.info.mode, seg.start, seg.end, tokens, prefix,
+                                                  self.kv_dtype, self.page_size)
+            if entry is not None:
+                record.files[i], record.nbytes[i] = entry.file, entry.nbytes
+                out.append(i)
+        return out
+
+    def _manifest(self, record: ContextRecord, digests: list[tuple[str, str]]) -> Manifest:
+        i = record.info
+        return Manifest(i.id, i.num_tokens, i.mode, tuple(
+            SegmentEntry(s.shard, s.start, s.end, f, n, tokens, prefix)
+            for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
+            i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
+            tokens_sha256(np.zeros(0)) if not digests else digests[-1][1])
+
+    def _adopt(self, m: Manifest) -> None:
+        """A stored context, listed at once; its shards open its files at first use."""
+        if any(e.shard >= len(self.shards) for e in m.segments):
+            self.catalog.unavailable[m.id] = (f"context {m.id} was stored by a mesh with more context shards "
+                                              f"(segment on shard {max(e.shard for e in m.segments)}; this mesh "
+                                              f"has {len(self.shards)})")
+            return
+        info = ContextInfo(m.id, m.num_tokens, tuple(e.shard for e in m.segments), m.mode, m.owner, m.visibility,
+                           m.name, m.created, m.kv_dtype, True)
+        record = ContextRecord(info, [Segment(e.shard, e.start, e.end) for e in m.segments])
+        record.files, record.ready = [e.file for e in m.segments], True
+        self.contexts[m.id] = record
 
     async def drop_context(self, context_id: str) -> None:
         record = self._record(context_id)
         record.dropped = True
         del self.contexts[context_id]
         self.engine.summaries.pop(context_id, None)
+        if self.catalog is not None:  # the manifest goes first: the context is gone even if a delete fails
+            self.catalog.location.delete(f"contexts/{context_id}.json")
         if record.active == 0:
             await self._drop_segments(record)
 
@@ -114,28 +231,33 @@ class Router:
         return self._record(context_id).info
 
     async def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
-                             top_shards: int | None = None) -> np.ndarray:
-        seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), top_shards)
+                             top_shards: int | None = None, top_pages: int | None = None) -> np.ndarray:
+        await self._prepare(context_id)
+        seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), top_shards,
+                             top_pages=top_pages)
         await self._run(seq)
         return torch.cat([torch.as_tensor(x) for x in seq.logits]).numpy()
 
     async def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                        top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                       tenant: str = "default", request_id: str | None = None) -> dict:
+                       tenant: str = "default", request_id: str | None = None, top_pages: int | None = None) -> dict:
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
-        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id)
+        await self._prepare(context_id)
+        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id, top_pages)
         await self._run(seq)
         return self._result(seq)
 
     async def stream(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                      top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                     tenant: str = "default", request_id: str | None = None) -> AsyncIterator[dict]:
+                     tenant: str = "default", request_id: str | None = None,
+                     top_pages: int | None = None) -> AsyncIterator[dict]:
         """Yield {"tokens": [int, ...]} as tokens are generated (several when the reader lags),
         then the final result dict."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
-        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id)
+        await self._prepare(context_id)
+        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id, top_pages)
         seq.stream = asyncio.Queue()
         task = asyncio.ensure_future(self._run(seq))
         finished = False
@@ -252,8 +374,10 @@ class Router:
         held = await asyncio.gather(*(call(s, "contexts") for s in self.shards), return_exceptions=True)
         lost = {}
         for cid, record in list(self.contexts.items()):
+            if not record.ready or record.info.stored:  # a stored context: its shard reopens it from the store
+                continue
             gone = [s.shard for s in record.segments if isinstance(held[s.shard], dict) and cid not in held[s.shard]]
-            if record.ready and gone:
+            if gone:
                 lost[cid] = (f"context {cid!r} was lost with context shard {gone[0]}: the shard restarted and "
                              f"the mesh has no store to reload it from; register it again")
                 del self.contexts[cid]
@@ -292,21 +416,27 @@ class Router:
 
     # -- helpers --------------------------------------------------------------------------
     def _sequence(self, kind: str, prompt_ids: list[int], context_id: str | None, params: SamplingParams,
-                  top_shards: int | None, tenant: str = "default", request_id: str | None = None) -> Sequence:
+                  top_shards: int | None, tenant: str = "default", request_id: str | None = None,
+                  top_pages: int | None = None) -> Sequence:
         self._check_tokens(prompt_ids, "prompt")
         if top_shards is not None and top_shards < 1:
             raise ValueError(f"top_shards must be >= 1 or None (all shards), got {top_shards}")
-        segments, start = [], 0
+        if top_pages is not None and (isinstance(top_pages, bool) or not isinstance(top_pages, int) or top_pages < 1):
+            raise ValueError(f"top_pages must be an integer >= 1 or None (every page), got {top_pages!r}")
+        segments, start, files = [], 0, {}
         if context_id is not None:
             record = self._record(context_id)
             segments, start = record.segments, record.info.num_tokens
+            files = {s.shard: (f, s.start, s.end) for s, f in zip(record.segments, record.files)}
         total = start + len(prompt_ids) + params.max_new_tokens
         if total > self.cfg.max_position_embeddings:
             raise ValueError(f"context ({start}) + prompt ({len(prompt_ids)}) + max_new_tokens "
                              f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
-        return Sequence(request_id or f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments,
-                        context_id, params, self.cfg.num_layers, top_shards, tenant)
+        seq = Sequence(request_id or f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments,
+                       context_id, params, self.cfg.num_layers, top_shards, tenant)
+        seq.top_pages, seq.segment_files = top_pages, files
+        return seq
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
         if len(ids) == 0:
@@ -323,33 +453,36 @@ class Router:
     def _record(self, context_id: str) -> ContextRecord:
         record = self.contexts.get(context_id)
         if record is None or not record.ready:
-            raise ContextNotFound(self.lost.get(context_id, f"context {context_id!r} is not registered"))
+            why = self.catalog.unavailable.get(context_id) if self.catalog is not None else None
+            raise ContextNotFound(why or self.lost.get(context_id, f"context {context_id!r} is not registered"))
         return record
+
+    async def _prepare(self, context_id: str | None) -> None:
+        """A stored context's shards open its files (and send their summaries) at its first use."""
+        record = self.contexts.get(context_id) if context_id is not None else None
+        if record is not None and record.ready and not record.opened:
+            await self._open_segments(record)
 
     def _free_tokens(self) -> list[int]:
         used = [0] * len(self.shards)
         for record in self.contexts.values():
             for s in record.segments:
                 used[s.shard] += s.end - s.start
-        return [self.capacity_tokens - u for u in used]
-
-    async def _store(self, record: ContextRecord, seq: Sequence, shard: int) -> None:
-        layers = [seq.kv.get(i) for i in range(self.cfg.num_layers)]
-        k = [x[0].numpy() for x in layers]
-        v = [x[1].numpy() for x in layers]
-        kmin, kmax = await call(self.shards[shard], "store", record.info.id, k, v, layers[0][2].numpy())
-        record.summaries[shard] = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in zip(kmin, kmax)]
-        self.engine.summaries.setdefault(record.info.id, {})[shard] = record.summaries[shard]
+        cap = self.capacity_tokens if self.capacity_tokens is not None else 1 << 62
+        return [cap - u for u in used]
 
     async def _drop_segments(self, record: ContextRecord) -> None:
         await asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id) for s in record.segments),
                              return_exceptions=True)
+        if self.catalog is not None:
+            self.catalog.remove(record.info.id)  # its files, unless another context reuses them
 
     def _result(self, seq: Sequence) -> dict:
         now = time.perf_counter()
         pathway = seq.pathway.summary(dict(seq.group_tokens)) if seq.pathway else {}
         if pathway:
             pathway["shards"] = sorted(seq.pathway_visits)
+            pathway["pages"] = {shard: dict(r) for shard, r in sorted(seq.page_reads.items())}
         return {
             "request_id": seq.request_id, "token_ids": list(seq.output), "finish_reason": seq.finish_reason,
             "prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.output),

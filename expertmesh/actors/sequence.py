@@ -53,6 +53,9 @@ class Sequence:
     t_first: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    top_pages: int | None = None  # None: every page of the context (exact)
+    segment_files: dict[int, tuple[str, int, int]] = dataclasses.field(default_factory=dict)  # shard -> file
+    page_reads: dict[int, Counter] = dataclasses.field(default_factory=dict)  # shard -> pages read per tier
     retries: int = 0  # steps run again after an actor failed under them (at most 1)
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ DEFAULT_HF_CONFIG = {
     "use_qk_norm": True,
     "rms_norm_eps": 1e-5,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    "max_position_embeddings": 1 << 21,
+    "max_position_embeddings": 1 << 24,  # NoPE global layer; RoPE only within 2048-token chunks
     "hidden_act": "silu",
     "tie_word_embeddings": False,
     "attention_bias": False,
@@ -61,7 +61,7 @@ def default_checkpoint() -> Path:
     from expertmesh.model.checkpoint import save_model
 
     cache = Path(os.environ.get("EXPERTMESH_CACHE", Path.home() / ".cache" / "expertmesh"))
-    root = cache / "default-random-v2"
+    root = cache / "default-random-v3"
     if not (root / "model.safetensors").is_file():
         model = MoETransformer(ModelConfig.from_hf(DEFAULT_HF_CONFIG))
         init_weights(model, seed=0)

@@ -8,12 +8,31 @@ long shared context (tenant acme) and a private one (tenant globex), asks questi
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import secrets
 import socket
 import time
+from pathlib import Path
 
 from expertmesh.pipelines.evaluate import make_task
+
+GENEROUS_MAX_TOKENS = 64  # with a model that ends its answers with eos
+
+
+def stops_after_answer(checkpoint: str | None) -> bool:
+    """Whether the model was trained to end its answers with eos (its training.json says so:
+    scripts/train_demo_model_v2.sh install marks it). Only then does the demo ask with a generous
+    max_tokens and rely on the stop; otherwise it asks for exactly the answer's length, since a
+    model without that training runs on with junk after the answer."""
+    from expertmesh.model.default import default_checkpoint
+
+    path = default_checkpoint() if checkpoint is None else Path(checkpoint.removeprefix("file://"))
+    summary = path / "training.json"
+    try:
+        return bool(json.loads(summary.read_text()).get("eos_after_answer"))
+    except (OSError, ValueError):
+        return False
 
 
 def _free_port() -> int:
@@ -23,7 +42,8 @@ def _free_port() -> int:
 
 
 def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int = 2,
-        checkpoint: str | None = None, address: str | None = None, mode: str = "exact") -> None:
+        checkpoint: str | None = None, address: str | None = None, mode: str = "exact",
+        store: str | None = None) -> None:
     import httpx
     import openai
     import ray
@@ -41,7 +61,8 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": checkpoint, "context_shards": context_shards,
-                         "expert_groups": expert_groups, "tenants": tenants}), name="expertmesh", route_prefix="/")
+                         "expert_groups": expert_groups, "tenants": tenants, "store": store}), name="expertmesh",
+              route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     print(f"server up in {time.perf_counter() - t0:.1f}s at {url}/v1 "
           f"({context_shards} context shards, {expert_groups} expert groups)")
@@ -62,20 +83,23 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
               f"in {time.perf_counter() - t0:.2f}s")
 
         clients = {n: openai.OpenAI(base_url=f"{url}/v1", api_key=k, max_retries=0) for n, k in keys.items()}
+        stops = stops_after_answer(checkpoint)
         asks = [("acme", shared["id"], task.prompt, task.answer),
                 ("globex", shared["id"], task.prompt, task.answer),
                 ("globex", mine["id"], private.prompt, private.answer)]
         for i, (tenant, ctx, prompt, answer) in enumerate(asks):
             stream = i == 1
             t0 = time.perf_counter()
-            kw = dict(model="expertmesh", prompt=prompt, max_tokens=len(answer.encode()), temperature=0.0,
+            max_tokens = GENEROUS_MAX_TOKENS if stops else len(answer.encode())
+            kw = dict(model="expertmesh", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                       extra_body={"context_id": ctx})
             if stream:
-                ttft, text, usage, pathway = None, "", None, {}
+                ttft, text, usage, pathway, finish = None, "", None, {}, None
                 for chunk in clients[tenant].completions.create(stream=True, **kw):
                     if ttft is None:
                         ttft = time.perf_counter() - t0
                     text += chunk.choices[0].text if chunk.choices else ""
+                    finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
                     usage = chunk.usage or usage
                     pathway = chunk.model_extra.get("pathway") or pathway
                 n_out = usage.completion_tokens if usage else 0
@@ -83,8 +107,10 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
                 res = clients[tenant].completions.create(**kw)
                 ttft, text, n_out, pathway = None, res.choices[0].text, res.usage.completion_tokens, \
                     res.model_extra["pathway"]
+                finish = res.choices[0].finish_reason
             wall = time.perf_counter() - t0
-            print(f"\n[{tenant}{' stream' if stream else ''}] Q:{prompt[-60:]!r}\n  A:{text!r} (expected {answer!r})")
+            print(f"\n[{tenant}{' stream' if stream else ''}] Q:{prompt[-60:]!r}\n  A:{text!r} (expected {answer!r}"
+                  f"{', finish_reason ' + repr(finish) if stops else ''})")
             print(f"  {'ttft %.0f ms, ' % (ttft * 1e3) if ttft else ''}{n_out} tokens in {wall:.2f}s "
                   f"({n_out / wall:.1f} tokens/s), shards {pathway.get('shards')}, tokens per expert group "
                   f"{pathway.get('expert_group_tokens')}")

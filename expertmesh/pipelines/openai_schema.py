@@ -23,6 +23,9 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1, description="completions per prompt (only 1)")
     context_id: str | None = Field(None, max_length=128, description="registered context to attend over")
     top_shards: int | None = Field(None, ge=1, le=4096, description="visit only the k best-scoring context shards")
+    top_pages: int | None = Field(None, ge=1, le=1 << 24,
+                                  description="in each shard, attend only the p best-bounded KV pages (Quest); "
+                                              "None: every page (exact)")
 
     @model_validator(mode="after")
     def _stops(self):

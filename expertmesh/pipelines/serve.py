@@ -22,7 +22,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -52,7 +52,13 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(256, ge=1, description="requests admitted at once over all tenants; more get 503")
     max_prompt_tokens: int = Field(131072, ge=1, description="prompt tokens per request")
     max_completion_tokens: int = Field(4096, ge=1, description="max_tokens per request")
-    shard_capacity_tokens: int = Field(1 << 20, ge=1, description="context tokens each shard holds")
+    shard_capacity_tokens: int | None = Field(None, ge=1, description="cap on context tokens each shard holds; "
+                                                                          "None: bounded by the store")
+    store: str | None = Field(None, description="context store: a directory (e.g. a PVC mount) or URI "
+                                                "(s3://, gs://, file://); contexts survive restarts. None: none")
+    shard_memory_bytes: int | None = Field(None, ge=1, description="hot KV pages per shard in memory; "
+                                                                   "None: an eighth of the host's memory")
+    kv_dtype: Literal["float32", "bfloat16"] = Field("float32", description="how KV pages are stored")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
@@ -225,7 +231,8 @@ class ExpertMeshServer:
         self.tenants = Tenants(tenants)  # authentication and specs; admission state is in self.limits
         self.mesh = Mesh.attach_or_start(
             s.mesh_name, s.start_timeout_s, checkpoint=s.checkpoint, context_shards=s.context_shards,
-            expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens,
+            expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
+            shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
             **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
         api.openapi_schema = None
@@ -340,9 +347,10 @@ class ExpertMeshServer:
             for attempt in (0, 1):
                 skip = sent
                 try:
+                    rid = f"{request_id}-{attempt}" if attempt else request_id
                     gen = self.router.stream.options(num_returns="streaming").remote(
                         ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed,
-                        body.top_shards, (), tenant, f"{request_id}-{attempt}" if attempt else request_id)
+                        body.top_shards, (), tenant, rid, body.top_pages)
                     async for ref in gen:
                         item = await ref
                         if "tokens" not in item:
@@ -355,7 +363,7 @@ class ExpertMeshServer:
                             continue
                         delta = "".join(text.push(t) for t in tokens if not text.stopped)
                         if text.stopped:
-                            await self.router.cancel.remote(request_id)
+                            await self.router.cancel.remote(rid)
                         if delta:
                             yield delta, None
                     break

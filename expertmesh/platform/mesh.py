@@ -23,7 +23,10 @@ from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.errors import PlacementError, Unavailable
 from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, actor_name, actor_options, connect,
                                          missing_resources, threads_per_actor)
-from expertmesh.platform.registry import ContextInfo
+from expertmesh.store.fingerprint import model_fingerprint
+from expertmesh.store.location import StoreLocation
+from expertmesh.store.pages import KV_DTYPES
+from expertmesh.store.registry import ContextInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +111,20 @@ class Mesh:
 
     @classmethod
     def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
-              address: str | None = None, shard_capacity_tokens: int = 1 << 20, page_size: int = 64,
+              address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
               max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
-              name: str | None = None, detached: bool = False, start_timeout_s: float = 120.0) -> "Mesh":
+              name: str | None = None, store: str | os.PathLike | None = None,
+              shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
+              start_timeout_s: float = 120.0) -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
+
+        store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
+        and manifests: contexts survive restarts and may be larger than memory. None: each
+        shard keeps its pages in a scratch directory of its host, lost with the shard.
+        shard_memory_bytes: each shard's budget of hot pages in memory (None: an eighth of
+        its host's memory); the rest are read from the store on demand.
+        kv_dtype: "float32" or "bfloat16", how KV pages are stored (attention accumulates in fp32).
+        shard_capacity_tokens: a cap on the tokens each shard holds (None: bounded by the store).
 
         lanes: router step loops that overlap one batch's compute with another's remote calls.
         compiled_graphs: the router's per-layer fan-outs to shards and groups run over Ray
@@ -126,10 +139,21 @@ class Mesh:
         """
         if context_shards < 1:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if shard_memory_bytes is not None and shard_memory_bytes < 1:
+            raise ValueError(f"shard_memory_bytes must be >= 1 or None, got {shard_memory_bytes}")
+        store = None if store is None else str(store)
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
         tokenizer = load_tokenizer(path, config.vocab_size)  # before anything starts
         partition = expert_partition(config.num_experts, expert_groups) if any(config.moe_layers) else []
+        fingerprint = None
+        if store is not None:  # refuse a store of other weights before any actor starts
+            fingerprint = model_fingerprint(path)
+            StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
         started = connect(address, context_shards, expert_groups)
         actors: list = []
         try:
@@ -147,7 +171,7 @@ class Mesh:
             shards, groups = [], []
             for i in range(context_shards):
                 shards.append(RemoteContextShard.options(**options(CONTEXT_SHARD, i)).remote(
-                    i, specs, shard_capacity_tokens, page_size, threads))
+                    i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype))
                 actors.append(shards[-1])
             for g, experts in enumerate(partition):
                 groups.append(RemoteExpertGroup.options(**options(EXPERT_GROUP, g)).remote(
@@ -156,7 +180,8 @@ class Mesh:
             router = RemoteRouter.options(**options(None)).remote(
                 str(path), [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))],
                 [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))],
-                shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs)
+                shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs, store, kv_dtype, page_size,
+                fingerprint)
             actors.append(router)
             _await_pings(router, shards, groups, start_timeout_s)
         except BaseException:
@@ -226,17 +251,22 @@ class Mesh:
     # -- requests -------------------------------------------------------------------------
     @_unwrap
     def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
-                       top_shards: int | None = None) -> np.ndarray:
+                       top_shards: int | None = None, top_pages: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
-        return self._call("forward_logits", self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards)
+        return self._call("forward_logits", self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards,
+                          top_pages)
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 top_shards: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> GenerationResult:
-        """Generate after context + prompt; safe to call from many threads (requests batch)."""
+                 top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
+                 top_pages: int | None = None) -> GenerationResult:
+        """Generate after context + prompt; safe to call from many threads (requests batch).
+
+        top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
+        top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact."""
         res = self._call("generate", self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens,
-                         temperature, top_p, seed, top_shards, tuple(stop_token_ids))
+                         temperature, top_p, seed, top_shards, tuple(stop_token_ids), "default", None, top_pages)
         return GenerationResult(
             request_id=res["request_id"], token_ids=res["token_ids"], text=self._decode(res["token_ids"]), pathway=res["pathway"],
             finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],

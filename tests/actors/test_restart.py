@@ -91,3 +91,18 @@ def test_killed_router_restarts_behind_the_same_handle(mesh):
     print(f"router killed under Mesh.generate ({long.total_s:.2f} s request): answered "
           f"{time.perf_counter() - t0:.2f} s after the kill")
     assert box["res"].token_ids == long.token_ids
+
+
+def test_with_a_store_a_killed_shard_or_router_loses_nothing(ray_cluster, tiny_checkpoint, tmp_path):
+    with em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                       store=tmp_path / "store") as mesh:
+        ctx = mesh.register_context(list(range(10, 120)))
+        want = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
+        tokens, seconds = stream_with_kill(mesh, mesh.shards[1], ctx.id)
+        print(f"\nwith a store, context shard killed mid-stream: stream done {seconds:.2f} s after the kill")
+        assert tokens == want
+        ray.kill(mesh.router, no_restart=False)
+        t0 = time.perf_counter()
+        assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == want
+        print(f"with a store, router killed: its context served again {time.perf_counter() - t0:.2f} s later")
+        assert [c.id for c in mesh.contexts()] == [ctx.id]

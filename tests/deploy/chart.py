@@ -57,6 +57,12 @@ CASES: dict[str, dict] = {
                                                                     "app.kubernetes.io/instance": RELEASE}}}}]}}},
         },
     },
+    "store-pvc": {
+        "serve": {"store": {"uri": "", "persistentVolumeClaim": "expertmesh-kv", "mountPath": "/var/lib/kv"},
+                  "shardMemoryBytes": 8589934592, "kvDtype": "bfloat16"},
+    },
+    "store-uri": {"serve": {"store": {"uri": "s3://bucket/expertmesh-kv", "persistentVolumeClaim": "",
+                                      "mountPath": "/var/lib/expertmesh/store"}}},
     "cpu-only": {
         "tenants": {"existingSecret": "expertmesh-tenants", "secretKey": "tenants.yaml"},
         "rayAuth": {"secretName": "ray-token"},

@@ -302,7 +302,7 @@ workerGroupSpecs:
 {{- end }}
 {{- end }}
 
-{{/* Volumes every Ray pod gets (/dev/shm). */}}
+{{/* Volumes every Ray pod gets (/dev/shm, the context store's claim). */}}
 {{- define "expertmesh.baseVolumes" -}}
 {{- $vols := list }}
 {{- if .Values.sharedMemory.enabled }}
@@ -312,6 +312,9 @@ workerGroupSpecs:
 {{- end }}
 {{- $vols = append $vols (dict "name" "dshm" "emptyDir" $ed) }}
 {{- end }}
+{{- with .Values.serve.store.persistentVolumeClaim }}
+{{- $vols = append $vols (dict "name" "kv-store" "persistentVolumeClaim" (dict "claimName" .)) }}
+{{- end }}
 {{- toJson $vols }}
 {{- end }}
 
@@ -319,6 +322,9 @@ workerGroupSpecs:
 {{- $mounts := list }}
 {{- if .Values.sharedMemory.enabled }}
 {{- $mounts = append $mounts (dict "name" "dshm" "mountPath" "/dev/shm") }}
+{{- end }}
+{{- if .Values.serve.store.persistentVolumeClaim }}
+{{- $mounts = append $mounts (dict "name" "kv-store" "mountPath" .Values.serve.store.mountPath) }}
 {{- end }}
 {{- toJson $mounts }}
 {{- end }}

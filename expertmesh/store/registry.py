@@ -7,10 +7,18 @@ import math
 
 import torch
 
-from expertmesh.actors.pathway import Segment
 from expertmesh.errors import CapacityError
 
 MODES = ("exact", "blockwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Tokens [start, end) of a context, held by context shard `shard`."""
+
+    shard: int
+    start: int
+    end: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +33,8 @@ class ContextInfo:
     visibility: str = "private"  # "private": owner only; "shared": every tenant may attend over it
     name: str | None = None
     created: float = 0.0
+    kv_dtype: str = "float32"
+    stored: bool = False  # its KV is in the mesh's durable store (survives restarts)
 
 
 @dataclasses.dataclass
@@ -37,9 +47,12 @@ class ContextRecord:
     ready: bool = False
     dropped: bool = False
     active: int = 0  # sequences currently attending over it
+    files: list[str] = dataclasses.field(default_factory=list)  # segment file per segment
+    nbytes: list[int] = dataclasses.field(default_factory=list)
+    opened: bool = False  # the shards serve its files and the router holds its summaries
 
 
-def plan_segments(num_tokens: int, free_tokens: list[int], capacity_tokens: int, align: int,
+def plan_segments(num_tokens: int, free_tokens: list[int], capacity_tokens: int | None, align: int,
                   shards: int | None = None) -> list[Segment]:
     """Cut [0, num_tokens) into aligned segments, one per shard, on the least-loaded shards."""
     total = len(free_tokens)
@@ -50,7 +63,7 @@ def plan_segments(num_tokens: int, free_tokens: list[int], capacity_tokens: int,
         raise ValueError("a context needs at least 1 token")
     seg_len = math.ceil(num_tokens / want / align) * align
     count = math.ceil(num_tokens / seg_len)
-    needed = math.ceil(num_tokens / capacity_tokens)
+    needed = 1 if capacity_tokens is None else math.ceil(num_tokens / capacity_tokens)
     if needed > want:
         raise CapacityError(
             f"context of {num_tokens:,} tokens needs {needed} shards of {capacity_tokens:,} tokens; "

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Retrieval on held-out real text (issue 13's measurements), written to benchmarks/results/.
+#   scripts/eval_realtext.sh quick NAME   the cheap record (passkey 4K/32K, multi-key 32K, an offset
+#                                         sweep at ~4K, the stop rate; exact mode, 20 samples per cell)
+#   scripts/eval_realtext.sh full NAME    the issue's targets (adds 128K, blockwise, 1M blockwise)
+# Files: benchmarks/results/eval_realtext_NAME_{passkey,multikey,offsets,...}.json; each cell names
+# its text source (Debian package=version). CHECKPOINT=dir evaluates another model.
+set -euo pipefail
+LEVEL=${1:?usage: scripts/eval_realtext.sh quick|full NAME}
+NAME=${2:?usage: scripts/eval_realtext.sh quick|full NAME}
+PY=${PY:-python3}
+CACHE=${TEXT_CACHE:-data/text}
+OUT=benchmarks/results
+CKPT=()
+if [ -n "${CHECKPOINT:-}" ]; then CKPT=(--checkpoint "$CHECKPOINT"); fi
+$PY -m expertmesh.cli data --fetch-text --text heldout --text-cache "$CACHE" >/dev/null
+run() { $PY -m expertmesh.cli eval "${CKPT[@]}" --text-cache "$CACHE" --samples 20 "$@"; }
+# the length cells put each sample's question at a random offset within a chunk (--random-offsets):
+# lengths within half a chunk of the stated ones, not multiples of 2048
+# the question at offsets within a 2048-token chunk: it starts the chunk (0), mid-chunk (1024), the
+# answer starts the next chunk (2010 = 2048 - 38, the passkey question's length), the answer crosses
+# the boundary (2007), the question's first token ends a chunk (2047)
+OFFSETS=0,1024,2007,2010,2047
+if [ "$LEVEL" = quick ]; then
+  run passkey --source kjv --lengths 4096,32768 --modes exact --random-offsets \
+      --json "$OUT/eval_realtext_${NAME}_passkey_kjv.json"
+  run passkey --source debian-reference --lengths 4096,32768 --modes exact --random-offsets \
+      --json "$OUT/eval_realtext_${NAME}_passkey_debian-reference.json"
+  run multikey --source kjv --lengths 32768 --modes exact --random-offsets \
+      --json "$OUT/eval_realtext_${NAME}_multikey_kjv.json"
+  run passkey --source kjv --lengths 4096 --modes exact --offsets "$OFFSETS" \
+      --json "$OUT/eval_realtext_${NAME}_offsets_kjv.json"
+  run passkey --source synthetic --lengths 4096 --modes exact --offsets "$OFFSETS" \
+      --json "$OUT/eval_realtext_${NAME}_offsets_synthetic.json"
+elif [ "$LEVEL" = full ]; then
+  for SRC in kjv debian-reference; do
+    run passkey --source $SRC --lengths 4096,32768,131072 --modes exact,blockwise --random-offsets \
+        --json "$OUT/eval_realtext_${NAME}_passkey_$SRC.json"
+    run multikey --source $SRC --lengths 32768 --modes exact,blockwise --random-offsets \
+        --json "$OUT/eval_realtext_${NAME}_multikey_$SRC.json"
+    run passkey --source $SRC --lengths 4096,32768 --modes exact --offsets "$OFFSETS" \
+        --json "$OUT/eval_realtext_${NAME}_offsets_$SRC.json"
+  done
+  $PY -m expertmesh.cli eval "${CKPT[@]}" passkey --text-cache "$CACHE" --source kjv --lengths 1048576 \
+      --modes blockwise --samples 3 --random-offsets --json "$OUT/eval_realtext_${NAME}_passkey_1m_kjv.json"
+else
+  echo "level must be quick or full" >&2; exit 2
+fi

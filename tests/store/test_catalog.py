@@ -1,0 +1,91 @@
+"""The catalog: model binding, atomic manifests, orphan clean-up, URI stores; the page table's policy."""
+
+import json
+
+import numpy as np
+import pytest
+
+from expertmesh.store.catalog import Catalog
+from expertmesh.store.location import StoreLocation, StoreMismatch
+from expertmesh.store.manifest import Manifest, SegmentEntry
+from expertmesh.store.tiers import PageTable
+
+
+def manifest(cid, files, fp="fp-a"):
+    segs = tuple(SegmentEntry(i, i * 10, i * 10 + 10, f, 5, f"t{i}", f"p{i}") for i, f in enumerate(files))
+    return Manifest(cid, 10 * len(files), "blockwise", segs, "acme", "private", None, 1.0, "float32", 64, fp, "x")
+
+
+def test_store_bound_to_its_model(tmp_path):
+    Catalog.open(str(tmp_path), "fp-a", {"architecture": "A"})
+    Catalog.open(str(tmp_path), "fp-a", {"architecture": "A"})  # same model: fine
+    with pytest.raises(StoreMismatch, match="written by another model"):
+        Catalog.open(str(tmp_path), "fp-b", {"architecture": "B"})
+
+
+def test_orphans_removed_and_shared_files_kept_until_last_user(tmp_path):
+    cat = Catalog.open(str(tmp_path), "fp-a", {})
+    for name in ("a.0.kv", "a.1.kv", "b.0.kv", "orphan.0.kv"):
+        (tmp_path / "segments" / name).write_bytes(b"x")
+    (tmp_path / "tmp" / "half.kv.part").write_bytes(b"x")
+    cat.add(manifest("a", ["a.0.kv", "a.1.kv"]))
+    cat.add(manifest("b", ["a.0.kv", "b.0.kv"]))  # b reuses a's first segment
+    cat = Catalog.open(str(tmp_path), "fp-a", {})
+    assert sorted(cat.manifests) == ["a", "b"] and cat.removed_orphans == 2
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == ["a.0.kv", "a.1.kv", "b.0.kv"]
+    assert cat.remove("a") == ["a.1.kv"]  # a.0.kv is still b's
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == ["a.0.kv", "b.0.kv"]
+    assert cat.remove("b") == ["a.0.kv", "b.0.kv"]
+    assert not list((tmp_path / "contexts").iterdir())
+
+
+def test_unreadable_manifest_is_reported_by_name_others_load(tmp_path):
+    cat = Catalog.open(str(tmp_path), "fp-a", {})
+    cat.add(manifest("good", ["g.0.kv"]))
+    (tmp_path / "contexts" / "bad.json").write_text("{not json")
+    m = json.loads(manifest("other", ["o.0.kv"], fp="fp-z").to_json())
+    (tmp_path / "contexts" / "other.json").write_text(json.dumps(m))
+    cat = Catalog.open(str(tmp_path), "fp-a", {})
+    assert list(cat.manifests) == ["good"]
+    assert "contexts/bad.json is unreadable" in cat.unavailable["bad"]
+    assert "computed by another model" in cat.unavailable["other"]
+
+
+def test_reusable_segment_rules(tmp_path):
+    cat = Catalog.open(str(tmp_path), "fp-a", {})
+    cat.add(manifest("a", ["a.0.kv", "a.1.kv"]))
+    assert cat.reusable_segment("blockwise", 10, 20, "t1", "zzz", "float32", 64).file == "a.1.kv"
+    assert cat.reusable_segment("blockwise", 10, 20, "t1", "p1", "bfloat16", 64) is None  # other dtype
+    assert cat.reusable_segment("blockwise", 0, 10, "t1", "p1", "float32", 64) is None  # other position
+    assert cat.reusable_segment("exact", 10, 20, "t1", "p1", "float32", 64) is None  # other mode
+
+
+def test_uri_store_round_trips_through_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path / "cache"))
+    uri = f"file://{tmp_path / 'remote'}"
+    loc = StoreLocation(uri)
+    assert loc.local is None  # the pyarrow.fs path, as for s3:// and gs://
+    cat = Catalog.open(uri, "fp-a", {})
+    tmp = loc.scratch_file("a.0.kv")
+    tmp.write_bytes(b"segment bytes")
+    loc.publish(tmp, "a.0.kv")
+    cat.add(manifest("a", ["a.0.kv"]))
+    (tmp_path / "cache").rename(tmp_path / "cache-old")  # a host that never saw the file
+    loc2 = StoreLocation(uri)
+    assert Catalog.open(uri, "fp-a", {}).manifests["a"].segments[0].file == "a.0.kv"
+    assert loc2.segment_path("a.0.kv").read_bytes() == b"segment bytes"  # downloaded to the cache
+    assert (tmp_path / "remote" / "segments" / "a.0.kv").is_file()
+
+
+def test_page_table_evicts_once_used_pages_first_and_scans_never_evict():
+    t = PageTable(4)
+    t.add_segment(1, 1, 10)
+    got = t.admit(1, 0, np.array([0, 1, 2, 3]), evict=True)
+    assert sorted(got.tolist()) == [0, 1, 2, 3]
+    t.lookup(1, 0, np.array([0, 1]))  # pages 0 and 1 used again
+    assert (t.admit(1, 0, np.array([4, 5]), evict=False) == -1).all()  # a scan takes only free slots
+    t.admit(1, 0, np.array([4, 5]), evict=True)
+    hot = t.lookup(1, 0, np.arange(6))
+    assert (hot[[0, 1, 4, 5]] >= 0).all() and (hot[[2, 3]] == -1).all()
+    t.remove_segment(1, 1)
+    assert t.used == 0
