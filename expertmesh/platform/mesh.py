@@ -268,7 +268,8 @@ class Mesh:
         res = self._call("generate", self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens,
                          temperature, top_p, seed, top_shards, tuple(stop_token_ids), "default", None, top_pages)
         return GenerationResult(
-            request_id=res["request_id"], token_ids=res["token_ids"], text=self._decode(res["token_ids"]), pathway=res["pathway"],
+            request_id=res["request_id"], token_ids=res["token_ids"], text=self._decode(res["token_ids"]),
+            pathway=res["pathway"],
             finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],
             completion_tokens=res["completion_tokens"], context_tokens=res["context_tokens"],
             ttft_s=res["ttft_s"], total_s=res["total_s"])
