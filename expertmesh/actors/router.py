@@ -8,6 +8,7 @@ join at the next step. A bad request gets its own error; the actor and the batch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import collections
 import itertools
 import math
@@ -70,6 +71,8 @@ class Router:
         if self.catalog is not None:
             for m in self.catalog.manifests.values():
                 self._adopt(m)
+        else:
+            self._adopt_from_shards()
 
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
@@ -130,8 +133,10 @@ class Router:
         its own."""
         cid, segments, cfg = record.info.id, record.segments, self.cfg
         heads, head_dim = cfg.num_kv_heads, cfg.head_dim
+        meta = {"info": dataclasses.asdict(record.info), "files": list(record.files),
+                "segments": [dataclasses.astuple(s) for s in segments]}
         await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
-                                    segments[i].end, cfg.num_layers, heads, head_dim) for i in todo))
+                                    segments[i].end, cfg.num_layers, heads, head_dim, meta) for i in todo))
 
         async def piece(i: int, seg: Segment, a: int, b: int) -> None:
             seen = segments[:i] if record.info.mode == "exact" else []
@@ -200,6 +205,28 @@ class Router:
             for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
             i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
             tokens_sha256(np.zeros(0)) if not digests else digests[-1][1])
+
+    def _adopt_from_shards(self, timeout_s: float = 10.0) -> None:
+        """A router restarted without a store: the contexts whose every segment its shard still
+        holds are served again (the shards keep the router's description of each)."""
+        if not self.shards or not all(isinstance(s, ray.actor.ActorHandle) for s in self.shards):
+            return
+        refs = [s.held.remote() for s in self.shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        held: list[dict] = []
+        for ref in refs:
+            try:
+                held.append(ray.get(ref) if ref in ready else {})
+            except Exception:  # noqa: BLE001 - a shard that is down holds nothing we can serve
+                held.append({})
+        for cid, meta in {c: m for h in held for c, m in h.items()}.items():
+            segments = [Segment(*x) for x in meta["segments"]]
+            if any(s.shard >= len(held) or cid not in held[s.shard] for s in segments):
+                continue  # a segment is gone: the context was lost with its shard
+            info = meta["info"]
+            record = ContextRecord(ContextInfo(**{**info, "shards": tuple(info["shards"])}), segments)
+            record.files, record.ready = list(meta["files"]), True
+            self.contexts[cid] = record
 
     def _adopt(self, m: Manifest) -> None:
         """A stored context, listed at once; its shards open its files at first use."""

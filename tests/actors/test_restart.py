@@ -73,7 +73,9 @@ def test_killed_shard_loses_its_contexts_only(mesh):
 
 
 def test_killed_router_restarts_behind_the_same_handle(mesh):
-    """Last in this module: a restarted router forgets the contexts it held (no store)."""
+    """A restarted router (no store) serves the contexts its shards still hold."""
+    ctx = mesh.register_context(list(range(30, 140)))
+    with_ctx = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
     want = mesh.generate(PROMPT, max_new_tokens=NEW).token_ids
     with pytest.raises(ray.exceptions.RayActorError):  # Ray does not resubmit router calls ...
         stream_with_kill(mesh, mesh.router)
@@ -91,6 +93,10 @@ def test_killed_router_restarts_behind_the_same_handle(mesh):
     print(f"router killed under Mesh.generate ({long.total_s:.2f} s request): answered "
           f"{time.perf_counter() - t0:.2f} s after the kill")
     assert box["res"].token_ids == long.token_ids
+    listed = {c.id: c for c in mesh.contexts()}
+    assert listed[ctx.id] == ctx  # same id, owner, visibility, created, shards
+    assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == with_ctx
+    mesh.drop_context(ctx.id)
 
 
 def test_with_a_store_a_killed_shard_or_router_loses_nothing(ray_cluster, tiny_checkpoint, tmp_path):
