@@ -1,8 +1,14 @@
+import random
+
+import pytest
 import torch
 
-from expertmesh.model import load_model
+from expertmesh.model import default, load_model
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.tokenizer import ByteTokenizer
+from expertmesh.pipelines.evaluate import answered, make_task
+
+SHIPPED = default.SHIPPED  # before any test patches it
 
 
 def test_default_model_is_deterministic_and_matches_hf(tmp_path, monkeypatch):
@@ -22,9 +28,37 @@ def test_default_model_is_deterministic_and_matches_hf(tmp_path, monkeypatch):
     scale = ours.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
     assert ((ours - theirs).abs() / scale).max() <= 1e-4
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
-    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path / "again"))
-    again = load_model(default_checkpoint())
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_without_the_shipped_model_a_deterministic_random_init_is_cached(tmp_path, monkeypatch):
+    """The fallback path: no shipped checkpoint -> the same seeded init in every cache (every host)."""
+    monkeypatch.setattr(default, "SHIPPED", tmp_path / "not-shipped")
+    states = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path / cache))
+        path = default_checkpoint()
+        assert path.is_relative_to(tmp_path / cache) and (path / "model.safetensors").is_file()
+        assert default_checkpoint() == path  # written once, then reused
+        states.append(load_model(path).state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    shipped = load_model(SHIPPED).state_dict()
+    assert not all(torch.equal(shipped[k], states[0][k]) for k in shipped)  # really the random init
+
+
+@pytest.mark.parametrize("depth", [0, 2, 4])
+def test_shipped_model_answers_a_passkey_question(depth):
+    """The demo model's claim, cheaply: greedy answer to the passkey question over ~1.9K tokens."""
+    assert default_checkpoint() == SHIPPED
+    model = load_model(SHIPPED).requires_grad_(False)
+    tok = ByteTokenizer()
+    task = make_task("passkey", 1900, depth, 5, random.Random(7))  # ends before the first 2048-token chunk
+    ids = tok.encode(task.context + task.prompt)
+    out = []
+    for _ in range(len(task.answer)):
+        nxt = int(model(torch.tensor(ids + out))[-1].argmax())
+        out.append(nxt)
+    assert answered(tok.decode(out)) == answered(task.answer), (tok.decode(out), task.answer)
 
 
 def test_byte_tokenizer_round_trips_utf8():
