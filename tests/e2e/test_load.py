@@ -15,20 +15,23 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 SECONDS = float(os.environ.get("EXPERTMESH_LOAD_SECONDS", "60"))
 
 
-def server_rss() -> int:
-    """Resident bytes of the serving processes: the Serve replica and the router actor."""
-    total = 0
+def serving_processes() -> dict[int, tuple[str, int]]:
+    """pid -> (process title, resident bytes) of every Ray actor process on this machine: the Serve
+    controller, proxy and replica, the router, the context shards and the expert groups (the
+    session's only live actors while this test runs), not idle pooled workers."""
+    procs = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().decode(errors="ignore")
-            if "ray::ServeReplica:expertmesh" in cmd or cmd.startswith("ray::Router"):
-                rss = [ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS")]
-                total += int(rss[0].split()[1]) * 1024
-        except OSError:
+            if not cmd.startswith("ray::") or cmd.startswith("ray::IDLE"):
+                continue
+            rss = [ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS")]
+            procs[int(proc.name)] = (cmd.split("\0")[0].split(" ")[0], int(rss[0].split()[1]) * 1024)
+        except (OSError, IndexError):
             continue
-    return total
+    return procs
 
 
 def stream_once(url: str, tenant: str, n: int) -> str:
@@ -46,7 +49,11 @@ def stream_once(url: str, tenant: str, n: int) -> str:
 def test_32_streaming_clients(server):
     for i in range(4):  # warm up, then take the memory baseline
         stream_once(server, "acme", i)
-    before = server_rss()
+    procs = serving_processes()
+    titles = sorted(t for t, _ in procs.values())
+    for role in ("ServeController", "ProxyActor", "ServeReplica:expertmesh", "Router", "ContextShard", "ExpertGroup"):
+        assert any(role in t for t in titles), f"no {role} process among {titles}"
+    before = sum(rss for _, rss in procs.values())
     outcomes: Counter = Counter()
     lock = threading.Lock()
     stop = time.time() + SECONDS
@@ -64,8 +71,11 @@ def test_32_streaming_clients(server):
         t.start()
     for t in threads:
         t.join()
-    after = server_rss()
-    print(f"outcomes {dict(outcomes)}; serving RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+    now = serving_processes()
+    after = sum(rss for pid, (_, rss) in now.items() if pid in procs)
+    print(f"outcomes {dict(outcomes)}; serving RSS ({len(procs)} processes) "
+          f"{before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+    assert set(procs) <= set(now), f"serving processes exited: {[procs[p][0] for p in set(procs) - set(now)]}"
     assert set(outcomes) <= {"complete", "429", "503"}, outcomes
     assert outcomes["complete"] >= 32
     assert after < before * 1.10, f"memory grew {before / 2**20:.0f} -> {after / 2**20:.0f} MiB"
