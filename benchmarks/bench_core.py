@@ -6,9 +6,11 @@ For the default model and a tiny Mixtral:
 Single-process = the same router code in this process with one in-process shard holding the
 whole context and one in-process expert group holding all experts (no Ray), plus a plain
 `model(ids)` forward for (a). Mesh = 4 context shards + 2 expert groups + router, Ray actors.
-Writes benchmarks/results/core.json and prints the ratios.
+Writes benchmarks/results/core.json (plain Ray actor calls) or, with --compiled-graphs,
+benchmarks/results/core_compiled_graphs.json, and prints the ratios. `make bench` runs both and
+regenerates the README's tables (benchmarks/readme_tables.py).
 
-    python benchmarks/bench_core.py [--context 16384] [--steps 24] [--compiled-graphs]
+    python benchmarks/bench_core.py [--context 16384] [--steps 24] [--compiled-graphs] [--out PATH]
 
 --compiled-graphs runs the mesh's per-layer fan-outs over Ray Compiled Graphs.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -117,8 +120,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--lanes", type=int, default=2, help="router step loops in the mesh")
     ap.add_argument("--compiled-graphs", action="store_true", help="mesh fan-outs over Ray Compiled Graphs")
-    ap.add_argument("--out", default=str(RESULTS / "core.json"))
+    ap.add_argument("--out", default=None, help="default: results/core.json, or core_compiled_graphs.json")
     args = ap.parse_args()
+    out = Path(args.out or RESULTS / ("core_compiled_graphs.json" if args.compiled_graphs else "core.json"))
 
     import ray
 
@@ -127,8 +131,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="expertmesh-bench-"))
     models = {"default": default_checkpoint(), "tiny-mixtral": tiny_mixtral(tmp / "tiny-mixtral")}
-    report = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+    report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__, "ray": ray.__version__},
+              "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "loadavg_1_5_15min": {"before": os.getloadavg()},
               "context_tokens": args.context, "decode_steps": args.steps, "lanes": args.lanes,
               "compiled_graphs": args.compiled_graphs, "models": {}}
     for name, ckpt in models.items():
@@ -150,9 +156,10 @@ def main() -> None:
             print(f"  mesh   {k:<22} {v * 1e3:9.1f} ms")
         for k, v in ratios.items():
             print(f"  ratio  {k:<30} {v:6.2f}x")
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    report["loadavg_1_5_15min"]["after"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
