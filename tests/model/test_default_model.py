@@ -6,7 +6,7 @@ import torch
 from expertmesh.model import default, load_model
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.tokenizer import ByteTokenizer
-from expertmesh.pipelines.evaluate import answered, make_task
+from expertmesh.pipelines.evaluate import make_task
 
 SHIPPED = default.SHIPPED  # before any test patches it
 
@@ -46,23 +46,30 @@ def test_without_the_shipped_model_a_deterministic_random_init_is_cached(tmp_pat
     assert not all(torch.equal(shipped[k], states[0][k]) for k in shipped)  # really the random init
 
 
+def _greedy_answers(model, tok, task) -> bool:
+    """Whether greedy decoding after context + question yields exactly the answer's tokens: one
+    teacher-forced forward, the argmax at every answer position equal to the answer's next token."""
+    prompt, answer = tok.encode(task.context + task.prompt), tok.encode(task.answer)
+    logits = model(torch.tensor(prompt + answer))  # [T, V]
+    greedy = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+    return greedy == answer
+
+
 @pytest.mark.parametrize("depth", [0, 2, 4])
 def test_shipped_model_answers_a_passkey_question(depth):
-    """The demo model's claim, cheaply: greedy answer to the passkey question over ~1.9K tokens."""
+    """The demo model's claim, cheaply: the passkey question over ~1.9K tokens, needle at 0/50/100%."""
     assert default_checkpoint() == SHIPPED
     model = load_model(SHIPPED).requires_grad_(False)
-    tok = ByteTokenizer()
     task = make_task("passkey", 1900, depth, 5, random.Random(7))  # ends before the first 2048-token chunk
-    ids = tok.encode(task.context + task.prompt)
-    out = []
-    for _ in range(len(task.answer)):
-        nxt = int(model(torch.tensor(ids + out))[-1].argmax())
-        out.append(nxt)
-    assert answered(tok.decode(out)) == answered(task.answer), (tok.decode(out), task.answer)
+    assert _greedy_answers(model, ByteTokenizer(), task), task.answer
 
 
-def test_byte_tokenizer_round_trips_utf8():
+def test_shipped_model_answers_the_demo_questions():
+    """`make demo`'s two questions (pipelines/demo.py): the passkey in its 16K shared context and
+    the multi-key question over the 4K private context."""
+    model = load_model(SHIPPED).requires_grad_(False)
     tok = ByteTokenizer()
-    text = "Grüße, 世界! The pass key is 12345."
-    assert tok.decode(tok.encode(text)) == text
-    assert min(tok.encode(text)) >= 4 and max(tok.encode(text)) < 260
+    shared = make_task("passkey", 16384, 3, 10, random.Random(0))
+    private = make_task("multikey", 16384 // 4, 5, 10, random.Random(1))
+    assert _greedy_answers(model, tok, shared), shared.answer
+    assert _greedy_answers(model, tok, private), private.answer
