@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--seconds", type=float, default=20.0, help="per throughput level")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--hf-repeats", type=int, default=2, help="runs of each baseline")
+    ap.add_argument("--hf-repeats", type=int, default=2, help="runs of each baseline (the fastest counts)")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
 
@@ -129,11 +129,11 @@ def main() -> None:
                     "loadavg_1_5_15min": {"before": os.getloadavg()}}
 
     hf = hf_ttft(ckpt, ctx_ids + question, args.hf_repeats)
-    report["hf_generate_ttft_s"] = {"median": statistics.median(hf), "runs": hf}
-    print(f"HF generate, context in the prompt: ttft {statistics.median(hf) * 1e3:.0f} ms")
+    report["hf_generate_ttft_s"] = {"median": statistics.median(hf), "fastest": min(hf), "runs": hf}
+    print(f"HF generate, context in the prompt: ttft {min(hf) * 1e3:.0f} ms (fastest of {len(hf)})")
     own = own_prefill(ckpt, ctx_ids + question, args.hf_repeats)
-    report["single_process_prefill_s"] = {"median": statistics.median(own), "runs": own}
-    print(f"expertmesh single-process prefill of the same tokens: {statistics.median(own) * 1e3:.0f} ms")
+    report["single_process_prefill_s"] = {"median": statistics.median(own), "fastest": min(own), "runs": own}
+    print(f"expertmesh single-process prefill of the same tokens: {min(own) * 1e3:.0f} ms (fastest of {len(own)})")
 
     connect(None, 4, 2)
     serve.start(http_options={"host": "127.0.0.1", "port": 8765})
@@ -153,8 +153,9 @@ def main() -> None:
         stream(url, body)  # warm up
         ttfts = [stream(url, body)[0] for _ in range(10)]
         report["mesh_http_ttft_s"] = {"median": statistics.median(ttfts), "runs": ttfts}
-        report["ttft_speedup_vs_hf"] = statistics.median(hf) / statistics.median(ttfts)
-        report["ttft_speedup_vs_single_process_prefill"] = statistics.median(own) / statistics.median(ttfts)
+        # the baselines' fastest run against the mesh's median: the speed-ups are not flattered
+        report["ttft_speedup_vs_hf"] = min(hf) / statistics.median(ttfts)
+        report["ttft_speedup_vs_single_process_prefill"] = min(own) / statistics.median(ttfts)
         print(f"expertmesh over the registered context: ttft {statistics.median(ttfts) * 1e3:.0f} ms "
               f"-> {report['ttft_speedup_vs_hf']:.0f}x faster than HF generate, "
               f"{report['ttft_speedup_vs_single_process_prefill']:.0f}x faster than its own single-process "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -94,21 +95,21 @@ def _log_line(line: str) -> None:
     sys.stdout.flush()
 
 
-class _BelowWarningFromRayTrain:
-    """Handler filter: drops Ray Train's own INFO records (e.g. "Reporting training result N: ..."
-    at every report, logged by a module logger that `LoggingConfig.log_level` does not cover)."""
+class _BelowWarningFromRayTrain(logging.Filter):
+    """Console filter: drops Ray Train's own INFO records (e.g. "Reporting training result N: ..."
+    at every report, logged by a module logger that `LoggingConfig.log_level` does not cover);
+    Ray Train's log files keep them."""
 
     _PATH = f"{os.sep}ray{os.sep}train{os.sep}"
 
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or self._PATH not in record.pathname
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or self._PATH not in record.pathname
 
 
 def _quiet_ray_train_console() -> None:
-    import logging
-
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _BelowWarningFromRayTrain) for f in handler.filters):
+    for handler in logging.getLogger().handlers:  # the worker's root logger, as Ray Train set it up
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not any(isinstance(f, _BelowWarningFromRayTrain) for f in handler.filters):
             handler.addFilter(_BelowWarningFromRayTrain())
 
 
