@@ -29,8 +29,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests/model
 
+# every benchmark (~15 min here), then the README's tables from their results files
 bench: setup
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_core.py --compiled-graphs
+	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/readme_tables.py
 
 bench-train: setup
 	$(PY) benchmarks/bench_train.py

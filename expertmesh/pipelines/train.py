@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -35,6 +36,7 @@ def train_loop_per_worker(config: dict) -> None:
     from expertmesh.pipelines import train_step as ts
 
     cfg = TrainConfig.from_dict(config)
+    _quiet_ray_train_console()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -49,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             start = ts.load_state(core, optimizer, d, device)
         if rank == 0:
-            print(f"[expertmesh.train] resumed from step {start} ({checkpoint.path})", flush=True)
+            _log_line(f"[expertmesh.train] resumed from step {start} ({checkpoint.path})")
     model = ts.BatchedModel(core)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False,
@@ -74,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     bar.set_description(f"loss {metrics['loss']:.3f} acc {metrics['answer_accuracy']:.2f} "
                                         f"{metrics['tokens_per_s']:.0f} tok/s")
-                    print("[expertmesh.train] " + json.dumps(metrics), flush=True)
+                    _log_line("[expertmesh.train] " + json.dumps(metrics))
                 if step_index % cfg.checkpoint_every == 0 or last:
                     _report_with_checkpoint(core, optimizer, step_index, metrics, rank)
                 else:
@@ -85,6 +87,30 @@ def train_loop_per_worker(config: dict) -> None:
         if out_of_time:
             break
     bar.close()
+
+
+def _log_line(line: str) -> None:
+    """One line on the worker's stdout (the driver prints it once, above the progress bar)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class _BelowWarningFromRayTrain(logging.Filter):
+    """Console filter: drops Ray Train's own INFO records (e.g. "Reporting training result N: ..."
+    at every report, logged by a module logger that `LoggingConfig.log_level` does not cover);
+    Ray Train's log files keep them."""
+
+    _PATH = f"{os.sep}ray{os.sep}train{os.sep}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or self._PATH not in record.pathname
+
+
+def _quiet_ray_train_console() -> None:
+    for handler in logging.getLogger().handlers:  # the worker's root logger, as Ray Train set it up
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not any(isinstance(f, _BelowWarningFromRayTrain) for f in handler.filters):
+            handler.addFilter(_BelowWarningFromRayTrain())
 
 
 def _out_of_time(cfg: TrainConfig, began: float, world: int, device: torch.device) -> bool:
@@ -111,14 +137,17 @@ def _report_with_checkpoint(core, optimizer, step_index: int, metrics: dict, ran
 
 
 class _Window:
-    """Metrics over the steps since the last report."""
+    """Metrics over the steps since the last report. Windows tile the wall time: a window runs
+    from one `metrics()` call to the next, so the report and checkpoint written after a window
+    count in the next one (the last report's own time is in none)."""
 
     def __init__(self, experts: int) -> None:
         self.experts = experts
+        self.since = time.perf_counter()
         self.reset()
 
     def reset(self) -> None:
-        self.results, self.seconds, self.since = [], 0.0, time.perf_counter()
+        self.results, self.seconds = [], 0.0
         self.load = np.zeros(self.experts, dtype=np.int64)
 
     def add(self, res, seconds: float) -> None:
@@ -130,13 +159,15 @@ class _Window:
     def metrics(self, step_index: int, world: int) -> dict:
         rs = self.results or []
         mean = (lambda k: float(np.mean([getattr(r, k) for r in rs]))) if rs else (lambda k: float("nan"))
-        tokens = sum(r.tokens for r in rs)
+        tokens = sum(r.tokens for r in rs) * world
+        now = time.perf_counter()
+        wall, self.since = now - self.since, now
         load = self.load
         return {"step": step_index, "loss": mean("loss"), "answer_loss": mean("answer_loss"),
                 "lm_loss": mean("lm_loss"), "aux_loss": mean("aux_loss"), "z_loss": mean("z_loss"),
                 "answer_accuracy": mean("answer_accuracy"),
-                # wall time since the last report: data loading and reporting included
-                "tokens_per_s": tokens * world / max(1e-9, time.perf_counter() - self.since),
+                # wall time since the last window ended: data loading, reports, checkpoints included
+                "tokens": tokens, "window_s": wall, "tokens_per_s": tokens / max(1e-9, wall),
                 "expert_load_mean": float(load.mean()) if load.sum() else 0.0,
                 "expert_load_max": float(load.max()) if load.sum() else 0.0,
                 "expert_load_max_over_mean": float(load.max() / load.mean()) if load.sum() else 0.0}
@@ -163,7 +194,7 @@ def run(cfg: TrainConfig, address: str | None = None):
     """Fit with Ray Train; copy the final model to `cfg.output`. Returns the Ray Train Result."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():  # a Ray Job's driver joins its cluster (RAY_ADDRESS); else a local one
@@ -172,7 +203,8 @@ def run(cfg: TrainConfig, address: str | None = None):
         else:
             ray.init(address="local", runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the terminal shows one bar: training steps
+    ctx.print_on_execution_start = False
     data = ray.data.read_parquet(_data_path(cfg.data)).select_columns(["input_ids", "answer_start", "answer_len"])
     if cfg.init_from and "://" not in cfg.init_from:  # workers run elsewhere: absolute paths
         cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
@@ -184,7 +216,12 @@ def run(cfg: TrainConfig, address: str | None = None):
                                      resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # the terminal shows the bar and one metrics line per log interval:
+                             # Ray Train's INFO lines go to its log files only, and workers' prints
+                             # are not also routed through Ray Train's logger (which printed them twice)
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         datasets={"train": data},
     )
     result = trainer.fit()

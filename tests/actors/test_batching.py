@@ -49,3 +49,50 @@ def test_sampling_is_reproducible_with_a_seed(mesh):
     b = mesh.generate([1, 2, 3], max_new_tokens=10, temperature=0.9, top_p=0.9, seed=11)
     assert a.token_ids == b.token_ids
     assert len(a.token_ids) >= 1
+
+
+def test_sampling_follows_the_temperature(mesh):
+    """The first sampled token's frequencies over seeds follow softmax(logits / T): a sampler that
+    ignored the temperature (greedy, or T = 1 on these sharp logits) would not spread like this."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt = [5, 17, 42]
+    last = torch.tensor(mesh.forward_logits(prompt)[-1], dtype=torch.float64)  # [V]
+    top = torch.topk(last, 2).values
+    temperature = float(top[0] - top[1]) / 0.4  # p(2nd) / p(1st) = e^-0.4 at this temperature
+    want = torch.softmax(last / temperature, -1)
+    n = 96
+    with ThreadPoolExecutor(16) as pool:
+        firsts = list(pool.map(lambda s: mesh.generate(prompt, max_new_tokens=1, temperature=temperature,
+                                                       seed=s).token_ids[0], range(n)))
+    first_id, second_id = torch.topk(last, 2).indices.tolist()
+    for tok in (first_id, second_id):
+        p = float(want[tok])
+        got = firsts.count(tok) / n
+        assert abs(got - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 0.02, (tok, got, p, temperature)
+    # and a near-zero temperature is greedy
+    cold = {mesh.generate(prompt, max_new_tokens=1, temperature=temperature / 1000, seed=s).token_ids[0]
+            for s in range(4)}
+    assert cold == {first_id}
+
+
+def test_waiting_requests_are_admitted_round_robin_by_tenant():
+    """One tenant's flood cannot starve another: admissions interleave tenants in arrival order."""
+    from expertmesh.actors.scheduler import Scheduler
+    from expertmesh.actors.sequence import Sequence
+    from expertmesh.model.sampling import SamplingParams
+
+    def seq(tenant, i):
+        return Sequence(f"{tenant}-{i}", "generate", [1, 2, 3], 0, [], None, SamplingParams(), 2, tenant=tenant)
+
+    sched = Scheduler(max_running=4)
+    for i in range(10):
+        sched.add(seq("flood", i))
+    for i in range(2):
+        sched.add(seq("other", i))
+    first = sched.schedule()  # 12 waiting, share 4: both tenants' first two
+    assert [s.request_id for s in first] == ["flood-0", "other-0", "flood-1", "other-1"]
+    sched.step_done(first)
+    for s in first:
+        sched.keep_running(s)
+    assert all(s.tenant == "flood" for s in sched.waiting)

@@ -96,3 +96,52 @@ def test_blockwise_single_shard_equals_exact(arch_mesh):
     finally:
         mesh.drop_context(a.id)
         mesh.drop_context(b.id)
+
+
+def test_llama4_blockwise_on_four_shards_matches_hf(arch_mesh):
+    """Llama-4: segments that start on chunk boundaries, encoded each on its own (blockwise),
+    give Hugging Face's logits, because the only global (NoPE) layer is the last one."""
+    arch, mesh, hf = arch_mesh
+    if arch != "llama4":
+        pytest.skip("the blockwise-is-exact claim is Llama-4's (chunked-local layers before the global one)")
+    chunk = hf.config.attention_chunk_size
+    assert mesh.config.chunk_size[-1] is None and all(mesh.config.chunk_size[:-1])  # local, ..., global
+    context, prompt = ids(CONTEXT_LEN, 9), ids(7, 10)
+    ctx = mesh.register_context(context, mode="blockwise", shards=4)
+    try:
+        assert len(ctx.shards) == 4
+        # segment lengths in shard order (segments are contiguous): every boundary on a chunk boundary
+        lengths = [s["contexts"][ctx.id] for s in mesh.stats()["shards"] if ctx.id in s["contexts"]]
+        assert len(lengths) == 4 and sum(lengths) == CONTEXT_LEN
+        assert all(n % chunk == 0 for n in lengths[:-1]), (lengths, chunk)
+        got = mesh.forward_logits(prompt, context_id=ctx.id)
+        assert np.abs(got - hf_logits(hf, context + prompt)[-len(prompt):]).max() <= 1e-4
+        res = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=8)
+        assert res.token_ids == hf_generate(hf, context + prompt, 8)
+    finally:
+        mesh.drop_context(ctx.id)
+
+
+def test_mixtral_sliding_window_across_shards_matches_hf(ray_cluster, tiny_checkpoint, tmp_path):
+    """A sliding window (16) that reaches back over a shard boundary: the mesh gives HF's logits."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "mixtral-window"
+    shutil.copytree(tiny_checkpoint("mixtral"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, sliding_window=16)))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    context, prompt = ids(CONTEXT_LEN, 11), ids(7, 12)
+    mesh = em.Mesh.start(str(path), context_shards=4, expert_groups=2, page_size=16)
+    try:
+        ctx = mesh.register_context(context, mode="exact", shards=4)
+        got = mesh.forward_logits(prompt, context_id=ctx.id)
+        assert np.abs(got - hf_logits(hf, context + prompt)[-len(prompt):]).max() <= 1e-4
+        assert mesh.generate(prompt, context_id=ctx.id, max_new_tokens=8).token_ids == \
+            hf_generate(hf, context + prompt, 8)
+    finally:
+        mesh.shutdown()

@@ -20,8 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "expertmesh"
-CRDS = next(p for p in (ROOT / "shared" / "kuberay-crds", ROOT.parent / "shared" / "kuberay-crds",
-                        Path("/work/shared/kuberay-crds")) if p.is_dir())
+CRDS = Path(__file__).resolve().parent / "kuberay-crds"  # KubeRay's CRDs, vendored (see the README there)
 K8S_VERSION = "1.33"
 CUSTOM_GROUPS = {"ray.io", "monitoring.coreos.com"}  # CRDs: checked against KubeRay's schemas / by structure
 RELEASE, NAMESPACE = "prod", "ml"

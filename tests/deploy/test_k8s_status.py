@@ -1,9 +1,10 @@
-"""`expertmesh k8s status` on recorded Kubernetes API responses, through the real `kubernetes` client.
+"""`expertmesh k8s status` on constructed Kubernetes API responses, through the real `kubernetes` client.
 
 No API server runs here. Each test builds a real `kubernetes.client.ApiClient` and replaces only the
-urllib3 pool manager under its REST layer with `Recorded`, which answers GETs with response bodies
-recorded in tests/deploy/fixtures/. The client's own URL building, JSON deserialisation (into its
-V1Endpoints models) and ApiException handling all run.
+urllib3 pool manager under its REST layer with `Canned`, which answers GETs with the response
+bodies in tests/deploy/fixtures/. Those bodies were constructed by hand from KubeRay's source and
+the Kubernetes API's types (below), not recorded from a live API server. The client's own URL
+building, JSON deserialisation (into its V1Endpoints models) and ApiException handling all run.
 
 Where the fixture shapes come from:
 
@@ -32,7 +33,7 @@ Where the fixture shapes come from:
   (RBAC "is forbidden: User ... cannot get resource ...").
 
 Every RayService fixture is validated against the CRD's v1 schema
-(/work/shared/kuberay-crds/ray.io_rayservices.yaml, KubeRay's published CRD), closed the way the
+(tests/deploy/kuberay-crds/ray.io_rayservices.yaml, KubeRay's published CRD, vendored), closed the way the
 API server prunes unknown fields, so a fixture cannot drift from the real type.
 """
 
@@ -63,10 +64,7 @@ from expertmesh.platform.k8s_status import (
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ROOT = Path(__file__).resolve().parents[2]
-CRD = next(p / "ray.io_rayservices.yaml" for p in (ROOT / "shared" / "kuberay-crds",
-                                                    ROOT.parent / "shared" / "kuberay-crds",
-                                                    Path("/work/shared/kuberay-crds")) if p.is_dir())
+CRD = Path(__file__).resolve().parent / "kuberay-crds" / "ray.io_rayservices.yaml"  # vendored, see its README
 HOST = "https://k8s.test:6443"
 NS, NAME = "ml", "expertmesh"
 RS_PATH = f"/apis/ray.io/v1/namespaces/{NS}/rayservices/{NAME}"
@@ -88,10 +86,10 @@ def load(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())
 
 
-# -- the recorded API ------------------------------------------------------------------------------
-class Recorded:
+# -- the canned API --------------------------------------------------------------------------------
+class Canned:
     """Stands in for the urllib3.PoolManager of the client's REST layer: answers each request with a
-    recorded body (a real urllib3.HTTPResponse) by URL path, and records what was asked."""
+    constructed body (a real urllib3.HTTPResponse) by URL path, and records what was asked."""
 
     def __init__(self, routes: dict[str, dict | tuple[int, dict]]):
         self.routes = routes
@@ -123,12 +121,12 @@ class Recorded:
         return [urllib.parse.urlsplit(url).path for _, url, _ in self.requests]
 
 
-def wired(routes: dict) -> tuple[client.CustomObjectsApi, client.CoreV1Api, Recorded]:
-    """Real CustomObjectsApi / CoreV1Api on one real ApiClient whose pool manager is `Recorded`."""
+def wired(routes: dict) -> tuple[client.CustomObjectsApi, client.CoreV1Api, Canned]:
+    """Real CustomObjectsApi / CoreV1Api on one real ApiClient whose pool manager is `Canned`."""
     api = client.ApiClient(client.Configuration(host=HOST))
-    recorded = Recorded(routes)
-    api.rest_client.pool_manager = recorded
-    return client.CustomObjectsApi(api), client.CoreV1Api(api), recorded
+    canned = Canned(routes)
+    api.rest_client.pool_manager = canned
+    return client.CustomObjectsApi(api), client.CoreV1Api(api), canned
 
 
 def scenario(name: str) -> dict:
@@ -136,9 +134,9 @@ def scenario(name: str) -> dict:
     return {RS_PATH: load(rs), EP_PATH: load(ep)}
 
 
-def status_of(routes: dict) -> tuple[dict, Recorded]:
-    custom, core, recorded = wired(routes)
-    return rayservice_status(custom, core, NAME, NS), recorded
+def status_of(routes: dict) -> tuple[dict, Canned]:
+    custom, core, canned = wired(routes)
+    return rayservice_status(custom, core, NAME, NS), canned
 
 
 # -- the fixtures are the real types ---------------------------------------------------------------
@@ -215,10 +213,10 @@ def test_status_fixtures_are_kubernetes_status_objects():
 
 # -- rayservice_status through the client ----------------------------------------------------------
 def test_running_service_summary_and_request_paths():
-    summary, recorded = status_of(scenario("running"))
-    assert recorded.paths == [RS_PATH, EP_PATH]
-    assert all(method == "GET" for method, _, _ in recorded.requests)
-    assert recorded.requests[0][2].get("Accept") == "application/json"
+    summary, canned = status_of(scenario("running"))
+    assert canned.paths == [RS_PATH, EP_PATH]
+    assert all(method == "GET" for method, _, _ in canned.requests)
+    assert canned.requests[0][2].get("Accept") == "application/json"
     assert summary["name"] == NAME and summary["namespace"] == NS
     assert summary["ready"] and summary["healthy"] and summary["serviceStatus"] == "Running"
     assert not summary["upgradeInProgress"]
@@ -240,8 +238,8 @@ def test_running_service_summary_and_request_paths():
 
 
 def test_starting_service_reports_the_pending_cluster_and_no_serve_service():
-    summary, recorded = status_of(scenario("starting"))
-    assert recorded.paths == [RS_PATH, EP_PATH]
+    summary, canned = status_of(scenario("starting"))
+    assert canned.paths == [RS_PATH, EP_PATH]
     assert not summary["ready"] and not summary["healthy"]
     assert summary["serviceStatus"] == "NotRunning"  # absent in the object: derived from Ready=False
     assert summary["conditions"][0]["reason"] == "Initializing"
@@ -314,8 +312,8 @@ def test_a_custom_serve_service_name_is_followed():
     routes[RS_PATH]["spec"]["serveService"]["metadata"]["name"] = "expertmesh-api"
     endpoints = routes.pop(EP_PATH)
     routes[f"/api/v1/namespaces/{NS}/endpoints/expertmesh-api"] = endpoints
-    summary, recorded = status_of(routes)
-    assert recorded.paths[1] == f"/api/v1/namespaces/{NS}/endpoints/expertmesh-api"
+    summary, canned = status_of(routes)
+    assert canned.paths[1] == f"/api/v1/namespaces/{NS}/endpoints/expertmesh-api"
     assert summary["serveService"] == "expertmesh-api" and summary["endpoints"] == ["10.244.3.17:8000"]
 
 
@@ -330,11 +328,11 @@ def test_endpoints_without_subsets_and_ipv6_addresses():
 
 
 def test_missing_rayservice_is_a_lookup_error():
-    custom, core, recorded = wired({RS_PATH: load("status-404-rayservice.json")})
+    custom, core, canned = wired({RS_PATH: load("status-404-rayservice.json")})
     with pytest.raises(LookupError) as info:
         rayservice_status(custom, core, NAME, NS)
     assert str(info.value) == f"RayService {NS}/{NAME} not found"
-    assert recorded.paths == [RS_PATH]
+    assert canned.paths == [RS_PATH]
     assert isinstance(info.value.__cause__, client.exceptions.ApiException)
     assert info.value.__cause__.status == 404
 
@@ -409,8 +407,8 @@ def cli_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-def use_recorded(monkeypatch, routes) -> Recorded:
-    custom, core, recorded = wired(routes)
+def use_canned(monkeypatch, routes) -> Canned:
+    custom, core, canned = wired(routes)
     calls = []
 
     def fake_load_clients(kubeconfig, context):
@@ -418,21 +416,21 @@ def use_recorded(monkeypatch, routes) -> Recorded:
         return custom, core
 
     monkeypatch.setattr(k8s_status, "load_clients", fake_load_clients)
-    recorded.load_calls = calls
-    return recorded
+    canned.load_calls = calls
+    return canned
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_cli_exit_code(name, monkeypatch, capsys):
-    recorded = use_recorded(monkeypatch, scenario(name))
+    canned = use_canned(monkeypatch, scenario(name))
     assert run_cli(cli_args(kubeconfig="/tmp/kc", context="prod")) == SCENARIOS[name][2]
-    assert recorded.load_calls == [("/tmp/kc", "prod")]
+    assert canned.load_calls == [("/tmp/kc", "prod")]
     out = capsys.readouterr().out
     assert out.startswith("RayService ml/expertmesh: ")
 
 
 def test_cli_json(monkeypatch, capsys):
-    use_recorded(monkeypatch, scenario("upgrading"))
+    use_canned(monkeypatch, scenario("upgrading"))
     assert run_cli(cli_args(json=True)) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == status_of(scenario("upgrading"))[0]
@@ -444,7 +442,7 @@ def test_cli_json(monkeypatch, capsys):
     ("status-403-rayservice.json", "needs get on rayservices.ray.io and get on endpoints"),
 ])
 def test_cli_errors_exit_2(fixture, expected, monkeypatch, capsys):
-    use_recorded(monkeypatch, {RS_PATH: load(fixture)})
+    use_canned(monkeypatch, {RS_PATH: load(fixture)})
     assert run_cli(cli_args()) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and expected in captured.err
@@ -452,12 +450,12 @@ def test_cli_errors_exit_2(fixture, expected, monkeypatch, capsys):
 
 def test_cli_unreachable_api_server_and_other_api_errors_exit_2(monkeypatch, capsys):
     down = urllib3.exceptions.MaxRetryError(None, RS_PATH, reason="Connection refused")
-    use_recorded(monkeypatch, {RS_PATH: down})
+    use_canned(monkeypatch, {RS_PATH: down})
     assert run_cli(cli_args()) == 2
     assert "cannot reach the Kubernetes API server" in capsys.readouterr().err
     body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
-    use_recorded(monkeypatch, {RS_PATH: body})
+    use_canned(monkeypatch, {RS_PATH: body})
     assert run_cli(cli_args()) == 2
     assert "Kubernetes API error 401: Unauthorized" in capsys.readouterr().err
 
@@ -499,19 +497,19 @@ def test_load_clients_from_a_kubeconfig(tmp_path, restore_default_configuration)
         "apiVersion": "v1", "kind": "Config", "current-context": "dev",
         "clusters": [{"name": "dev", "cluster": {"server": "https://dev.k8s.test:6443"}},
                      {"name": "prod", "cluster": {"server": HOST}}],
-        "users": [{"name": "ci", "user": {"token": "recorded-token"}}],
+        "users": [{"name": "ci", "user": {"token": "canned-token"}}],
         "contexts": [{"name": "dev", "context": {"cluster": "dev", "user": "ci"}},
                      {"name": "prod", "context": {"cluster": "prod", "user": "ci", "namespace": NS}}]}))
     custom, core = load_clients(str(kubeconfig), "prod")
     assert isinstance(custom, client.CustomObjectsApi) and isinstance(core, client.CoreV1Api)
     assert custom.api_client.configuration.host == HOST == core.api_client.configuration.host
-    # and those clients, on the recorded API, give the same report
-    recorded = Recorded(scenario("running"))
-    custom.api_client.rest_client.pool_manager = recorded
-    core.api_client.rest_client.pool_manager = recorded
+    # and those clients, on the canned API, give the same report
+    canned = Canned(scenario("running"))
+    custom.api_client.rest_client.pool_manager = canned
+    core.api_client.rest_client.pool_manager = canned
     assert rayservice_status(custom, core, NAME, NS)["healthy"]
-    headers = {k.lower(): v for k, v in recorded.requests[0][2].items()}
-    assert headers["authorization"] == "Bearer recorded-token"
+    headers = {k.lower(): v for k, v in canned.requests[0][2].items()}
+    assert headers["authorization"] == "Bearer canned-token"
     custom, _ = load_clients(str(kubeconfig), None)
     assert custom.api_client.configuration.host == "https://dev.k8s.test:6443"
 

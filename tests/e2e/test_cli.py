@@ -56,3 +56,31 @@ def test_serve_app_is_importable_for_ray_tooling():
     assert isinstance(serve.build_app({"context_shards": 2, "tenants_file": "/etc/x.yaml"}), Application)
     with pytest.raises(Exception, match="context_shards"):
         serve.build_app({"context_shards": 0})
+
+
+def test_data_command_writes_the_training_parquet(tmp_path):
+    import pyarrow.parquet as pq
+
+    out = subprocess.run([sys.executable, "-m", "expertmesh.cli", "data", "--out", str(tmp_path / "d"),
+                          "--rows", "12", "--lengths", "1024,2048", "--group-rows", "4", "--files", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["files"] == 2
+    table = pq.read_table(tmp_path / "d")
+    assert table.num_rows == 12
+    assert {len(x) for x in table.column("input_ids").to_pylist()} <= {1024, 2048}
+    assert set(table.column("task").to_pylist()) <= {"passkey", "multikey"}
+
+
+def test_eval_command_scores_the_default_model(tmp_path, ray_cluster):
+    """`expertmesh eval` on the session's cluster: the shipped model finds 2 of 2 passkeys in 2K tokens."""
+    out = subprocess.run(
+        [sys.executable, "-m", "expertmesh.cli", "eval", "passkey", "--lengths", "2048", "--modes",
+         "exact,blockwise", "--samples", "2", "--context-shards", "2", "--expert-groups", "1",
+         "--address", ray_cluster.get_runtime_context().gcs_address, "--json", str(tmp_path / "e.json")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert [(r["length"], r["mode"], r["samples"]) for r in rows] == [(2048, "exact", 2), (2048, "blockwise", 2)]
+    assert all(r["correct"] == 2 for r in rows), rows

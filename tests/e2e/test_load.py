@@ -13,22 +13,35 @@ from tests.e2e.conftest import KEYS
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 SECONDS = float(os.environ.get("EXPERTMESH_LOAD_SECONDS", "60"))
+ROLES = ("ServeController", "ProxyActor", "ServeReplica:expertmesh", "Router", "ContextShard", "ExpertGroup")
 
 
-def server_rss() -> int:
-    """Resident bytes of the serving processes: the Serve replica and the router actor."""
-    total = 0
+def _proc(pid: str) -> tuple[str, int, int]:
+    """(command line, parent pid, resident bytes) of a process."""
+    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore").strip()
+    status = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
+    return cmd, int(status["PPid"]), int(status.get("VmRSS", "0 kB").split()[0]) * 1024
+
+
+def serving_processes(gcs_address: str) -> dict[int, tuple[str, int]]:
+    """pid -> (process title, resident bytes) of every Ray actor process of this session's cluster
+    (the children of its raylet; other clusters on the machine are not ours): the Serve controller,
+    proxy and replica, the router, the context shards and the expert groups (the session's only
+    live actors while this test runs), not idle pooled workers."""
+    procs, children = {}, {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().decode(errors="ignore")
-            if "ray::ServeReplica:expertmesh" in cmd or cmd.startswith("ray::Router"):
-                rss = [ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS")]
-                total += int(rss[0].split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+        if proc.name.isdigit():
+            try:
+                children[int(proc.name)] = _proc(proc.name)
+            except (OSError, KeyError, ValueError):
+                continue
+    raylets = {pid for pid, (cmd, _, _) in children.items()
+               if "raylet" in cmd.split(" ")[0] and f"--gcs-address={gcs_address}" in cmd}
+    assert raylets, f"no raylet of the cluster at {gcs_address}"
+    for pid, (cmd, ppid, rss) in children.items():
+        if ppid in raylets and cmd.startswith("ray::") and not cmd.startswith("ray::IDLE"):
+            procs[pid] = (cmd.split(" ")[0], rss)
+    return procs
 
 
 def stream_once(url: str, tenant: str, n: int) -> str:
@@ -43,10 +56,16 @@ def stream_once(url: str, tenant: str, n: int) -> str:
     return "complete" if lines and lines[-1] == "data: [DONE]" and '"finish_reason": "' in lines[-2] else "broken"
 
 
-def test_32_streaming_clients(server):
+def test_32_streaming_clients(server, ray_cluster):
+    gcs = ray_cluster.get_runtime_context().gcs_address
     for i in range(4):  # warm up, then take the memory baseline
         stream_once(server, "acme", i)
-    before = server_rss()
+    procs = serving_processes(gcs)
+    titles = sorted(t for t, _ in procs.values())
+    for role in ROLES:
+        assert any(role in t for t in titles), f"no {role} process among {titles}"
+    procs = {pid: p for pid, p in procs.items() if any(role in p[0] for role in ROLES)}
+    before = sum(rss for _, rss in procs.values())
     outcomes: Counter = Counter()
     lock = threading.Lock()
     stop = time.time() + SECONDS
@@ -64,8 +83,11 @@ def test_32_streaming_clients(server):
         t.start()
     for t in threads:
         t.join()
-    after = server_rss()
-    print(f"outcomes {dict(outcomes)}; serving RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+    now = serving_processes(gcs)
+    after = sum(rss for pid, (_, rss) in now.items() if pid in procs)
+    print(f"outcomes {dict(outcomes)}; serving RSS ({len(procs)} processes) "
+          f"{before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
+    assert set(procs) <= set(now), f"serving processes exited: {[procs[p][0] for p in set(procs) - set(now)]}"
     assert set(outcomes) <= {"complete", "429", "503"}, outcomes
     assert outcomes["complete"] >= 32
     assert after < before * 1.10, f"memory grew {before / 2**20:.0f} -> {after / 2**20:.0f} MiB"

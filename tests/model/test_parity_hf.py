@@ -1,6 +1,8 @@
 """The single-process model equals Hugging Face's reference implementation."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +63,22 @@ def test_unsupported_architecture_names_the_supported_list():
 def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path / "nope")
+
+
+def test_mixtral_sliding_window_matches_hugging_face(tmp_path, tiny_checkpoint):
+    """Mixtral with `sliding_window` set: each token sees only the last `window` keys, as in HF."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((Path(tiny_checkpoint("mixtral")) / "config.json").read_text())
+    window_dir = tmp_path / "mixtral-window"
+    shutil.copytree(tiny_checkpoint("mixtral"), window_dir)
+    (window_dir / "config.json").write_text(json.dumps(dict(cfg, sliding_window=16)))
+    ours = load_model(window_dir)
+    assert ours.cfg.sliding_window == 16
+    hf = AutoModelForCausalLM.from_pretrained(window_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, VOCAB, (1, 75), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref, out = hf(ids).logits[0], ours(ids)
+        full = load_model(tiny_checkpoint("mixtral"))(ids)
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert (full[20:] - ref[20:]).abs().max().item() > 1e-2  # the window changes the logits past it

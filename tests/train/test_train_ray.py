@@ -48,8 +48,16 @@ def _log(result) -> list[dict]:
     return sorted(rows, key=lambda m: m["step"])
 
 
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Rows the runs never train on: another seed, so other keys, needle depths and fillers."""
+    out = tmp_path_factory.mktemp("held-out")
+    write_dataset(out, DataSpec(rows=8, lengths=(640,), group_rows=4, seed=2), files=1)
+    return str(out)
+
+
 def _held_out_loss(model, data: str) -> float:
-    """The training objective (answer CE + 0.1 x context CE) on the first rows of the data."""
+    """The training objective (answer CE + 0.1 x context CE) on the first rows of `data`."""
     import pyarrow.parquet as pq
 
     from expertmesh.model.batched import forward_batch
@@ -71,7 +79,7 @@ def two_worker_run(ray_cluster, data, tmp_path_factory):
     return cfg, run(cfg)
 
 
-def test_two_worker_run_lowers_the_loss_and_exports_a_checkpoint(two_worker_run, data):
+def test_two_worker_run_lowers_the_loss_and_exports_a_checkpoint(two_worker_run, data, held_out):
     from expertmesh.pipelines.train_step import build_model
 
     cfg, result = two_worker_run
@@ -82,8 +90,12 @@ def test_two_worker_run_lowers_the_loss_and_exports_a_checkpoint(two_worker_run,
     assert states[-1]["expert_load_max"] >= states[-1]["expert_load_mean"] > 0
     out = Path(cfg.output)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "training.json"]
-    before = _held_out_loss(build_model(cfg), data)  # the same seeded init the workers started from
-    after = _held_out_loss(load_model(out), data)
+    import pyarrow.parquet as pq
+
+    trained = {tuple(r) for r in pq.read_table(data).column("input_ids").to_pylist()}
+    assert not trained & {tuple(r) for r in pq.read_table(held_out).column("input_ids").to_pylist()}
+    before = _held_out_loss(build_model(cfg), held_out)  # the same seeded init the workers started from
+    after = _held_out_loss(load_model(out), held_out)
     assert after < before - 1.0, (before, after)
 
 
@@ -157,7 +169,13 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
 
 def test_time_limit_stops_all_workers_at_the_same_step(ray_cluster, data, tmp_path):
     cfg = _config(data, tmp_path, num_workers=2, max_steps=10_000, time_limit_s=3.0, checkpoint_every=1000)
-    result = run(cfg)  # a worker stopping alone would leave the other waiting in DDP forever
+    # a worker stopping alone would leave the other waiting in DDP forever: bound the wait, fail on it
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
+    thread.start()
+    thread.join(timeout=240)  # ~20 s when it works (a Ray Train start + 3 s of steps)
+    assert not thread.is_alive(), "the time-limited run did not end within 240 s (workers out of step?)"
+    result = box["result"]
     assert result.error is None
     assert 1 <= result.metrics["step"] < 10_000
     assert Path(cfg.output, "model.safetensors").is_file()
