@@ -1,0 +1,38 @@
+"""JAX compute for context shards and expert groups (TPU hosts, or any host where JAX is the
+framework). No Ray here: `attention.py` (partial attention with log-sum-exp, its merge, the
+Quest page bound) and `experts.py` (grouped SwiGLU experts), both jitted over bucketed static
+shapes so a running mesh compiles each shape once.
+
+Importing this package does not import JAX; `require_jax()` does, with a clear error where
+JAX is not installed. Torch-only users never import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BACKENDS = ("torch", "jax")
+
+
+def check_backend(what: str, value: str) -> str:
+    """A compute backend name, or a ValueError naming the accepted ones."""
+    if value not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def require_jax():
+    """The `jax` module, or an ImportError that names the extra to install."""
+    try:
+        return importlib.import_module("jax")
+    except ImportError as exc:
+        raise ImportError(f"the JAX backend needs JAX, which is not installed here ({exc}); install it with "
+                          f"`pip install 'expertmesh[jax]'` (TPU hosts: `pip install 'jax[tpu]'`)") from None
+
+
+def bucket(n: int, lo: int = 8) -> int:
+    """The static size n is padded to: the next power of two, at least lo."""
+    size = lo
+    while size < n:
+        size *= 2
+    return size
