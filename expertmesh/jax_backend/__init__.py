@@ -36,3 +36,16 @@ def bucket(n: int, lo: int = 8) -> int:
     while size < n:
         size *= 2
     return size
+
+
+def configure_jax(num_threads: int | None = None):
+    """Import JAX for an actor (clear error where it is missing). With a CPU share of one
+    thread, XLA's CPU runtime is kept to one thread too (set before JAX first loads)."""
+    import os
+    import sys
+
+    if num_threads == 1 and "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    return require_jax()

@@ -12,6 +12,7 @@ import ray
 from expertmesh.actors.context_shard import RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
 from expertmesh.actors.router import RemoteRouter
+from expertmesh.jax_backend import check_backend, require_jax
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
@@ -69,7 +70,8 @@ class Mesh:
               address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
               max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
               name: str | None = None, store: str | os.PathLike | None = None,
-              shard_memory_bytes: int | None = None, kv_dtype: str = "float32") -> "Mesh":
+              shard_memory_bytes: int | None = None, kv_dtype: str = "float32", shard_backend: str = "torch",
+              expert_backend: str = "torch") -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
@@ -79,6 +81,9 @@ class Mesh:
         its host's memory); the rest are read from the store on demand.
         kv_dtype: "float32" or "bfloat16", how KV pages are stored (attention accumulates in fp32).
         shard_capacity_tokens: a cap on the tokens each shard holds (None: bounded by the store).
+        shard_backend / expert_backend: "torch" or "jax", what the context shards / expert groups
+        compute with ("jax": KV pages and experts as JAX arrays on each actor's JAX device, e.g.
+        a TPU host; `pip install 'expertmesh[jax]'`). Either mix gives the same answers.
 
         lanes: router step loops that overlap one batch's compute with another's remote calls.
         compiled_graphs: the router's per-layer fan-outs to shards and groups run over Ray
@@ -90,6 +95,8 @@ class Mesh:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        check_backend("shard_backend", shard_backend)
+        check_backend("expert_backend", expert_backend)
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if shard_memory_bytes is not None and shard_memory_bytes < 1:
@@ -102,23 +109,37 @@ class Mesh:
         if store is not None:  # refuse a store of other weights before any actor starts
             fingerprint = model_fingerprint(path)
             StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
+        if address is None and "jax" in (shard_backend, expert_backend):
+            require_jax()  # a local cluster's actors import what this process can import
         started = connect(address, context_shards, expert_groups)
         threads = threads_per_actor(context_shards + expert_groups + 1)
         specs = [config.attention_spec(i) for i in range(config.num_layers)]
+        shard_cls = RemoteContextShard
+        if shard_backend == "jax":  # imports JAX in the shard actors only
+            from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
         shards = [
-            RemoteContextShard.options(**actor_options(CONTEXT_SHARD), name=None).remote(
+            shard_cls.options(**actor_options(CONTEXT_SHARD), name=None).remote(
                 i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype)
             for i in range(context_shards)
         ]
         groups = [
-            RemoteExpertGroup.options(**actor_options(EXPERT_GROUP)).remote(str(path), g, experts, threads)
+            RemoteExpertGroup.options(**actor_options(EXPERT_GROUP)).remote(
+                str(path), g, experts, threads, expert_backend)
             for g, experts in enumerate(partition)
         ]
         named = {"name": f"{name}.router", "namespace": NAMESPACE} if name else {}
         router = RemoteRouter.options(**actor_options(None), **named).remote(
             str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs,
             store, kv_dtype, page_size, fingerprint)
-        ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
+        try:
+            ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
+        except ray.exceptions.RayActorError as exc:  # e.g. JAX missing on a shard host: say so
+            for a in [router, *shards, *groups]:
+                ray.kill(a)
+            if "expertmesh[jax]" in str(exc):
+                line = next(x for x in str(exc).splitlines() if "expertmesh[jax]" in x)
+                raise ImportError(line.split("ImportError: ", 1)[-1].strip()) from None
+            raise
         return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
 
     @classmethod
