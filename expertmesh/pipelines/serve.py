@@ -51,6 +51,10 @@ class ServeSettings(BaseModel):
     shard_memory_bytes: int | None = Field(None, ge=1, description="hot KV pages per shard in memory; "
                                                                    "None: an eighth of the host's memory")
     kv_dtype: Literal["float32", "bfloat16"] = Field("float32", description="how KV pages are stored")
+    shard_backend: Literal["torch", "jax"] = Field("torch", description="what context shards compute with "
+                                                   "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
+    expert_backend: Literal["torch", "jax"] = Field("torch", description="what expert groups compute with "
+                                                    "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
     mesh_name: str | None = Field("expertmesh", description="name ingestion jobs attach to (Mesh.attach)")
 
@@ -130,6 +134,7 @@ class ExpertMeshServer:
                                expert_groups=s.expert_groups, address="auto",
                                shard_capacity_tokens=s.shard_capacity_tokens, name=s.mesh_name, store=s.store,
                                shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
+                               shard_backend=s.shard_backend, expert_backend=s.expert_backend,
                                **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
         self.metrics = ServeMetrics()
