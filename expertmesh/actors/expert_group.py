@@ -63,8 +63,13 @@ class ExpertGroup:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
-                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
+            out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
+                   "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
+        if self.backend == "jax":
+            from expertmesh.jax_backend.experts import compilations
+
+            out["jax"] = {"compilations": compilations()}
+        return out
 
 
 RemoteExpertGroup = ray.remote(ExpertGroup)

@@ -41,19 +41,22 @@ def _attend(q_TQD, q_pos, k_SKD, v_SKD, k_pos, scale, chunk_size, window):
     tq, hq, d = q_TQD.shape
     hkv = k_SKD.shape[1]
     g = hq // hkv
-    q_TKGD = q_TQD.astype(jnp.float32).reshape(tq, hkv, g, d)
-    scores = jnp.einsum("tkgd,skd->kgts", q_TKGD, k_SKD.astype(jnp.float32)) * scale  # [Hkv, g, Tq, Tk]
-    mask = visible(q_pos, k_pos, chunk_size, window)[None, None]  # [1, 1, Tq, Tk]
+    # GQA: the g query heads of a KV head become g*Tq rows of one batched matmul per KV head
+    q_KRD = q_TQD.astype(jnp.float32).reshape(tq, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * tq, d)
+    k_KSD = k_SKD.astype(jnp.float32).transpose(1, 0, 2)
+    v_KSD = v_SKD.astype(jnp.float32).transpose(1, 0, 2)
+    scores = jnp.einsum("krd,ksd->krs", q_KRD, k_KSD) * scale  # [Hkv, g*Tq, Tk]
+    mask = jnp.tile(visible(q_pos, k_pos, chunk_size, window), (g, 1))[None]  # [1, g*Tq, Tk]
     scores = jnp.where(mask, scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1)  # [Hkv, g, Tq]
+    top = jnp.max(scores, axis=-1)  # [Hkv, g*Tq]
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     probs = jnp.where(mask, jnp.exp(scores - top[..., None]), 0.0)
-    total = probs.sum(-1)  # [Hkv, g, Tq]
-    out = jnp.einsum("kgts,skd->tkgd", probs, v_SKD.astype(jnp.float32))  # [Tq, Hkv, g, D]
+    total = probs.sum(-1)  # [Hkv, g*Tq]
     safe = jnp.where(total > 0, total, 1.0)
-    out = out / jnp.transpose(safe, (2, 0, 1))[..., None]
-    lse = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)  # [Hkv, g, Tq]
-    return out.reshape(tq, hq, d), jnp.transpose(lse, (2, 0, 1)).reshape(tq, hq)
+    out = jnp.einsum("krs,ksd->krd", probs, v_KSD) / safe[..., None]  # [Hkv, g*Tq, D]
+    lse = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)
+    out = out.reshape(hkv, g, tq, d).transpose(2, 0, 1, 3).reshape(tq, hq, d)
+    return out, lse.reshape(hkv, g, tq).transpose(2, 0, 1).reshape(tq, hq)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "window"))
