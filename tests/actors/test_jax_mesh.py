@@ -16,9 +16,8 @@ CONTEXT_LEN = 101
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_jax_mesh_logits_match_hf(ray_cluster, tiny_checkpoint, hf_model, arch):
-    """All-JAX mesh: logits over an exact context (all pages, and Quest-selected pages with
-    every page chosen) equal Hugging Face's fp32 logits."""
-    mesh = em.Mesh.start(tiny_checkpoint(arch), context_shards=3, expert_groups=2, page_size=16,
+    """All-JAX mesh: logits over an exact context equal Hugging Face's fp32 logits."""
+    mesh = em.Mesh.start(tiny_checkpoint(arch), context_shards=2, expert_groups=2, page_size=16,
                          shard_backend="jax", expert_backend="jax")
     try:
         stats = mesh.stats()
@@ -26,18 +25,16 @@ def test_jax_mesh_logits_match_hf(ray_cluster, tiny_checkpoint, hf_model, arch):
         assert {g["backend"] for g in stats["expert_groups"]} == {"jax"}
         context, prompt = ids(CONTEXT_LEN, 1), ids(9, 2)
         want = hf_logits(hf_model(arch), context + prompt)[-len(prompt):]
-        ctx = mesh.register_context(context, mode="exact", shards=3)
-        got = mesh.forward_logits(prompt, context_id=ctx.id)
-        assert np.abs(got - want).max() <= 1e-4
-        quest = mesh.forward_logits(prompt, context_id=ctx.id, top_pages=64)  # more than a shard has
-        assert np.abs(quest - want).max() <= 1e-4
+        ctx = mesh.register_context(context, mode="exact")
+        assert np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max() <= 1e-4
     finally:
         mesh.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "llama4"])  # sliding window + softmax routing; chunks + sigmoid
-def test_mixed_meshes_generate_the_torch_tokens(ray_cluster, tiny_checkpoint, arch):
-    context, prompt = ids(CONTEXT_LEN, 3), ids(6, 4)
+def test_mixed_meshes_generate_the_torch_tokens(ray_cluster, tiny_checkpoint):
+    """Llama-4 (chunked-local + global layers, NoPE, sigmoid routing with input scaling), exact
+    and with Quest page selection (top_pages=3 of 4 pages per shard)."""
+    arch, context, prompt = "llama4", ids(CONTEXT_LEN, 3), ids(6, 4)
     tokens = {}
     for shard_backend, expert_backend in (("torch", "torch"), ("jax", "torch"), ("torch", "jax")):
         mesh = em.Mesh.start(tiny_checkpoint(arch), context_shards=2, expert_groups=2, page_size=16,
