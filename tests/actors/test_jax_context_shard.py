@@ -67,3 +67,17 @@ def test_small_blocks_small_pool_and_bfloat16(monkeypatch):
         stats = jax_shard.stats()
         assert stats["jax"]["pool_slots_allocated"] <= stats["pool"]["slots"] <= 20 < 26 * 3
         assert stats["pages_read"]["store"] > 0 and stats["pages_read"]["memory"] > 0
+
+
+def test_actors_without_jax_name_the_extra_and_refuse_bad_backends(monkeypatch):
+    import sys
+
+    from expertmesh.actors.expert_group import ExpertGroup
+
+    with pytest.raises(ValueError, match=r"expert_backend must be one of \('torch', 'jax'\), got 'tpu'"):
+        ExpertGroup("unused", 0, range(2), backend="tpu")
+    monkeypatch.setitem(sys.modules, "jax", None)  # as if JAX were not installed on this host
+    with pytest.raises(ImportError, match=r"pip install 'expertmesh\[jax\]'"):
+        ExpertGroup("unused", 0, range(2), backend="jax")
+    with pytest.raises(ImportError, match=r"pip install 'expertmesh\[jax\]'"):
+        jcs.JaxContextShard(0, SPECS, None, PS, 1)
