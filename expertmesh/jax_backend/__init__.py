@@ -21,13 +21,27 @@ def check_backend(what: str, value: str) -> str:
     return value
 
 
+_MISSING = ("the JAX backend needs JAX, which is not installed here{why}; install it with "
+            "`pip install 'expertmesh[jax]'` (TPU hosts: `pip install 'jax[tpu]'`)")
+
+
 def require_jax():
     """The `jax` module, or an ImportError that names the extra to install."""
     try:
         return importlib.import_module("jax")
     except ImportError as exc:
-        raise ImportError(f"the JAX backend needs JAX, which is not installed here ({exc}); install it with "
-                          f"`pip install 'expertmesh[jax]'` (TPU hosts: `pip install 'jax[tpu]'`)") from None
+        raise ImportError(_MISSING.format(why=f" ({exc})")) from None
+
+
+def check_jax_installed() -> None:
+    """Raise the ImportError of `require_jax` where JAX is missing, without importing it (a
+    driver that imports JAX before Ray forks its processes risks a deadlock)."""
+    import importlib.util
+    import sys
+
+    found = sys.modules["jax"] is not None if "jax" in sys.modules else importlib.util.find_spec("jax") is not None
+    if not found:
+        raise ImportError(_MISSING.format(why=""))
 
 
 def bucket(n: int, lo: int = 8) -> int:

@@ -12,7 +12,7 @@ import ray
 from expertmesh.actors.context_shard import RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
 from expertmesh.actors.router import RemoteRouter
-from expertmesh.jax_backend import check_backend, require_jax
+from expertmesh.jax_backend import check_backend, check_jax_installed
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
@@ -110,7 +110,7 @@ class Mesh:
             fingerprint = model_fingerprint(path)
             StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
         if address is None and "jax" in (shard_backend, expert_backend):
-            require_jax()  # a local cluster's actors import what this process can import
+            check_jax_installed()  # a local cluster's actors import what this process can import
         started = connect(address, context_shards, expert_groups)
         threads = threads_per_actor(context_shards + expert_groups + 1)
         specs = [config.attention_spec(i) for i in range(config.num_layers)]
