@@ -261,7 +261,7 @@ class ContextShard:
             q, q_pos = torch.from_numpy(np.asarray(item.q)), torch.from_numpy(np.asarray(item.q_pos))
             pages = self._pages_for(opened, layer, spec, q, q_pos, item.top_pages)
             parts, reads = [], Counter(pages=len(pages))
-            queries = self._queries(q, q_pos)
+            queries = self._queries(q, q_pos) if len(pages) else None
             scan = item.top_pages is None and not (spec.chunk_size or spec.window)
             for i in range(0, len(pages), self.stream_pages):
                 try:
