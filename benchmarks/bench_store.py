@@ -39,26 +39,29 @@ QUESTION = " What is the pass key? The pass key is"
 
 
 class PeakRSS:
-    """Sum of resident memory of this process and every Ray worker process, sampled in a thread."""
+    """Resident memory of this process and its descendants (the local cluster's raylet, GCS and
+    every worker), sampled in a thread, as the sum of their proportional set sizes (Pss: pages
+    shared between processes, such as Ray's object store, counted once over all of them)."""
 
     def __init__(self, period: float = 0.2) -> None:
         self.peak = self.now = 0
+        self.by_process: dict[str, int] = {}  # peak Pss per process title (ray::Router, ...)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, args=(period,), daemon=True)
         self._t.start()
 
-    @staticmethod
-    def sample() -> int:
-        """This process and its descendants (the local cluster's raylet, GCS and every worker)."""
-        parent, rss = {}, {}
+    def sample(self) -> int:
+        """Sum of Pss over this process and its descendants."""
+        parent, rss, title = {}, {}, {}
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
                 stat = open(f"/proc/{pid}/stat").read()
                 parent[int(pid)] = int(stat[stat.rindex(")") + 2:].split()[1])
-                for line in open(f"/proc/{pid}/status"):
-                    if line.startswith("VmRSS:"):
+                title[int(pid)] = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode()[:60]
+                for line in open(f"/proc/{pid}/smaps_rollup"):
+                    if line.startswith("Pss:"):
                         rss[int(pid)] = int(line.split()[1]) * 1024
             except (OSError, ValueError):
                 continue
@@ -67,7 +70,10 @@ class PeakRSS:
             p = pid
             while p and p != me:
                 p = parent.get(p, 0)
-            total += rss[pid] if p == me else 0
+            if p == me:
+                total += rss[pid]
+                name = "driver" if pid == me else title.get(pid, "?").split(".")[0].split(" ")[0]
+                self.by_process[name] = max(self.by_process.get(name, 0), rss[pid])
         return total
 
     def _run(self, period: float) -> None:
@@ -78,6 +84,7 @@ class PeakRSS:
 
     def reset(self) -> None:
         self.peak = self.sample()
+        self.by_process = {}
 
     def stop(self) -> None:
         self._stop.set()
@@ -156,6 +163,7 @@ def run_restart(args, rss: PeakRSS) -> dict:
     first = ask(mesh, ctx.id, 48213, None)
     out["first_answer_after_register_s"] = time.perf_counter() - t1
     out["register_peak_rss_bytes"] = rss.peak
+    out["register_peak_by_process"] = dict(rss.by_process)
     out["answer_fresh"] = first
     out["decode_hot_exact_b1_s"] = decode_step(mesh, ctx.id, 1, None)
     out["decode_hot_exact_b16_s"] = decode_step(mesh, ctx.id, 16, None)
@@ -182,6 +190,7 @@ def run_restart(args, rss: PeakRSS) -> dict:
     out["decode_store_top_pages_b1_s"] = decode_step(mesh, ctx.id, 1, args.top_pages)
     out["decode_store_top_pages_b16_s"] = decode_step(mesh, ctx.id, 16, args.top_pages)
     out["serve_peak_rss_bytes"] = rss.peak
+    out["serve_peak_by_process"] = dict(rss.by_process)
     out["shard_pools"] = [s["pool"] for s in mesh.stats()["shards"]]
     mesh.shutdown()
 
@@ -202,7 +211,7 @@ def run_tenm(args, rss: PeakRSS) -> dict:
     store = Path(args.store)
     shutil.rmtree(store, ignore_errors=True)
     base = haystack(args.tokens)
-    keys = {0.0: 31337, 0.5: 48213, 1.0: 27182}
+    keys = {d: k for d, k in {0.0: 31337, 0.5: 48213, 1.0: 27182}.items() if d in args.depths}
     out: dict = {"tokens": args.tokens, "kv_dtype": args.kv_dtype, "top_pages": args.top_pages,
                  "budget_bytes": args.cold_budget, "depths": []}
     mesh = start(store, args.cold_budget, kv_dtype=args.kv_dtype)
@@ -215,6 +224,7 @@ def run_tenm(args, rss: PeakRSS) -> dict:
         row = {"depth": depth, "key": key, "register_s": reg, "context_id": ctx.id,
                "top_pages": ask(mesh, ctx.id, key, args.top_pages), "exact": ask(mesh, ctx.id, key, None)}
         row["peak_rss_bytes"] = rss.peak
+        row["peak_by_process"] = dict(rss.by_process)
         out["depths"].append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
     out["store_bytes"] = sum(f.stat().st_size for f in (store / "segments").iterdir())
@@ -233,6 +243,8 @@ def main() -> None:
     ap.add_argument("--top-pages", type=int, default=32)
     ap.add_argument("--hot-budget", type=int, default=1 << 30, help="shard_memory_bytes with all KV hot")
     ap.add_argument("--cold-budget", type=int, default=64 << 20, help="shard_memory_bytes, KV in the store")
+    ap.add_argument("--depths", type=lambda x: [float(d) for d in x.split(",")], default=[0.0, 0.5, 1.0],
+                    help="--tenm: needle depths (comma-separated, of 0, 0.5, 1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     # not multiples of the 2048-token chunk: the question starts inside a chunk, as users' do

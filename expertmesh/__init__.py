@@ -11,6 +11,9 @@ from expertmesh.errors import (
     CheckpointError,
     ContextNotFound,
     ExpertMeshError,
+    NoTokenizer,
+    PlacementError,
+    Unavailable,
     UnsupportedArchitecture,
 )
 from expertmesh.model.checkpoint import load_model, save_model
@@ -20,6 +23,7 @@ from expertmesh.store.registry import ContextInfo
 
 __all__ = [
     "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "ExpertMeshError",
-    "GenerationResult", "Mesh", "ModelConfig", "SUPPORTED_ARCHITECTURES", "UnsupportedArchitecture",
+    "GenerationResult", "Mesh", "ModelConfig", "NoTokenizer", "PlacementError", "SUPPORTED_ARCHITECTURES",
+    "Unavailable", "UnsupportedArchitecture",
     "load_model", "save_model",
 ]

@@ -22,3 +22,25 @@ class UnsupportedArchitecture(ExpertMeshError, ValueError):
 
 class CheckpointError(ExpertMeshError, FileNotFoundError):
     """A checkpoint directory that is incomplete or unreadable."""
+
+
+class Unavailable(ExpertMeshError):
+    """A part of the mesh is restarting or unreachable; the same request may succeed shortly.
+
+    Retryable (HTTP 503 with `Retry-After`): `retry_after_s` is a hint of when to try again.
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # keep retry_after_s through Ray's pickling
+        return type(self), (str(self), self.retry_after_s)
+
+
+class NoTokenizer(ExpertMeshError, ValueError):
+    """A text call on a checkpoint without a usable tokenizer (use token ids)."""
+
+
+class PlacementError(ExpertMeshError, RuntimeError):
+    """The cluster cannot place (or start) the mesh's actors; the message names what is missing."""

@@ -117,6 +117,7 @@ class ContextShard:
         self._ctx: dict[str, _Open] = {}  # context id -> its segment here
         self._files: dict[str, _Open] = {}  # file name -> open segment
         self._writing: dict[str, object] = {}  # context id -> scratch path while being written
+        self._meta: dict[str, dict] = {}  # context id -> the router's description of it
         self._next_slot = 0
         self.table: PageTable | None = None  # made with the pool at the first segment
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -135,8 +136,9 @@ class ContextShard:
 
     # -- writing a segment ------------------------------------------------------------------
     def begin(self, context_id: str, name: str, start: int, end: int, layers: int, heads: int,
-              head_dim: int) -> None:
-        """Start the segment file of tokens [start, end) of a context."""
+              head_dim: int, meta: dict | None = None) -> None:
+        """Start the segment file of tokens [start, end) of a context. `meta` (what the router
+        knows of the context) is kept with it, so a restarted router finds it here (`held`)."""
         with self._lock:
             t = end - start
             if self.capacity_tokens is not None:
@@ -152,6 +154,8 @@ class ContextShard:
             opened = _Open(self._take_slot(shape), SegmentFile.create(tmp, shape, t, start), name, start)
             self._ctx[context_id] = self._files[name] = opened
             self._writing[context_id] = tmp
+            if meta is not None:
+                self._meta[context_id] = meta
 
     def append(self, context_id: str, t0: int, k: list[np.ndarray], v: list[np.ndarray], pos: np.ndarray) -> None:
         """Rows of the segment being written: k/v per layer [T, Hkv, D] from context position t0."""
@@ -208,10 +212,16 @@ class ContextShard:
         return [None if spec.chunk_size else (f.kmin[i].copy(), f.kmax[i].copy())
                 for i, spec in enumerate(self.specs)]
 
+    def held(self) -> dict[str, dict]:
+        """The finished segments here with the router's description of their contexts."""
+        with self._lock:
+            return {c: m for c, m in self._meta.items() if c in self._ctx and c not in self._writing}
+
     def drop(self, context_id: str) -> bool:
         """Forget a context here; a scratch segment file goes with it (a store's files are the
         router's to delete, after its manifest)."""
         with self._lock:
+            self._meta.pop(context_id, None)
             opened = self._ctx.pop(context_id, None)
             if opened is None:
                 return False

@@ -8,6 +8,7 @@ join at the next step. A bad request gets its own error; the actor and the batch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import collections
 import itertools
 import math
@@ -22,10 +23,11 @@ import torch
 from expertmesh.actors.engine import Engine, call
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
-from expertmesh.errors import ContextNotFound
+from expertmesh.errors import ContextNotFound, Unavailable
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
+from expertmesh.platform.cluster import lookup
 from expertmesh.store.catalog import Catalog, tokens_sha256
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.manifest import Manifest, SegmentEntry
@@ -44,7 +46,8 @@ class Router:
         self.checkpoint = checkpoint
         self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
         self.cfg = self.model.cfg
-        self.shards, self.groups = shards, groups
+        self.shards, self.groups = lookup(shards), lookup(groups)  # names: see cluster.actor_name
+        shards, groups = self.shards, self.groups
         self.capacity_tokens = capacity_tokens
         self.kv_dtype, self.page_size = kv_dtype, page_size
         unit = math.lcm(self.cfg.alignment, page_size)
@@ -56,6 +59,7 @@ class Router:
                                                                   "checkpoint": str(checkpoint)})
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
         self.contexts: dict[str, ContextRecord] = {}
+        self.lost: dict[str, str] = {}  # context id -> why it was lost (a shard restarted without a store)
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
         self.engine = Engine(self.model, shards, groups, self.partition, {}, compiled_graphs)
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
@@ -67,6 +71,8 @@ class Router:
         if self.catalog is not None:
             for m in self.catalog.manifests.values():
                 self._adopt(m)
+        else:
+            self._adopt_from_shards()
 
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
@@ -127,8 +133,10 @@ class Router:
         its own."""
         cid, segments, cfg = record.info.id, record.segments, self.cfg
         heads, head_dim = cfg.num_kv_heads, cfg.head_dim
+        meta = {"info": dataclasses.asdict(record.info), "files": list(record.files),
+                "segments": [dataclasses.astuple(s) for s in segments]}
         await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
-                                    segments[i].end, cfg.num_layers, heads, head_dim) for i in todo))
+                                    segments[i].end, cfg.num_layers, heads, head_dim, meta) for i in todo))
 
         async def piece(i: int, seg: Segment, a: int, b: int) -> None:
             seen = segments[:i] if record.info.mode == "exact" else []
@@ -197,6 +205,28 @@ class Router:
             for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
             i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
             tokens_sha256(np.zeros(0)) if not digests else digests[-1][1])
+
+    def _adopt_from_shards(self, timeout_s: float = 10.0) -> None:
+        """A router restarted without a store: the contexts whose every segment its shard still
+        holds are served again (the shards keep the router's description of each)."""
+        if not self.shards or not all(isinstance(s, ray.actor.ActorHandle) for s in self.shards):
+            return
+        refs = [s.held.remote() for s in self.shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        held: list[dict] = []
+        for ref in refs:
+            try:
+                held.append(ray.get(ref) if ref in ready else {})
+            except Exception:  # noqa: BLE001 - a shard that is down holds nothing we can serve
+                held.append({})
+        for cid, meta in {c: m for h in held for c, m in h.items()}.items():
+            segments = [Segment(*x) for x in meta["segments"]]
+            if any(s.shard >= len(held) or cid not in held[s.shard] for s in segments):
+                continue  # a segment is gone: the context was lost with its shard
+            info = meta["info"]
+            record = ContextRecord(ContextInfo(**{**info, "shards": tuple(info["shards"])}), segments)
+            record.files, record.ready = list(meta["files"]), True
+            self.contexts[cid] = record
 
     def _adopt(self, m: Manifest) -> None:
         """A stored context, listed at once; its shards open its files at first use."""
@@ -301,10 +331,9 @@ class Router:
             tokens, t0 = sum(len(s.token_ids) - s.num_computed for s in batch), time.perf_counter()
             try:
                 outs = await self.engine.forward(batch)  # attend + route experts, layer by layer
-            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+            except Exception as exc:  # noqa: BLE001 - fail or retry this batch's requests, keep serving
                 self.scheduler.step_done(batch)
-                for seq in batch:
-                    self._finish(seq, error=exc)
+                await self._recover(batch, exc)
                 continue
             self.scheduler.step_done(batch)
             self.steps += 1
@@ -344,6 +373,49 @@ class Router:
                 seq.done.set_exception(error)
             else:
                 seq.done.set_result(None)
+
+    async def _recover(self, batch: list[Sequence], exc: Exception) -> None:
+        """A step failed. An actor that died under it (Ray restarts it) or a shard that restarted
+        without a store (it lost its contexts) is recoverable: contexts the shards no longer hold
+        are dropped and their requests fail with ContextNotFound; the rest run the step once more.
+        Any other error fails the batch's requests."""
+        recoverable = isinstance(exc, (ContextNotFound, ray.exceptions.RayActorError))
+        lost = await self._drop_lost_contexts() if recoverable else {}
+        for seq in batch:
+            if seq.context_id in lost:
+                self._finish(seq, error=ContextNotFound(lost[seq.context_id]))
+            elif recoverable and seq.retries == 0:
+                seq.retries += 1
+                seq.kv.truncate(seq.num_computed)  # forget the failed step's partial KV
+                self.scheduler.add(seq)
+                self._wake.set()
+            elif isinstance(exc, ray.exceptions.RayActorError):
+                self._finish(seq, error=Unavailable(f"a mesh actor failed twice under request {seq.request_id!r} "
+                                                    f"({type(exc).__name__}); retry later"))
+            else:
+                self._finish(seq, error=exc)
+
+    async def _drop_lost_contexts(self) -> dict[str, str]:
+        """Ready contexts with a segment that its shard no longer holds (the shard restarted and
+        had no store to reload it from): drop them; return id -> why, for their requests."""
+        held = await asyncio.gather(*(call(s, "contexts") for s in self.shards), return_exceptions=True)
+        lost = {}
+        for cid, record in list(self.contexts.items()):
+            if not record.ready or record.info.stored:  # a stored context: its shard reopens it from the store
+                continue
+            gone = [s.shard for s in record.segments if isinstance(held[s.shard], dict) and cid not in held[s.shard]]
+            if gone:
+                lost[cid] = (f"context {cid!r} was lost with context shard {gone[0]}: the shard restarted and "
+                             f"the mesh has no store to reload it from; register it again")
+                del self.contexts[cid]
+                self.engine.summaries.pop(cid, None)
+                record.dropped = True
+                if record.active == 0:
+                    await self._drop_segments(record)
+        self.lost.update(lost)
+        while len(self.lost) > 10_000:  # remembered for clear errors, bounded
+            self.lost.pop(next(iter(self.lost)))
+        return lost
 
     async def _run(self, seq: Sequence) -> None:
         """Queue a sequence for the step loop and wait until it finishes."""
@@ -409,7 +481,7 @@ class Router:
         record = self.contexts.get(context_id)
         if record is None or not record.ready:
             why = self.catalog.unavailable.get(context_id) if self.catalog is not None else None
-            raise ContextNotFound(why or f"context {context_id!r} is not registered")
+            raise ContextNotFound(why or self.lost.get(context_id, f"context {context_id!r} is not registered"))
         return record
 
     async def _prepare(self, context_id: str | None) -> None:

@@ -56,6 +56,7 @@ class Sequence:
     top_pages: int | None = None  # None: every page of the context (exact)
     segment_files: dict[int, tuple[str, int, int]] = dataclasses.field(default_factory=dict)  # shard -> file
     page_reads: dict[int, Counter] = dataclasses.field(default_factory=dict)  # shard -> pages read per tier
+    retries: int = 0  # steps run again after an actor failed under them (at most 1)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.token_ids)

@@ -33,6 +33,10 @@ class KVCache:
         self._pos[layer][n:n + t] = pos
         self._len[layer] = n + t
 
+    def truncate(self, tokens: int) -> None:
+        """Keep the first `tokens` tokens of every layer (drop a failed step's appends)."""
+        self._len = [min(n, tokens) for n in self._len]
+
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k [T, Hkv, D], v [T, Hkv, D], positions [T]) of this layer."""
         n = self._len[layer]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,8 +15,10 @@ class _Sampling(BaseModel):
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the completion")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed (reproducible output)")
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        max_length=MAX_STOP)] | None = Field(None, description="up to 4 non-empty strings that end the completion")
+    seed: int | None = Field(None, ge=0, le=2**53 - 1,  # exact in every JSON parser (doubles)
+                             description="sampling seed (reproducible output)")
     stream: bool = Field(False, description="server-sent events, one chunk per token")
     n: int = Field(1, ge=1, le=1, description="completions per prompt (only 1)")
     context_id: str | None = Field(None, max_length=128, description="registered context to attend over")
@@ -37,7 +39,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] = Field(description="text, or token ids")
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] = Field(
+        description="text, or token ids (not empty)")
 
 
 class ChatMessage(BaseModel):
@@ -50,10 +53,18 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
 
 
+def _one_source_schema(schema: dict) -> None:
+    """Declare what `_one_source` enforces: exactly one of text / token_ids, neither null."""
+    schema["oneOf"] = [{"required": ["text"]}, {"required": ["token_ids"]}]
+    for name in ("text", "token_ids"):
+        schema["properties"][name].pop("default", None)
+
+
 class ContextRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, description="context text (give text or token_ids)")
-    token_ids: list[int] | None = Field(None, description="context token ids (give text or token_ids)")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_source_schema)
+    text: str = Field(None, min_length=1, description="context text (give exactly one of text or token_ids)")
+    token_ids: list[int] = Field(None, min_length=1,
+                                 description="context token ids (give exactly one of text or token_ids)")
     mode: Literal["exact", "blockwise"] = Field("exact", description="registration mode")
     visibility: Literal["private", "shared"] = Field("private", description="shared: every tenant may use it")
     name: str | None = Field(None, max_length=256, description="a label for the context")
@@ -150,3 +161,16 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def declare_limits(schema: dict, vocab_size: int, max_completion_tokens: int) -> dict:
+    """An OpenAPI schema of this API with the serving limits it enforces: token ids inside the
+    vocabulary, max_tokens up to the server's limit (known once the model is loaded)."""
+    comps = schema["components"]["schemas"]
+    ids = [comps["ContextRequest"]["properties"]["token_ids"]["items"]]
+    ids += [v["items"] for v in comps["CompletionRequest"]["properties"]["prompt"]["anyOf"] if "items" in v]
+    for item in ids:
+        item.update(minimum=0, maximum=vocab_size - 1)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        comps[name]["properties"]["max_tokens"]["maximum"] = max_completion_tokens
+    return schema

@@ -4,14 +4,22 @@
     serve deploy deploy/serve_config.yaml                          # import_path: ...serve:build_app
     expertmesh serve --tenants tenants.yaml --port 8000            # the CLI way
 
-One `ExpertMeshServer` replica owns a mesh (router, context shards, expert groups as Ray
-actors); it authenticates each request to a tenant, admits it against the tenant's limits
-and the server's queue, and streams tokens from the router, which batches all tenants'
-requests together.
+The mesh (router, context shards, expert groups as Ray actors) outlives any one
+`ExpertMeshServer` replica: the first replica starts it as named, detached actors and every
+other replica (a second one, a replacement after a crash or a health-check failure, a
+redeploy) attaches to it. Each replica authenticates a request to a tenant, admits it against
+the tenant's limits (kept in one named `TenantLimits` actor, so they hold across replicas) and
+the replica's queue, and streams tokens from the router, which batches all tenants' requests
+together. A request whose router restarts under it runs again once (same tokens when greedy
+or seeded); otherwise it gets 503 with `Retry-After`. `expertmesh serve` stops the mesh when
+it stops; under `serve run`/`serve deploy` stop it with
+`Mesh.attach(mesh_name).shutdown(stop_actors=True)`.
 """
 
 
+import asyncio
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal
@@ -25,7 +33,7 @@ from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from expertmesh.errors import CapacityError, ContextNotFound
+from expertmesh.errors import CapacityError, ContextNotFound, NoTokenizer, Unavailable
 from expertmesh.pipelines import openai_schema as oa
 from expertmesh.pipelines.detokenize import TextStream
 from expertmesh.platform.tenancy import RateLimited, Tenants, TenantsFile, load_tenants
@@ -56,22 +64,52 @@ class ServeSettings(BaseModel):
     expert_backend: Literal["torch", "jax"] = Field("torch", description="what expert groups compute with "
                                                     "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
-    mesh_name: str | None = Field("expertmesh", description="name ingestion jobs attach to (Mesh.attach)")
+    mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
+                           "ingestion jobs attach to (Mesh.attach)")
+    start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
+
+
+RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-_ERRORS = {s: {"model": oa.ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+def _unavailable(message: str, retry_after_s: float = 2.0) -> ApiError:
+    return ApiError(503, message, "service_unavailable", code="unavailable",
+                    headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+def api_error(exc: BaseException, param: str | None = None) -> ApiError | None:
+    """The HTTP answer to an error from the mesh (None: not one of ours, a bug: 500)."""
+    cause = _cause(exc)
+    if isinstance(cause, ContextNotFound):
+        return ApiError(404, str(cause), param=param, code="context_not_found")
+    if isinstance(cause, CapacityError):
+        return ApiError(413, str(cause), code="context_too_large")
+    if isinstance(cause, Unavailable):
+        return _unavailable(str(cause), cause.retry_after_s)
+    if isinstance(cause, ray.exceptions.RayActorError):
+        return _unavailable(f"the mesh is recovering from a failed actor ({type(cause).__name__}); retry shortly")
+    if isinstance(cause, NoTokenizer):
+        return ApiError(400, str(cause), code="no_tokenizer")
+    if isinstance(cause, ValueError):
+        return ApiError(400, str(cause), param=param)
+    return None
+
+
+_ERRORS = {s: {"model": oa.ErrorResponse} for s in (400, 401, 403, 404, 413, 429, 503)}
 
 api = FastAPI(title="expertmesh", version="0.1.0",
               description="OpenAI-compatible inference over shared long contexts (Bearer API key per tenant).")
@@ -79,7 +117,7 @@ api = FastAPI(title="expertmesh", version="0.1.0",
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+    return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -90,12 +128,73 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = exc.headers
+    if exc.status_code == 405:  # Allow: every method the schema documents for the path (Starlette: one route's)
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed(request.app.openapi(), request.url.path))}
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error", headers=headers)
+
+
+def _allowed(schema: dict, path: str) -> list[str]:
+    for template, ops in schema["paths"].items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
+            return sorted(m.upper() for m in ops)
+    return []
 
 
 def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc if isinstance(exc, ray.exceptions.RayTaskError) else exc
+
+
+async def _until_back(actor, what: str, timeout_s: float = RECOVER_TIMEOUT_S) -> None:
+    """Wait until a restarting actor answers again, or raise a 503 ApiError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return
+        except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+            await asyncio.sleep(0.1)
+    raise _unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry shortly")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class TenantLimits:
+    """The tenants' admission state (requests in flight, token buckets) every replica shares."""
+
+    def __init__(self, tenants: dict | None) -> None:
+        self.tenants = Tenants(TenantsFile.model_validate(tenants) if tenants else None)
+        self.replicas: dict[str, Any] = {}  # holder id -> its replica's actor handle
+
+    def update(self, tenants: dict | None, holder: str, replica: Any) -> None:
+        self.tenants.update(TenantsFile.model_validate(tenants) if tenants else None)
+        self.replicas[holder] = replica
+
+    async def acquire(self, tenant: str, tokens: int, holder: str) -> None:
+        try:
+            self.tenants.acquire(tenant, tokens, holder)
+        except RateLimited:  # holds of replicas that died mid-request must not block their tenant
+            if not await self._forget_dead(tenant):
+                raise
+            self.tenants.acquire(tenant, tokens, holder)
+
+    def release(self, tenant: str, unused_tokens: int, holder: str) -> None:
+        self.tenants.release(tenant, unused_tokens, holder)
+
+    async def _forget_dead(self, tenant: str) -> int:
+        freed = 0
+        for holder in self.tenants.holders(tenant):
+            replica = self.replicas.get(holder)
+            if replica is None:
+                continue
+            try:
+                await asyncio.wait_for(replica.__ray_ready__.remote(), timeout=1.0)
+            except ray.exceptions.RayActorError:
+                freed += self.tenants.forget(holder)
+                self.replicas.pop(holder, None)
+            except asyncio.TimeoutError:
+                pass
+        return freed
 
 
 def chat_prompt(messages: list[oa.ChatMessage]) -> str:
@@ -116,27 +215,38 @@ class _Admission:
         self.done = True
         self.server.in_flight -= 1
         self.server.metrics.queue.set(self.server.in_flight)
-        self.server.tenants.release(self.tenant, max(0, self.reserved - used_tokens) if used_tokens else 0)
+        self.server.limits.release.remote(self.tenant, max(0, self.reserved - used_tokens) if used_tokens else 0,
+                                          self.server.holder)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=10)
+# graceful_shutdown_timeout_s: how long a stopping replica lets in-flight streams finish (drain)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2,
+                  graceful_shutdown_timeout_s=10, graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(api)
 class ExpertMeshServer:
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        from expertmesh.platform.cluster import NAMESPACE
         from expertmesh.platform.mesh import Mesh
         from expertmesh.platform.metrics import ServeMetrics
 
         self.settings = ServeSettings(**(settings or {}))
         s = self.settings
         tenants = s.tenants or (load_tenants(s.tenants_file) if s.tenants_file else None)
-        self.tenants = Tenants(tenants)
-        self.mesh = Mesh.start(checkpoint=s.checkpoint, context_shards=s.context_shards,
-                               expert_groups=s.expert_groups, address="auto",
-                               shard_capacity_tokens=s.shard_capacity_tokens, name=s.mesh_name, store=s.store,
-                               shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
-                               shard_backend=s.shard_backend, expert_backend=s.expert_backend,
-                               **({"compiled_graphs": True} if s.compiled_graphs else {}))
+        self.tenants = Tenants(tenants)  # authentication and specs; admission state is in self.limits
+        self.mesh = Mesh.attach_or_start(
+            s.mesh_name, s.start_timeout_s, checkpoint=s.checkpoint, context_shards=s.context_shards,
+            expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
+            shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
+            shard_backend=s.shard_backend, expert_backend=s.expert_backend,
+            **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
+        api.openapi_schema = None
+        api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)
+        self.holder = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
+        self.limits = TenantLimits.options(name=f"{s.mesh_name}.tenants", namespace=NAMESPACE, lifetime="detached",
+                                           get_if_exists=True).remote(tenants.model_dump() if tenants else None)
+        ray.get(self.limits.update.remote(tenants.model_dump() if tenants else None, self.holder,
+                                          ray.get_runtime_context().current_actor))
         self.metrics = ServeMetrics()
         self.in_flight = 0
         self.created = int(time.time())
@@ -149,11 +259,27 @@ class ExpertMeshServer:
                            code="invalid_api_key")
         return tenant
 
+    async def _router(self, method: str, *args: Any, param: str | None = None) -> Any:
+        """A router call; if the router restarts under it, wait until it is back and run it once more.
+        The mesh's errors become API errors (404, 400, 413, 503 with Retry-After)."""
+        for attempt in (0, 1):
+            try:
+                return await getattr(self.router, method).remote(*args)
+            except ray.exceptions.RayActorError:
+                if attempt:
+                    raise _unavailable("the router failed twice under this request; retry shortly") from None
+                await _until_back(self.router, "the router")
+            except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is
+                mapped = api_error(exc, param)
+                if mapped is None:
+                    raise
+                raise mapped from None
+
     async def _visible(self, tenant: str, context_id: str):
         try:
-            info = await self.router.get_context.remote(context_id)
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(_cause(exc), ContextNotFound):
+            info = await self._router("get_context", context_id)
+        except ApiError as exc:
+            if exc.code == "context_not_found":
                 raise ApiError(404, f"context {context_id!r} not found", param="context_id",
                                code="context_not_found") from None
             raise
@@ -166,8 +292,16 @@ class ExpertMeshServer:
         return oa.ContextObject(id=info.id, num_tokens=info.num_tokens, shards=list(info.shards), owner=info.owner,
                                 visibility=info.visibility, name=info.name, mode=info.mode, created=int(info.created))
 
+    def _encode(self, text: str, param: str) -> list[int]:
+        if not getattr(self.mesh.tokenizer, "available", True):  # token ids in, but text comes out
+            raise ApiError(400, self.mesh.tokenizer.reason, param=param, code="no_tokenizer")
+        return self.mesh.tokenizer.encode(text)
+
     def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        ids = self.mesh.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not getattr(self.mesh.tokenizer, "available", True):  # completions return text
+            raise ApiError(400, f"{self.mesh.tokenizer.reason} (the Python API: Mesh.generate); completions "
+                           "return text", param="prompt", code="no_tokenizer")
+        ids = self._encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
         vocab = self.mesh.config.vocab_size
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -193,10 +327,12 @@ class ExpertMeshServer:
             raise ApiError(503, f"server queue is full ({self.settings.max_queue} requests); retry later",
                            "server_overloaded", code="queue_full")
         try:
-            self.tenants.acquire(tenant, len(ids) + body.max_tokens)
-        except RateLimited as exc:
+            await self.limits.acquire.remote(tenant, len(ids) + body.max_tokens, self.holder)
+        except Exception as exc:  # noqa: BLE001 - RateLimited arrives wrapped by Ray
+            if not isinstance(_cause(exc), RateLimited):
+                raise
             self.metrics.refused.inc(1, {"tenant": tenant, "status": "429"})
-            raise ApiError(429, str(exc), "rate_limit_exceeded", code="rate_limit_exceeded") from None
+            raise ApiError(429, str(_cause(exc)), "rate_limit_exceeded", code="rate_limit_exceeded") from None
         self.in_flight += 1
         self.metrics.queue.set(self.in_flight)
         return _Admission(self, tenant, len(ids) + body.max_tokens)
@@ -208,29 +344,45 @@ class ExpertMeshServer:
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         text = TextStream(self.mesh.tokenizer.decode, body.stop_list())
         result: dict | None = None
+        # a request whose router restarts under it runs once more; tokens already sent are
+        # skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
+        replayable = body.temperature == 0 or body.seed is not None
+        sent = 0
         try:
-            gen = self.router.stream.options(num_returns="streaming").remote(
-                ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed, body.top_shards,
-                (), tenant, request_id, body.top_pages)
-            async for ref in gen:
-                item = await ref
-                if "tokens" not in item:
-                    result = item
-                    continue
-                if text.stopped:
-                    continue
-                delta = "".join(text.push(t) for t in item["tokens"] if not text.stopped)
-                if text.stopped:
-                    await self.router.cancel.remote(request_id)
-                if delta:
-                    yield delta, None
-        except ray.exceptions.RayTaskError as exc:
-            cause = _cause(exc)
-            if isinstance(cause, ContextNotFound):
-                raise ApiError(404, str(cause), param="context_id", code="context_not_found") from None
-            if isinstance(cause, ValueError):
-                raise ApiError(400, str(cause)) from None
+            for attempt in (0, 1):
+                skip = sent
+                try:
+                    rid = f"{request_id}-{attempt}" if attempt else request_id
+                    gen = self.router.stream.options(num_returns="streaming").remote(
+                        ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed,
+                        body.top_shards, (), tenant, rid, body.top_pages)
+                    async for ref in gen:
+                        item = await ref
+                        if "tokens" not in item:
+                            result = item
+                            continue
+                        tokens = item["tokens"][skip:]
+                        skip = max(0, skip - len(item["tokens"]))
+                        sent += len(tokens)
+                        if text.stopped or not tokens:
+                            continue
+                        delta = "".join(text.push(t) for t in tokens if not text.stopped)
+                        if text.stopped:
+                            await self.router.cancel.remote(rid)
+                        if delta:
+                            yield delta, None
+                    break
+                except ray.exceptions.RayActorError:
+                    if attempt or (sent and not replayable):
+                        raise _unavailable("the router restarted under this request; retry it") from None
+                    await _until_back(self.router, "the router")
+        except ApiError:
             raise
+        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is
+            mapped = api_error(exc, "context_id")
+            if mapped is None:
+                raise
+            raise mapped from None
         finally:
             admission.release(len(ids) + (result or {}).get("completion_tokens", 0))
         tail = text.flush()
@@ -304,32 +456,23 @@ class ExpertMeshServer:
     @api.post("/v1/contexts", status_code=201, response_model=oa.ContextObject, responses=_ERRORS)
     async def create_context(self, body: oa.ContextRequest, request: Request) -> oa.ContextObject:
         tenant = self._tenant(request)
-        ids = self.mesh.tokenizer.encode(body.text) if body.text is not None else list(body.token_ids)
+        ids = self._encode(body.text, "text") if body.text is not None else list(body.token_ids)
         vocab = self.mesh.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"context token id {bad} is outside the vocabulary [0, {vocab})", param="token_ids")
-        owned = sum(c.num_tokens for c in await self.router.list_contexts.remote() if c.owner == tenant)
+        owned = sum(c.num_tokens for c in await self._router("list_contexts") if c.owner == tenant)
         limit = self.tenants.spec(tenant).max_context_tokens
         if owned + len(ids) > limit:
             raise ApiError(413, f"tenant {tenant!r} owns contexts of {owned} tokens; {len(ids)} more would pass "
                            f"its max_context_tokens of {limit}", code="context_quota_exceeded")
-        try:
-            info = await self.router.register_context.remote(ids, body.mode, None, None, tenant, body.visibility,
-                                                             body.name)
-        except ray.exceptions.RayTaskError as exc:
-            cause = _cause(exc)
-            if isinstance(cause, CapacityError):
-                raise ApiError(413, str(cause), code="context_too_large") from None
-            if isinstance(cause, ValueError):
-                raise ApiError(400, str(cause)) from None
-            raise
+        info = await self._router("register_context", ids, body.mode, None, None, tenant, body.visibility, body.name)
         return self._context_object(info)
 
     @api.get("/v1/contexts", response_model=oa.ContextList, responses=_ERRORS)
     async def list_contexts(self, request: Request) -> oa.ContextList:
         tenant = self._tenant(request)
-        infos = await self.router.list_contexts.remote()
+        infos = await self._router("list_contexts")
         return oa.ContextList(data=[self._context_object(i) for i in infos
                                     if i.owner == tenant or i.visibility == "shared"])
 
@@ -344,12 +487,7 @@ class ExpertMeshServer:
         if info.owner != tenant:
             raise ApiError(403, f"context {context_id!r} belongs to another tenant; only its owner may delete it",
                            "permission_error")
-        try:
-            await self.router.drop_context.remote(context_id)
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(_cause(exc), ContextNotFound):
-                raise ApiError(404, f"context {context_id!r} not found", code="context_not_found") from None
-            raise
+        await self._router("drop_context", context_id, param="context_id")
         return {"id": context_id, "object": "context", "deleted": True}
 
     @api.post("/v1/completions", response_model=oa.CompletionResponse, responses=_ERRORS)

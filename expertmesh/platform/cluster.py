@@ -15,10 +15,12 @@ import ray
 
 CONTEXT_SHARD = "context_shard"
 EXPERT_GROUP = "expert_group"
+NAMESPACE = "expertmesh"  # where a mesh's named actors live (Mesh.attach, restarts)
 
 
-def connect(address: str | None, context_shards: int, expert_groups: int) -> bool:
-    """Make sure Ray is initialised; return True if this call started it."""
+def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
+    """Make sure Ray is initialised; return True if this call started it. env: environment
+    variables of this job's workers (and of the actors it creates)."""
     if ray.is_initialized():
         return False
     if address is None:
@@ -26,19 +28,53 @@ def connect(address: str | None, context_shards: int, expert_groups: int) -> boo
             address="local",  # a new local cluster even where a `ray start` cluster runs on this machine
             resources={CONTEXT_SHARD: context_shards, EXPERT_GROUP: expert_groups},
             include_dashboard=False, log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore", **(env or {})}},
         )
     else:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, **({"runtime_env": {"env_vars": env}} if env else {}))
     return True
 
 
+# Actor restarts (DESIGN.md "Faults"): every mesh actor restarts after a crash, for as long as
+# the mesh lives. Calls to shards and expert groups are safe to run again (attend/compute only
+# read; store/drop overwrite), so Ray resubmits a call in flight once the actor is back. The
+# router's requests are not resubmitted by Ray: its clients retry once themselves.
+TASK_RETRIES = {CONTEXT_SHARD: 1, EXPERT_GROUP: 1, None: 0}
+
+
 def actor_options(kind: str | None, threads: int | None = None) -> dict:
-    """Ray options for an actor of a kind: its custom resource where the cluster declares it."""
-    opts: dict = {"num_cpus": 0}
+    """Ray options for an actor of a kind: its custom resource where the cluster declares it,
+    and its restart policy."""
+    opts: dict = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": TASK_RETRIES[kind]}
     if kind is not None and ray.cluster_resources().get(kind, 0) >= 1:
         opts["resources"] = {kind: 1}
     return opts
+
+
+def actor_name(mesh: str, kind: str | None, index: int = 0) -> str:
+    """The name of one actor of a mesh: `<mesh>.router`, `<mesh>.context_shard3`, ...
+
+    A restarted actor runs its constructor again with the arguments it was created with; an
+    argument holding actor handles lives in its creator's object store and is gone with it (a
+    Serve replica that started a detached mesh). The router is therefore given its shards' and
+    groups' names and looks them up."""
+    return f"{mesh}.router" if kind is None else f"{mesh}.{kind}{index}"
+
+
+def lookup(targets: list) -> list:
+    """Actor handles (or in-process objects) as given; names looked up in the mesh namespace."""
+    return [ray.get_actor(t, namespace=NAMESPACE) if isinstance(t, str) else t for t in targets]
+
+
+def missing_resources(context_shards: int, expert_groups: int) -> str | None:
+    """Why the cluster cannot place the mesh's actors now (None: it can), with the numbers."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    missing = []
+    for kind, need in ((CONTEXT_SHARD, context_shards), (EXPERT_GROUP, expert_groups)):
+        if need and total.get(kind, 0) >= 1 and free.get(kind, 0) < need:
+            missing.append(f"{need} `{kind}` (one per actor; the cluster has {free.get(kind, 0):g} free "
+                           f"of {total.get(kind, 0):g})")
+    return "the mesh needs " + " and ".join(missing) if missing else None
 
 
 def threads_per_actor(actors: int) -> int:

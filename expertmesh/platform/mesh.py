@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -18,7 +21,9 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
-from expertmesh.platform.cluster import CONTEXT_SHARD, EXPERT_GROUP, actor_options, connect, threads_per_actor
+from expertmesh.errors import PlacementError, Unavailable
+from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, actor_name, actor_options, connect,
+                                         missing_resources, threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.pages import KV_DTYPES
@@ -53,7 +58,47 @@ def _unwrap(fn):
     return wrapper
 
 
-NAMESPACE = "expertmesh"  # where named meshes' routers live, for Mesh.attach
+RECOVER_TIMEOUT_S = 60.0  # how long a call waits for a restarting router before it gives up
+
+
+def _await_pings(router, shards: list, groups: list, timeout_s: float) -> None:
+    """Wait until every actor answers, or raise PlacementError naming those that did not."""
+    refs = {router.ping.remote(): "the router"}
+    refs |= {s.ping.remote(): f"context shard {i}" for i, s in enumerate(shards)}
+    refs |= {g.ping.remote(): f"expert group {i}" for i, g in enumerate(groups)}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    ray.get(ready)  # an actor whose constructor failed raises its error here
+    if pending:
+        names = ", ".join(refs[r] for r in pending)
+        raise PlacementError(f"cannot start the mesh: {names} did not start within {timeout_s:g} s; the cluster "
+                             f"has {_resources(ray.available_resources())} free of "
+                             f"{_resources(ray.cluster_resources())}")
+
+
+def wait_until_back(actor, what: str, timeout_s: float) -> float:
+    """Block until a restarting actor answers again; return the seconds waited, or raise
+    Unavailable (retryable) after timeout_s, or once it is clearly not coming back."""
+    t0 = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - t0)
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, min(left, 5.0)))
+            return time.monotonic() - t0
+        except ray.exceptions.ActorDiedError as exc:
+            # calls to a restarting actor wait for it; "died" after a short grace (the handle
+            # learning of the restart) means it will not restart (killed for good, node gone)
+            if time.monotonic() - t0 > 2.0:
+                raise Unavailable(f"{what} died and is not coming back: {exc}") from None
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass
+        if left <= 0:
+            raise Unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry later")
+        time.sleep(0.05)
+
+
+def _resources(res: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())
+                           if not k.startswith(("node:", "memory", "object_store"))) + "}"
 
 
 class Mesh:
@@ -70,8 +115,8 @@ class Mesh:
               address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
               max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
               name: str | None = None, store: str | os.PathLike | None = None,
-              shard_memory_bytes: int | None = None, kv_dtype: str = "float32", shard_backend: str = "torch",
-              expert_backend: str = "torch") -> "Mesh":
+              shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
+              start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch") -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
@@ -90,6 +135,11 @@ class Mesh:
         Compiled Graphs (less Ray overhead per call; built on first use).
         name: register the router under this name so other drivers and jobs can
         `Mesh.attach(name)` (e.g. an ingestion job adding contexts to a serving mesh).
+        detached: the actors outlive this driver (a Serve replica's mesh outlives the replica);
+        stop them with `Mesh.attach(name).shutdown(stop_actors=True)`.
+        start_timeout_s: a cluster that cannot place the actors fails the start within this
+        bound (PlacementError, naming the missing resources) instead of hanging; a failed start
+        kills what it started.
         """
         if context_shards < 1:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
@@ -104,6 +154,7 @@ class Mesh:
         store = None if store is None else str(store)
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
+        tokenizer = load_tokenizer(path, config.vocab_size)  # before anything starts
         partition = expert_partition(config.num_experts, expert_groups) if any(config.moe_layers) else []
         fingerprint = None
         if store is not None:  # refuse a store of other weights before any actor starts
@@ -112,41 +163,54 @@ class Mesh:
         if address is None and "jax" in (shard_backend, expert_backend):
             check_jax_installed()  # a local cluster's actors import what this process can import
         started = connect(address, context_shards, expert_groups)
-        threads = threads_per_actor(context_shards + expert_groups + 1)
-        specs = [config.attention_spec(i) for i in range(config.num_layers)]
-        shard_cls = RemoteContextShard
-        if shard_backend == "jax":  # imports JAX in the shard actors only
-            from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
-        shards = [
-            shard_cls.options(**actor_options(CONTEXT_SHARD), name=None).remote(
-                i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype)
-            for i in range(context_shards)
-        ]
-        groups = [
-            RemoteExpertGroup.options(**actor_options(EXPERT_GROUP)).remote(
-                str(path), g, experts, threads, expert_backend)
-            for g, experts in enumerate(partition)
-        ]
-        named = {"name": f"{name}.router", "namespace": NAMESPACE} if name else {}
-        router = RemoteRouter.options(**actor_options(None), **named).remote(
-            str(path), shards, groups, shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs,
-            store, kv_dtype, page_size, fingerprint)
+        actors: list = []
         try:
-            ray.get([router.ping.remote(), *(a.ping.remote() for a in shards + groups)])
-        except ray.exceptions.RayActorError as exc:  # e.g. JAX missing on a shard host: say so
-            for a in [router, *shards, *groups]:
-                ray.kill(a)
-            if "expertmesh[jax]" in str(exc):
-                line = next(x for x in str(exc).splitlines() if "expertmesh[jax]" in x)
+            missing = missing_resources(context_shards, len(partition))
+            if missing:
+                raise PlacementError(f"cannot start the mesh: {missing}")
+            threads = threads_per_actor(context_shards + expert_groups + 1)
+            specs = [config.attention_spec(i) for i in range(config.num_layers)]
+            base = name or f"mesh-{uuid.uuid4().hex[:12]}"
+            life = {"lifetime": "detached"} if detached else {}
+
+            def options(kind: str | None, index: int = 0) -> dict:
+                return actor_options(kind) | life | {"name": actor_name(base, kind, index), "namespace": NAMESPACE}
+
+            shard_cls = RemoteContextShard
+            if shard_backend == "jax":  # imports JAX in the shard actors only
+                from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
+            shards, groups = [], []
+            for i in range(context_shards):
+                shards.append(shard_cls.options(**options(CONTEXT_SHARD, i)).remote(
+                    i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype))
+                actors.append(shards[-1])
+            for g, experts in enumerate(partition):
+                groups.append(RemoteExpertGroup.options(**options(EXPERT_GROUP, g)).remote(
+                    str(path), g, experts, threads, expert_backend))
+                actors.append(groups[-1])
+            router = RemoteRouter.options(**options(None)).remote(
+                str(path), [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))],
+                [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))],
+                shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs, store, kv_dtype, page_size,
+                fingerprint)
+            actors.append(router)
+            _await_pings(router, shards, groups, start_timeout_s)
+        except BaseException as exc:
+            for actor in actors:  # a failed start leaves nothing behind
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+            if isinstance(exc, ray.exceptions.RayActorError) and "expertmesh[jax]" in str(exc):
+                line = next(x for x in str(exc).splitlines() if "expertmesh[jax]" in x)  # JAX missing on a host
                 raise ImportError(line.split("ImportError: ", 1)[-1].strip()) from None
             raise
-        return cls(router, shards, groups, config, load_tokenizer(path, config.vocab_size), path, started)
+        return cls(router, shards, groups, config, tokenizer, path, started)
 
     @classmethod
     def attach(cls, name: str) -> "Mesh":
         """A handle on a running mesh started with `Mesh.start(name=...)` (Ray must be initialised)."""
         try:
-            router = ray.get_actor(f"{name}.router", namespace=NAMESPACE)
+            router = ray.get_actor(actor_name(name, None), namespace=NAMESPACE)
         except ValueError:
             raise ValueError(f"no running mesh named {name!r} in this Ray cluster (start one with "
                              f"Mesh.start(name={name!r}) or `expertmesh serve`)") from None
@@ -156,29 +220,55 @@ class Mesh:
         return cls(router, desc["shards"], desc["groups"], config, load_tokenizer(path, config.vocab_size), path,
                    started_ray=False, owned=False)
 
+    @classmethod
+    def attach_or_start(cls, name: str, start_timeout_s: float = 120.0, **start: Any) -> "Mesh":
+        """The running mesh `name`, or a new detached one started under that name (Ray must be
+        initialised). Serve replicas meet here: the first starts the mesh, every other one (a
+        second replica, a replacement, a redeploy) attaches; replicas racing to start it leave
+        one mesh. The handle returned never stops the mesh (`shutdown(stop_actors=True)` does)."""
+        deadline = time.monotonic() + start_timeout_s
+        try:
+            return cls.attach(name)
+        except ValueError:
+            pass
+        try:
+            mesh = cls.start(name=name, detached=True, address="auto", start_timeout_s=start_timeout_s, **start)
+            mesh._owned = False
+            return mesh
+        except ray.exceptions.ActorAlreadyExistsError:  # another replica took the name first: wait for its mesh
+            pass
+        while True:
+            try:
+                return cls.attach(name)
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise PlacementError(f"mesh {name!r} is being started by another driver and was not up "
+                                         f"within {start_timeout_s:g} s") from None
+                time.sleep(0.5)
+
     # -- contexts -------------------------------------------------------------------------
     @_unwrap
     def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
                          owner: str = "default", visibility: str = "private", name: str | None = None) -> ContextInfo:
         """Register a context once; its KV is kept sharded over the context shards."""
-        return ray.get(self.router.register_context.remote(self._ids(token_ids, "context"), mode, shards, None,
-                                                           owner, visibility, name))
+        return self._call("register_context", self._ids(token_ids, "context"), mode, shards, None, owner,
+                          visibility, name)
 
     @_unwrap
     def drop_context(self, context_id: str) -> None:
-        ray.get(self.router.drop_context.remote(context_id))
+        self._call("drop_context", context_id)
 
     @_unwrap
     def contexts(self) -> list[ContextInfo]:
-        return ray.get(self.router.list_contexts.remote())
+        return self._call("list_contexts")
 
     # -- requests -------------------------------------------------------------------------
     @_unwrap
     def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
                        top_shards: int | None = None, top_pages: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
-        return ray.get(self.router.forward_logits.remote(self._ids(prompt_ids, "prompt").tolist(), context_id,
-                                                         top_shards, top_pages))
+        return self._call("forward_logits", self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards,
+                          top_pages)
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
@@ -189,11 +279,11 @@ class Mesh:
 
         top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
         top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact."""
-        res = ray.get(self.router.generate.remote(
-            self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens, temperature, top_p, seed,
-            top_shards, tuple(stop_token_ids), "default", None, top_pages))
+        res = self._call("generate", self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens,
+                         temperature, top_p, seed, top_shards, tuple(stop_token_ids), "default", None, top_pages)
         return GenerationResult(
-            request_id=res["request_id"], token_ids=res["token_ids"], text=self.tokenizer.decode(res["token_ids"]), pathway=res["pathway"],
+            request_id=res["request_id"], token_ids=res["token_ids"], text=self._decode(res["token_ids"]),
+            pathway=res["pathway"],
             finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],
             completion_tokens=res["completion_tokens"], context_tokens=res["context_tokens"],
             ttft_s=res["ttft_s"], total_s=res["total_s"])
@@ -205,18 +295,37 @@ class Mesh:
             "expert_groups": ray.get([g.stats.remote() for g in self.groups]),
         }
 
-    def shutdown(self) -> None:
-        """Stop this mesh's actors (and Ray, if this mesh started it); an attached handle only lets go."""
-        if not self._owned:
+    def shutdown(self, stop_actors: bool | None = None) -> None:
+        """Stop this mesh's actors (and Ray, if this mesh started it); an attached handle only lets
+        go unless stop_actors=True (e.g. `expertmesh serve` stopping the mesh its replicas share)."""
+        if not (self._owned if stop_actors is None else stop_actors):
             return
         try:  # compiled graphs first: killing their actors under them hangs for 30 s
-            ray.get(self.router.close.remote(), timeout=60)
+            ray.get(self.router.close.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - a dead router has no graphs left to tear down
             pass
         for actor in [self.router, *self.shards, *self.groups]:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         if self._started_ray:
             ray.shutdown()
+
+    def _call(self, method: str, *args):
+        """A router call; if the router dies under it, wait until it is back and run it once more."""
+        try:
+            return ray.get(getattr(self.router, method).remote(*args))
+        except ray.exceptions.RayActorError:
+            wait_until_back(self.router, "the router", RECOVER_TIMEOUT_S)
+        try:
+            return ray.get(getattr(self.router, method).remote(*args))
+        except ray.exceptions.RayActorError as exc:
+            raise Unavailable(f"the router failed twice under this request ({exc.__class__.__name__}); "
+                              "retry later") from None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if getattr(self.tokenizer, "available", True) else ""
 
     def _ids(self, ids, what: str) -> np.ndarray:
         arr = np.asarray(ids).reshape(-1)

@@ -72,16 +72,34 @@ class _State:
 
 
 class Tenants:
-    """Authentication and admission. Thread-safe; one instance per server replica."""
+    """Authentication and admission. Thread-safe.
+
+    Every server replica authenticates with its own instance; admission state (requests in
+    flight, token buckets) lives in one instance that all replicas share (the serving app's
+    named `TenantLimits` actor), so the limits hold across replicas. A hold is taken by a
+    `holder` (a replica) and released by it; `forget(holder)` frees the holds of a replica that
+    died with requests in flight.
+    """
 
     def __init__(self, spec: TenantsFile | None) -> None:
-        self.open = spec is None  # no tenants file: one anonymous tenant, no keys (loopback only)
+        self._lock = threading.Lock()
+        self._state: dict[str, _State] = {}
+        self._holds: dict[tuple[str, str], int] = {}  # (holder, tenant) -> requests in flight
+        self.update(spec)
+
+    def update(self, spec: TenantsFile | None) -> None:
+        """Take a new tenants file (a redeploy); tenants kept keep their requests in flight."""
         specs = spec.tenants if spec else [TenantSpec(name=ANONYMOUS, api_key_sha256="0" * 64,
                                                       max_concurrent_requests=64, tokens_per_minute=10**9,
                                                       max_context_tokens=10**9)]
-        self._by_hash = {s.api_key_sha256: s.name for s in specs}
-        self._state = {s.name: _State(s, tokens=float(s.tokens_per_minute)) for s in specs}
-        self._lock = threading.Lock()
+        with self._lock:
+            self.open = spec is None  # no tenants file: one anonymous tenant, no keys (loopback only)
+            self._by_hash = {s.api_key_sha256: s.name for s in specs}
+            old = self._state
+            self._state = {s.name: _State(s, tokens=float(s.tokens_per_minute)) for s in specs}
+            for name, st in self._state.items():
+                if name in old:
+                    st.in_flight, st.tokens = old[name].in_flight, min(old[name].tokens, st.tokens)
 
     def authenticate(self, authorization: str | None) -> str | None:
         """Tenant name for an `Authorization: Bearer KEY` header, or None."""
@@ -98,7 +116,7 @@ class Tenants:
     def spec(self, tenant: str) -> TenantSpec:
         return self._state[tenant].spec
 
-    def acquire(self, tenant: str, tokens: int) -> None:
+    def acquire(self, tenant: str, tokens: int, holder: str = "") -> None:
         """Admit a request of about `tokens` tokens, or raise RateLimited (the caller must release)."""
         with self._lock:
             st = self._state[tenant]
@@ -115,12 +133,33 @@ class Tenants:
                                   f"tokens per minute); retry in {wait:.1f}s")
             st.tokens -= tokens
             st.in_flight += 1
+            self._holds[holder, tenant] = self._holds.get((holder, tenant), 0) + 1
 
-    def release(self, tenant: str, unused_tokens: int = 0) -> None:
+    def release(self, tenant: str, unused_tokens: int = 0, holder: str = "") -> None:
         with self._lock:
-            st = self._state[tenant]
+            st = self._state.get(tenant)
+            if st is None or self._holds.get((holder, tenant), 0) == 0:
+                return  # forgotten (its holder was declared dead) or from before a redeploy
+            self._holds[holder, tenant] -= 1
             st.in_flight = max(0, st.in_flight - 1)
             st.tokens = min(float(st.spec.tokens_per_minute), st.tokens + max(0, unused_tokens))
+
+    def holders(self, tenant: str) -> list[str]:
+        """Holders with requests of this tenant in flight."""
+        with self._lock:
+            return [h for (h, t), n in self._holds.items() if t == tenant and n]
+
+    def forget(self, holder: str) -> int:
+        """Release every hold of a holder that died; return how many."""
+        with self._lock:
+            freed = 0
+            for (h, t), n in list(self._holds.items()):
+                if h == holder:
+                    del self._holds[h, t]
+                    if t in self._state:
+                        self._state[t].in_flight = max(0, self._state[t].in_flight - n)
+                    freed += n
+            return freed
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:

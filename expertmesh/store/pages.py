@@ -123,14 +123,10 @@ class SegmentFile:
         self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
         self.written_pages = shape.pages if not writable else 0
         s = shape
-        if writable:
-            self.pos = np.full(s.pages * s.page_size, -1, dtype=np.int64)
-            self.kmin = np.zeros((s.layers, s.pages, s.heads, s.head_dim), dtype=np.float32)
-            self.kmax = np.zeros_like(self.kmin)
-            self.crc = np.zeros((s.layers, s.pages), dtype=np.int64)
-        else:  # views of the mapped file: resident only while read
-            self.pos, self.kmin, self.kmax = self._tensor("pos"), self._tensor("kmin"), self._tensor("kmax")
-            self.crc = self._tensor("crc")
+        # views of the mapped file: resident only while read (writes go through pwrite, so a
+        # segment being written does not stay in this process's resident memory either)
+        self.pos, self.kmin, self.kmax = self._tensor("pos"), self._tensor("kmin"), self._tensor("kmax")
+        self.crc = np.zeros((s.layers, s.pages), dtype=np.int64) if writable else self._tensor("crc")
         self.verified = np.zeros((s.layers, s.pages), dtype=bool)  # pages checked since opened
 
     # -- create / open ----------------------------------------------------------------------
@@ -194,40 +190,49 @@ class SegmentFile:
         p0, p1 = t0 // s.page_size, -(-(t0 + t) // s.page_size)
         if t0 + t > self.num_tokens:
             raise ValueError(f"rows {t0}..{t0 + t} exceed the segment's {self.num_tokens} tokens")
-        pad = (p1 - p0) * s.page_size - t
-        self.pos[t0:t0 + t] = pos.numpy()
+        n, pad = p1 - p0, (p1 - p0) * s.page_size - t
+        rows = np.full(n * s.page_size, -1, dtype=np.int64)
+        rows[:t] = pos.numpy()
+        self._pwrite("pos", p0 * s.page_size, rows)
+        stored = {}
         for name, parts in (("k", k), ("v", v)):
-            arr = self._tensor(name)  # [L, P, S, H, D]
             for layer, x in enumerate(parts):
                 xs = _to_storage(x, s.kv_dtype)
                 if pad:
                     xs = np.concatenate([xs, np.zeros((pad, *xs.shape[1:]), dtype=xs.dtype)])
-                arr[layer, p0:p1] = xs.reshape(p1 - p0, s.page_size, s.heads, s.head_dim)
+                stored[name, layer] = xs = np.ascontiguousarray(xs).reshape(n, s.page_size, s.heads, s.head_dim)
+                self._pwrite(name, (layer * s.pages + p0) * s.page_elems, xs)
+        summ = s.heads * s.head_dim
         for layer, x in enumerate(k):
             xf = x.float()
             if pad:  # padding rows repeat the last key: min/max stay those of the real keys
                 xf = torch.cat([xf, xf[-1:].expand(pad, *xf.shape[1:])])
-            pages = xf.view(p1 - p0, s.page_size, s.heads, s.head_dim)
-            self.kmin[layer, p0:p1] = pages.amin(dim=1).numpy()
-            self.kmax[layer, p0:p1] = pages.amax(dim=1).numpy()
-        kk, vv = self._tensor("k"), self._tensor("v")
-        for layer in range(s.layers):
-            for p in range(p0, p1):
-                self.crc[layer, p] = zlib.crc32(vv[layer, p], zlib.crc32(kk[layer, p]))
+            pages = xf.view(n, s.page_size, s.heads, s.head_dim)
+            self._pwrite("kmin", (layer * s.pages + p0) * summ, pages.amin(dim=1).numpy())
+            self._pwrite("kmax", (layer * s.pages + p0) * summ, pages.amax(dim=1).numpy())
+            kk, vv = stored["k", layer], stored["v", layer]
+            for i in range(n):
+                self.crc[layer, p0 + i] = zlib.crc32(vv[i], zlib.crc32(kk[i]))
         self.verified[:, p0:p1] = True
         self.written_pages = max(self.written_pages, p1)
 
+    def _pwrite(self, name: str, index: int, arr: np.ndarray) -> None:
+        """Write `arr` into tensor `name` from flat element `index` on (through the OS, not the map)."""
+        dtype, _ = _layout(self.shape)[name]
+        os.pwrite(self._fd, memoryview(np.ascontiguousarray(arr)).cast("B"),
+                  self._data + self._off[name][0] + index * _ITEMSIZE[dtype])
+
     def finish(self) -> None:
-        """Write the summaries and the header's checksum, flush to disk; the file is then final."""
-        for name in ("pos", "kmin", "kmax", "crc"):
-            self._tensor(name)[...] = getattr(self, name)
-        n = struct.unpack("<Q", self._mm[:8])[0]
-        header = json.loads(self._mm[8:8 + n])
+        """Write the checksums and the header's summary checksum, flush to disk; the file is then final."""
+        self._pwrite("crc", 0, self.crc)
+        self.crc = self._tensor("crc")
+        n = struct.unpack("<Q", os.pread(self._fd, 8, 0))[0]
+        header = json.loads(os.pread(self._fd, n, 8))
         header["__metadata__"]["summary_crc"] = f"{self._summary_crc():08x}"
         text = json.dumps(header, separators=(",", ":")).encode()
-        self._mm[8:8 + n] = text + b" " * (n - len(text))  # same length: the crc field has fixed width
-        self._mm.flush()
+        os.pwrite(self._fd, text + b" " * (n - len(text)), 8)  # same length: the crc field has fixed width
         os.fsync(self._fd)
+        self._advise_out(0, self._data + self._off["v"][1])
 
     # -- reading ----------------------------------------------------------------------------
     def read(self, layer: int, pages: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,9 +255,9 @@ class SegmentFile:
         k = _to_float(ks, s.kv_dtype).view(-1, s.heads, s.head_dim)
         v = _to_float(vs, s.kv_dtype).view(-1, s.heads, s.head_dim)
         rows = (pages[:, None] * s.page_size + np.arange(s.page_size)[None]).reshape(-1)
-        if not self.writable:
-            self._release(layer, pages)
-        return k, v, torch.from_numpy(self.pos[rows])
+        pos = torch.from_numpy(self.pos[rows])
+        self._release(layer, pages)
+        return k, v, pos
 
     def _release(self, layer: int, pages: np.ndarray) -> None:
         """Drop the mapped pages from this process's resident set (they stay in the OS cache)."""
@@ -291,8 +296,7 @@ class SegmentFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            if not self.writable:  # views of the mapping must go before it can close
-                self.pos = self.kmin = self.kmax = self.crc = None
+            self.pos = self.kmin = self.kmax = self.crc = None  # views of the mapping go before it closes
             try:
                 self._mm.close()
             except BufferError:  # a view is still alive somewhere; the GC unmaps it later
