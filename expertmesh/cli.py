@@ -17,10 +17,16 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
                                                  "contexts survive restarts")
     p.add_argument("--shard-memory-bytes", type=int, default=None, help="hot KV pages per shard in memory")
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default="float32", help="how KV pages are stored")
+    p.add_argument("--shard-backend", choices=("torch", "jax"), default="torch",
+                   help="what context shards compute with (jax: pip install 'expertmesh[jax]')")
+    p.add_argument("--expert-backend", choices=("torch", "jax"), default="torch",
+                   help="what expert groups compute with (jax: pip install 'expertmesh[jax]')")
 
 
 def _store_kwargs(args: argparse.Namespace) -> dict:
-    return {"store": args.store, "shard_memory_bytes": args.shard_memory_bytes, "kv_dtype": args.kv_dtype}
+    """The store and backend settings of a mesh (Mesh.start / ServeSettings keywords)."""
+    return {"store": args.store, "shard_memory_bytes": args.shard_memory_bytes, "kv_dtype": args.kv_dtype,
+            "shard_backend": args.shard_backend, "expert_backend": args.expert_backend}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -233,7 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     demo.run(context_tokens=args.context_tokens, context_shards=args.context_shards,
              expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode,
-             store=args.store)
+             store=args.store, shard_backend=args.shard_backend, expert_backend=args.expert_backend)
     return 0
 
 

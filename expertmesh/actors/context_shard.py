@@ -271,24 +271,45 @@ class ContextShard:
             q, q_pos = torch.from_numpy(np.asarray(item.q)), torch.from_numpy(np.asarray(item.q_pos))
             pages = self._pages_for(opened, layer, spec, q, q_pos, item.top_pages)
             parts, reads = [], Counter(pages=len(pages))
-            for i in range(0, len(pages), STREAM_PAGES):
+            queries = self._queries(q, q_pos) if len(pages) else None
+            scan = item.top_pages is None and not (spec.chunk_size or spec.window)
+            for i in range(0, len(pages), self.stream_pages):
                 try:
-                    k, v, k_pos = self._gather(opened, layer, pages[i:i + STREAM_PAGES], reads,
-                                               scan=item.top_pages is None and not (spec.chunk_size or spec.window))
+                    parts.append(self._partial(queries, opened, layer, pages[i:i + self.stream_pages], reads,
+                                               scan, spec))
                 except StoreCorrupted as exc:  # never wrong output: this context fails, the rest keep working
                     raise ContextNotFound(f"context {item.context_id!r} is unavailable: {exc}") from None
-                parts.append(partial_attention(q, q_pos, k, v, k_pos, spec))
-            if parts:
-                o, lse = merge_partials(parts)
-            else:
-                o = torch.zeros(q.shape, dtype=torch.float32)
-                lse = torch.full(q.shape[:2], float("-inf"))
+            o, lse = self._merge(parts, q)
             self.visits.update(item.visits)
             self.reads.update({"memory": reads["memory"], "store": reads["store"]})
-            out.append((o.numpy(), lse.numpy(), dict(reads)))
+            out.append((o, lse, dict(reads)))
         if len(self.visits) > 100_000:  # bounded memory for a long-running shard
             self.visits = Counter(dict(self.visits.most_common(50_000)))
         return out
+
+    # The compute of one block of pages: what a backend subclass (`jax_context_shard`) replaces.
+    stream_pages = STREAM_PAGES
+
+    def _queries(self, q: torch.Tensor, q_pos: torch.Tensor):
+        """The item's queries as this backend computes with them."""
+        return q, q_pos
+
+    def _partial(self, queries, opened: _Open, layer: int, pages: np.ndarray, reads: Counter, scan: bool,
+                 spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [T, Hq, D], lse [T, Hq]) of the queries over one block of pages."""
+        k, v, k_pos = self._gather(opened, layer, pages, reads, scan)
+        return partial_attention(*queries, k, v, k_pos, spec)
+
+    def _merge(self, parts: list, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks' partials merged with LSE: fp32 numpy (out [T, Hq, D], lse [T, Hq])."""
+        if not parts:
+            return np.zeros(q.shape, np.float32), np.full(q.shape[:2], -np.inf, np.float32)
+        o, lse = merge_partials(parts)
+        return o.numpy(), lse.numpy()
+
+    def _quest(self, q: torch.Tensor, kmin: np.ndarray, kmax: np.ndarray) -> torch.Tensor:
+        """Quest upper bound of q.k per page [n] over the pages' summaries [n, Hkv, D]."""
+        return quest_bound_rows(q, torch.from_numpy(kmin), torch.from_numpy(kmax))
 
     def _pages_for(self, opened: _Open, layer: int, spec: AttentionSpec, q: torch.Tensor, q_pos: torch.Tensor,
                    top_pages: int | None) -> np.ndarray:
@@ -310,8 +331,7 @@ class ContextShard:
                 picked.append(np.arange((a - opened.start) // ps, -(-(b - opened.start) // ps)))
         pages = np.unique(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
         if top_pages is not None and not spec.chunk_size and len(pages) > top_pages:
-            kmin, kmax = torch.from_numpy(f.kmin[layer, pages]), torch.from_numpy(f.kmax[layer, pages])
-            score = quest_bound_rows(q, kmin, kmax)  # [n]
+            score = self._quest(q, f.kmin[layer, pages], f.kmax[layer, pages])  # [n]
             best = torch.topk(score, top_pages).indices.numpy()
             pages = np.sort(pages[best])
         return pages
@@ -376,7 +396,7 @@ class ContextShard:
     def stats(self) -> dict:
         with self._lock:
             table = self.table
-            return {"index": self.index, "calls": self.calls, "contexts": self.contexts(),
+            return {"index": self.index, "backend": "torch", "calls": self.calls, "contexts": self.contexts(),
                     "used_tokens": self.used_tokens(), "capacity_tokens": self.capacity_tokens,
                     "visits": dict(self.visits), "pages_read": dict(self.reads),
                     "pool": {"memory_bytes": self.memory_bytes, "slots": table.slots if table else 0,

@@ -2,6 +2,8 @@
 
 The router sends only the (token row, expert) pairs routed to this group's experts; the group
 runs grouped expert compute (one matmul per expert touched) and counts tokens per expert.
+backend="jax" holds the experts as JAX arrays on the actor's JAX device and computes with
+`expertmesh.jax_backend.experts` (same checkpoint files, same answers).
 The class is plain Python; `RemoteExpertGroup` is the Ray actor of it.
 """
 
@@ -14,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from expertmesh.jax_backend import check_backend, configure_jax
 from expertmesh.model.checkpoint import load_experts
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
@@ -21,11 +24,18 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 class ExpertGroup:
-    def __init__(self, checkpoint: str, index: int, experts: range, num_threads: int | None = None) -> None:
+    def __init__(self, checkpoint: str, index: int, experts: range, num_threads: int | None = None,
+                 backend: str = "torch") -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.index, self.experts = index, experts
-        self.banks = load_experts(checkpoint, experts)  # {layer: ExpertBank}
+        self.index, self.experts, self.backend = index, experts, check_backend("expert_backend", backend)
+        if backend == "jax":
+            configure_jax(num_threads)
+            from expertmesh.jax_backend.experts import load_banks
+
+            self.banks = load_banks(checkpoint, experts)  # {layer: JaxExpertBank}
+        else:
+            self.banks = load_experts(checkpoint, experts)  # {layer: ExpertBank}
         self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
         self._lock = threading.Lock()  # a compiled graph runs compute_cg on its own thread
 
@@ -43,6 +53,8 @@ class ExpertGroup:
                              f"{self.experts.stop - 1}; got {int(e.min())}..{int(e.max())}")
         with self._lock:
             self.tokens[layer] += np.bincount(experts - self.experts.start, minlength=len(self.experts))
+        if self.backend == "jax":
+            return self.banks[layer](np.asarray(x, dtype=np.float32), np.asarray(experts))
         return self.banks[layer](torch.from_numpy(x), e).numpy()
 
     def compute_cg(self, payload: tuple) -> np.ndarray | tuple:
@@ -51,8 +63,13 @@ class ExpertGroup:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"index": self.index, "experts": [self.experts.start, self.experts.stop],
-                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
+            out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
+                   "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
+        if self.backend == "jax":
+            from expertmesh.jax_backend.experts import compilations
+
+            out["jax"] = {"compilations": compilations()}
+        return out
 
 
 RemoteExpertGroup = ray.remote(ExpertGroup)

@@ -59,6 +59,10 @@ class ServeSettings(BaseModel):
     shard_memory_bytes: int | None = Field(None, ge=1, description="hot KV pages per shard in memory; "
                                                                    "None: an eighth of the host's memory")
     kv_dtype: Literal["float32", "bfloat16"] = Field("float32", description="how KV pages are stored")
+    shard_backend: Literal["torch", "jax"] = Field("torch", description="what context shards compute with "
+                                                   "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
+    expert_backend: Literal["torch", "jax"] = Field("torch", description="what expert groups compute with "
+                                                    "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
@@ -233,6 +237,7 @@ class ExpertMeshServer:
             s.mesh_name, s.start_timeout_s, checkpoint=s.checkpoint, context_shards=s.context_shards,
             expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
             shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
+            shard_backend=s.shard_backend, expert_backend=s.expert_backend,
             **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
         api.openapi_schema = None

@@ -15,6 +15,7 @@ import ray
 from expertmesh.actors.context_shard import RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
 from expertmesh.actors.router import RemoteRouter
+from expertmesh.jax_backend import check_backend, check_jax_installed
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
@@ -115,7 +116,7 @@ class Mesh:
               max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
               name: str | None = None, store: str | os.PathLike | None = None,
               shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
-              start_timeout_s: float = 120.0) -> "Mesh":
+              start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch") -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
@@ -125,6 +126,9 @@ class Mesh:
         its host's memory); the rest are read from the store on demand.
         kv_dtype: "float32" or "bfloat16", how KV pages are stored (attention accumulates in fp32).
         shard_capacity_tokens: a cap on the tokens each shard holds (None: bounded by the store).
+        shard_backend / expert_backend: "torch" or "jax", what the context shards / expert groups
+        compute with ("jax": KV pages and experts as JAX arrays on each actor's JAX device, e.g.
+        a TPU host; `pip install 'expertmesh[jax]'`). Either mix gives the same answers.
 
         lanes: router step loops that overlap one batch's compute with another's remote calls.
         compiled_graphs: the router's per-layer fan-outs to shards and groups run over Ray
@@ -141,6 +145,8 @@ class Mesh:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        check_backend("shard_backend", shard_backend)
+        check_backend("expert_backend", expert_backend)
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if shard_memory_bytes is not None and shard_memory_bytes < 1:
@@ -154,6 +160,8 @@ class Mesh:
         if store is not None:  # refuse a store of other weights before any actor starts
             fingerprint = model_fingerprint(path)
             StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
+        if address is None and "jax" in (shard_backend, expert_backend):
+            check_jax_installed()  # a local cluster's actors import what this process can import
         started = connect(address, context_shards, expert_groups)
         actors: list = []
         try:
@@ -168,14 +176,17 @@ class Mesh:
             def options(kind: str | None, index: int = 0) -> dict:
                 return actor_options(kind) | life | {"name": actor_name(base, kind, index), "namespace": NAMESPACE}
 
+            shard_cls = RemoteContextShard
+            if shard_backend == "jax":  # imports JAX in the shard actors only
+                from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
             shards, groups = [], []
             for i in range(context_shards):
-                shards.append(RemoteContextShard.options(**options(CONTEXT_SHARD, i)).remote(
+                shards.append(shard_cls.options(**options(CONTEXT_SHARD, i)).remote(
                     i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype))
                 actors.append(shards[-1])
             for g, experts in enumerate(partition):
                 groups.append(RemoteExpertGroup.options(**options(EXPERT_GROUP, g)).remote(
-                    str(path), g, experts, threads))
+                    str(path), g, experts, threads, expert_backend))
                 actors.append(groups[-1])
             router = RemoteRouter.options(**options(None)).remote(
                 str(path), [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))],
@@ -184,11 +195,14 @@ class Mesh:
                 fingerprint)
             actors.append(router)
             _await_pings(router, shards, groups, start_timeout_s)
-        except BaseException:
+        except BaseException as exc:
             for actor in actors:  # a failed start leaves nothing behind
                 ray.kill(actor)
             if started:
                 ray.shutdown()
+            if isinstance(exc, ray.exceptions.RayActorError) and "expertmesh[jax]" in str(exc):
+                line = next(x for x in str(exc).splitlines() if "expertmesh[jax]" in x)  # JAX missing on a host
+                raise ImportError(line.split("ImportError: ", 1)[-1].strip()) from None
             raise
         return cls(router, shards, groups, config, tokenizer, path, started)
 

@@ -74,7 +74,7 @@ CASES: dict[str, dict] = {
     },
     "tpu": {
         "workerGroups": {
-            "context-shards": {"tpus": 4, "numOfHosts": 2, "rayResources": {"context_shard": 2},
+            "context-shards": {"tpus": 4, "numOfHosts": 2, "rayResources": {"context_shard": 2}, "backend": "jax",
                                "nodeSelector": {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
                                                 "cloud.google.com/gke-tpu-topology": "2x4"}},
         },

@@ -380,3 +380,21 @@ resources for the serving mesh. Argument: dict "root" $ "groups" {workerGroups} 
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The compute backend of the actors that reserve a Ray resource kind: the `backend` of the
+enabled groups declaring it (torch where none is set); fails where they disagree.
+Argument: dict "groups" {workerGroups} "kind" "context_shard" "path" "workerGroups".
+*/}}
+{{- define "expertmesh.backendOf" -}}
+{{- $found := dict }}
+{{- range $name, $g := .groups }}
+{{- if and (not $g.disabled) (get (default (dict) $g.rayResources) $.kind) }}
+{{- $_ := set $found (default "torch" $g.backend) $name }}
+{{- end }}
+{{- end }}
+{{- if gt (len $found) 1 }}
+{{- fail (printf "%s: the groups declaring %s disagree on backend (%s: torch, %s: jax); one mesh runs one backend per actor kind" .path .kind (get $found "torch") (get $found "jax")) }}
+{{- end }}
+{{- if hasKey $found "jax" }}jax{{ else }}torch{{ end }}
+{{- end }}
