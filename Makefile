@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # CI and developer machines); GPU machines get the default (CUDA) build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 
-.PHONY: setup demo test test-fast bench bench-train eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
+.PHONY: setup demo test test-fast bench bench-train bench-store-10m eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
         train-demo-model train-demo-model-v2 clean
 
 setup: $(VENV)/.ready
@@ -35,6 +35,14 @@ bench: setup
 	$(PY) benchmarks/bench_core.py --compiled-graphs
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/readme_tables.py
+
+# the 10M-token store run (~25 min here) and its 1M counterpart (README "Context store")
+bench-store-10m: setup
+	$(PY) benchmarks/bench_store.py --tenm --depths 0.5 --kv-dtype bfloat16
+	$(PY) benchmarks/bench_store.py --tenm --tokens 1000000 --depths 0.5 --kv-dtype bfloat16 \
+	    --out benchmarks/results/store_1m_memory.json
 	$(PY) benchmarks/readme_tables.py
 
 bench-train: setup

@@ -274,7 +274,89 @@ def retrieval() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval}
+def _gib(b: float) -> str:
+    return f"{b / 2 ** 30:.2f} GiB"
+
+
+def _la(report: dict) -> str:
+    la = report.get("loadavg")
+    return f"1-minute load average {la[0]:.1f} at the end" if la else "load average not recorded"
+
+
+def store() -> str:
+    r = _load("store.json")
+    m1, m10 = _load("store_1m_memory.json"), _load("store_10m.json")
+    three = _load("store_10m_three_depths.json")
+    rs, ra = r["restart"], r["ratios"]
+    base = r["register_s"] + r["first_answer_after_register_s"]
+    lines = [
+        f"Context store (`benchmarks/bench_store.py`; built-in model, 4 shards + 2 expert groups, store on local "
+        f"disk, passkey needle in the standard filler, blockwise registration, greedy; `top_pages={r['top_pages']}`).",
+        "",
+        f"**Restart vs recompute, {r['tokens']:,}-token context** (`results/store.json`, {r['kv_dtype']} KV, "
+        f"{_la(r)}):",
+        "",
+        "| measure | figure |",
+        "|---|---|",
+        f"| `register_context` + first answer (fresh store) | {_s(r['register_s'])} + {_s(r['first_answer_after_register_s'])}"
+        f" = {_s(base)} |",
+        f"| after `Mesh.start(store=same)` returned (new Ray cluster): first answer, `top_pages` | "
+        f"{_s(rs['first_answer_after_start_s'])}: **{_x(ra['restart_vs_register_plus_answer'])} faster** (target >= 20x: "
+        f"{_met(ra['restart_vs_register_plus_answer'] >= 20)}); answer `{rs['answer']['answer'].strip()}` |",
+        f"| the same, exact attention (every page) | {_s(rs['first_exact_answer_s'])} ({_x(base / rs['first_exact_answer_s'])}) |",
+        f"| whole restart: Ray cluster + actors + first answer | {_s(rs['whole_restart_s'])} (of which `Mesh.start` "
+        f"{_s(rs['mesh_start_s'])}) |",
+        f"| decode step, KV in the store (hot budget {r['cold_budget_bytes'] >> 20} MiB per shard) with `top_pages`, "
+        f"batch 1 / 16 | {_ms(r['decode_store_top_pages_b1_s'])} / {_ms(r['decode_store_top_pages_b16_s'])} |",
+        f"| decode step, all KV hot ({r['hot_budget_bytes'] >> 20} MiB per shard), exact, batch 1 / 16 | "
+        f"{_ms(r['decode_hot_exact_b1_s'])} / {_ms(r['decode_hot_exact_b16_s'])}: store + `top_pages` is "
+        f"{_x(ra['decode_store_top_pages_vs_hot_exact_b1'])} / {_x(ra['decode_store_top_pages_vs_hot_exact_b16'])} "
+        f"(target <= 1.5x: {_met(max(ra['decode_store_top_pages_vs_hot_exact_b1'], ra['decode_store_top_pages_vs_hot_exact_b16']) <= 1.5)}) |",
+        f"| decode step, all KV hot with the same `top_pages`, batch 1 / 16 | {_ms(r['decode_hot_top_pages_b1_s'])} / "
+        f"{_ms(r['decode_hot_top_pages_b16_s'])}: store is {_x(ra['decode_store_top_pages_vs_hot_top_pages_b1'])} / "
+        f"{_x(ra['decode_store_top_pages_vs_hot_top_pages_b16'])} |",
+        f"| store size | {_gib(r['store_bytes'])} |",
+        "",
+    ]
+    d1, d10 = m1["depths"][0], m10["depths"][0]
+    lines += [
+        f"**Ten million tokens on one 2-core, 24 GiB machine** (`results/store_10m.json`; {m10['kv_dtype']} KV, "
+        f"hot budget {m10['budget_bytes'] >> 20} MiB per shard; needle at depth {d10['depth']}; {_la(m10)}: "
+        f"registration time is inflated by other work on the machine):",
+        "",
+        "| measure | 1,000,000 tokens | 10,000,000 tokens |",
+        "|---|---|---|",
+        f"| registration (blockwise) | {_s(d1['register_s'])} | {_s(d10['register_s'])} |",
+        f"| store size | {_gib(m1['store_bytes'])} | {_gib(m10['store_bytes'])} |",
+        f"| time to first token, `top_pages={m10['top_pages']}` | {_s(d1['top_pages']['ttft_s'])} | "
+        f"{_s(d10['top_pages']['ttft_s'])} |",
+        f"| time to first token, exact (every page of 10M tokens streamed) | {_s(d1['exact']['ttft_s'])} | "
+        f"{_s(d10['exact']['ttft_s'])} |",
+        f"| answer (`top_pages` / exact) | `{d1['top_pages']['answer'].strip()}` / `{d1['exact']['answer'].strip()}` | "
+        f"`{d10['top_pages']['answer'].strip()}` / `{d10['exact']['answer'].strip()}` |",
+        f"| peak memory of all mesh processes (sum of Pss: driver, router, shards, groups, raylet, GCS) | "
+        f"{_gib(d1['peak_rss_bytes'])} | {_gib(d10['peak_rss_bytes'])} ({_x(d10['peak_rss_bytes'] / d1['peak_rss_bytes'])}"
+        f" for 10x the tokens) |",
+        f"| of which the largest shard / the router / the driver | "
+        + " / ".join(_gib(d1["peak_by_process"][k]) for k in ("ray::ContextShard", "ray::Router", "driver")) + " | "
+        + " / ".join(_gib(d10["peak_by_process"][k]) for k in ("ray::ContextShard", "ray::Router", "driver")) + " |",
+        "",
+        f"Needles at depths 0, 0.5 and 1 of a 10M-token context (`results/store_10m_three_depths.json`: an earlier "
+        f"run, {_la(three)}, before segment writes moved from a writable memory map to `pwrite`, which changed "
+        f"memory, not answers; its memory figure summed RSS and is not cited). The three contexts differ only in "
+        f"the needle's segment, so the second and third reuse the others' stored segments:",
+        "",
+        "| depth | registration | answer, `top_pages` (TTFT) | answer, exact (TTFT) |",
+        "|---|---|---|---|",
+    ]
+    for row in three["depths"]:
+        lines.append(f"| {row['depth']} | {_s(row['register_s'])} | `{row['top_pages']['answer'].strip()}` "
+                     f"({_s(row['top_pages']['ttft_s'])}) | `{row['exact']['answer'].strip()}` "
+                     f"({_s(row['exact']['ttft_s'])}) |")
+    return "\n".join(lines)
+
+
+TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store}
 
 
 def render(text: str) -> str:
