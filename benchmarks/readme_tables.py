@@ -337,7 +337,7 @@ def store() -> str:
         f"| peak memory of all mesh processes (sum of Pss: driver, router, shards, groups, raylet, GCS) | "
         f"{_gib(d1['peak_rss_bytes'])} | {_gib(d10['peak_rss_bytes'])} ({_x(d10['peak_rss_bytes'] / d1['peak_rss_bytes'])}"
         f" for 10x the tokens) |",
-        f"| of which the largest shard / the router / the driver | "
+        "| of which the largest shard / the router / the driver | "
         + " / ".join(_gib(d1["peak_by_process"][k]) for k in ("ray::ContextShard", "ray::Router", "driver")) + " | "
         + " / ".join(_gib(d10["peak_by_process"][k]) for k in ("ray::ContextShard", "ray::Router", "driver")) + " |",
         "",

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import yaml
 
+from tests.e2e.serving import free_port, wait_healthy  # noqa: F401 - free_port for the tests
+
 KEYS = {"acme": "key-acme-123", "globex": "key-globex-456", "tiny": "key-tiny-789"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -43,19 +36,11 @@ def server(ray_cluster, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(path.parent / 'serve.log').read_text()[-3000:]}")
-        time.sleep(1)
-    else:
+    try:
+        wait_healthy(url, proc, path.parent / "serve.log")
+    except RuntimeError:
         proc.kill()
-        raise RuntimeError(f"server not healthy: {(path.parent / 'serve.log').read_text()[-3000:]}")
+        raise
     yield url
     proc.send_signal(2)
     try:

@@ -12,15 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
 from expertmesh.model.tokenizer import ByteTokenizer
 from tests.conftest import VOCAB
-from tests.e2e.conftest import free_port
+from tests.e2e.serving import free_port, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 PROMPT = "The pass key is"
@@ -71,15 +69,7 @@ def test_http_finish_reason_stop_on_eos(eos_checkpoint, tmp_path):
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+        wait_healthy(url, proc, tmp_path / "serve.log")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         res = client.completions.create(model="expertmesh", prompt=PROMPT, max_tokens=20, temperature=0)
         assert res.choices[0].finish_reason == "stop" and res.usage.completion_tokens == 1

@@ -1,7 +1,6 @@
 """Ray Jobs: a real head with the dashboard; `expertmesh submit ingest` adds contexts to a running mesh."""
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -9,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

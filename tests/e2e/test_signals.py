@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import free_port
+from tests.e2e.serving import free_port, wait_healthy
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 EXIT_BOUND_S = 30.0
@@ -63,17 +63,7 @@ def test_signal_to_the_process_group_drains_and_exits(sig, tmp_path):
                             env=dict(env, PYTHONWARNINGS="ignore"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not healthy: {log.read_text()[-3000:]}")
+        wait_healthy(url, proc, log, timeout_s=180, poll_s=0.5)
         ray_processes = _descendants(proc.pid)
         sessions = {sid for p, (_, sid) in _processes().items() if p in ray_processes}
         assert ray_processes, "the server's processes were not found"
