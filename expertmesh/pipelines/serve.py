@@ -326,14 +326,15 @@ class ExpertMeshServer:
             self.metrics.refused.inc(1, {"tenant": tenant, "status": "503"})
             raise ApiError(503, f"server queue is full ({self.settings.max_queue} requests); retry later",
                            "server_overloaded", code="queue_full")
+        self.in_flight += 1  # the slot is taken before awaiting the limits actor: concurrent requests see it
         try:
             await self.limits.acquire.remote(tenant, len(ids) + body.max_tokens, self.holder)
         except Exception as exc:  # noqa: BLE001 - RateLimited arrives wrapped by Ray
+            self.in_flight -= 1
             if not isinstance(_cause(exc), RateLimited):
                 raise
             self.metrics.refused.inc(1, {"tenant": tenant, "status": "429"})
             raise ApiError(429, str(_cause(exc)), "rate_limit_exceeded", code="rate_limit_exceeded") from None
-        self.in_flight += 1
         self.metrics.queue.set(self.in_flight)
         return _Admission(self, tenant, len(ids) + body.max_tokens)
 
