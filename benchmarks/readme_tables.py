@@ -65,11 +65,12 @@ def _load_note(report: dict) -> str:
 
 
 def _load_warning(*reports: dict) -> str:
-    """A sentence when a run's load average exceeded twice the cores, else ''."""
+    """A sentence when the load average before a run (other work: the "after" figure includes the
+    benchmark's own processes) exceeded twice the cores, else ''."""
     for report in reports:
         la = report.get("loadavg_1_5_15min") or {}
         cpus = report["machine"].get("cpus", 2) if isinstance(report.get("machine"), dict) else report.get("cpus", 2)
-        if max([x[0] for x in (la.get("before"), la.get("after")) if x] or [0]) > 2 * cpus:
+        if (la.get("before") or [0])[0] > 2 * cpus:
             return (" **Measured under heavy load from other work on the machine (load average over twice the "
                     "cores): not representative.** Under such load the processes of the two sides get unequal, "
                     "changing shares of the cores, so neither the figures nor the ratios (nor the targets' "
