@@ -368,7 +368,6 @@ class ContextShard:
                     dst = torch.from_numpy(given[ok])
                     k_pool[dst] = km[torch.from_numpy(ok)].to(k_pool.dtype)
                     v_pool[dst] = vm[torch.from_numpy(ok)].to(v_pool.dtype)
-            k, v = k.view(-1, shape.heads, shape.head_dim), v.view(-1, shape.heads, shape.head_dim)
         k, v = k.reshape(-1, shape.heads, shape.head_dim), v.reshape(-1, shape.heads, shape.head_dim)
         rows = torch.from_numpy((pages[:, None] * ps + np.arange(ps)[None]).reshape(-1))
         valid = rows < min(f.written_pages * ps, f.num_tokens)

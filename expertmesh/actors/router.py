@@ -21,13 +21,13 @@ import ray
 import torch
 
 from expertmesh.actors.engine import Engine, call
+from expertmesh.actors.names import lookup
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
 from expertmesh.errors import ContextNotFound, Unavailable
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
-from expertmesh.platform.cluster import lookup
 from expertmesh.store.catalog import Catalog, tokens_sha256
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.manifest import Manifest, SegmentEntry
@@ -204,7 +204,7 @@ class Router:
             SegmentEntry(s.shard, s.start, s.end, f, n, tokens, prefix)
             for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
             i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
-            tokens_sha256(np.zeros(0)) if not digests else digests[-1][1])
+            digests[-1][1])  # the prefix hash of the last segment: all the context's tokens
 
     def _adopt_from_shards(self, timeout_s: float = 10.0) -> None:
         """A router restarted without a store: the contexts whose every segment its shard still

@@ -13,9 +13,10 @@ import os
 
 import ray
 
+from expertmesh.actors.names import NAMESPACE, lookup  # noqa: F401 - re-exported for callers
+
 CONTEXT_SHARD = "context_shard"
 EXPERT_GROUP = "expert_group"
-NAMESPACE = "expertmesh"  # where a mesh's named actors live (Mesh.attach, restarts)
 
 
 def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
@@ -59,11 +60,6 @@ def actor_name(mesh: str, kind: str | None, index: int = 0) -> str:
     Serve replica that started a detached mesh). The router is therefore given its shards' and
     groups' names and looks them up."""
     return f"{mesh}.router" if kind is None else f"{mesh}.{kind}{index}"
-
-
-def lookup(targets: list) -> list:
-    """Actor handles (or in-process objects) as given; names looked up in the mesh namespace."""
-    return [ray.get_actor(t, namespace=NAMESPACE) if isinstance(t, str) else t for t in targets]
 
 
 def missing_resources(context_shards: int, expert_groups: int) -> str | None:
