@@ -33,23 +33,13 @@ import torch
 from expertmesh.errors import CapacityError, ContextNotFound
 from expertmesh.model.attention import AttentionSpec, merge_partials, partial_attention
 from expertmesh.actors.pathway import quest_bound_rows
+from expertmesh.actors.step_plan import AttendItem  # noqa: F401 - the request type of `attend`
+from expertmesh.actors.step_worker import StepWorker
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.pages import KV_DTYPES, PageShape, SegmentFile, StoreCorrupted
 from expertmesh.store.tiers import PageTable
 
 STREAM_PAGES = 1024  # pages per block of streamed attention: bounds the memory of one read
-
-
-@dataclasses.dataclass
-class AttendItem:
-    """The queries of one or more requests over one context: q [T, Hq, D], positions [T]."""
-
-    context_id: str
-    q: np.ndarray
-    q_pos: np.ndarray
-    visits: dict[str, int]  # request id -> query tokens in this item
-    top_pages: int | None = None  # None: every page (exact); p: the p best-bounded pages
-    segment: tuple[str, int, int] | None = None  # (file, start, end): reopen from the store if needed
 
 
 @dataclasses.dataclass
@@ -94,7 +84,7 @@ def _remove_dead_scratch() -> None:
                 pass
 
 
-class ContextShard:
+class ContextShard(StepWorker):
     def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
                  page_size: int = 64, num_threads: int | None = None, store: str | None = None,
                  memory_bytes: int | None = None, kv_dtype: str = "float32") -> None:
@@ -124,7 +114,6 @@ class ContextShard:
         self.visits: Counter[str] = Counter()  # request id -> query tokens served (recent)
         self.reads = Counter()  # pages read: "memory" / "store"
         self.calls = 0
-        # a compiled graph runs attend_cg on its own thread, beside the other methods
         self._lock = threading.RLock()
 
     def ping(self) -> int:
@@ -249,13 +238,6 @@ class ContextShard:
         """
         with self._lock:
             return self._attend(layer, items)
-
-    def attend_cg(self, payload: tuple) -> list:
-        """`attend` in a compiled graph: payload (layer, ((context_id, q, q_pos, visits, top_pages, segment), ...))."""
-        if not payload:
-            return []
-        layer, items = payload
-        return self.attend(layer, [AttendItem(*item) for item in items])
 
     @torch.no_grad()
     def _attend(self, layer: int, items: list[AttendItem]) -> list:

@@ -1,162 +1,59 @@
 """The layer loop of one router step over a batch of sequences.
 
-All sequences' new tokens run as one flat batch [T, H]. Per layer:
-  dense q/k/v (router) -> fan q out to the context shards on each pathway, attend over each
-  sequence's own KV meanwhile, merge with LSE -> o_proj -> gate -> fan token rows out to the
-  expert groups holding their experts, shared expert meanwhile -> combine.
-One fan-out to the shards and one to the expert groups per layer, whatever the batch size.
-
-Shards and groups are Ray actor handles or in-process objects (same methods). The two fan-outs
-go through a `FanOut`: plain calls, or one Ray Compiled Graph execution per fan-out
-(`CompiledFanOut`, opt-in: less Ray overhead per layer).
+All sequences' new tokens run as one flat batch [T, H] through the model's own layers
+(`DecoderLayer.forward`: the layer composition lives there, once). The engine supplies the two
+places where the mesh differs from one process:
+  attention: queries go to the context shards on each pathway (through the exchange) while the
+    router attends over each sequence's own KV; the partials merge exactly with LSE;
+  experts: (token row, expert) pairs go to the expert groups holding the experts, while the
+    router computes the shared expert; outputs combine by gate weight.
+The step's plan (step_plan.py) is built before the first layer; the exchange (exchange.py,
+collective.py) carries it and every per-layer tensor.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import dataclasses
 import time
-from typing import Any, Awaitable
-
 import warnings
 
-import numpy as np
-import ray
 import torch
 
-from expertmesh.actors.context_shard import AttendItem
-from expertmesh.actors.pathway import choose_shards, segment_visible
+from expertmesh.actors.exchange import Exchange
+from expertmesh.actors.pathway import choose_shards
 from expertmesh.actors.sequence import Sequence
+from expertmesh.actors.step_plan import StepPlan, build_plan
 from expertmesh.model.attention import batched_decode_attention, merge_partials, partial_attention
-from expertmesh.model.moe import dispatch_pairs
 from expertmesh.model.transformer import MoETransformer
-
-
-def call(target: Any, method: str, *args: Any) -> Awaitable:
-    """Invoke a method of an actor handle (remote) or a local object, as an awaitable."""
-    if isinstance(target, ray.actor.ActorHandle):
-        return getattr(target, method).remote(*args)
-    fut = asyncio.get_running_loop().create_future()
-    try:
-        fut.set_result(getattr(target, method)(*args))
-    except Exception as exc:  # noqa: BLE001 - delivered to the awaiting caller
-        fut.set_exception(exc)
-    return fut
-
-
-class FanOut:
-    """One per-layer fan-out: a request (method args) to some of the targets, replies in order.
-
-    `send` submits at once and returns an awaitable of the replies, so the caller can compute
-    while the targets work. Targets are Ray actor handles or in-process objects.
-    """
-
-    def __init__(self, targets: list[Any], method: str) -> None:
-        self.targets, self.method = targets, method
-
-    async def send(self, requests: dict[int, tuple]) -> Awaitable[list]:
-        return asyncio.gather(*(call(self.targets[i], self.method, *args) for i, args in requests.items()))
-
-    def close(self) -> None:
-        pass
-
-
-class CompiledFanOut(FanOut):
-    """The same over one Ray Compiled Graph of `<method>_cg(payload)` on all the targets.
-
-    Every execution gives each target one payload (its args as a plain tuple; `()` for a
-    target not asked, which returns at once). Built lazily in the running event loop (only the
-    compiling process may execute). Replies are zero-copy views into channel buffers: copied
-    here and released at once, since a held view blocks later executions.
-    """
-
-    def __init__(self, targets: list[Any], method: str, encode=lambda *args: args) -> None:
-        super().__init__(targets, method)
-        self.encode, self._dag = encode, None
-
-    async def send(self, requests: dict[int, tuple]) -> Awaitable[list]:
-        if not requests:
-            return asyncio.gather()
-        if self._dag is None:
-            from ray.dag import InputNode, MultiOutputNode
-
-            with InputNode() as inp:
-                dag = MultiOutputNode([getattr(t, f"{self.method}_cg").bind(inp[i])
-                                       for i, t in enumerate(self.targets)])
-            self._dag = dag.experimental_compile(enable_asyncio=True)
-        payloads = [self.encode(*requests[i]) if i in requests else () for i in range(len(self.targets))]
-        futures = await self._dag.execute_async(*payloads)
-        return self._replies(futures, list(requests))
-
-    @staticmethod
-    async def _replies(futures: list, asked: list[int]) -> list:
-        done = await asyncio.gather(*futures, return_exceptions=True)  # await all: none left cached
-        for res in done:
-            if isinstance(res, BaseException):
-                raise res
-        return [_owned(done[i]) for i in asked]
-
-    def close(self) -> None:
-        if self._dag is not None:
-            dag, self._dag = self._dag, None
-            dag.teardown()
-
-
-def _owned(x: Any) -> Any:
-    """A reply with every numpy array copied out of the channel buffer."""
-    if isinstance(x, np.ndarray):
-        return np.array(x)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_owned(v) for v in x)
-    return x
-
-
-def _attend_payload(layer: int, items: list[AttendItem]) -> tuple:
-    return layer, tuple((it.context_id, it.q, it.q_pos, it.visits, it.top_pages, it.segment) for it in items)
-
-
-def fan_outs(shards: list[Any], groups: list[Any], compiled_graphs: bool) -> tuple[FanOut, FanOut]:
-    """(to the context shards' `attend`, to the expert groups' `compute`)."""
-    if not compiled_graphs:
-        return FanOut(shards, "attend"), FanOut(groups, "compute")
-    if not all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups):
-        raise ValueError("compiled graphs need Ray actor handles for all shards and groups")
-    return CompiledFanOut(shards, "attend", _attend_payload), CompiledFanOut(groups, "compute")
-
-
-def _drop_segments(batch: list[Sequence], spans, x: torch.Tensor, q: torch.Tensor, positions: torch.Tensor):
-    """The batch without its context segments: (batch, spans, x, q, positions) re-indexed."""
-    keep = [i for i, seq in enumerate(batch) if seq.kind != "segment"]
-    if len(keep) == len(batch):
-        return batch, spans, x, q, positions
-    rows, new_spans, n = [], [], 0
-    for i in keep:
-        a, b = spans[i]
-        rows.append(torch.arange(a, b))
-        new_spans.append((n, n + b - a))
-        n += b - a
-    idx = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-    return [batch[i] for i in keep], new_spans, x[idx], q[idx], positions[idx]
-
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+@dataclasses.dataclass
+class _Step:
+    """Per-step state: the sequences whose rows the current layer runs, their row spans and
+    positions (narrowed at the last layer, where context segments drop out)."""
+
+    plan: StepPlan
+    batch: list[Sequence]
+    spans: list[tuple[int, int]]
+    positions: torch.Tensor
+
+
 class Engine:
-    def __init__(self, dense: MoETransformer, shards: list[Any], groups: list[Any], partition: list[range],
-                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]],
-                 compiled_graphs: bool = False) -> None:
-        self.model, self.cfg = dense, dense.cfg
-        self.shards, self.groups, self.partition = shards, groups, partition
-        self.to_shards, self.to_groups = fan_outs(shards, groups, compiled_graphs)
+    def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range],
+                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
+        self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
+        self.partition = partition
         self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
         self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
         bounds = torch.tensor([r.stop for r in partition])
         self._group_of = lambda experts: torch.bucketize(experts, bounds, right=True)  # noqa: E731
 
-    async def forward(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
-        """Run the new tokens of every sequence; return logits rows each sequence needs."""
+    def forward(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
+        """Run the new tokens of every sequence; return the logits rows each sequence needs."""
         ids, pos, spans = [], [], []
         for seq in batch:
             t_ids, t_pos = seq.new_tokens()
@@ -164,133 +61,139 @@ class Engine:
             ids.extend(t_ids)
             pos.append(t_pos)
         positions = torch.cat(pos)  # [T]
-        everyone = list(batch)
-        x = self.model.embed(torch.tensor(ids))  # [T, H]
-        last = len(self.model.layers) - 1
-        for index, layer in enumerate(self.model.layers):
-            q, k, v = layer.qkv(layer.attn_norm(x), positions)  # [T, Hq, D], [T, Hkv, D]
-            for seq, (a, b) in zip(batch, spans):
-                seq.kv.append(index, k[a:b], v[a:b], positions[a:b])
-            if index == last and any(seq.kind == "segment" for seq in batch):
-                # a context segment needs only the last layer's K/V, never its output
-                batch, spans, x, q, positions = _drop_segments(batch, spans, x, q, positions)
-                if not batch:
-                    break
-            attn = await self._attend(index, layer, batch, spans, q, positions)
-            x = layer.attn_out(x, attn)
-            h = layer.mlp_norm(x)
-            x = x + (await self._experts(index, layer, batch, spans, h) if layer.is_moe else layer.mlp(h))
-        by_seq = {id(seq): (a, b) for seq, (a, b) in zip(batch, spans)}
+        plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition))
+        step = _Step(plan, list(batch), spans, positions)
+        self.exchange.begin(plan)
+        try:
+            x = self.model.embed(torch.tensor(ids))  # [T, H]
+            for layer in self.model.layers:
+                x, _, _ = layer(x, step.positions, lambda lyr, q, k, v: self._attention(step, lyr, q, k, v),
+                                lambda lyr, rows, experts: self._dispatch(step, lyr, rows, experts))
+            reads = self.exchange.end()
+        except BaseException as exc:
+            better = self.exchange.abort()  # the actors' own error says more than a broken pipe
+            if better is not None and better is not exc:
+                raise better from exc
+            raise
+        self._account(batch, plan, reads)
+        by_seq = {id(seq): span for seq, span in zip(step.batch, step.spans)}
         out: list[torch.Tensor | None] = []
-        for seq in everyone:
+        for seq in batch:
             seq.num_computed = len(seq.token_ids)
-            if id(seq) not in by_seq:
-                out.append(None)
-                continue
-            a, b = by_seq[id(seq)]
-            if seq.kind == "segment":
+            span = by_seq.get(id(seq))
+            if span is None or seq.kind == "segment":
                 out.append(None)
             elif seq.kind == "logits":
-                out.append(self.model.logits(x[a:b]))
+                out.append(self.model.logits(x[span[0]:span[1]]))
             else:
-                out.append(self.model.logits(x[b - 1:b])[0])
+                out.append(self.model.logits(x[span[1] - 1:span[1]])[0])
         return out
 
-    async def _attend(self, index: int, layer, batch: list[Sequence], spans, q: torch.Tensor,
-                      positions: torch.Tensor) -> torch.Tensor:
-        """Attention of all new queries: context shards (remote) + own KV (here), merged."""
-        plan: dict[int, dict[str, list[int]]] = {}  # shard -> context -> batch rows
-        for i, (seq, (a, b)) in enumerate(zip(batch, spans)):
-            if not seq.segments:
-                continue
-            if seq.layer_shards[index] is None:  # pathway is chosen during prefill, layer by layer
-                seq.layer_shards[index] = choose_shards(
-                    seq.segments, q[a:b], positions[a:b], layer.spec, seq.top_shards,
-                    {s: m[index] for s, m in self.summaries.get(seq.context_id, {}).items()},
-                )
-            q_lo, q_hi = int(positions[a]), int(positions[b - 1])
-            chunks = set((positions[a:b] // layer.spec.chunk_size).tolist()) if layer.spec.chunk_size else None
-            by_shard = {s.shard: s for s in seq.segments}
-            # requests choosing pages (top_pages) get their own item; exact ones share one per context
-            key = (seq.context_id, seq.top_pages, seq.request_id if seq.top_pages else None)
-            for shard in seq.layer_shards[index]:
-                if segment_visible(by_shard[shard], q_lo, q_hi, chunks, layer.spec):
-                    plan.setdefault(shard, {}).setdefault(key, []).append(i)
-        requests, layout = {}, []
-        for shard, per_ctx in plan.items():
-            items = []
-            for (ctx, top_pages, _), rows in per_ctx.items():
-                idx = torch.cat([torch.arange(*spans[i]) for i in rows])
-                items.append(AttendItem(ctx, q[idx].numpy(), positions[idx].numpy(),
-                                        {batch[i].request_id: spans[i][1] - spans[i][0] for i in rows},
-                                        top_pages, batch[rows[0]].segment_files.get(shard)))
-                layout.append((shard, rows, idx))
-            requests[shard] = (index, items)
-        replies = await self.to_shards.send(requests)
-        own_out, own_lse = self._own_attention(index, layer, batch, spans, q, positions)  # while shards work
+    # -- attention ------------------------------------------------------------------------
+    def _attention(self, step: _Step, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Attention of the layer's new queries: context shards (via the exchange) + each
+        sequence's own KV (here), merged. Returns (attn [T', Hq, D], kept rows or None)."""
+        index = layer.index
+        for seq, (a, b) in zip(step.batch, step.spans):
+            seq.kv.append(index, k[a:b], v[a:b], step.positions[a:b])
+        lp = step.plan.layers[index]
+        kept = None
+        if len(lp.live) < len(step.batch):  # context segments need only this layer's K/V
+            kept = torch.cat([torch.arange(*step.spans[i]) for i in lp.live]) if lp.live \
+                else torch.zeros(0, dtype=torch.long)
+            step.batch = [step.batch[i] for i in lp.live]
+            starts = [0]
+            for i in lp.live:
+                starts.append(starts[-1] + step.spans[i][1] - step.spans[i][0])
+            step.spans = list(zip(starts, starts[1:]))
+            q, step.positions = q[kept], step.positions[kept]
+        requests: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for shard, items in lp.attend.items():
+            for j, item in enumerate(items):
+                if item.chooser is not None and not self._chosen(step, layer, item.chooser, q, shard):
+                    continue
+                requests.setdefault(shard, []).append((j, q[torch.from_numpy(item.rows)]))
+        replies = self.exchange.attend(index, requests)
+        own_out, own_lse = self._own_attention(step, layer, q)  # while the shards work
         t0 = time.perf_counter()
-        results = [r for res in await replies for r in res]
+        results = replies()
         self.waits["shards"] += time.perf_counter() - t0
         parts = [(own_out, own_lse)]
-        per_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for (shard, rows, idx), (o, lse, reads) in zip(layout, results):
-            if shard not in per_shard:  # rows a shard did not serve stay neutral (lse = -inf)
-                per_shard[shard] = (torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf")))
-                parts.append(per_shard[shard])
-            per_shard[shard][0][idx] = torch.from_numpy(np.array(o))
-            per_shard[shard][1][idx] = torch.from_numpy(np.array(lse))
-            for i in rows:
-                batch[i].pathway_visits.add(shard)
-                batch[i].page_reads.setdefault(shard, collections.Counter()).update(reads)
-        return merge_partials(parts)[0].to(q.dtype)  # [T, Hq, D]
+        for shard, answers in results.items():  # rows a shard did not serve stay neutral (lse = -inf)
+            if not answers:
+                continue
+            out, lse = torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf"))
+            for (j, _), (o, l) in zip(requests[shard], answers):
+                rows = torch.from_numpy(lp.attend[shard][j].rows)
+                out[rows], lse[rows] = o.to(out.device), l.to(lse.device)
+            parts.append((out, lse))
+        return merge_partials(parts)[0].to(q.dtype), kept  # [T, Hq, D]
 
-    def _own_attention(self, index: int, layer, batch: list[Sequence], spans, q: torch.Tensor,
-                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chosen(self, step: _Step, layer, j: int, q: torch.Tensor, shard: int) -> bool:
+        """A request choosing its shards from this layer's queries: is `shard` among them?"""
+        seq, (a, b) = step.batch[j], step.spans[j]
+        index = layer.index
+        if seq.layer_shards[index] is None:
+            seq.layer_shards[index] = choose_shards(
+                seq.segments, q[a:b], step.positions[a:b], layer.spec, seq.top_shards,
+                {s: m[index] for s, m in self.summaries.get(seq.context_id, {}).items()})
+        return shard in seq.layer_shards[index]
+
+    def _own_attention(self, step: _Step, layer, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's queries over its own tokens: out [T, Hq, D], lse [T, Hq]."""
+        index, spans = layer.index, step.spans
         out = torch.empty(q.shape, dtype=torch.float32)
         lse = torch.empty(q.shape[:2], dtype=torch.float32)
         decode = [i for i, (a, b) in enumerate(spans) if b - a == 1]
         if len(decode) > 1:  # one padded batch for all single-token steps
             rows = torch.tensor([spans[i][0] for i in decode])
-            cache = [batch[i].kv.get(index) for i in decode]
-            o, l = batched_decode_attention(q[rows], positions[rows], [c[0] for c in cache],
+            cache = [step.batch[i].kv.get(index) for i in decode]
+            o, l = batched_decode_attention(q[rows], step.positions[rows], [c[0] for c in cache],
                                             [c[1] for c in cache], [c[2] for c in cache], layer.spec)
             out[rows], lse[rows] = o, l
-        for i, (seq, (a, b)) in enumerate(zip(batch, spans)):
+        for i, (seq, (a, b)) in enumerate(zip(step.batch, spans)):
             if len(decode) > 1 and b - a == 1:
                 continue
             k, v, kpos = seq.kv.get(index)
-            out[a:b], lse[a:b] = partial_attention(q[a:b], positions[a:b], k, v, kpos, layer.spec)
+            out[a:b], lse[a:b] = partial_attention(q[a:b], step.positions[a:b], k, v, kpos, layer.spec)
         return out, lse
 
-    async def _experts(self, index: int, layer, batch: list[Sequence], spans, h: torch.Tensor) -> torch.Tensor:
-        """MoE feed-forward: gate here, experts in their groups, combine by gate weight."""
-        _, experts, weights = layer.gate_route(h)  # [T, k]
-        token, expert, in_scale, out_w = dispatch_pairs(experts, weights, self.cfg)  # [P]
-        group = self._group_of(expert)  # [P]
-        rows = h[token] * in_scale[:, None].to(h.dtype)  # [P, H]
-        requests, picks = {}, []
+    # -- experts --------------------------------------------------------------------------
+    def _dispatch(self, step: _Step, layer, rows: torch.Tensor, experts: torch.Tensor):
+        """Send (row, expert) pairs to the groups holding the experts; a function combining
+        their outputs [P, H] in pair order."""
+        if not step.plan.layers[layer.index].experts:  # no rows left at this layer (segments only)
+            return lambda: torch.zeros(rows.shape, dtype=torch.float32)
+        group = self._group_of(experts)  # [P]
+        requests, picks = {}, {}
         for g in torch.unique(group).tolist():
             pick = (group == g).nonzero().squeeze(1)
-            requests[g] = (index, rows[pick].numpy(), expert[pick].numpy())
-            picks.append(pick)
-        replies = await self.to_groups.send(requests)
-        shared = layer.shared(h)  # while the groups work
-        seq_of_token = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(spans)])
-        counts = np.zeros((len(batch), len(self.groups)), dtype=np.int64)
-        np.add.at(counts, (seq_of_token[token].numpy(), group.numpy()), 1)
-        for seq, row in zip(batch, counts):
-            seq.group_tokens.update({g: int(n) for g, n in enumerate(row) if n})
-        y_pairs = torch.empty_like(rows)
-        t0 = time.perf_counter()
-        done = await replies
-        self.waits["expert_groups"] += time.perf_counter() - t0
-        for pick, res in zip(picks, done):
-            y_pairs[pick] = torch.from_numpy(res)
-        y = torch.zeros_like(h).index_add_(0, token, y_pairs * out_w[:, None].to(h.dtype))
-        return y if shared is None else y + shared
+            requests[g], picks[g] = (rows[pick], experts[pick]), pick
+        replies = self.exchange.experts(layer.index, requests)
+        k = layer.cfg.top_k  # pairs are token-major: token t's pairs are t*k .. t*k+k-1
+        for seq, (a, b) in zip(step.batch, step.spans):
+            if b > a:
+                per = torch.bincount(group[a * k:b * k], minlength=len(self.partition)).tolist()
+                seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
+
+        def combine() -> torch.Tensor:
+            t0 = time.perf_counter()
+            done = replies()
+            self.waits["expert_groups"] += time.perf_counter() - t0
+            y = torch.empty(rows.shape, dtype=torch.float32)
+            for g, pick in picks.items():
+                y[pick] = done[g].to(y.device)
+            return y
+        return combine
+
+    def _account(self, batch: list[Sequence], plan: StepPlan, reads: list) -> None:
+        """Pages read per shard and tier, and shards visited, onto the requests."""
+        for layer, shard, j, r in reads:
+            lp = plan.layers[layer]
+            for s in lp.attend[shard][j].seqs:
+                seq = batch[lp.live[s]]
+                seq.pathway_visits.add(shard)
+                seq.page_reads.setdefault(shard, collections.Counter()).update(r)
 
     def close(self) -> None:
-        """Tear down the compiled graphs (before the actors are killed)."""
-        self.to_shards.close()
-        self.to_groups.close()
+        self.exchange.close()

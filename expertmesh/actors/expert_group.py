@@ -17,13 +17,14 @@ import ray
 import torch
 
 from expertmesh.jax_backend import check_backend, configure_jax
+from expertmesh.actors.step_worker import StepWorker
 from expertmesh.model.checkpoint import load_experts
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-class ExpertGroup:
+class ExpertGroup(StepWorker):
     def __init__(self, checkpoint: str, index: int, experts: range, num_threads: int | None = None,
                  backend: str = "torch") -> None:
         if num_threads:
@@ -37,7 +38,7 @@ class ExpertGroup:
         else:
             self.banks = load_experts(checkpoint, experts)  # {layer: ExpertBank}
         self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
-        self._lock = threading.Lock()  # a compiled graph runs compute_cg on its own thread
+        self._lock = threading.Lock()
 
     def ping(self) -> tuple[int, int, int]:
         return self.index, self.experts.start, self.experts.stop
@@ -56,10 +57,6 @@ class ExpertGroup:
         if self.backend == "jax":
             return self.banks[layer](np.asarray(x, dtype=np.float32), np.asarray(experts))
         return self.banks[layer](torch.from_numpy(x), e).numpy()
-
-    def compute_cg(self, payload: tuple) -> np.ndarray | tuple:
-        """`compute` in a compiled graph: payload (layer, x, experts), or () for nothing to do."""
-        return self.compute(*payload) if payload else ()
 
     def stats(self) -> dict:
         with self._lock:

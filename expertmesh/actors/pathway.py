@@ -71,15 +71,20 @@ def quest_bound_rows(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
 
 
 def choose_shards(
-    segments: list[Segment], q: torch.Tensor, q_pos: torch.Tensor, spec: AttentionSpec,
+    segments: list[Segment], q: torch.Tensor | None, q_pos: torch.Tensor, spec: AttentionSpec,
     top_shards: int | None, summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
-) -> tuple[int, ...]:
-    """Shards of one layer's pathway for a request whose new queries are q [T, Hq, D] at q_pos [T]."""
+    q_needed: bool = True,
+) -> tuple[int, ...] | None:
+    """Shards of one layer's pathway for a request whose new queries are q [T, Hq, D] at q_pos [T].
+
+    q_needed=False (q may be None): the choice if it does not depend on the queries, else None."""
     q_lo, q_hi = int(q_pos.min()), int(q_pos.max())
     chunks = set((q_pos // spec.chunk_size).tolist()) if spec.chunk_size else None
     live = [s for s in segments if segment_visible(s, q_lo, q_hi, chunks, spec)]
     if spec.chunk_size or top_shards is None or top_shards >= len(live) or not summaries:
         return tuple(s.shard for s in live)
+    if not q_needed:
+        return None
     last = q[-1].float()  # [Hq, D]: the query that decides what the answer attends to
     scored = sorted(
         live, key=lambda s: -float(quest_scores(last, *summaries[s.shard]).max())

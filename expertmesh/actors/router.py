@@ -20,7 +20,9 @@ import numpy as np
 import ray
 import torch
 
-from expertmesh.actors.engine import Engine, call
+from expertmesh.actors.collective import CollectiveExchange
+from expertmesh.actors.engine import Engine
+from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
 from expertmesh.actors.names import lookup
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
@@ -37,9 +39,11 @@ from expertmesh.store.registry import MODES, ContextInfo, ContextRecord, Segment
 class Router:
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
-                 compiled_graphs: bool = False, store: str | None = None, kv_dtype: str = "float32",
+                 data_plane: str = "collective", store: str | None = None, kv_dtype: str = "float32",
                  page_size: int = 64, fingerprint: str | None = None) -> None:
-        """compiled_graphs: run the per-layer fan-outs over Ray Compiled Graphs (built on first use).
+        """data_plane: "collective" (one Ray call per actor per step, per-layer tensors over a
+        torch.distributed group; steps run one at a time) or "ray" (a Ray task per actor per layer;
+        `lanes` step loops overlap). In-process shards and groups are called directly.
         store: the mesh's context store (a directory or URI); its contexts are listed at once."""
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -61,7 +65,14 @@ class Router:
         self.contexts: dict[str, ContextRecord] = {}
         self.lost: dict[str, str] = {}  # context id -> why it was lost (a shard restarted without a store)
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
-        self.engine = Engine(self.model, shards, groups, self.partition, {}, compiled_graphs)
+        remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
+        if remote and check_data_plane(data_plane) == "collective":
+            exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size)
+            lanes = 1  # one step at a time over the group
+        else:
+            exchange = TaskExchange(shards, groups)
+        self.data_plane = data_plane if remote else "in-process"
+        self.engine = Engine(self.model, exchange, self.partition, {})
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
@@ -308,7 +319,7 @@ class Router:
         return True
 
     async def close(self) -> None:
-        """Tear down the compiled graphs, if any; call before the actors are killed."""
+        """Leave the data plane's process group; call before the actors are killed."""
         self.engine.close()
 
     def step_times(self) -> list[tuple[int, int, float]]:
@@ -316,7 +327,9 @@ class Router:
         return list(self.step_log)
 
     def stats(self) -> dict:
+        groups = getattr(self.engine.exchange, "groups_formed", None)
         return {"steps": self.steps, "step_seconds": sum(s for _, _, s in self.step_log),
+                "data_plane": self.data_plane, **({"process_groups_formed": groups} if groups is not None else {}),
                 "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
 
@@ -330,7 +343,8 @@ class Router:
                 continue
             tokens, t0 = sum(len(s.token_ids) - s.num_computed for s in batch), time.perf_counter()
             try:
-                outs = await self.engine.forward(batch)  # attend + route experts, layer by layer
+                # attend + route experts, layer by layer; in a thread: the actor keeps taking requests
+                outs = await asyncio.to_thread(self.engine.forward, batch)
             except Exception as exc:  # noqa: BLE001 - fail or retry this batch's requests, keep serving
                 self.scheduler.step_done(batch)
                 await self._recover(batch, exc)

@@ -48,16 +48,15 @@ def forward_batch(model: MoETransformer, ids: torch.Tensor) -> tuple[torch.Tenso
     pos = torch.arange(t, device=ids.device).repeat(b)  # [B*T]
     x = model.embed(ids.reshape(-1))  # [B*T, H]
     router_logits = []
-    for layer in model.layers:
-        q, k, v = layer.qkv(layer.attn_norm(x), pos)
+    def heads(z: torch.Tensor) -> torch.Tensor:  # [B*T, H, D] -> [B, H, T, D]
+        return z.view(b, t, z.shape[1], cfg.head_dim).transpose(1, 2)
 
-        def heads(z: torch.Tensor) -> torch.Tensor:  # [B*T, H, D] -> [B, H, T, D]
-            return z.view(b, t, z.shape[1], cfg.head_dim).transpose(1, 2)
-
+    def attention(layer, q, k, v):  # rows of the batch attend within their own sequence
         a = _attention(heads(q), heads(k), heads(v), layer.spec)  # [B, Hq, T, D]
-        x = layer.attn_out(x, a.transpose(1, 2).reshape(b * t, cfg.num_heads, cfg.head_dim))
-        y, rl = model.mlp(layer, layer.mlp_norm(x))
-        x = x + y
+        return a.transpose(1, 2).reshape(b * t, cfg.num_heads, cfg.head_dim), None
+
+    for layer in model.layers:
+        x, rl, _ = layer(x, pos, attention)
         if rl is not None:
             router_logits.append(rl)
     return model.logits(x).view(b, t, -1), router_logits

@@ -1,4 +1,4 @@
-"""One decoder layer, exposed as the steps the mesh runs in different places.
+"""One decoder layer: its composition lives once, in `DecoderLayer.forward`.
 
     h = attn_norm(x);  q, k, v = qkv(h, pos)            (router)
     a = attention over KV parts, merged with LSE          (context shards + router)
@@ -7,7 +7,10 @@
     y = experts(h) combined by weight (+ shared expert)   (expert groups)
     x = x + y
 
-The single-process model runs the same steps in one place.
+Where attention and the routed experts run is the caller's: `forward` takes an `attention`
+function (the single-process model attends in place; the mesh's engine scatters queries to
+context shards and merges their partials) and an `experts` dispatcher (in place, or rows sent
+to expert groups). The same layer code runs in both.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Callable
+
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.moe import DenseMLP, ExpertBank, route
+from expertmesh.model.moe import DenseMLP, ExpertBank, dispatch_pairs, route
 from expertmesh.model.norm import RMSNorm, rms
 from expertmesh.model.rope import apply_rope, inv_freq
 
@@ -53,6 +58,23 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(h, cfg.dense_intermediate_size)
 
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, attention: "Attention",
+                experts: "Dispatch | None" = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x [T, H] at positions [T] -> (x [T', H], router logits [T', E] | None, kept rows | None).
+
+        attention(layer, q, k, v) -> (attn [T', Hq, D], kept): `kept` (row indices, or None for
+        all) lets a caller drop rows whose output nobody needs (a context segment's last layer).
+        experts(layer, rows [P, H], expert ids [P]) -> a function returning expert outputs [P, H]
+        (called after the shared expert, so remote experts overlap it); None: this layer's own bank.
+        """
+        q, k, v = self.qkv(self.attn_norm(x), pos)
+        attn, kept = attention(self, q, k, v)
+        if kept is not None:
+            x = x[kept]
+        x = self.attn_out(x, attn)
+        y, router_logits = self.feed_forward(self.mlp_norm(x), experts)
+        return x + y, router_logits, kept
+
     # -- attention ------------------------------------------------------------------------
     def qkv(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed hidden h [T, H], positions [T] -> q [T, Hq, D], k, v [T, Hkv, D]."""
@@ -79,7 +101,7 @@ class DecoderLayer(nn.Module):
 
     def attn_out(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual x [T, H] + o_proj(attn [T, Hq, D])."""
-        return x + self.o_proj(attn.reshape(attn.shape[0], -1).to(x.dtype))
+        return x + self.o_proj(attn.flatten(1).to(x.dtype))
 
     # -- feed-forward ---------------------------------------------------------------------
     def gate_route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +109,20 @@ class DecoderLayer(nn.Module):
         logits = self.gate(h)
         experts, weights = route(logits, self.cfg)
         return logits, experts, weights
+
+    def feed_forward(self, h: torch.Tensor, experts: "Dispatch | None" = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normed hidden h [T, H] -> (y [T, H], router logits [T, E] | None for a dense layer)."""
+        if not self.is_moe:
+            return self.mlp(h), None
+        logits, chosen, weights = self.gate_route(h)
+        token, expert, in_scale, out_w = dispatch_pairs(chosen, weights, self.cfg)  # [P]
+        rows = h[token] * in_scale[:, None].to(h.dtype)  # [P, H]
+        pending = experts(self, rows, expert) if experts is not None else (lambda: self.experts(rows, expert))
+        shared = self.shared(h)  # while remote experts work
+        y_pairs = pending().to(h.dtype) * out_w[:, None].to(h.dtype)
+        y = torch.zeros_like(h).index_add_(0, token, y_pairs)
+        return (y if shared is None else y + shared), logits
 
     def shared(self, h: torch.Tensor) -> torch.Tensor | None:
         """Shared-expert output [T, H] (gated where the architecture gates it), or None."""
@@ -96,6 +132,11 @@ class DecoderLayer(nn.Module):
         if hasattr(self, "shared_expert_gate"):
             y = torch.sigmoid(self.shared_expert_gate(h)) * y
         return y
+
+
+Attention = Callable[[DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor | None]]
+Dispatch = Callable[[DecoderLayer, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]
 
 
 class Embedding(nn.Module):

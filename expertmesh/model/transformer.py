@@ -11,7 +11,6 @@ from torch import nn
 from expertmesh.model.attention import partial_attention
 from expertmesh.model.block import DecoderLayer, Embedding
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.moe import dispatch_pairs
 from expertmesh.model.norm import RMSNorm
 
 
@@ -35,30 +34,18 @@ class MoETransformer(nn.Module):
         """Final hidden [T, H] -> logits [T, V] fp32."""
         return self.lm_head(self.norm(x)).float()
 
-    def mlp(self, layer: DecoderLayer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed-forward of one layer in-process: h [T, H] -> (y [T, H], router logits [T, E] | None)."""
-        if not layer.is_moe:
-            return layer.mlp(h), None
-        logits, experts, weights = layer.gate_route(h)
-        token, expert, in_scale, out_w = dispatch_pairs(experts, weights, self.cfg)
-        rows = h[token] * in_scale[:, None].to(h.dtype)  # [P, H]
-        y_pairs = layer.experts(rows, expert) * out_w[:, None].to(h.dtype)
-        y = torch.zeros_like(h).index_add_(0, token, y_pairs)
-        shared = layer.shared(h)
-        return (y if shared is None else y + shared), logits
-
     def forward(self, ids: torch.Tensor, return_router_logits: bool = False):
         """ids [T] or [1, T] -> logits [T, V] (and router logits per MoE layer)."""
         ids = ids.reshape(-1)
-        pos = torch.arange(ids.shape[0])
+        pos = torch.arange(ids.shape[0], device=ids.device)
         x = self.embed(ids)  # [T, H]
         router_logits = []
+
+        def attention(layer: DecoderLayer, q, k, v):  # causal self-attention, in place
+            return partial_attention(q, pos, k, v, pos, layer.spec)[0], None
+
         for layer in self.layers:
-            q, k, v = layer.qkv(layer.attn_norm(x), pos)
-            attn, _ = partial_attention(q, pos, k, v, pos, layer.spec)
-            x = layer.attn_out(x, attn)
-            y, rl = self.mlp(layer, layer.mlp_norm(x))
-            x = x + y
+            x, rl, _ = layer(x, pos, attention)
             if rl is not None:
                 router_logits.append(rl)
         out = self.logits(x)

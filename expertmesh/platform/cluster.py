@@ -17,6 +17,7 @@ from expertmesh.actors.names import NAMESPACE, lookup  # noqa: F401 - re-exporte
 
 CONTEXT_SHARD = "context_shard"
 EXPERT_GROUP = "expert_group"
+WORKER = "worker"  # a colocated actor: a context shard and an expert group
 
 
 def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
@@ -43,12 +44,14 @@ def connect(address: str | None, context_shards: int, expert_groups: int, env: d
 TASK_RETRIES = {CONTEXT_SHARD: 1, EXPERT_GROUP: 1, None: 0}
 
 
-def actor_options(kind: str | None, threads: int | None = None) -> dict:
-    """Ray options for an actor of a kind: its custom resource where the cluster declares it,
-    and its restart policy."""
+def actor_options(kind: str | None, threads: int | None = None, also: str | None = None) -> dict:
+    """Ray options for an actor of a kind: its custom resource where the cluster declares it
+    (and that of `also`, for a colocated worker holding both), and its restart policy."""
     opts: dict = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": TASK_RETRIES[kind]}
-    if kind is not None and ray.cluster_resources().get(kind, 0) >= 1:
-        opts["resources"] = {kind: 1}
+    declared = ray.cluster_resources()
+    res = {k: 1 for k in (kind, also) if k is not None and declared.get(k, 0) >= 1}
+    if res:
+        opts["resources"] = res
     return opts
 
 

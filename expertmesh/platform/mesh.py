@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from expertmesh.actors.context_shard import RemoteContextShard
+from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
+from expertmesh.actors.exchange import check_data_plane
 from expertmesh.actors.router import RemoteRouter
+from expertmesh.actors.worker import remote_worker
 from expertmesh.jax_backend import check_backend, check_jax_installed
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
@@ -22,8 +24,8 @@ from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.errors import PlacementError, Unavailable
-from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, actor_name, actor_options, connect,
-                                         missing_resources, threads_per_actor)
+from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
+                                         connect, missing_resources, threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.pages import KV_DTYPES
@@ -109,12 +111,14 @@ class Mesh:
         self.router, self.shards, self.groups = router, shards, groups
         self.config, self.tokenizer, self.checkpoint = config, tokenizer, checkpoint
         self._started_ray, self._owned = started_ray, owned
+        shard_ids = {s._actor_id for s in shards}
+        self.colocated = any(g._actor_id in shard_ids for g in groups)
 
     @classmethod
     def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
               address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
-              max_batch_tokens: int = 16384, lanes: int = 2, compiled_graphs: bool = False,
-              name: str | None = None, store: str | os.PathLike | None = None,
+              max_batch_tokens: int = 16384, lanes: int = 2, data_plane: str = "collective",
+              colocate: bool = False, name: str | None = None, store: str | os.PathLike | None = None,
               shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
               start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch") -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
@@ -130,9 +134,14 @@ class Mesh:
         compute with ("jax": KV pages and experts as JAX arrays on each actor's JAX device, e.g.
         a TPU host; `pip install 'expertmesh[jax]'`). Either mix gives the same answers.
 
-        lanes: router step loops that overlap one batch's compute with another's remote calls.
-        compiled_graphs: the router's per-layer fan-outs to shards and groups run over Ray
-        Compiled Graphs (less Ray overhead per call; built on first use).
+        data_plane: "collective" (default): each router step makes one Ray call per actor taking
+        part, and the per-layer tensors (queries, partial outputs, token rows) move over a
+        torch.distributed process group of the mesh's actors (gloo on CPU, NCCL on GPUs).
+        "ray": one Ray task per actor per layer (the reference path; same results).
+        colocate: one actor per index holds context shard i and expert group i (how attention
+        and experts share every accelerator): max(context_shards, expert_groups) actors.
+        lanes: router step loops that overlap one batch's compute with another's remote calls
+        (the "ray" data plane; the collective one runs one step at a time).
         name: register the router under this name so other drivers and jobs can
         `Mesh.attach(name)` (e.g. an ingestion job adding contexts to a serving mesh).
         detached: the actors outlive this driver (a Serve replica's mesh outlives the replica);
@@ -145,6 +154,7 @@ class Mesh:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        check_data_plane(data_plane)
         check_backend("shard_backend", shard_backend)
         check_backend("expert_backend", expert_backend)
         if page_size < 1:
@@ -168,7 +178,8 @@ class Mesh:
             missing = missing_resources(context_shards, len(partition))
             if missing:
                 raise PlacementError(f"cannot start the mesh: {missing}")
-            threads = threads_per_actor(context_shards + expert_groups + 1)
+            threads = threads_per_actor((max(context_shards, expert_groups) if colocate
+                                         else context_shards + expert_groups) + 1)
             specs = [config.attention_spec(i) for i in range(config.num_layers)]
             base = name or f"mesh-{uuid.uuid4().hex[:12]}"
             life = {"lifetime": "detached"} if detached else {}
@@ -176,23 +187,35 @@ class Mesh:
             def options(kind: str | None, index: int = 0) -> dict:
                 return actor_options(kind) | life | {"name": actor_name(base, kind, index), "namespace": NAMESPACE}
 
-            shard_cls = RemoteContextShard
+            shard_cls, shard_plain = RemoteContextShard, ContextShard
             if shard_backend == "jax":  # imports JAX in the shard actors only
+                from expertmesh.actors.jax_context_shard import JaxContextShard as shard_plain
                 from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
-            shards, groups = [], []
-            for i in range(context_shards):
-                shards.append(shard_cls.options(**options(CONTEXT_SHARD, i)).remote(
-                    i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype))
-                actors.append(shards[-1])
-            for g, experts in enumerate(partition):
-                groups.append(RemoteExpertGroup.options(**options(EXPERT_GROUP, g)).remote(
-                    str(path), g, experts, threads, expert_backend))
-                actors.append(groups[-1])
+            shard_args = [(i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype)
+                          for i in range(max(context_shards, len(partition)))]
+            group_args = [(str(path), g, experts, threads, expert_backend) for g, experts in enumerate(partition)]
+            if colocate:  # worker i: shard i and group i (a worker past the last shard only computes experts)
+                worker_cls = remote_worker(shard_plain)
+                n = max(context_shards, len(partition))
+                names = [actor_name(base, WORKER, i) for i in range(n)]
+                for i in range(n):
+                    opts = actor_options(CONTEXT_SHARD if i < context_shards else EXPERT_GROUP,
+                                         also=EXPERT_GROUP if i < min(context_shards, len(partition)) else None)
+                    actors.append(worker_cls.options(**opts | life | {"name": names[i], "namespace": NAMESPACE})
+                                  .remote(shard_args[i], group_args[i] if i < len(partition) else None))
+                shards, groups = actors[:context_shards], actors[:len(partition)]
+                shard_names, group_names = names[:context_shards], names[:len(partition)]
+            else:
+                shards = [shard_cls.options(**options(CONTEXT_SHARD, i)).remote(*shard_args[i])
+                          for i in range(context_shards)]
+                groups = [RemoteExpertGroup.options(**options(EXPERT_GROUP, g)).remote(*a)
+                          for g, a in enumerate(group_args)]
+                actors += shards + groups
+                shard_names = [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))]
+                group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
             router = RemoteRouter.options(**options(None)).remote(
-                str(path), [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))],
-                [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))],
-                shard_capacity_tokens, threads, max_batch_tokens, lanes, compiled_graphs, store, kv_dtype, page_size,
-                fingerprint)
+                str(path), shard_names, group_names, shard_capacity_tokens, threads, max_batch_tokens, lanes,
+                data_plane, store, kv_dtype, page_size, fingerprint)
             actors.append(router)
             _await_pings(router, shards, groups, start_timeout_s)
         except BaseException as exc:
@@ -292,7 +315,7 @@ class Mesh:
         return {
             "router": ray.get(self.router.stats.remote()),
             "shards": ray.get([s.stats.remote() for s in self.shards]),
-            "expert_groups": ray.get([g.stats.remote() for g in self.groups]),
+            "expert_groups": ray.get([(g.group_stats if self.colocated else g.stats).remote() for g in self.groups]),
         }
 
     def shutdown(self, stop_actors: bool | None = None) -> None:

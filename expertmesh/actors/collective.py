@@ -1,0 +1,286 @@
+"""The collective data plane: one Ray call per actor per step, per-layer tensors over a
+torch.distributed process group (gloo on CPU hosts, NCCL on GPUs).
+
+Ray places the actors and carries control: forming the group (`join_group`) and one
+`run_step(PeerPlan)` per participating actor per step. Within the step both sides walk the
+plan in order and exchange point-to-point messages (rank 0 is the router):
+
+  attend  router -> shard   fp32 [n_items + rows*Hq*D]: an active flag per planned item, then
+                            the items' query rows (rows of inactive items are zeros)
+          shard -> router   fp32 [1 + active rows*Hq*(D+1)]: status, partial output and LSE
+  experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H+1]: rows + expert id
+          group -> router   fp32 [1 + n*H]: status, expert outputs
+
+Failure: an actor whose work fails answers with status 1 and leaves the step (its error is
+its `run_step` result); the router finishes the phase, then sends every actor still in the
+step an abort where it waits next (flag or header -1). A transport error (an actor died) also
+drops the group: its operations error at once, since a dead process closes its connections.
+The router collects the actors' errors, the step fails with the most telling one, and the
+next step forms a new group if needed (a restarted actor joins it). Every wait is bounded by
+the group's timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
+from expertmesh.actors.step_plan import StepPlan
+from expertmesh.errors import Unavailable
+
+JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
+
+
+def make_group(backend: str, address: tuple[str, int], generation: int, rank: int, world: int,
+               timeout_s: float, master: dist.TCPStore | None = None):
+    """This process's member of generation `generation` of a mesh's process group."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = master or dist.TCPStore(address[0], address[1], None, False, timeout=timeout)
+    prefixed = dist.PrefixStore(f"expertmesh/g{generation}", store)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, world, opts), store
+    return dist.ProcessGroupGloo(prefixed, rank, world, timeout), store
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class StepAborted(RuntimeError):
+    """The router ended the step early (another actor or the router itself failed)."""
+
+
+class PeerFailed(RuntimeError):
+    """An actor answered an exchange with an error; its own error is its run_step result."""
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """An error of the group or the step's control, not of the actor's own work."""
+    text = f"{type(exc).__name__} {exc}"
+    return isinstance(exc, (RuntimeError, dist.DistBackendError)) and any(
+        s in text for s in ("Connection closed", "Timed out", "timed out", "Connection reset", "StepAborted",
+                            "StaleStep", "gloo", "NCCL"))
+
+
+def _peer_list(shards: list[Any], groups: list[Any]) -> list[tuple[Any, int | None, int | None]]:
+    """Unique actors (handle, shard index, group index): a colocated actor holds one of each."""
+    peers: dict[Any, list] = {}
+    for i, h in enumerate(shards):
+        peers.setdefault(h._actor_id, [h, None, None])[1] = i
+    for g, h in enumerate(groups):
+        peers.setdefault(h._actor_id, [h, None, None])[2] = g
+    return [tuple(p) for p in peers.values()]
+
+
+class CollectiveExchange(Exchange):
+    """The router's side (rank 0). One step at a time: a lock spans begin .. end/abort."""
+
+    def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
+                 device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        self.peers = _peer_list(shards, groups)
+        self.rank_of_shard = {s: r + 1 for r, (_, s, _) in enumerate(self.peers) if s is not None}
+        self.rank_of_group = {g: r + 1 for r, (_, _, g) in enumerate(self.peers) if g is not None}
+        self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
+        self.backend, self.join_timeout_s = backend_for(device), join_timeout_s
+        self.generation, self.groups_formed = 0, 0
+        self._pg = None
+        self._store: dist.TCPStore | None = None
+        self._lock = threading.Lock()
+        self._refs: list = []
+        self._plan: StepPlan | None = None
+        self._reads: list = []
+        self._parts: dict[int, tuple] = {}  # rank -> its parts in this step
+        self._sent: dict[int, int] = {}  # rank -> parts the router has started
+        self._left: set[int] = set()  # ranks that left the step with an error
+        self._works: list = []  # operations not waited for yet
+
+    # -- the group --------------------------------------------------------------------------
+    def _form_group(self) -> None:
+        """A new generation of the group: every actor joins (Ray queues the call on a
+        restarting actor until it is back); fails within join_timeout_s."""
+        self.generation += 1
+        timeout = datetime.timedelta(seconds=self.join_timeout_s)
+        if self._store is None:
+            host = ray.util.get_node_ip_address()
+            self._store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
+        address = (ray.util.get_node_ip_address(), self._store.port)
+        world = len(self.peers) + 1
+        refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s)
+                for r, (h, _, _) in enumerate(self.peers)]
+        try:
+            self._pg, _ = make_group(self.backend, address, self.generation, 0, world, self.join_timeout_s,
+                                     master=self._store)
+            ray.get(refs, timeout=self.join_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - an actor that cannot join: the mesh is unavailable now
+            self._pg = None
+            raise Unavailable(f"the mesh's actors did not form their process group within "
+                              f"{self.join_timeout_s:g} s ({type(exc).__name__}: {str(exc)[:300]}); retry later") from None
+        self.groups_formed += 1
+
+    def _drop_group(self) -> None:
+        if self._pg is not None:
+            try:
+                self._pg.abort()  # errors every operation waiting on the group, on every member
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+            self._pg = None
+
+    # -- a step -----------------------------------------------------------------------------
+    def begin(self, plan: StepPlan) -> None:
+        self._lock.acquire()
+        try:
+            if self._pg is None:
+                self._form_group()
+            self._plan, self._reads, self._refs, self._works = plan, [], [], []
+            self._parts, self._sent, self._left = {}, {}, set()
+            for rank, (handle, shard, group) in enumerate(self.peers, start=1):
+                part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden)
+                if part is not None:
+                    self._parts[rank], self._sent[rank] = part.parts, 0
+                    self._refs.append(handle.run_step.remote(part))
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _post(self, work) -> None:
+        self._works.append(work)
+
+    def _wait(self) -> None:
+        works, self._works = self._works, []
+        for w in works:
+            w.wait()
+
+    def attend(self, layer, requests):
+        hq_d, width = self.heads * self.head_dim, self.heads * (self.head_dim + 1)
+        pending = []
+        for shard, items in self._plan.layers[layer].attend.items():
+            active = dict(requests.get(shard, []))
+            n_rows = sum(len(it.rows) for it in items)
+            msg = torch.zeros(len(items) + n_rows * hq_d, dtype=torch.float32, device=self.device)
+            at, got = len(items), 0
+            for j, it in enumerate(items):
+                t = len(it.rows)
+                if j in active:
+                    msg[j] = 1.0
+                    msg[at:at + t * hq_d] = active[j].reshape(-1).float()
+                    got += t
+                at += t * hq_d
+            rank = self.rank_of_shard[shard]
+            self._sent[rank] += 1
+            self._post(self._pg.send([msg], rank, 0))
+            reply = torch.empty(1 + got * width, dtype=torch.float32, device=self.device)
+            if got:
+                self._post(self._pg.recv([reply], rank, 0))
+            pending.append((shard, rank, [j for j in range(len(items)) if j in active], got, reply))
+
+        def wait():
+            self._wait()
+            out = {}
+            for shard, rank, order, got, reply in pending:
+                if got and reply[0] != 0:
+                    self._left.add(rank)
+                    continue
+                body, parts, at = reply[1:].view(got, width), [], 0
+                for j in order:
+                    t = len(self._plan.layers[layer].attend[shard][j].rows)
+                    block = body[at:at + t]
+                    parts.append((block[:, :hq_d].reshape(t, self.heads, self.head_dim), block[:, hq_d:]))
+                    at += t
+                out[shard] = parts
+            if self._left:
+                raise PeerFailed(f"context shard(s) at ranks {sorted(self._left)} failed at layer {layer}")
+            return out
+        return wait
+
+    def experts(self, layer, requests):
+        pending = []
+        for g in self._plan.groups:
+            rows, ids = requests.get(g, (None, None))
+            n = 0 if rows is None else rows.shape[0]
+            rank = self.rank_of_group[g]
+            self._sent[rank] += 1
+            self._post(self._pg.send([torch.tensor([n], dtype=torch.int64, device=self.device)], rank, 0))
+            if n:
+                payload = torch.cat([rows.float(), ids.to(torch.float32)[:, None]], dim=1).to(self.device)
+                reply = torch.empty(1 + n * self.hidden, dtype=torch.float32, device=self.device)
+                self._post(self._pg.send([payload], rank, 0))
+                self._post(self._pg.recv([reply], rank, 0))
+                pending.append((g, rank, n, reply))
+
+        def wait():
+            self._wait()
+            out = {}
+            for g, rank, n, reply in pending:
+                if reply[0] != 0:
+                    self._left.add(rank)
+                else:
+                    out[g] = reply[1:].view(n, self.hidden)
+            if self._left:
+                raise PeerFailed(f"expert group(s) at ranks {sorted(self._left)} failed at layer {layer}")
+            return out
+        return wait
+
+    def end(self):
+        """The actors' page reads; on an error the caller runs abort() (which releases the step)."""
+        for reads in ray.get(self._refs, timeout=STEP_TIMEOUT_S):
+            self._reads.extend(reads)
+        self._lock.release()
+        return self._reads
+
+    def abort(self) -> BaseException | None:
+        """After a failed step: finish the operations in flight, send every actor still in the
+        step an abort where it waits next, collect the actors' errors. A transport error drops
+        the group (the next step forms a new one)."""
+        try:
+            broken = self._pg is None
+            for w in self._works:
+                try:
+                    w.wait()
+                except Exception:  # noqa: BLE001 - a dead actor's connection
+                    broken = True
+            self._works = []
+            for rank, parts in self._parts.items():
+                if broken or rank in self._left or self._sent[rank] >= len(parts):
+                    continue
+                part = parts[self._sent[rank]]
+                if part.kind == "attend":
+                    size = len(part.items) + sum(it[1] for it in part.items) * self.heads * self.head_dim
+                    msg = torch.zeros(size, dtype=torch.float32, device=self.device)
+                    msg[0] = -1.0
+                else:
+                    msg = torch.tensor([-1], dtype=torch.int64, device=self.device)
+                try:
+                    self._pg.send([msg], rank, 0).wait()
+                except Exception:  # noqa: BLE001
+                    broken = True
+            if broken:
+                self._drop_group()
+            ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=30.0)
+            errors = []
+            for ref in self._refs:
+                if ref not in ready:
+                    broken = True
+                    continue
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - sorted below
+                    errors.append(exc)
+            if broken:
+                self._drop_group()
+            work = [e for e in errors if not isinstance(e, ray.exceptions.RayActorError)
+                    and not is_transport_error(getattr(e, "cause", None) or e)]
+            dead = [e for e in errors if isinstance(e, ray.exceptions.RayActorError)]
+            return (work or dead or [None])[0]
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        self._drop_group()

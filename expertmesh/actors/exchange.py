@@ -1,0 +1,124 @@
+"""The per-layer exchange of a router step: one dispatch/combine contract, two transports.
+
+    begin(plan)                         a step starts (the collective transport sends each
+                                        participating actor its slice of the plan here)
+    attend(layer, {shard: [(item, q)]}) -> wait() -> {shard: [(out, lse)]}
+                                        scatter queries to context shards, gather partials
+    experts(layer, {group: (rows, ids)}) -> wait() -> {group: y}
+                                        dispatch token rows to expert groups, combine outputs
+    end() -> [(layer, shard, item, pages read)]     the step is over
+    abort() -> the most telling error of the actors, if any (after a failed step)
+
+`TaskExchange` calls the actors' `attend` / `compute` once per layer: in-process objects (the
+single-process router, and CPU tests) or Ray actor handles (one Ray task per actor per layer,
+the reference path). `CollectiveExchange` (collective.py) makes one Ray call per actor per
+step and moves the per-layer tensors over a torch.distributed process group. Both give the
+same numbers: the wire format is fp32 either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import ray
+import torch
+
+from expertmesh.actors.step_plan import AttendItem, StepPlan
+
+DATA_PLANES = ("collective", "ray")
+STEP_TIMEOUT_S = 120.0  # a step whose actors do not answer within this fails (nothing hangs)
+
+
+def check_data_plane(value: str) -> str:
+    if value not in DATA_PLANES:
+        raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {value!r}")
+    return value
+
+
+class Exchange:
+    """The contract (see the module docstring); subclasses implement every method."""
+
+    def begin(self, plan: StepPlan) -> None:
+        raise NotImplementedError
+
+    def attend(self, layer: int, requests: dict[int, list[tuple[int, torch.Tensor]]]
+               ) -> Callable[[], dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        raise NotImplementedError
+
+    def experts(self, layer: int, requests: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                ) -> Callable[[], dict[int, torch.Tensor]]:
+        raise NotImplementedError
+
+    def end(self) -> list[tuple[int, int, int, dict]]:
+        raise NotImplementedError
+
+    def abort(self) -> BaseException | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _remote(target: Any) -> bool:
+    return isinstance(target, ray.actor.ActorHandle)
+
+
+def call(target: Any, method: str, *args: Any) -> Awaitable:
+    """Invoke a control method (begin, append, open, drop, ...) of an actor handle (remote) or
+    a local object, as an awaitable."""
+    if _remote(target):
+        return getattr(target, method).remote(*args)
+    fut = asyncio.get_running_loop().create_future()
+    try:
+        fut.set_result(getattr(target, method)(*args))
+    except Exception as exc:  # noqa: BLE001 - delivered to the awaiting caller
+        fut.set_exception(exc)
+    return fut
+
+
+class TaskExchange(Exchange):
+    """One call per actor per layer: a method call in-process, or a Ray task."""
+
+    def __init__(self, shards: list[Any], groups: list[Any]) -> None:
+        self.shards, self.groups = shards, groups
+        self._plan: StepPlan | None = None
+        self._reads: list[tuple[int, int, int, dict]] = []
+
+    def begin(self, plan: StepPlan) -> None:
+        self._plan, self._reads = plan, []
+
+    def attend(self, layer, requests):
+        items_of = self._plan.layers[layer].attend
+        calls = {}
+        for shard, active in requests.items():
+            items = [AttendItem(it.context_id, q.float().cpu().numpy(), it.q_pos, it.visits, it.top_pages, it.segment)
+                     for (j, q), it in ((a, items_of[shard][a[0]]) for a in active)]
+            calls[shard] = (active, self._call(self.shards[shard], "attend", layer, items))
+
+        def wait():
+            out = {}
+            for shard, (active, reply) in calls.items():
+                res = reply()
+                out[shard] = [(torch.from_numpy(np.array(o)), torch.from_numpy(np.array(lse))) for o, lse, _ in res]
+                self._reads.extend((layer, shard, j, reads) for (j, _), (_, _, reads) in zip(active, res))
+            return out
+        return wait
+
+    def experts(self, layer, requests):
+        calls = {g: self._call(self.groups[g], "compute", layer, rows.float().cpu().numpy(), ids.cpu().numpy())
+                 for g, (rows, ids) in requests.items()}
+        return lambda: {g: torch.from_numpy(np.array(reply())) for g, reply in calls.items()}
+
+    def end(self):
+        return self._reads
+
+    @staticmethod
+    def _call(target: Any, method: str, *args) -> Callable[[], Any]:
+        """Start a call; return a function that waits for its result."""
+        if _remote(target):
+            ref = getattr(target, method).remote(*args)
+            return lambda: ray.get(ref, timeout=STEP_TIMEOUT_S)
+        result = getattr(target, method)(*args)  # in-process: now
+        return lambda: result

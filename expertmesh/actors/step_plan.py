@@ -1,0 +1,153 @@
+"""The plan of one router step: which rows attend over which shards at each layer, and which
+expert groups take part. A frozen value, built once per step before any layer runs.
+
+The router sends every participating actor its own slice (`PeerPlan`) in one call per step;
+within the step, messages follow the plan's order on both sides, so no per-layer call names
+what comes next. Pathways still come from the router: a request whose shards are chosen from
+its queries (prefill with `top_shards` on a global layer) gets an item of its own on every
+candidate shard, and the router flags at that layer which of them it chose.
+
+Shapes: rows are indices into the step's flat token batch of that layer (the last layer drops
+context segments' rows, which need only its K/V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from expertmesh.actors.pathway import choose_shards, segment_visible
+from expertmesh.actors.sequence import Sequence
+
+
+@dataclasses.dataclass
+class AttendItem:
+    """The queries of one or more requests over one context: q [T, Hq, D], positions [T]."""
+
+    context_id: str
+    q: np.ndarray
+    q_pos: np.ndarray
+    visits: dict[str, int]  # request id -> query tokens in this item
+    top_pages: int | None = None  # None: every page (exact); p: the p best-bounded pages
+    segment: tuple[str, int, int] | None = None  # (file, start, end): reopen from the store if needed
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemPlan:
+    """The queries of one or more requests of one context over one shard at one layer."""
+
+    context_id: str
+    rows: np.ndarray  # [t] rows of the layer's batch
+    q_pos: np.ndarray  # [t] their positions
+    visits: dict[str, int]  # request id -> query tokens in this item
+    top_pages: int | None
+    segment: tuple[str, int, int] | None  # (file, start, end) for a shard to reopen from the store
+    seqs: tuple[int, ...]  # the requests (indices into the layer's live batch)
+    chooser: int | None = None  # a request whose shards are chosen at this layer from its queries
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    live: tuple[int, ...]  # indices into the step's batch of the sequences whose rows this layer runs
+    attend: dict[int, tuple[ItemPlan, ...]]  # shard -> items
+    experts: bool  # an MoE layer with rows to route
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One exchange of a peer within a step: attention items of a layer, or a layer's experts."""
+
+    kind: str  # "attend" | "experts"
+    layer: int
+    items: tuple[tuple, ...] = ()  # attend: (context_id, rows, q_pos, visits, top_pages, segment)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerPlan:
+    """What one actor does in a step, in order. `generation` names the process group the step
+    runs over (a step of an earlier group fails at once)."""
+
+    generation: int
+    parts: tuple[Part, ...]
+    heads: int  # query heads
+    head_dim: int
+    hidden: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    layers: tuple[LayerPlan, ...]
+    groups: tuple[int, ...]  # expert groups taking part (every group when any layer routes experts)
+
+    def peer(self, generation: int, shard: int | None, group: int | None, heads: int, head_dim: int,
+             hidden: int) -> PeerPlan | None:
+        """The slice of an actor holding context shard `shard` and/or expert group `group`."""
+        parts = []
+        for lp in self.layers:
+            if shard is not None and shard in lp.attend:
+                parts.append(Part("attend", lp.index, tuple(
+                    (it.context_id, len(it.rows), it.q_pos, it.visits, it.top_pages, it.segment)
+                    for it in lp.attend[shard])))
+            if group is not None and lp.experts and group in self.groups:
+                parts.append(Part("experts", lp.index))
+        return PeerPlan(generation, tuple(parts), heads, head_dim, hidden) if parts else None
+
+
+def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: torch.Tensor, model,
+               summaries: dict, num_groups: int) -> StepPlan:
+    """The step's plan. Pathways that do not depend on queries are fixed here (and recorded in
+    each sequence's `layer_shards`); the rest are marked to be chosen at their layer."""
+    layers, last = [], len(model.layers) - 1
+    for layer in model.layers:
+        index, spec = layer.index, layer.spec
+        live = tuple(i for i, seq in enumerate(batch) if index < last or seq.kind != "segment")
+        plan: dict[int, dict[tuple, list[int]]] = {}  # shard -> item key -> positions in `live`
+        choosers: dict[tuple, int] = {}
+        for j, i in enumerate(live):
+            seq, (a, b) = batch[i], spans[i]
+            if not seq.segments:
+                continue
+            pos = positions[a:b]
+            dynamic = False
+            if seq.layer_shards[index] is None:
+                ctx_summ = {s: m[index] for s, m in summaries.get(seq.context_id, {}).items()}
+                fixed = choose_shards(seq.segments, None, pos, spec, seq.top_shards, ctx_summ, q_needed=False)
+                if fixed is None:  # chosen from this layer's queries, at the layer
+                    dynamic = True
+                else:
+                    seq.layer_shards[index] = fixed
+            q_lo, q_hi = int(pos[0]), int(pos[-1])
+            chunks = set((pos // spec.chunk_size).tolist()) if spec.chunk_size else None
+            by_shard = {s.shard: s for s in seq.segments}
+            candidates = [s.shard for s in seq.segments] if dynamic else seq.layer_shards[index]
+            # requests choosing pages or shards get their own item; exact ones share one per context
+            own = seq.top_pages is not None or dynamic
+            key = (seq.context_id, seq.top_pages, seq.request_id if own else None)
+            for shard in candidates:
+                if segment_visible(by_shard[shard], q_lo, q_hi, chunks, spec):
+                    plan.setdefault(shard, {}).setdefault(key, []).append(j)
+                    if dynamic:
+                        choosers[key] = j
+        # the layer's row layout: live sequences' spans, back to back
+        offsets, n = [], 0
+        for i in live:
+            offsets.append(n)
+            n += spans[i][1] - spans[i][0]
+        attend = {}
+        for shard, per_key in sorted(plan.items()):
+            items = []
+            for key, js in per_key.items():
+                rows = np.concatenate([np.arange(offsets[j], offsets[j] + spans[live[j]][1] - spans[live[j]][0])
+                                       for j in js])
+                first = batch[live[js[0]]]
+                q_pos = np.concatenate([positions[spans[live[j]][0]:spans[live[j]][1]].numpy() for j in js])
+                items.append(ItemPlan(key[0], rows, q_pos, {batch[live[j]].request_id: spans[live[j]][1] -
+                                                            spans[live[j]][0] for j in js},
+                                      first.top_pages, first.segment_files.get(shard), tuple(js), choosers.get(key)))
+            attend[shard] = tuple(items)
+        layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live)))
+    groups = tuple(range(num_groups)) if any(lp.experts for lp in layers) else ()
+    return StepPlan(tuple(layers), groups)

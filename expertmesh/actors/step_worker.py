@@ -1,0 +1,115 @@
+"""The actor side of the collective data plane (see collective.py for the wire format).
+
+`StepWorker` is mixed into the context shard, the expert group and the colocated worker: it
+joins the mesh's process group when the router asks, and runs one step's plan per call,
+answering each exchange with the actor's own `attend` / `compute`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from expertmesh.actors.collective import StepAborted, make_group
+from expertmesh.actors.step_plan import AttendItem, PeerPlan
+
+
+class StaleStep(RuntimeError):
+    """A step planned for another generation of the process group (this actor restarted)."""
+
+
+class StepWorker:
+    _pg = None
+    _generation = -1
+    _store = None
+    data_device = torch.device("cpu")  # where the exchanged tensors live (cuda with NCCL)
+
+    def join_group(self, address: tuple[str, int], generation: int, rank: int, world: int, backend: str,
+                   timeout_s: float) -> int:
+        """Join generation `generation` of the mesh's process group as `rank`."""
+        if self._pg is not None:
+            try:
+                self._pg.abort()
+            except Exception:  # noqa: BLE001 - an earlier group already broken
+                pass
+            self._pg = None
+        self._pg, self._store = make_group(backend, tuple(address), generation, rank, world, timeout_s)
+        self._generation = generation
+        return rank
+
+    @ray.method(max_task_retries=0)
+    @torch.no_grad()
+    def run_step(self, plan: PeerPlan) -> list[tuple[int, int, int, dict]]:
+        """Run this actor's exchanges of one step; returns (layer, shard, item, pages read)."""
+        pg = self._pg
+        if pg is None or plan.generation != self._generation:
+            raise StaleStep(f"step of process group generation {plan.generation}; this actor is in "
+                            f"{self._generation if pg is not None else 'none'}")
+        reads = []
+        for part in plan.parts:
+            if part.kind == "attend":
+                reads.extend(self._attend_part(pg, plan, part))
+            else:
+                self._experts_part(pg, plan, part)
+        return reads
+
+    @staticmethod
+    def _answer(pg, reply: torch.Tensor, work) -> None:
+        """Send status 0 + the result of `work()`, or status 1 and re-raise its error (the
+        router then ends the step for everyone)."""
+        try:
+            body = work()
+        except BaseException:
+            reply.zero_()[0] = 1.0
+            pg.send([reply], 0, 0).wait()
+            raise
+        reply[0] = 0.0
+        reply[1:] = body.reshape(-1)
+        pg.send([reply], 0, 0).wait()
+
+    def _attend_part(self, pg, plan: PeerPlan, part) -> list:
+        hq_d = plan.heads * plan.head_dim
+        n_items, n_rows = len(part.items), sum(it[1] for it in part.items)
+        msg = torch.empty(n_items + n_rows * hq_d, dtype=torch.float32, device=self.data_device)
+        pg.recv([msg], 0, 0).wait()
+        if msg[0] < 0:
+            raise StepAborted("the router ended the step")
+        flags = msg[:n_items].tolist()
+        items, at, order = [], n_items, []
+        for j, (context_id, t, q_pos, visits, top_pages, segment) in enumerate(part.items):
+            if flags[j]:
+                q = msg[at:at + t * hq_d].view(t, plan.heads, plan.head_dim)
+                items.append(AttendItem(context_id, q.cpu().numpy(), q_pos, visits, top_pages, segment))
+                order.append(j)
+            at += t * hq_d
+        if not items:
+            return []
+        got = sum(len(it.q_pos) for it in items)
+        reply = torch.empty(1 + got * plan.heads * (plan.head_dim + 1), dtype=torch.float32, device=self.data_device)
+        results = []
+
+        def work():
+            results.extend(self.attend(part.layer, items))
+            return torch.cat([torch.cat([torch.from_numpy(np.asarray(o)).reshape(o.shape[0], -1),
+                                         torch.from_numpy(np.asarray(lse))], dim=1) for o, lse, _ in results])
+        self._answer(pg, reply, work)
+        return [(part.layer, self.index, j, r) for j, (_, _, r) in zip(order, results)]
+
+    def _experts_part(self, pg, plan: PeerPlan, part) -> None:
+        head = torch.empty(1, dtype=torch.int64, device=self.data_device)
+        pg.recv([head], 0, 0).wait()
+        n = int(head[0])
+        if n < 0:
+            raise StepAborted("the router ended the step")
+        if n == 0:
+            return
+        payload = torch.empty(n, plan.hidden + 1, dtype=torch.float32, device=self.data_device)
+        pg.recv([payload], 0, 0).wait()
+        reply = torch.empty(1 + n * plan.hidden, dtype=torch.float32, device=self.data_device)
+
+        def work():
+            rows = payload[:, :plan.hidden].cpu().numpy()
+            ids = payload[:, plan.hidden].to(torch.int64).cpu().numpy()
+            return torch.from_numpy(np.asarray(self.compute(part.layer, rows, ids))).float().to(self.data_device)
+        self._answer(pg, reply, work)
