@@ -10,6 +10,7 @@ from expertmesh.errors import (
     CapacityError,
     CheckpointError,
     ContextNotFound,
+    DeviceError,
     ExpertMeshError,
     NoTokenizer,
     PlacementError,
@@ -22,7 +23,7 @@ from expertmesh.platform.mesh import GenerationResult, Mesh
 from expertmesh.store.registry import ContextInfo
 
 __all__ = [
-    "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "ExpertMeshError",
+    "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "DeviceError", "ExpertMeshError",
     "GenerationResult", "Mesh", "ModelConfig", "NoTokenizer", "PlacementError", "SUPPORTED_ARCHITECTURES",
     "Unavailable", "UnsupportedArchitecture",
     "load_model", "save_model",

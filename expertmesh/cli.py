@@ -21,12 +21,36 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
                    help="what context shards compute with (jax: pip install 'expertmesh[jax]')")
     p.add_argument("--expert-backend", choices=("torch", "jax"), default="torch",
                    help="what expert groups compute with (jax: pip install 'expertmesh[jax]')")
+    p.add_argument("--device", default="auto", type=_device,
+                   help="where weights and KV live: auto (a GPU where the actor sees one), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU); softmax "
+                        "statistics and the merge of partial attention stay float32")
+    p.add_argument("--colocate", action="store_true",
+                   help="one context shard and one expert group per actor (per accelerator)")
+    p.add_argument("--data-plane", choices=("collective", "ray"), default="collective",
+                   help="per-layer tensors over torch.distributed collectives (NCCL/gloo) or Ray calls")
+
+
+def _device(value: str) -> str:
+    from expertmesh.model.device import check_device_dtype
+
+    try:
+        return check_device_dtype(value, "auto")[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# Until Mesh.start takes device=, dtype=, colocate= and data_plane= (issue 11, actors/ and
+# platform/mesh.py), only values other than these defaults are passed; then pass all four.
+PLACEMENT_DEFAULTS = {"device": "auto", "dtype": "auto", "colocate": False, "data_plane": "collective"}
 
 
 def _store_kwargs(args: argparse.Namespace) -> dict:
-    """The store and backend settings of a mesh (Mesh.start / ServeSettings keywords)."""
+    """The store, backend and placement settings of a mesh (Mesh.start / ServeSettings keywords)."""
+    placement = {k: getattr(args, k) for k, default in PLACEMENT_DEFAULTS.items() if getattr(args, k) != default}
     return {"store": args.store, "shard_memory_bytes": args.shard_memory_bytes, "kv_dtype": args.kv_dtype,
-            "shard_backend": args.shard_backend, "expert_backend": args.expert_backend}
+            "shard_backend": args.shard_backend, "expert_backend": args.expert_backend, **placement}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -239,7 +263,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     demo.run(context_tokens=args.context_tokens, context_shards=args.context_shards,
              expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode,
-             store=args.store, shard_backend=args.shard_backend, expert_backend=args.expert_backend)
+             store=args.store, shard_backend=args.shard_backend, expert_backend=args.expert_backend,
+             device=args.device, dtype=args.dtype, colocate=args.colocate, data_plane=args.data_plane)
     return 0
 
 

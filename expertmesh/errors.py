@@ -44,3 +44,7 @@ class NoTokenizer(ExpertMeshError, ValueError):
 
 class PlacementError(ExpertMeshError, RuntimeError):
     """The cluster cannot place (or start) the mesh's actors; the message names what is missing."""
+
+
+class DeviceError(ExpertMeshError, ValueError):
+    """A device this process cannot use (e.g. `cuda` where no CUDA device is visible)."""

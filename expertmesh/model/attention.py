@@ -68,17 +68,25 @@ def _fully_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec
     return True
 
 
-def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [H, Tq, D], k/v [H, Tk, D] -> out [H, Tq, D], lse [H, Tq]."""
-    if q.device.type == "cpu":
-        bias = None
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))[None, None]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, causal, attn_mask=bias, scale=scale
-        )
-        return out[0], lse[0]
+def lse_kernel(device_type: str, masked: bool, causal: bool, tq: int, tk: int) -> str:
+    """Which kernel computes (out, lse) of one attention call.
+
+    "cpu_flash": the CPU flash kernel (takes a mask as an additive bias); "cuda_efficient":
+    the fused memory-efficient kernel with `compute_log_sumexp` (fp32 inputs, no mask, causal
+    only over a square block: its causal mask is aligned top-left); "einsum": the plain
+    computation, on any device (the fallback).
+    """
+    if device_type == "cpu":
+        return "cpu_flash"
+    fused = hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
+    if device_type == "cuda" and fused and not masked and (not causal or tq == tk):
+        return "cuda_efficient"
+    return "einsum"
+
+
+def _einsum_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, Tq, D], k/v [H, Tk, D] -> out [H, Tq, D], lse [H, Tq] (causal: aligned bottom-right)."""
     scores = torch.einsum("htd,hsd->hts", q, k) * scale  # [H, Tq, Tk]
     if causal:
         tq, tk = scores.shape[-2:]
@@ -88,6 +96,29 @@ def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.einsum("hts,hsd->htd", probs, v), lse
+
+
+def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, Tq, D], k/v [H, Tk, D] -> out [H, Tq, D], lse [H, Tq]."""
+    kernel = lse_kernel(q.device.type, mask is not None, causal, q.shape[1], k.shape[1])
+    if kernel == "cpu_flash":
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            bias = bias[None, None]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, causal, attn_mask=bias, scale=scale
+        )
+        return out[0], lse[0]
+    if kernel == "cuda_efficient":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q[None], k[None], v[None], None, True, 0.0, causal, scale=scale)[:2]
+            return out[0], lse[0, :, :q.shape[1]].float()  # the LSE may be padded past Tq
+        except RuntimeError:  # a GPU or shape the fused kernel does not take
+            pass
+    return _einsum_lse(q, k, v, scale, mask, causal)
 
 
 def partial_attention(
@@ -181,10 +212,11 @@ def batched_decode_attention(
     longest = max(len(p) for p in k_pos)
     k = q.new_zeros(b, longest, hkv, d)
     v = q.new_zeros(b, longest, hkv, d)
-    pos = torch.full((b, longest), torch.iinfo(torch.int64).max, dtype=torch.int64)  # padding: never visible
+    pos = torch.full((b, longest), torch.iinfo(torch.int64).max, dtype=torch.int64,
+                     device=q.device)  # padding: never visible
     for i, (ki, vi, pi) in enumerate(zip(ks, vs, k_pos)):
         k[i, :len(pi)], v[i, :len(pi)], pos[i, :len(pi)] = ki, vi, pi
-    qp = q_pos[:, None]
+    qp = q_pos.to(q.device)[:, None]
     mask = pos <= qp  # [B, L]
     if spec.chunk_size:
         mask &= (pos // spec.chunk_size) == (qp // spec.chunk_size)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from expertmesh.errors import CheckpointError
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import ExpertBank
 from expertmesh.model.rope import inv_freq
 from expertmesh.model.transformer import MoETransformer
@@ -168,9 +169,20 @@ def hf_name_map(model: MoETransformer) -> dict[str, str]:
     }
 
 
+def _placement(dtype: torch.dtype | str, device: torch.device | str) -> tuple[torch.dtype, torch.device]:
+    """("auto" | name | torch.dtype, "auto" | "cpu" | "cuda[:N]" | torch.device) -> resolved pair."""
+    dev = resolve_device(device)
+    return resolve_dtype(dtype, dev), dev
+
+
 def load_model(path: str | os.PathLike, experts: range | None = None, with_experts: bool = True,
-               dtype: torch.dtype = torch.float32) -> MoETransformer:
-    """Build the single-process model from a checkpoint directory or URI."""
+               dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu") -> MoETransformer:
+    """Build the single-process model from a checkpoint directory or URI.
+
+    Every weight (norm scales included, as Hugging Face's `model.to(dtype)` does) lands on
+    `device` in `dtype`; the RoPE frequencies stay fp32. Strings as in model/device.py.
+    """
+    dtype, device = _placement(dtype, device)
     root = resolve_checkpoint(path)
     cfg = ModelConfig.from_file(root / "config.json")
     t = _Tensors(root)
@@ -187,16 +199,17 @@ def load_model(path: str | os.PathLike, experts: range | None = None, with_exper
             for local, get in _expert_tensors(t, cfg, i, held):
                 state[f"layers.{i}.experts.{local}"] = get() if len(held) else torch.empty(
                     getattr(layer.experts, local).shape)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
+    model.to(dtype)  # parameters are still uninitialised here: this only sets their dtype
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)  # copies cast to each parameter's dtype
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {root}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for layer in model.layers:  # buffers are not in checkpoints: rebuild them on the CPU
-        layer.freqs = inv_freq(cfg.head_dim, cfg.rope_theta)
-    return model.to(dtype).eval()
+    for layer in model.layers:  # buffers are not in checkpoints: rebuild them, fp32 whatever the dtype
+        layer.freqs = inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
+    return model.eval()
 
 
 def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
@@ -236,8 +249,13 @@ def save_model(model: MoETransformer, path: str | os.PathLike) -> Path:
     return root
 
 
-def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype = torch.float32) -> dict[int, ExpertBank]:
-    """Experts `held` of every MoE layer (what one expert group holds): {layer: ExpertBank}."""
+def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype | str = torch.float32,
+                 device: torch.device | str = "cpu") -> dict[int, ExpertBank]:
+    """Experts `held` of every MoE layer (what one expert group holds): {layer: ExpertBank}.
+
+    The weights land on `device` in `dtype` (strings as in model/device.py).
+    """
+    dtype, device = _placement(dtype, device)
     root = resolve_checkpoint(path)
     cfg = ModelConfig.from_file(root / "config.json")
     t = _Tensors(root)
@@ -245,9 +263,11 @@ def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype = torc
     for i in range(cfg.num_layers):
         if not cfg.moe_layers[i]:
             continue
-        bank = ExpertBank(len(held), cfg.hidden_size, cfg.moe_intermediate_size, first=held.start)
+        with torch.device("meta"):
+            bank = ExpertBank(len(held), cfg.hidden_size, cfg.moe_intermediate_size, first=held.start)
+        bank = bank.to_empty(device=device).to(dtype)
         with torch.no_grad():
             for local, get in _expert_tensors(t, cfg, i, held):
-                getattr(bank, local).copy_(get().to(dtype))
-        banks[i] = bank.to(dtype).eval().requires_grad_(False)
+                getattr(bank, local).copy_(get())  # host -> device, cast to dtype
+        banks[i] = bank.eval().requires_grad_(False)
     return banks

@@ -36,7 +36,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, return_router_logits: bool = False):
         """ids [T] or [1, T] -> logits [T, V] (and router logits per MoE layer)."""
-        ids = ids.reshape(-1)
+        ids = ids.reshape(-1).to(self.embed.weight.device)
         pos = torch.arange(ids.shape[0], device=ids.device)
         x = self.embed(ids)  # [T, H]
         router_logits = []

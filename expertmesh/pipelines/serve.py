@@ -64,9 +64,29 @@ class ServeSettings(BaseModel):
     expert_backend: Literal["torch", "jax"] = Field("torch", description="what expert groups compute with "
                                                     "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
     compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+                        description="where weights and KV live: auto (a GPU where the actor sees one), cpu, "
+                                    "cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations (auto: bfloat16 on CUDA, float32 on CPU); softmax "
+                            "statistics and the merge of partial attention stay float32")
+    colocate: bool = Field(False, description="one context shard and one expert group per actor (per accelerator)")
+    data_plane: Literal["collective", "ray"] = Field(
+        "collective", description="per-layer tensors over torch.distributed collectives (NCCL on GPUs, gloo "
+                                  "on CPUs) or over Ray calls")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
+
+    def placement_kwargs(self) -> dict[str, Any]:
+        """device, dtype, colocate, data_plane for Mesh.start.
+
+        Until Mesh.start takes these keywords (issue 11, platform/mesh.py), only values other
+        than the defaults are passed; then return all four.
+        """
+        s = self
+        return {k: getattr(s, k) for k in ("device", "dtype", "colocate", "data_plane")
+                if getattr(s, k) != type(s).model_fields[k].default}
 
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
@@ -237,7 +257,7 @@ class ExpertMeshServer:
             s.mesh_name, s.start_timeout_s, checkpoint=s.checkpoint, context_shards=s.context_shards,
             expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
             shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
-            shard_backend=s.shard_backend, expert_backend=s.expert_backend,
+            shard_backend=s.shard_backend, expert_backend=s.expert_backend, **s.placement_kwargs(),
             **({"compiled_graphs": True} if s.compiled_graphs else {}))
         self.router = self.mesh.router
         api.openapi_schema = None

@@ -1,0 +1,60 @@
+"""Device, dtype, colocation and data plane: Helm values, CLI flags and ServeSettings agree."""
+
+from __future__ import annotations
+
+import argparse
+
+import helm_python as helm
+import pytest
+import yaml
+
+from expertmesh.pipelines.serve import ServeSettings
+from tests.deploy.chart import CASES, chart, render, serve_config  # noqa: F401 - fixture
+
+
+def _args(docs):
+    (app,) = serve_config(docs)["applications"]
+    return app["args"]
+
+
+def test_defaults_render_auto_and_the_collective_plane(chart):  # noqa: F811
+    args = _args(render(chart, "defaults")[1])
+    assert (args["device"], args["dtype"], args["data_plane"]) == ("auto", "auto", "collective")
+    assert "colocate" not in args
+    settings = ServeSettings(**args)
+    assert settings.placement_kwargs() == {}  # defaults are not passed to Mesh.start (yet)
+
+
+def test_gpu_values_reach_the_serving_app(chart):  # noqa: F811
+    values = {**CASES["gpu"], "serve": {**CASES["gpu"]["serve"], "device": "cuda", "dtype": "bfloat16",
+                                        "colocate": True, "dataPlane": "ray"}}
+    out = chart.render(values, name="prod", namespace="ml", is_install=True)
+    docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    args = _args(docs)
+    assert (args["device"], args["dtype"], args["colocate"], args["data_plane"]) == ("cuda", "bfloat16", True, "ray")
+    assert ServeSettings(**args).placement_kwargs() == {"device": "cuda", "dtype": "bfloat16", "colocate": True,
+                                                        "data_plane": "ray"}
+
+
+@pytest.mark.parametrize("key, value, what", [("device", "gpu", "pattern"), ("dtype", "fp8", "must be one of"),
+                                              ("dataPlane", "nccl", "must be one of"),
+                                              ("colocate", "yes", "want boolean")])
+def test_bad_placement_values_are_refused(chart, key, value, what):  # noqa: F811
+    with pytest.raises(helm.HelmValuesError) as exc:
+        chart.render({"serve": {key: value}}, name="prod", namespace="ml", is_install=True)
+    assert f"/serve/{key}" in str(exc.value) and what in str(exc.value), str(exc.value)
+
+
+def test_cli_flags_parse_and_only_non_defaults_go_to_the_mesh():
+    from expertmesh import cli
+
+    p = argparse.ArgumentParser()
+    cli._mesh_args(p)
+    kw = cli._store_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
+                                         "--data-plane", "ray"]))
+    assert {k: kw[k] for k in cli.PLACEMENT_DEFAULTS} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
+                                                          "data_plane": "ray"}
+    assert not set(cli.PLACEMENT_DEFAULTS) & set(cli._store_kwargs(p.parse_args([])))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--device", "tpu"])
+    ServeSettings(**kw)  # the serving app takes the same keywords
