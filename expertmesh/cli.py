@@ -41,14 +41,12 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-# Until Mesh.start takes device=, dtype=, colocate= and data_plane= (issue 11, actors/ and
-# platform/mesh.py), only values other than these defaults are passed; then pass all four.
-PLACEMENT_DEFAULTS = {"device": "auto", "dtype": "auto", "colocate": False, "data_plane": "collective"}
+PLACEMENT = ("device", "dtype", "colocate", "data_plane")
 
 
 def _store_kwargs(args: argparse.Namespace) -> dict:
     """The store, backend and placement settings of a mesh (Mesh.start / ServeSettings keywords)."""
-    placement = {k: getattr(args, k) for k, default in PLACEMENT_DEFAULTS.items() if getattr(args, k) != default}
+    placement = {k: getattr(args, k) for k in PLACEMENT}
     return {"store": args.store, "shard_memory_bytes": args.shard_memory_bytes, "kv_dtype": args.kv_dtype,
             "shard_backend": args.shard_backend, "expert_backend": args.expert_backend, **placement}
 

@@ -31,6 +31,7 @@ import ray
 import torch
 
 from expertmesh.errors import CapacityError, ContextNotFound
+from expertmesh.model.device import resolve_device
 from expertmesh.model.attention import AttentionSpec, merge_partials, partial_attention
 from expertmesh.actors.pathway import quest_bound_rows
 from expertmesh.actors.step_plan import AttendItem  # noqa: F401 - the request type of `attend`
@@ -87,11 +88,14 @@ def _remove_dead_scratch() -> None:
 class ContextShard(StepWorker):
     def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
                  page_size: int = 64, num_threads: int | None = None, store: str | None = None,
-                 memory_bytes: int | None = None, kv_dtype: str = "float32") -> None:
+                 memory_bytes: int | None = None, kv_dtype: str = "float32", device: str = "cpu") -> None:
         """store: the mesh's store location (None: a scratch directory, lost with the shard).
-        memory_bytes: the hot-page budget (None: half of the host's memory / 4)."""
+        memory_bytes: the hot-page budget (None: half of the host's memory / 4).
+        device: where the page pool lives and attention computes (pages are read from the store
+        into it); partial outputs and the LSE stay fp32."""
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.device = self.data_device = resolve_device(device)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         self.index, self.specs = index, specs
@@ -274,7 +278,7 @@ class ContextShard(StepWorker):
 
     def _queries(self, q: torch.Tensor, q_pos: torch.Tensor):
         """The item's queries as this backend computes with them."""
-        return q, q_pos
+        return q.to(self.device), q_pos.to(self.device)
 
     def _partial(self, queries, opened: _Open, layer: int, pages: np.ndarray, reads: Counter, scan: bool,
                  spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +291,7 @@ class ContextShard(StepWorker):
         if not parts:
             return np.zeros(q.shape, np.float32), np.full(q.shape[:2], -np.inf, np.float32)
         o, lse = merge_partials(parts)
-        return o.numpy(), lse.numpy()
+        return o.cpu().numpy(), lse.cpu().numpy()
 
     def _quest(self, q: torch.Tensor, kmin: np.ndarray, kmax: np.ndarray) -> torch.Tensor:
         """Quest upper bound of q.k per page [n] over the pages' summaries [n, Hkv, D]."""
@@ -333,28 +337,32 @@ class ContextShard(StepWorker):
             s0 = int(slots[0])  # one run of slots: a view, no copy
             k, v = k_pool[s0:s0 + len(pages)].float(), v_pool[s0:s0 + len(pages)].float()
         else:
-            k = torch.empty(len(pages), ps, shape.heads, shape.head_dim)
+            dev = k_pool.device
+            k = torch.empty(len(pages), ps, shape.heads, shape.head_dim, device=dev)
             v = torch.empty_like(k)
             if n_hit:
-                idx = torch.from_numpy(slots[hit])
-                k[torch.from_numpy(hit)] = k_pool[idx].float()
-                v[torch.from_numpy(hit)] = v_pool[idx].float()
+                idx, at = torch.from_numpy(slots[hit]).to(dev), torch.from_numpy(hit).to(dev)
+                k[at], v[at] = k_pool[idx].float(), v_pool[idx].float()
             if n_hit < len(pages):
                 miss = pages[~hit]
                 km, vm, _ = f.read(layer, miss)
-                km, vm = km.view(-1, ps, shape.heads, shape.head_dim), vm.view(-1, ps, shape.heads, shape.head_dim)
-                k[torch.from_numpy(~hit)], v[torch.from_numpy(~hit)] = km, vm
+                km = km.view(-1, ps, shape.heads, shape.head_dim).to(dev)
+                vm = vm.view(-1, ps, shape.heads, shape.head_dim).to(dev)
+                at = torch.from_numpy(~hit).to(dev)
+                k[at], v[at] = km.float(), vm.float()
                 given = self.table.admit(opened.slot, layer, miss, evict=not scan, keep=slots[hit])
                 ok = given >= 0
                 if ok.any():
-                    dst = torch.from_numpy(given[ok])
-                    k_pool[dst] = km[torch.from_numpy(ok)].to(k_pool.dtype)
-                    v_pool[dst] = vm[torch.from_numpy(ok)].to(v_pool.dtype)
+                    dst, ok_t = torch.from_numpy(given[ok]).to(dev), torch.from_numpy(ok).to(dev)
+                    k_pool[dst] = km[ok_t].to(k_pool.dtype)
+                    v_pool[dst] = vm[ok_t].to(v_pool.dtype)
         k, v = k.reshape(-1, shape.heads, shape.head_dim), v.reshape(-1, shape.heads, shape.head_dim)
         rows = torch.from_numpy((pages[:, None] * ps + np.arange(ps)[None]).reshape(-1))
         valid = rows < min(f.written_pages * ps, f.num_tokens)
         if not bool(valid.all()):  # the last page's padding
-            k, v, rows = k[valid], v[valid], rows[valid]
+            keep = valid.to(k.device)
+            k, v, rows = k[keep], v[keep], rows[valid]
+        rows = rows.to(k.device)
         return k, v, rows + opened.start
 
     # -- the page pool -----------------------------------------------------------------------
@@ -365,8 +373,8 @@ class ContextShard(StepWorker):
         per_page = shape.page_size * shape.heads * shape.head_dim * (4 if dtype == torch.float32 else 2)
         slots = max(1, self.memory_bytes // (2 * per_page))
         # torch.empty maps memory lazily: only slots that get pages become resident
-        self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype),
-                      torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype))
+        self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.device),
+                      torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.device))
         self.table = PageTable(slots)
 
     def _take_slot(self, shape: PageShape) -> int:
@@ -384,7 +392,9 @@ class ContextShard(StepWorker):
                              "used": table.used if table else 0, "hits": table.hits if table else 0,
                              "misses": table.misses if table else 0,
                              "evictions": table.evictions if table else 0},
-                    "store": self.location.uri if self.durable else None}
+                    "store": self.location.uri if self.durable else None, "device": str(self.device),
+                    **({"cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device)}
+                       if self.device.type == "cuda" else {})}
 
 
 RemoteContextShard = ray.remote(ContextShard)

@@ -62,10 +62,11 @@ class Engine:
             pos.append(t_pos)
         positions = torch.cat(pos)  # [T]
         plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition))
-        step = _Step(plan, list(batch), spans, positions)
+        device = self.model.embed.weight.device
+        step = _Step(plan, list(batch), spans, positions.to(device))
         self.exchange.begin(plan)
         try:
-            x = self.model.embed(torch.tensor(ids))  # [T, H]
+            x = self.model.embed(torch.tensor(ids, device=device))  # [T, H]
             for layer in self.model.layers:
                 x, _, _ = layer(x, step.positions, lambda lyr, q, k, v: self._attention(step, lyr, q, k, v),
                                 lambda lyr, rows, experts: self._dispatch(step, lyr, rows, experts))
@@ -84,9 +85,9 @@ class Engine:
             if span is None or seq.kind == "segment":
                 out.append(None)
             elif seq.kind == "logits":
-                out.append(self.model.logits(x[span[0]:span[1]]))
+                out.append(self.model.logits(x[span[0]:span[1]]).cpu())
             else:
-                out.append(self.model.logits(x[span[1] - 1:span[1]])[0])
+                out.append(self.model.logits(x[span[1] - 1:span[1]])[0].cpu())
         return out
 
     # -- attention ------------------------------------------------------------------------
@@ -99,8 +100,8 @@ class Engine:
         lp = step.plan.layers[index]
         kept = None
         if len(lp.live) < len(step.batch):  # context segments need only this layer's K/V
-            kept = torch.cat([torch.arange(*step.spans[i]) for i in lp.live]) if lp.live \
-                else torch.zeros(0, dtype=torch.long)
+            kept = (torch.cat([torch.arange(*step.spans[i]) for i in lp.live]) if lp.live
+                    else torch.zeros(0, dtype=torch.long)).to(q.device)
             step.batch = [step.batch[i] for i in lp.live]
             starts = [0]
             for i in lp.live:
@@ -112,7 +113,7 @@ class Engine:
             for j, item in enumerate(items):
                 if item.chooser is not None and not self._chosen(step, layer, item.chooser, q, shard):
                     continue
-                requests.setdefault(shard, []).append((j, q[torch.from_numpy(item.rows)]))
+                requests.setdefault(shard, []).append((j, q[torch.from_numpy(item.rows).to(q.device)]))
         replies = self.exchange.attend(index, requests)
         own_out, own_lse = self._own_attention(step, layer, q)  # while the shards work
         t0 = time.perf_counter()
@@ -124,7 +125,7 @@ class Engine:
                 continue
             out, lse = torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf"))
             for (j, _), (o, l) in zip(requests[shard], answers):
-                rows = torch.from_numpy(lp.attend[shard][j].rows)
+                rows = torch.from_numpy(lp.attend[shard][j].rows).to(out.device)
                 out[rows], lse[rows] = o.to(out.device), l.to(lse.device)
             parts.append((out, lse))
         return merge_partials(parts)[0].to(q.dtype), kept  # [T, Hq, D]
@@ -142,11 +143,11 @@ class Engine:
     def _own_attention(self, step: _Step, layer, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's queries over its own tokens: out [T, Hq, D], lse [T, Hq]."""
         index, spans = layer.index, step.spans
-        out = torch.empty(q.shape, dtype=torch.float32)
-        lse = torch.empty(q.shape[:2], dtype=torch.float32)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         decode = [i for i, (a, b) in enumerate(spans) if b - a == 1]
         if len(decode) > 1:  # one padded batch for all single-token steps
-            rows = torch.tensor([spans[i][0] for i in decode])
+            rows = torch.tensor([spans[i][0] for i in decode], device=q.device)
             cache = [step.batch[i].kv.get(index) for i in decode]
             o, l = batched_decode_attention(q[rows], step.positions[rows], [c[0] for c in cache],
                                             [c[1] for c in cache], [c[2] for c in cache], layer.spec)
@@ -163,11 +164,11 @@ class Engine:
         """Send (row, expert) pairs to the groups holding the experts; a function combining
         their outputs [P, H] in pair order."""
         if not step.plan.layers[layer.index].experts:  # no rows left at this layer (segments only)
-            return lambda: torch.zeros(rows.shape, dtype=torch.float32)
-        group = self._group_of(experts)  # [P]
+            return lambda: torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        group = self._group_of(experts.cpu())  # [P]
         requests, picks = {}, {}
         for g in torch.unique(group).tolist():
-            pick = (group == g).nonzero().squeeze(1)
+            pick = (group == g).nonzero().squeeze(1).to(rows.device)
             requests[g], picks[g] = (rows[pick], experts[pick]), pick
         replies = self.exchange.experts(layer.index, requests)
         k = layer.cfg.top_k  # pairs are token-major: token t's pairs are t*k .. t*k+k-1
@@ -180,7 +181,7 @@ class Engine:
             t0 = time.perf_counter()
             done = replies()
             self.waits["expert_groups"] += time.perf_counter() - t0
-            y = torch.empty(rows.shape, dtype=torch.float32)
+            y = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
             for g, pick in picks.items():
                 y[pick] = done[g].to(y.device)
             return y

@@ -19,6 +19,7 @@ import torch
 from expertmesh.jax_backend import check_backend, configure_jax
 from expertmesh.actors.step_worker import StepWorker
 from expertmesh.model.checkpoint import load_experts
+from expertmesh.model.device import resolve_device, resolve_dtype
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -26,9 +27,11 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 class ExpertGroup(StepWorker):
     def __init__(self, checkpoint: str, index: int, experts: range, num_threads: int | None = None,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", device: str = "cpu", dtype: str = "float32") -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.device = self.data_device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.index, self.experts, self.backend = index, experts, check_backend("expert_backend", backend)
         if backend == "jax":
             configure_jax(num_threads)
@@ -36,7 +39,7 @@ class ExpertGroup(StepWorker):
 
             self.banks = load_banks(checkpoint, experts)  # {layer: JaxExpertBank}
         else:
-            self.banks = load_experts(checkpoint, experts)  # {layer: ExpertBank}
+            self.banks = load_experts(checkpoint, experts, dtype=self.dtype, device=self.device)  # {layer: ExpertBank}
         self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
         self._lock = threading.Lock()
 
@@ -56,11 +59,13 @@ class ExpertGroup(StepWorker):
             self.tokens[layer] += np.bincount(experts - self.experts.start, minlength=len(self.experts))
         if self.backend == "jax":
             return self.banks[layer](np.asarray(x, dtype=np.float32), np.asarray(experts))
-        return self.banks[layer](torch.from_numpy(x), e).numpy()
+        rows = torch.from_numpy(np.asarray(x)).to(self.device, self.dtype)
+        return self.banks[layer](rows, e.to(self.device)).float().cpu().numpy()
 
     def stats(self) -> dict:
         with self._lock:
             out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
+                   "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
         if self.backend == "jax":
             from expertmesh.jax_backend.experts import compilations

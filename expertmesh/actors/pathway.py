@@ -85,7 +85,7 @@ def choose_shards(
         return tuple(s.shard for s in live)
     if not q_needed:
         return None
-    last = q[-1].float()  # [Hq, D]: the query that decides what the answer attends to
+    last = q[-1].float().cpu()  # [Hq, D]: the query that decides what the answer attends to
     scored = sorted(
         live, key=lambda s: -float(quest_scores(last, *summaries[s.shard]).max())
         if s.shard in summaries else 0.0,

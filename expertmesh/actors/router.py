@@ -28,6 +28,7 @@ from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
 from expertmesh.errors import ContextNotFound, Unavailable
 from expertmesh.model.checkpoint import load_model
+from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
 from expertmesh.store.catalog import Catalog, tokens_sha256
@@ -40,15 +41,20 @@ class Router:
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
                  data_plane: str = "collective", store: str | None = None, kv_dtype: str = "float32",
-                 page_size: int = 64, fingerprint: str | None = None) -> None:
+                 page_size: int = 64, fingerprint: str | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> None:
         """data_plane: "collective" (one Ray call per actor per step, per-layer tensors over a
         torch.distributed group; steps run one at a time) or "ray" (a Ray task per actor per layer;
         `lanes` step loops overlap). In-process shards and groups are called directly.
-        store: the mesh's context store (a directory or URI); its contexts are listed at once."""
+        store: the mesh's context store (a directory or URI); its contexts are listed at once.
+        device / dtype: where and in what the dense layers compute (see model/device.py)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.checkpoint = checkpoint
-        self.model = load_model(checkpoint, with_experts=False).requires_grad_(False)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = load_model(checkpoint, with_experts=False, dtype=self.dtype,
+                                device=self.device).requires_grad_(False)
         self.cfg = self.model.cfg
         self.shards, self.groups = lookup(shards), lookup(groups)  # names: see cluster.actor_name
         shards, groups = self.shards, self.groups
@@ -67,7 +73,8 @@ class Router:
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         if remote and check_data_plane(data_plane) == "collective":
-            exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size)
+            exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
+                                          self.device)
             lanes = 1  # one step at a time over the group
         else:
             exchange = TaskExchange(shards, groups)
@@ -158,8 +165,8 @@ class Router:
             seq.segment_files = {s.shard: (f, s.start, s.end) for s, f in zip(segments, record.files)}
             await self._run(seq)
             layers = [seq.kv.get(n) for n in range(cfg.num_layers)]
-            await call(self.shards[seg.shard], "append", cid, a, [x[0].numpy() for x in layers],
-                       [x[1].numpy() for x in layers], layers[0][2].numpy())
+            await call(self.shards[seg.shard], "append", cid, a, [x[0].float().cpu().numpy() for x in layers],
+                       [x[1].float().cpu().numpy() for x in layers], layers[0][2].cpu().numpy())
 
         async def segment(i: int, seg: Segment) -> None:
             for a in range(seg.start, seg.end, self.piece_tokens):
@@ -274,7 +281,7 @@ class Router:
         seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), top_shards,
                              top_pages=top_pages)
         await self._run(seq)
-        return torch.cat([torch.as_tensor(x) for x in seq.logits]).numpy()
+        return torch.cat([torch.as_tensor(x) for x in seq.logits]).cpu().numpy()
 
     async def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -328,7 +335,8 @@ class Router:
 
     def stats(self) -> dict:
         groups = getattr(self.engine.exchange, "groups_formed", None)
-        return {"steps": self.steps, "step_seconds": sum(s for _, _, s in self.step_log),
+        return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
                 "data_plane": self.data_plane, **({"process_groups_formed": groups} if groups is not None else {}),
                 "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
@@ -359,7 +367,7 @@ class Router:
         if seq.kind == "segment":
             return self._finish(seq)
         if seq.kind == "logits":
-            seq.logits.append(logits.numpy())
+            seq.logits.append(logits.cpu().numpy())
             return self._finish(seq)
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
@@ -530,6 +538,13 @@ class Router:
             "context_tokens": seq.start_pos if seq.context_id else 0, "pathway": pathway,
             "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None, "total_s": now - seq.t_submit,
         }
+
+
+def _cuda_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"cuda_memory_allocated_bytes": torch.cuda.memory_allocated(device),
+            "cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)}
 
 
 RemoteRouter = ray.remote(Router)

@@ -20,11 +20,11 @@ class KVCache:
         if buf is None or n + t > buf.shape[0]:
             cap = max(16, 2 * (n + t))
             for store, new in ((self._k, k), (self._v, v)):
-                grown = torch.empty((cap, *new.shape[1:]), dtype=new.dtype)
+                grown = torch.empty((cap, *new.shape[1:]), dtype=new.dtype, device=new.device)
                 if store[layer] is not None:
                     grown[:n] = store[layer][:n]
                 store[layer] = grown
-            grown_pos = torch.empty(cap, dtype=torch.int64)
+            grown_pos = torch.empty(cap, dtype=torch.int64, device=pos.device)
             if self._pos[layer] is not None:
                 grown_pos[:n] = self._pos[layer][:n]
             self._pos[layer] = grown_pos

@@ -63,7 +63,6 @@ class ServeSettings(BaseModel):
                                                    "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
     expert_backend: Literal["torch", "jax"] = Field("torch", description="what expert groups compute with "
                                                     "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
-    compiled_graphs: bool = Field(False, description="Ray Compiled Graphs for the router's fan-outs")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
                         description="where weights and KV live: auto (a GPU where the actor sees one), cpu, "
                                     "cuda or cuda:N")
@@ -79,14 +78,8 @@ class ServeSettings(BaseModel):
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
 
     def placement_kwargs(self) -> dict[str, Any]:
-        """device, dtype, colocate, data_plane for Mesh.start.
-
-        Until Mesh.start takes these keywords (issue 11, platform/mesh.py), only values other
-        than the defaults are passed; then return all four.
-        """
-        s = self
-        return {k: getattr(s, k) for k in ("device", "dtype", "colocate", "data_plane")
-                if getattr(s, k) != type(s).model_fields[k].default}
+        """device, dtype, colocate, data_plane for Mesh.start."""
+        return {k: getattr(self, k) for k in ("device", "dtype", "colocate", "data_plane")}
 
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
@@ -257,8 +250,7 @@ class ExpertMeshServer:
             s.mesh_name, s.start_timeout_s, checkpoint=s.checkpoint, context_shards=s.context_shards,
             expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
             shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
-            shard_backend=s.shard_backend, expert_backend=s.expert_backend, **s.placement_kwargs(),
-            **({"compiled_graphs": True} if s.compiled_graphs else {}))
+            shard_backend=s.shard_backend, expert_backend=s.expert_backend, **s.placement_kwargs())
         self.router = self.mesh.router
         api.openapi_schema = None
         api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)

@@ -23,7 +23,8 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
-from expertmesh.errors import PlacementError, Unavailable
+from expertmesh.errors import DeviceError, PlacementError, Unavailable
+from expertmesh.model.device import check_device_dtype
 from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
                                          connect, missing_resources, threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
@@ -98,6 +99,19 @@ def wait_until_back(actor, what: str, timeout_s: float) -> float:
         time.sleep(0.05)
 
 
+def _gpus(device: str, gpus_per_actor: float | None, n_actors: int) -> float:
+    """GPUs each actor asks Ray for (0: none); fails at once where "cuda" meets no GPU."""
+    total = ray.cluster_resources().get("GPU", 0)
+    if device.startswith("cuda") and total == 0:
+        raise DeviceError(f"device={device!r}, but the Ray cluster has no GPUs ({_resources(ray.cluster_resources())}); "
+                          f"start Ray on GPU hosts, or pass device='cpu' (or 'auto')")
+    if device == "cpu" or total == 0:
+        return 0
+    if gpus_per_actor is not None:
+        return gpus_per_actor
+    return min(1.0, int(total / n_actors * 10_000) / 10_000)
+
+
 def _resources(res: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())
                            if not k.startswith(("node:", "memory", "object_store"))) + "}"
@@ -120,7 +134,8 @@ class Mesh:
               max_batch_tokens: int = 16384, lanes: int = 2, data_plane: str = "collective",
               colocate: bool = False, name: str | None = None, store: str | os.PathLike | None = None,
               shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
-              start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch") -> "Mesh":
+              start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch",
+              device: str = "auto", dtype: str = "auto", gpus_per_actor: float | None = None) -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
@@ -142,6 +157,12 @@ class Mesh:
         and experts share every accelerator): max(context_shards, expert_groups) actors.
         lanes: router step loops that overlap one batch's compute with another's remote calls
         (the "ray" data plane; the collective one runs one step at a time).
+        device: "auto" (each actor uses the GPU Ray gives it, else its CPU), "cpu", "cuda" or
+        "cuda:N"; dtype: "auto" (bfloat16 on GPUs, float32 on CPUs), "float32", "bfloat16" or
+        "float16": weights, KV and activations; attention accumulation and LSE merges stay fp32.
+        On a cluster with GPUs every actor asks Ray for `gpus_per_actor` GPUs (None: the
+        cluster's GPUs shared evenly by the mesh's actors, router included: fractional, so
+        several shards and groups share one GPU).
         name: register the router under this name so other drivers and jobs can
         `Mesh.attach(name)` (e.g. an ingestion job adding contexts to a serving mesh).
         detached: the actors outlive this driver (a Serve replica's mesh outlives the replica);
@@ -155,6 +176,9 @@ class Mesh:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         check_data_plane(data_plane)
+        device, dtype = check_device_dtype(device, dtype)
+        if gpus_per_actor is not None and not (0 < gpus_per_actor <= 1 or gpus_per_actor == int(gpus_per_actor) > 0):
+            raise ValueError(f"gpus_per_actor must be in (0, 1] or a whole number, got {gpus_per_actor}")
         check_backend("shard_backend", shard_backend)
         check_backend("expert_backend", expert_backend)
         if page_size < 1:
@@ -178,11 +202,14 @@ class Mesh:
             missing = missing_resources(context_shards, len(partition))
             if missing:
                 raise PlacementError(f"cannot start the mesh: {missing}")
-            threads = threads_per_actor((max(context_shards, expert_groups) if colocate
-                                         else context_shards + expert_groups) + 1)
+            n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) + 1
+            threads = threads_per_actor(n_actors)
+            gpus = _gpus(device, gpus_per_actor, n_actors)
             specs = [config.attention_spec(i) for i in range(config.num_layers)]
             base = name or f"mesh-{uuid.uuid4().hex[:12]}"
             life = {"lifetime": "detached"} if detached else {}
+
+            life |= {"num_gpus": gpus} if gpus else {}
 
             def options(kind: str | None, index: int = 0) -> dict:
                 return actor_options(kind) | life | {"name": actor_name(base, kind, index), "namespace": NAMESPACE}
@@ -191,9 +218,10 @@ class Mesh:
             if shard_backend == "jax":  # imports JAX in the shard actors only
                 from expertmesh.actors.jax_context_shard import JaxContextShard as shard_plain
                 from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
-            shard_args = [(i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype)
-                          for i in range(max(context_shards, len(partition)))]
-            group_args = [(str(path), g, experts, threads, expert_backend) for g, experts in enumerate(partition)]
+            shard_args = [(i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype,
+                           device) for i in range(max(context_shards, len(partition)))]
+            group_args = [(str(path), g, experts, threads, expert_backend, device, dtype)
+                          for g, experts in enumerate(partition)]
             if colocate:  # worker i: shard i and group i (a worker past the last shard only computes experts)
                 worker_cls = remote_worker(shard_plain)
                 n = max(context_shards, len(partition))
@@ -215,7 +243,7 @@ class Mesh:
                 group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
             router = RemoteRouter.options(**options(None)).remote(
                 str(path), shard_names, group_names, shard_capacity_tokens, threads, max_batch_tokens, lanes,
-                data_plane, store, kv_dtype, page_size, fingerprint)
+                data_plane, store, kv_dtype, page_size, fingerprint, device, dtype)
             actors.append(router)
             _await_pings(router, shards, groups, start_timeout_s)
         except BaseException as exc:

@@ -22,7 +22,8 @@ def test_defaults_render_auto_and_the_collective_plane(chart):  # noqa: F811
     assert (args["device"], args["dtype"], args["data_plane"]) == ("auto", "auto", "collective")
     assert "colocate" not in args
     settings = ServeSettings(**args)
-    assert settings.placement_kwargs() == {}  # defaults are not passed to Mesh.start (yet)
+    assert settings.placement_kwargs() == {"device": "auto", "dtype": "auto", "colocate": False,
+                                           "data_plane": "collective"}
 
 
 def test_gpu_values_reach_the_serving_app(chart):  # noqa: F811
@@ -45,16 +46,17 @@ def test_bad_placement_values_are_refused(chart, key, value, what):  # noqa: F81
     assert f"/serve/{key}" in str(exc.value) and what in str(exc.value), str(exc.value)
 
 
-def test_cli_flags_parse_and_only_non_defaults_go_to_the_mesh():
+def test_cli_placement_flags_parse_and_go_to_the_mesh():
     from expertmesh import cli
 
     p = argparse.ArgumentParser()
     cli._mesh_args(p)
     kw = cli._store_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
                                          "--data-plane", "ray"]))
-    assert {k: kw[k] for k in cli.PLACEMENT_DEFAULTS} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
-                                                          "data_plane": "ray"}
-    assert not set(cli.PLACEMENT_DEFAULTS) & set(cli._store_kwargs(p.parse_args([])))
+    assert {k: kw[k] for k in cli.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
+                                                 "data_plane": "ray"}
+    assert {k: cli._store_kwargs(p.parse_args([]))[k] for k in cli.PLACEMENT} == {
+        "device": "auto", "dtype": "auto", "colocate": False, "data_plane": "collective"}
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])
     ServeSettings(**kw)  # the serving app takes the same keywords
