@@ -48,3 +48,8 @@ class PlacementError(ExpertMeshError, RuntimeError):
 
 class DeviceError(ExpertMeshError, ValueError):
     """A device this process cannot use (e.g. `cuda` where no CUDA device is visible)."""
+
+
+class DataPlaneError(RuntimeError):
+    """The process group carrying a router step's tensors broke (an actor died under it); the
+    router forms a new one and runs the step again."""

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
 from expertmesh.actors.step_plan import StepPlan
-from expertmesh.errors import Unavailable
+from expertmesh.errors import DataPlaneError, Unavailable
 
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
 
@@ -60,6 +60,10 @@ class StepAborted(RuntimeError):
 
 class PeerFailed(RuntimeError):
     """An actor answered an exchange with an error; its own error is its run_step result."""
+
+
+def _cause(exc: BaseException) -> BaseException:
+    return getattr(exc, "cause", None) or exc
 
 
 def is_transport_error(exc: BaseException) -> bool:
@@ -145,7 +149,8 @@ class CollectiveExchange(Exchange):
                 part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden)
                 if part is not None:
                     self._parts[rank], self._sent[rank] = part.parts, 0
-                    self._refs.append(handle.run_step.remote(part))
+                    # never resubmitted by Ray: a restarted actor is in no group until the next one forms
+                    self._refs.append(handle.run_step.options(max_task_retries=0).remote(part))
         except BaseException:
             self._lock.release()
             raise
@@ -235,20 +240,20 @@ class CollectiveExchange(Exchange):
         self._lock.release()
         return self._reads
 
-    def abort(self) -> BaseException | None:
+    def abort(self, exc: BaseException) -> BaseException:
         """After a failed step: finish the operations in flight, send every actor still in the
-        step an abort where it waits next, collect the actors' errors. A transport error drops
-        the group (the next step forms a new one)."""
+        step an abort where it waits next, collect the actors' errors; return the error the
+        step fails with. A broken group (an actor died) is dropped; the next step forms a new one."""
         try:
-            broken = self._pg is None
+            broken = self._pg is None or is_transport_error(_cause(exc))
             for w in self._works:
                 try:
                     w.wait()
                 except Exception:  # noqa: BLE001 - a dead actor's connection
                     broken = True
             self._works = []
-            for rank, parts in self._parts.items():
-                if broken or rank in self._left or self._sent[rank] >= len(parts):
+            for rank, parts in self._parts.items():  # a live actor's connection works even in a broken group
+                if self._pg is None or rank in self._left or self._sent[rank] >= len(parts):
                     continue
                 part = parts[self._sent[rank]]
                 if part.kind == "attend":
@@ -259,26 +264,28 @@ class CollectiveExchange(Exchange):
                     msg = torch.tensor([-1], dtype=torch.int64, device=self.device)
                 try:
                     self._pg.send([msg], rank, 0).wait()
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - this actor died
                     broken = True
-            if broken:
-                self._drop_group()
             ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=30.0)
             errors = []
             for ref in self._refs:
-                if ref not in ready:
-                    broken = True
-                    continue
                 try:
-                    ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - sorted below
-                    errors.append(exc)
-            if broken:
-                self._drop_group()
-            work = [e for e in errors if not isinstance(e, ray.exceptions.RayActorError)
-                    and not is_transport_error(getattr(e, "cause", None) or e)]
+                    ray.get(ref, timeout=0) if ref in ready else None
+                except Exception as err:  # noqa: BLE001 - sorted below
+                    errors.append(err)
             dead = [e for e in errors if isinstance(e, ray.exceptions.RayActorError)]
-            return (work or dead or [None])[0]
+            work = [e for e in errors if e not in dead and not is_transport_error(_cause(e))]
+            if dead or len(ready) < len(self._refs) or any(is_transport_error(_cause(e)) for e in errors):
+                broken = True
+                self._drop_group()
+            if work:
+                return work[0]
+            if dead:
+                return dead[0]
+            if broken:
+                return DataPlaneError(f"the mesh's process group broke under this step ({type(exc).__name__}: "
+                                      f"{str(exc)[:200]}); it is formed again at the next step")
+            return exc
         finally:
             self._lock.release()
 

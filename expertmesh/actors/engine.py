@@ -72,8 +72,8 @@ class Engine:
                                 lambda lyr, rows, experts: self._dispatch(step, lyr, rows, experts))
             reads = self.exchange.end()
         except BaseException as exc:
-            better = self.exchange.abort()  # the actors' own error says more than a broken pipe
-            if better is not None and better is not exc:
+            better = self.exchange.abort(exc)  # the actors' own error says more than a broken pipe
+            if better is not exc:
                 raise better from exc
             raise
         self._account(batch, plan, reads)

@@ -7,7 +7,7 @@
     experts(layer, {group: (rows, ids)}) -> wait() -> {group: y}
                                         dispatch token rows to expert groups, combine outputs
     end() -> [(layer, shard, item, pages read)]     the step is over
-    abort() -> the most telling error of the actors, if any (after a failed step)
+    abort(error) -> the error the step fails with (after a failed step: the actors' own, if any)
 
 `TaskExchange` calls the actors' `attend` / `compute` once per layer: in-process objects (the
 single-process router, and CPU tests) or Ray actor handles (one Ray task per actor per layer,
@@ -54,8 +54,9 @@ class Exchange:
     def end(self) -> list[tuple[int, int, int, dict]]:
         raise NotImplementedError
 
-    def abort(self) -> BaseException | None:
-        return None
+    def abort(self, exc: BaseException) -> BaseException:
+        """After a failed step: clean up; return the error the step fails with."""
+        return exc
 
     def close(self) -> None:
         pass

@@ -26,7 +26,7 @@ from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
 from expertmesh.actors.names import lookup
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
-from expertmesh.errors import ContextNotFound, Unavailable
+from expertmesh.errors import ContextNotFound, DataPlaneError, Unavailable
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import expert_partition
@@ -401,7 +401,7 @@ class Router:
         without a store (it lost its contexts) is recoverable: contexts the shards no longer hold
         are dropped and their requests fail with ContextNotFound; the rest run the step once more.
         Any other error fails the batch's requests."""
-        recoverable = isinstance(exc, (ContextNotFound, ray.exceptions.RayActorError))
+        recoverable = isinstance(exc, (ContextNotFound, ray.exceptions.RayActorError, DataPlaneError))
         lost = await self._drop_lost_contexts() if recoverable else {}
         for seq in batch:
             if seq.context_id in lost:
@@ -411,7 +411,7 @@ class Router:
                 seq.kv.truncate(seq.num_computed)  # forget the failed step's partial KV
                 self.scheduler.add(seq)
                 self._wake.set()
-            elif isinstance(exc, ray.exceptions.RayActorError):
+            elif isinstance(exc, (ray.exceptions.RayActorError, DataPlaneError)):
                 self._finish(seq, error=Unavailable(f"a mesh actor failed twice under request {seq.request_id!r} "
                                                     f"({type(exc).__name__}); retry later"))
             else:

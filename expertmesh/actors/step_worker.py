@@ -8,7 +8,6 @@ answering each exchange with the actor's own `attend` / `compute`.
 from __future__ import annotations
 
 import numpy as np
-import ray
 import torch
 
 from expertmesh.actors.collective import StepAborted, make_group
@@ -38,7 +37,6 @@ class StepWorker:
         self._generation = generation
         return rank
 
-    @ray.method(max_task_retries=0)
     @torch.no_grad()
     def run_step(self, plan: PeerPlan) -> list[tuple[int, int, int, dict]]:
         """Run this actor's exchanges of one step; returns (layer, shard, item, pages read)."""
