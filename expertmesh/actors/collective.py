@@ -138,7 +138,7 @@ class CollectiveExchange(Exchange):
             self._pg = None
 
     # -- a step -----------------------------------------------------------------------------
-    def begin(self, plan: StepPlan) -> None:
+    def begin(self, plan: StepPlan) -> "CollectiveExchange":
         self._lock.acquire()
         try:
             if self._pg is None:
@@ -154,6 +154,7 @@ class CollectiveExchange(Exchange):
         except BaseException:
             self._lock.release()
             raise
+        return self
 
     def _post(self, work) -> None:
         self._works.append(work)

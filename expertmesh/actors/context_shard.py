@@ -385,7 +385,7 @@ class ContextShard(StepWorker):
     def stats(self) -> dict:
         with self._lock:
             table = self.table
-            return {"index": self.index, "backend": "torch", "calls": self.calls, "contexts": self.contexts(),
+            return {"index": self.index, "backend": "torch", "calls": self.calls, "step_calls": self.step_calls, "contexts": self.contexts(),
                     "used_tokens": self.used_tokens(), "capacity_tokens": self.capacity_tokens,
                     "visits": dict(self.visits), "pages_read": dict(self.reads),
                     "pool": {"memory_bytes": self.memory_bytes, "slots": table.slots if table else 0,

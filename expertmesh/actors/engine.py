@@ -37,6 +37,7 @@ class _Step:
     positions (narrowed at the last layer, where context segments drop out)."""
 
     plan: StepPlan
+    exchange: Exchange  # this step's
     batch: list[Sequence]
     spans: list[tuple[int, int]]
     positions: torch.Tensor
@@ -63,16 +64,16 @@ class Engine:
         positions = torch.cat(pos)  # [T]
         plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition))
         device = self.model.embed.weight.device
-        step = _Step(plan, list(batch), spans, positions.to(device))
-        self.exchange.begin(plan)
+        exchange = self.exchange.begin(plan)
+        step = _Step(plan, exchange, list(batch), spans, positions.to(device))
         try:
             x = self.model.embed(torch.tensor(ids, device=device))  # [T, H]
             for layer in self.model.layers:
                 x, _, _ = layer(x, step.positions, lambda lyr, q, k, v: self._attention(step, lyr, q, k, v),
                                 lambda lyr, rows, experts: self._dispatch(step, lyr, rows, experts))
-            reads = self.exchange.end()
+            reads = exchange.end()
         except BaseException as exc:
-            better = self.exchange.abort(exc)  # the actors' own error says more than a broken pipe
+            better = exchange.abort(exc)  # the actors' own error says more than a broken pipe
             if better is not exc:
                 raise better from exc
             raise
@@ -114,7 +115,7 @@ class Engine:
                 if item.chooser is not None and not self._chosen(step, layer, item.chooser, q, shard):
                     continue
                 requests.setdefault(shard, []).append((j, q[torch.from_numpy(item.rows).to(q.device)]))
-        replies = self.exchange.attend(index, requests)
+        replies = step.exchange.attend(index, requests)
         own_out, own_lse = self._own_attention(step, layer, q)  # while the shards work
         t0 = time.perf_counter()
         results = replies()
@@ -170,7 +171,7 @@ class Engine:
         for g in torch.unique(group).tolist():
             pick = (group == g).nonzero().squeeze(1).to(rows.device)
             requests[g], picks[g] = (rows[pick], experts[pick]), pick
-        replies = self.exchange.experts(layer.index, requests)
+        replies = step.exchange.experts(layer.index, requests)
         k = layer.cfg.top_k  # pairs are token-major: token t's pairs are t*k .. t*k+k-1
         for seq, (a, b) in zip(step.batch, step.spans):
             if b > a:

@@ -1,7 +1,8 @@
 """The per-layer exchange of a router step: one dispatch/combine contract, two transports.
 
-    begin(plan)                         a step starts (the collective transport sends each
-                                        participating actor its slice of the plan here)
+    begin(plan) -> the step's exchange  a step starts (the collective transport sends each
+                                        participating actor its slice of the plan here); the
+                                        calls below go to what begin returned
     attend(layer, {shard: [(item, q)]}) -> wait() -> {shard: [(out, lse)]}
                                         scatter queries to context shards, gather partials
     experts(layer, {group: (rows, ids)}) -> wait() -> {group: y}
@@ -40,7 +41,7 @@ def check_data_plane(value: str) -> str:
 class Exchange:
     """The contract (see the module docstring); subclasses implement every method."""
 
-    def begin(self, plan: StepPlan) -> None:
+    def begin(self, plan: StepPlan) -> "Exchange":
         raise NotImplementedError
 
     def attend(self, layer: int, requests: dict[int, list[tuple[int, torch.Tensor]]]
@@ -80,15 +81,20 @@ def call(target: Any, method: str, *args: Any) -> Awaitable:
 
 
 class TaskExchange(Exchange):
-    """One call per actor per layer: a method call in-process, or a Ray task."""
+    """One call per actor per layer: a method call in-process, or a Ray task. Steps may run
+    concurrently (router lanes): each gets its own `_TaskStep`."""
 
     def __init__(self, shards: list[Any], groups: list[Any]) -> None:
         self.shards, self.groups = shards, groups
-        self._plan: StepPlan | None = None
-        self._reads: list[tuple[int, int, int, dict]] = []
 
-    def begin(self, plan: StepPlan) -> None:
-        self._plan, self._reads = plan, []
+    def begin(self, plan: StepPlan) -> "_TaskStep":
+        return _TaskStep(self.shards, self.groups, plan)
+
+
+class _TaskStep(Exchange):
+    def __init__(self, shards: list[Any], groups: list[Any], plan: StepPlan) -> None:
+        self.shards, self.groups, self._plan = shards, groups, plan
+        self._reads: list[tuple[int, int, int, dict]] = []
 
     def attend(self, layer, requests):
         items_of = self._plan.layers[layer].attend

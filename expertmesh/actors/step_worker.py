@@ -22,6 +22,7 @@ class StepWorker:
     _pg = None
     _generation = -1
     _store = None
+    step_calls = 0  # Ray calls of run_step (one per step this actor takes part in)
     data_device = torch.device("cpu")  # where the exchanged tensors live (cuda with NCCL)
 
     def join_group(self, address: tuple[str, int], generation: int, rank: int, world: int, backend: str,
@@ -44,6 +45,7 @@ class StepWorker:
         if pg is None or plan.generation != self._generation:
             raise StaleStep(f"step of process group generation {plan.generation}; this actor is in "
                             f"{self._generation if pg is not None else 'none'}")
+        self.step_calls += 1
         reads = []
         for part in plan.parts:
             if part.kind == "attend":
