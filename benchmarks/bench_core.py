@@ -5,16 +5,16 @@ For the default model and a tiny Mixtral:
   (b) one decode step at batch 1 and batch 16 over it.
 Single-process = the same router code in this process with one in-process shard holding the
 whole context and one in-process expert group holding all experts (no Ray), plus a plain
-`model(ids)` forward for (a). Mesh = 4 context shards + 2 expert groups + router, Ray actors.
+`model(ids)` forward for (a). Mesh = 4 context shards + 2 expert groups + router as Ray actors,
+in three layouts measured in the same run:
+  ray         a Ray task per actor per layer (the reference path)
+  collective  one Ray call per actor per step, per-layer tensors over a gloo process group
+  colocated   the same with context shard i and expert group i in one actor (4 actors)
 Every measure is taken `--repeats` times on each side and the fastest counts (the machine is
-shared; the run also records its load average).
-Writes benchmarks/results/core.json (plain Ray actor calls) or, with --compiled-graphs,
-benchmarks/results/core_compiled_graphs.json, and prints the ratios. `make bench` runs both and
-regenerates the README's tables (benchmarks/readme_tables.py).
+shared; the run also records its load average). Writes benchmarks/results/core.json and prints
+the ratios; `make bench` regenerates the README's tables (benchmarks/readme_tables.py).
 
-    python benchmarks/bench_core.py [--context 16384] [--steps 24] [--compiled-graphs] [--out PATH]
-
---compiled-graphs runs the mesh's per-layer fan-outs over Ray Compiled Graphs.
+    python benchmarks/bench_core.py [--context 16384] [--steps 24] [--layouts ray,collective,colocated]
 """
 
 from __future__ import annotations
@@ -101,15 +101,18 @@ def _best(runs: dict[str, list[float]]) -> dict:
     return out
 
 
+LAYOUTS = {"ray": {"data_plane": "ray"}, "collective": {"data_plane": "collective"},
+           "colocated": {"data_plane": "collective", "colocate": True}}
+
+
 def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, lanes: int, repeats: int,
-             compiled_graphs: bool = False) -> dict:
+             layout: str) -> dict:
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
     import expertmesh as em
 
-    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2, lanes=lanes,
-                         compiled_graphs=compiled_graphs)
+    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2, lanes=lanes, **LAYOUTS[layout])
     try:
         warm = mesh.register_context(context[:2048])
         mesh.generate(prompts[0], context_id=warm.id, max_new_tokens=4)
@@ -145,10 +148,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--lanes", type=int, default=2, help="router step loops in the mesh")
     ap.add_argument("--repeats", type=int, default=3, help="each measure this often on each side; the fastest counts")
-    ap.add_argument("--compiled-graphs", action="store_true", help="mesh fan-outs over Ray Compiled Graphs")
-    ap.add_argument("--out", default=None, help="default: results/core.json, or core_compiled_graphs.json")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="mesh layouts to measure, comma-separated")
+    ap.add_argument("--models", default="default,tiny-mixtral")
+    ap.add_argument("--out", default=str(RESULTS / "core.json"))
     args = ap.parse_args()
-    out = Path(args.out or RESULTS / ("core_compiled_graphs.json" if args.compiled_graphs else "core.json"))
+    out = Path(args.out)
+    layouts = args.layouts.split(",")
 
     import ray
 
@@ -163,27 +168,32 @@ def main() -> None:
               "loadavg_1_5_15min": {"before": os.getloadavg()},
               "context_tokens": args.context, "decode_steps": args.steps, "lanes": args.lanes,
               "repeats": args.repeats, "statistic": "fastest of the repeats, on both sides",
-              "compiled_graphs": args.compiled_graphs, "models": {}}
-    for name, ckpt in models.items():
+              "layouts": {k: LAYOUTS[k] for k in layouts}, "models": {}}
+    for name in args.models.split(","):
+        ckpt = models[name]
         context = rng.integers(4, 260, args.context).tolist()
         prompts = [rng.integers(4, 260, 8).tolist() for _ in range(16)]
         single = single_process(ckpt, context, prompts, args.steps, args.repeats)
-        mesh = mesh_run(ckpt, context, prompts, args.steps, args.lanes, args.repeats, args.compiled_graphs)
-        ratios = {
-            "register_mesh_over_single": mesh["register_s"] / single["register_s"],
-            "register_mesh_over_forward": mesh["register_s"] / single["forward_s"],
-            "decode_b1_mesh_over_single": mesh["decode_b1_s"] / single["decode_b1_s"],
-            "decode_b16_mesh_over_single": mesh["decode_b16_s"] / single["decode_b16_s"],
-        }
-        report["models"][name] = {"single_process": single, "mesh": mesh, "ratios": ratios}
+        entry = report["models"][name] = {"single_process": single, "mesh": {}, "ratios": {}}
         print(f"\n== {name}")
-        for side, res in (("single", single), ("mesh", mesh)):
-            for k, v in res.items():
+        for k, v in single.items():
+            if k != "runs":
+                print(f"  {'single':<10} {k:<22} {v * 1e3:9.1f} ms")
+        for layout in layouts:
+            mesh = mesh_run(ckpt, context, prompts, args.steps, args.lanes, args.repeats, layout)
+            entry["mesh"][layout] = mesh
+            ratios = entry["ratios"][layout] = {
+                "register_mesh_over_single": mesh["register_s"] / single["register_s"],
+                "register_mesh_over_forward": mesh["register_s"] / single["forward_s"],
+                "decode_b1_mesh_over_single": mesh["decode_b1_s"] / single["decode_b1_s"],
+                "decode_b16_mesh_over_single": mesh["decode_b16_s"] / single["decode_b16_s"],
+            }
+            for k, v in mesh.items():
                 if k != "runs":
-                    print(f"  {side:<6} {k:<22} {v * 1e3:9.1f} ms  (runs: "
-                          + ", ".join(f"{x * 1e3:.1f}" for x in res["runs"][k]) + ")")
-        for k, v in ratios.items():
-            print(f"  ratio  {k:<30} {v:6.2f}x")
+                    print(f"  {layout:<10} {k:<22} {v * 1e3:9.1f} ms  (runs: "
+                          + ", ".join(f"{x * 1e3:.1f}" for x in mesh["runs"][k]) + ")")
+            for k, v in ratios.items():
+                print(f"  {layout:<10} {k:<30} {v:6.2f}x")
     report["loadavg_1_5_15min"]["after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
-from expertmesh.actors.step_plan import StepPlan
+from expertmesh.actors.step_plan import StepPlan, packed_rows
 from expertmesh.errors import DataPlaneError, Unavailable
 
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
@@ -105,6 +105,7 @@ class CollectiveExchange(Exchange):
         self._sent: dict[int, int] = {}  # rank -> parts the router has started
         self._left: set[int] = set()  # ranks that left the step with an error
         self._works: list = []  # operations not waited for yet
+        self._previous: list = []  # the last step's run_step results, looked at by the next begin
 
     # -- the group --------------------------------------------------------------------------
     def _form_group(self) -> None:
@@ -141,6 +142,7 @@ class CollectiveExchange(Exchange):
     def begin(self, plan: StepPlan) -> "CollectiveExchange":
         self._lock.acquire()
         try:
+            self._collect_previous()
             if self._pg is None:
                 self._form_group()
             self._plan, self._reads, self._refs, self._works = plan, [], [], []
@@ -182,7 +184,8 @@ class CollectiveExchange(Exchange):
             rank = self.rank_of_shard[shard]
             self._sent[rank] += 1
             self._post(self._pg.send([msg], rank, 0))
-            reply = torch.empty(1 + got * width, dtype=torch.float32, device=self.device)
+            n_active = sum(1 for j in range(len(items)) if j in active)
+            reply = torch.empty(1 + got * width + 3 * n_active, dtype=torch.float32, device=self.device)
             if got:
                 self._post(self._pg.recv([reply], rank, 0))
             pending.append((shard, rank, [j for j in range(len(items)) if j in active], got, reply))
@@ -194,11 +197,14 @@ class CollectiveExchange(Exchange):
                 if got and reply[0] != 0:
                     self._left.add(rank)
                     continue
-                body, parts, at = reply[1:].view(got, width), [], 0
-                for j in order:
+                body, parts, at = reply[1:1 + got * width].view(got, width), [], 0
+                reads = reply[1 + got * width:].view(-1, 3).tolist()
+                for j, (pages, memory, store) in zip(order, reads):
                     t = len(self._plan.layers[layer].attend[shard][j].rows)
                     block = body[at:at + t]
                     parts.append((block[:, :hq_d].reshape(t, self.heads, self.head_dim), block[:, hq_d:]))
+                    self._reads.append((layer, shard, j, {"pages": int(pages), "memory": int(memory),
+                                                          "store": int(store)}))
                     at += t
                 out[shard] = parts
             if self._left:
@@ -208,16 +214,25 @@ class CollectiveExchange(Exchange):
 
     def experts(self, layer, requests):
         pending = []
+        packed = packed_rows(self._plan.layers[layer].pairs, self.hidden)
         for g in self._plan.groups:
             rows, ids = requests.get(g, (None, None))
             n = 0 if rows is None else rows.shape[0]
             rank = self.rank_of_group[g]
             self._sent[rank] += 1
-            self._post(self._pg.send([torch.tensor([n], dtype=torch.int64, device=self.device)], rank, 0))
+            payload = torch.cat([rows.float(), ids.to(torch.float32)[:, None]], dim=1).to(self.device) if n else None
+            if packed:  # count and rows in one message
+                msg = torch.zeros(1 + packed * (self.hidden + 1), dtype=torch.float32, device=self.device)
+                msg[0] = n
+                if n:
+                    msg[1:1 + payload.numel()] = payload.reshape(-1)
+                self._post(self._pg.send([msg], rank, 0))
+            else:
+                self._post(self._pg.send([torch.tensor([n], dtype=torch.int64, device=self.device)], rank, 0))
+                if n:
+                    self._post(self._pg.send([payload], rank, 0))
             if n:
-                payload = torch.cat([rows.float(), ids.to(torch.float32)[:, None]], dim=1).to(self.device)
                 reply = torch.empty(1 + n * self.hidden, dtype=torch.float32, device=self.device)
-                self._post(self._pg.send([payload], rank, 0))
                 self._post(self._pg.recv([reply], rank, 0))
                 pending.append((g, rank, n, reply))
 
@@ -235,11 +250,26 @@ class CollectiveExchange(Exchange):
         return wait
 
     def end(self):
-        """The actors' page reads; on an error the caller runs abort() (which releases the step)."""
-        for reads in ray.get(self._refs, timeout=STEP_TIMEOUT_S):
-            self._reads.extend(reads)
+        """The actors' page reads (they came with the replies); on an error the caller runs
+        abort() (which releases the step). The actors' `run_step` results are looked at when the
+        next step begins, not waited for here: the replies already said everything."""
+        self._previous, self._refs = self._refs, []
         self._lock.release()
         return self._reads
+
+    def _collect_previous(self) -> None:
+        """The last step's run_step results: an error there (none is expected: failures come
+        in band) breaks the group, so the step forms a new one."""
+        refs, self._previous = self._previous, []
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STEP_TIMEOUT_S)
+        try:
+            ray.get(ready)
+            if len(ready) < len(refs):
+                raise TimeoutError("a mesh actor did not finish its last step")
+        except Exception:  # noqa: BLE001 - the group is suspect: the step forms a new one
+            self._drop_group()
 
     def abort(self, exc: BaseException) -> BaseException:
         """After a failed step: finish the operations in flight, send every actor still in the
@@ -257,8 +287,9 @@ class CollectiveExchange(Exchange):
                 if self._pg is None or rank in self._left or self._sent[rank] >= len(parts):
                     continue
                 part = parts[self._sent[rank]]
-                if part.kind == "attend":
-                    size = len(part.items) + sum(it[1] for it in part.items) * self.heads * self.head_dim
+                if part.kind == "attend" or part.packed:
+                    size = (len(part.items) + sum(it[1] for it in part.items) * self.heads * self.head_dim
+                            if part.kind == "attend" else 1 + part.packed * (self.hidden + 1))
                     msg = torch.zeros(size, dtype=torch.float32, device=self.device)
                     msg[0] = -1.0
                 else:

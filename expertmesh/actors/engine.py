@@ -31,6 +31,9 @@ from expertmesh.model.transformer import MoETransformer
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+SMALL_STEP = 256  # tokens: below, the router's own compute runs on one thread
+
+
 @dataclasses.dataclass
 class _Step:
     """Per-step state: the sequences whose rows the current layer runs, their row spans and
@@ -47,6 +50,7 @@ class Engine:
     def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range],
                  summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
         self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
+        self.threads = torch.get_num_threads()
         self.partition = partition
         self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
         self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
@@ -62,6 +66,9 @@ class Engine:
             ids.extend(t_ids)
             pos.append(t_pos)
         positions = torch.cat(pos)  # [T]
+        # small steps (decode) on one thread: spare cores serve the shards and groups waiting
+        # in this step, where an idle thread pool would spin against them
+        torch.set_num_threads(1 if len(ids) < SMALL_STEP else self.threads)
         plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition))
         device = self.model.embed.weight.device
         exchange = self.exchange.begin(plan)

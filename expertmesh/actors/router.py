@@ -12,6 +12,7 @@ import dataclasses
 import collections
 import itertools
 import math
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -48,8 +49,8 @@ class Router:
         `lanes` step loops overlap). In-process shards and groups are called directly.
         store: the mesh's context store (a directory or URI); its contexts are listed at once.
         device / dtype: where and in what the dense layers compute (see model/device.py)."""
-        if num_threads:
-            torch.set_num_threads(num_threads)
+        # the router runs every dense layer of every step: all of its host's cores by default
+        torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.checkpoint = checkpoint
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -54,6 +54,7 @@ class LayerPlan:
     live: tuple[int, ...]  # indices into the step's batch of the sequences whose rows this layer runs
     attend: dict[int, tuple[ItemPlan, ...]]  # shard -> items
     experts: bool  # an MoE layer with rows to route
+    pairs: int = 0  # (token, expert) pairs routed at this layer: what one group receives at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Part:
     kind: str  # "attend" | "experts"
     layer: int
     items: tuple[tuple, ...] = ()  # attend: (context_id, rows, q_pos, visits, top_pages, segment)
+    packed: int = 0  # experts: > 0: count and rows come in one message of this many rows (small steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +94,16 @@ class StepPlan:
                     (it.context_id, len(it.rows), it.q_pos, it.visits, it.top_pages, it.segment)
                     for it in lp.attend[shard])))
             if group is not None and lp.experts and group in self.groups:
-                parts.append(Part("experts", lp.index))
+                parts.append(Part("experts", lp.index, packed=packed_rows(lp.pairs, hidden)))
         return PeerPlan(generation, tuple(parts), heads, head_dim, hidden) if parts else None
+
+
+PACK_LIMIT = 1 << 16  # floats: below this, a group's rows travel padded to the most it can get, in one message
+
+
+def packed_rows(pairs: int, hidden: int) -> int:
+    """Rows of the one-message expert exchange (0: a count message, then the rows)."""
+    return pairs if 0 < pairs * (hidden + 1) <= PACK_LIMIT else 0
 
 
 def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: torch.Tensor, model,
@@ -148,6 +158,6 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
                                                             spans[live[j]][0] for j in js},
                                       first.top_pages, first.segment_files.get(shard), tuple(js), choosers.get(key)))
             attend[shard] = tuple(items)
-        layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live)))
+        layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live), n * model.cfg.top_k))
     groups = tuple(range(num_groups)) if any(lp.experts for lp in layers) else ()
     return StepPlan(tuple(layers), groups)

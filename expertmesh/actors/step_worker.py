@@ -39,20 +39,20 @@ class StepWorker:
         return rank
 
     @torch.no_grad()
-    def run_step(self, plan: PeerPlan) -> list[tuple[int, int, int, dict]]:
-        """Run this actor's exchanges of one step; returns (layer, shard, item, pages read)."""
+    def run_step(self, plan: PeerPlan) -> int:
+        """Run this actor's exchanges of one step (pages read travel in the replies); returns
+        the number of exchanges."""
         pg = self._pg
         if pg is None or plan.generation != self._generation:
             raise StaleStep(f"step of process group generation {plan.generation}; this actor is in "
                             f"{self._generation if pg is not None else 'none'}")
         self.step_calls += 1
-        reads = []
         for part in plan.parts:
             if part.kind == "attend":
-                reads.extend(self._attend_part(pg, plan, part))
+                self._attend_part(pg, plan, part)
             else:
                 self._experts_part(pg, plan, part)
-        return reads
+        return len(plan.parts)
 
     @staticmethod
     def _answer(pg, reply: torch.Tensor, work) -> None:
@@ -84,28 +84,37 @@ class StepWorker:
                 order.append(j)
             at += t * hq_d
         if not items:
-            return []
+            return
         got = sum(len(it.q_pos) for it in items)
-        reply = torch.empty(1 + got * plan.heads * (plan.head_dim + 1), dtype=torch.float32, device=self.data_device)
-        results = []
+        reply = torch.empty(1 + got * plan.heads * (plan.head_dim + 1) + 3 * len(items), dtype=torch.float32,
+                            device=self.data_device)
 
         def work():
-            results.extend(self.attend(part.layer, items))
-            return torch.cat([torch.cat([torch.from_numpy(np.asarray(o)).reshape(o.shape[0], -1),
-                                         torch.from_numpy(np.asarray(lse))], dim=1) for o, lse, _ in results])
+            results = self.attend(part.layer, items)
+            body = [torch.cat([torch.from_numpy(np.asarray(o)).reshape(o.shape[0], -1),
+                               torch.from_numpy(np.asarray(lse))], dim=1).reshape(-1) for o, lse, _ in results]
+            reads = torch.tensor([[r.get("pages", 0), r.get("memory", 0), r.get("store", 0)] for _, _, r in results],
+                                 dtype=torch.float32)
+            return torch.cat([*body, reads.reshape(-1)])
         self._answer(pg, reply, work)
-        return [(part.layer, self.index, j, r) for j, (_, _, r) in zip(order, results)]
 
     def _experts_part(self, pg, plan: PeerPlan, part) -> None:
-        head = torch.empty(1, dtype=torch.int64, device=self.data_device)
-        pg.recv([head], 0, 0).wait()
-        n = int(head[0])
+        if part.packed:  # one message: count, then up to `packed` rows (+ expert id)
+            msg = torch.empty(1 + part.packed * (plan.hidden + 1), dtype=torch.float32, device=self.data_device)
+            pg.recv([msg], 0, 0).wait()
+            n = int(msg[0])
+            payload = msg[1:1 + max(n, 0) * (plan.hidden + 1)].view(max(n, 0), plan.hidden + 1)
+        else:
+            head = torch.empty(1, dtype=torch.int64, device=self.data_device)
+            pg.recv([head], 0, 0).wait()
+            n = int(head[0])
+            if n > 0:
+                payload = torch.empty(n, plan.hidden + 1, dtype=torch.float32, device=self.data_device)
+                pg.recv([payload], 0, 0).wait()
         if n < 0:
             raise StepAborted("the router ended the step")
         if n == 0:
             return
-        payload = torch.empty(n, plan.hidden + 1, dtype=torch.float32, device=self.data_device)
-        pg.recv([payload], 0, 0).wait()
         reply = torch.empty(1 + n * plan.hidden, dtype=torch.float32, device=self.data_device)
 
         def work():

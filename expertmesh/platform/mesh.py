@@ -242,7 +242,7 @@ class Mesh:
                 shard_names = [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))]
                 group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
             router = RemoteRouter.options(**options(None)).remote(
-                str(path), shard_names, group_names, shard_capacity_tokens, threads, max_batch_tokens, lanes,
+                str(path), shard_names, group_names, shard_capacity_tokens, None, max_batch_tokens, lanes,
                 data_plane, store, kv_dtype, page_size, fingerprint, device, dtype)
             actors.append(router)
             _await_pings(router, shards, groups, start_timeout_s)
