@@ -1,28 +1,34 @@
-"""The collective data plane: one Ray call per actor per step, per-layer tensors over a
-torch.distributed process group (gloo on CPU hosts, NCCL on GPUs).
+"""The collective data plane: no Ray task per step or per layer; every per-step and per-layer
+message travels over a torch.distributed process group of the mesh's actors (gloo on CPU
+hosts, NCCL on GPUs).
 
-Ray places the actors and carries control: forming the group (`join_group`) and one
-`run_step(PeerPlan)` per participating actor per step. Within the step both sides walk the
-plan in order and exchange point-to-point messages (rank 0 is the router):
+Ray places the actors and carries control: forming the group (`join_group`, which starts each
+actor's step loop, step_worker.py) and everything outside steps (registration writes, stats).
+Each step, the router sends every participating actor its slice of the plan (`PeerPlan`:
+int64 length, then the pickled plan); then both sides walk the plan in order and exchange
+point-to-point messages (rank 0 is the router):
 
   attend  router -> shard   fp32 [n_items + rows*Hq*D]: an active flag per planned item, then
                             the items' query rows (rows of inactive items are zeros)
-          shard -> router   fp32 [1 + active rows*Hq*(D+1)]: status, partial output and LSE
+          shard -> router   fp32 [1 + active rows*Hq*(D+1) + 3*active items]: status, partial
+                            output and LSE, pages read (all, from memory, from the store)
   experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H+1]: rows + expert id
+                            (small steps: one fp32 message, the count then the rows padded to
+                            the most the group can get)
           group -> router   fp32 [1 + n*H]: status, expert outputs
 
-Failure: an actor whose work fails answers with status 1 and leaves the step (its error is
-its `run_step` result); the router finishes the phase, then sends every actor still in the
-step an abort where it waits next (flag or header -1). A transport error (an actor died) also
-drops the group: its operations error at once, since a dead process closes its connections.
-The router collects the actors' errors, the step fails with the most telling one, and the
-next step forms a new group if needed (a restarted actor joins it). Every wait is bounded by
-the group's timeout.
+Failure: an actor whose work fails answers with status 1 followed by its pickled error, and
+goes back to waiting for the next plan; the router finishes the phase, then sends every actor
+still in the step an abort where it waits next (flag or count -1), and raises the actor's error.
+A transport error (an actor died: its connections close at once; or an operation ran past
+STEP_TIMEOUT) drops the group: the step fails with DataPlaneError, which the router retries
+once, forming a new group that the restarted actor joins.
 """
 
 from __future__ import annotations
 
 import datetime
+import pickle
 import threading
 from typing import Any
 
@@ -34,7 +40,10 @@ from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
 from expertmesh.actors.step_plan import StepPlan, packed_rows
 from expertmesh.errors import DataPlaneError, Unavailable
 
+STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a step; past it the pair closes
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
+GROUP_TIMEOUT = datetime.timedelta(days=1)  # an idle step loop waits this long for the next plan
+STOP = -2  # a plan length that ends an actor's step loop
 
 
 def make_group(backend: str, address: tuple[str, int], generation: int, rank: int, world: int,
@@ -45,9 +54,9 @@ def make_group(backend: str, address: tuple[str, int], generation: int, rank: in
     prefixed = dist.PrefixStore(f"expertmesh/g{generation}", store)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        opts._timeout = GROUP_TIMEOUT
         return dist.ProcessGroupNCCL(prefixed, rank, world, opts), store
-    return dist.ProcessGroupGloo(prefixed, rank, world, timeout), store
+    return dist.ProcessGroupGloo(prefixed, rank, world, GROUP_TIMEOUT), store
 
 
 def backend_for(device: torch.device) -> str:
@@ -59,7 +68,7 @@ class StepAborted(RuntimeError):
 
 
 class PeerFailed(RuntimeError):
-    """An actor answered an exchange with an error; its own error is its run_step result."""
+    """An actor answered an exchange with an error (the router raises the actor's own)."""
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -94,18 +103,17 @@ class CollectiveExchange(Exchange):
         self.rank_of_group = {g: r + 1 for r, (_, _, g) in enumerate(self.peers) if g is not None}
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
         self.backend, self.join_timeout_s = backend_for(device), join_timeout_s
-        self.generation, self.groups_formed = 0, 0
+        self.generation, self.groups_formed, self.steps = 0, 0, 0
         self._pg = None
         self._store: dist.TCPStore | None = None
         self._lock = threading.Lock()
-        self._refs: list = []
+        self._errors: dict[int, BaseException] = {}  # rank -> its error in this step
         self._plan: StepPlan | None = None
         self._reads: list = []
         self._parts: dict[int, tuple] = {}  # rank -> its parts in this step
         self._sent: dict[int, int] = {}  # rank -> parts the router has started
         self._left: set[int] = set()  # ranks that left the step with an error
         self._works: list = []  # operations not waited for yet
-        self._previous: list = []  # the last step's run_step results, looked at by the next begin
 
     # -- the group --------------------------------------------------------------------------
     def _form_group(self) -> None:
@@ -131,31 +139,45 @@ class CollectiveExchange(Exchange):
         self.groups_formed += 1
 
     def _drop_group(self) -> None:
-        if self._pg is not None:
+        """End the actors' step loops (those that can still hear) and leave the group."""
+        if self._pg is None:
+            return
+        stop = torch.tensor([STOP], dtype=torch.int64, device=self.device)
+        for rank in range(1, len(self.peers) + 1):
             try:
-                self._pg.abort()  # errors every operation waiting on the group, on every member
-            except Exception:  # noqa: BLE001 - already broken
+                self._pg.send([stop], rank, 0).wait(datetime.timedelta(seconds=2))
+            except Exception:  # noqa: BLE001 - a dead actor: its loop is gone with it
                 pass
-            self._pg = None
+        try:
+            self._pg.abort()
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+        self._pg = None
 
     # -- a step -----------------------------------------------------------------------------
     def begin(self, plan: StepPlan) -> "CollectiveExchange":
+        """Send each participating actor its slice of the plan (one step at a time)."""
         self._lock.acquire()
         try:
-            self._collect_previous()
             if self._pg is None:
                 self._form_group()
-            self._plan, self._reads, self._refs, self._works = plan, [], [], []
-            self._parts, self._sent, self._left = {}, {}, set()
-            for rank, (handle, shard, group) in enumerate(self.peers, start=1):
-                part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden)
-                if part is not None:
-                    self._parts[rank], self._sent[rank] = part.parts, 0
-                    # never resubmitted by Ray: a restarted actor is in no group until the next one forms
-                    self._refs.append(handle.run_step.options(max_task_retries=0).remote(part))
         except BaseException:
             self._lock.release()
             raise
+        self._plan, self._reads, self._works, self._errors = plan, [], [], {}
+        self._parts, self._sent, self._left = {}, {}, set()
+        try:
+            for rank, (_, shard, group) in enumerate(self.peers, start=1):
+                part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden)
+                if part is None:
+                    continue
+                data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
+                self._parts[rank], self._sent[rank] = part.parts, 0
+                self._post(self._pg.send([torch.tensor([len(data)], dtype=torch.int64, device=self.device)], rank, 0))
+                self._post(self._pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)], rank, 0))
+        except BaseException as exc:
+            raise self.abort(exc) from exc
+        self.steps += 1
         return self
 
     def _post(self, work) -> None:
@@ -164,7 +186,19 @@ class CollectiveExchange(Exchange):
     def _wait(self) -> None:
         works, self._works = self._works, []
         for w in works:
-            w.wait()
+            w.wait(STEP_WAIT)
+
+    def _failed(self, rank: int) -> None:
+        """An actor answered status 1: its pickled error follows."""
+        self._left.add(rank)
+        head = torch.empty(1, dtype=torch.int64, device=self.device)
+        self._pg.recv([head], rank, 0).wait(STEP_WAIT)
+        buf = torch.empty(int(head[0]), dtype=torch.uint8, device=self.device)
+        self._pg.recv([buf], rank, 0).wait(STEP_WAIT)
+        try:
+            self._errors[rank] = pickle.loads(buf.cpu().numpy().tobytes())
+        except Exception as exc:  # noqa: BLE001 - an error that does not unpickle here
+            self._errors[rank] = RuntimeError(f"mesh actor at rank {rank} failed ({exc})")
 
     def attend(self, layer, requests):
         hq_d, width = self.heads * self.head_dim, self.heads * (self.head_dim + 1)
@@ -195,7 +229,7 @@ class CollectiveExchange(Exchange):
             out = {}
             for shard, rank, order, got, reply in pending:
                 if got and reply[0] != 0:
-                    self._left.add(rank)
+                    self._failed(rank)
                     continue
                 body, parts, at = reply[1:1 + got * width].view(got, width), [], 0
                 reads = reply[1 + got * width:].view(-1, 3).tolist()
@@ -241,7 +275,7 @@ class CollectiveExchange(Exchange):
             out = {}
             for g, rank, n, reply in pending:
                 if reply[0] != 0:
-                    self._left.add(rank)
+                    self._failed(rank)
                 else:
                     out[g] = reply[1:].view(n, self.hidden)
             if self._left:
@@ -251,35 +285,19 @@ class CollectiveExchange(Exchange):
 
     def end(self):
         """The actors' page reads (they came with the replies); on an error the caller runs
-        abort() (which releases the step). The actors' `run_step` results are looked at when the
-        next step begins, not waited for here: the replies already said everything."""
-        self._previous, self._refs = self._refs, []
+        abort() instead (either releases the step)."""
         self._lock.release()
         return self._reads
 
-    def _collect_previous(self) -> None:
-        """The last step's run_step results: an error there (none is expected: failures come
-        in band) breaks the group, so the step forms a new one."""
-        refs, self._previous = self._previous, []
-        if not refs:
-            return
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STEP_TIMEOUT_S)
-        try:
-            ray.get(ready)
-            if len(ready) < len(refs):
-                raise TimeoutError("a mesh actor did not finish its last step")
-        except Exception:  # noqa: BLE001 - the group is suspect: the step forms a new one
-            self._drop_group()
-
     def abort(self, exc: BaseException) -> BaseException:
         """After a failed step: finish the operations in flight, send every actor still in the
-        step an abort where it waits next, collect the actors' errors; return the error the
-        step fails with. A broken group (an actor died) is dropped; the next step forms a new one."""
+        step an abort where it waits next; return the error the step fails with. A broken group
+        (an actor died, an operation timed out) is dropped; the next step forms a new one."""
         try:
             broken = self._pg is None or is_transport_error(_cause(exc))
             for w in self._works:
                 try:
-                    w.wait()
+                    w.wait(STEP_WAIT)
                 except Exception:  # noqa: BLE001 - a dead actor's connection
                     broken = True
             self._works = []
@@ -295,25 +313,13 @@ class CollectiveExchange(Exchange):
                 else:
                     msg = torch.tensor([-1], dtype=torch.int64, device=self.device)
                 try:
-                    self._pg.send([msg], rank, 0).wait()
+                    self._pg.send([msg], rank, 0).wait(datetime.timedelta(seconds=5))
                 except Exception:  # noqa: BLE001 - this actor died
                     broken = True
-            ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=30.0)
-            errors = []
-            for ref in self._refs:
-                try:
-                    ray.get(ref, timeout=0) if ref in ready else None
-                except Exception as err:  # noqa: BLE001 - sorted below
-                    errors.append(err)
-            dead = [e for e in errors if isinstance(e, ray.exceptions.RayActorError)]
-            work = [e for e in errors if e not in dead and not is_transport_error(_cause(e))]
-            if dead or len(ready) < len(self._refs) or any(is_transport_error(_cause(e)) for e in errors):
-                broken = True
+            if broken:
                 self._drop_group()
-            if work:
-                return work[0]
-            if dead:
-                return dead[0]
+            if self._errors:
+                return next(iter(self._errors.values()))
             if broken:
                 return DataPlaneError(f"the mesh's process group broke under this step ({type(exc).__name__}: "
                                       f"{str(exc)[:200]}); it is formed again at the next step")

@@ -95,7 +95,7 @@ class ContextShard(StepWorker):
         into it); partial outputs and the LSE stay fp32."""
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = self.data_device = resolve_device(device)
+        self.device = self.pool_device = self.data_device = resolve_device(device)  # a JAX shard sets its own .device
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         self.index, self.specs = index, specs
@@ -278,7 +278,7 @@ class ContextShard(StepWorker):
 
     def _queries(self, q: torch.Tensor, q_pos: torch.Tensor):
         """The item's queries as this backend computes with them."""
-        return q.to(self.device), q_pos.to(self.device)
+        return q.to(self.pool_device), q_pos.to(self.pool_device)
 
     def _partial(self, queries, opened: _Open, layer: int, pages: np.ndarray, reads: Counter, scan: bool,
                  spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,8 +373,8 @@ class ContextShard(StepWorker):
         per_page = shape.page_size * shape.heads * shape.head_dim * (4 if dtype == torch.float32 else 2)
         slots = max(1, self.memory_bytes // (2 * per_page))
         # torch.empty maps memory lazily: only slots that get pages become resident
-        self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.device),
-                      torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.device))
+        self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.pool_device),
+                      torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.pool_device))
         self.table = PageTable(slots)
 
     def _take_slot(self, shape: PageShape) -> int:
@@ -385,16 +385,16 @@ class ContextShard(StepWorker):
     def stats(self) -> dict:
         with self._lock:
             table = self.table
-            return {"index": self.index, "backend": "torch", "calls": self.calls, "step_calls": self.step_calls, "contexts": self.contexts(),
+            return {"index": self.index, "backend": "torch", "calls": self.calls, "steps_served": self.steps_served, "contexts": self.contexts(),
                     "used_tokens": self.used_tokens(), "capacity_tokens": self.capacity_tokens,
                     "visits": dict(self.visits), "pages_read": dict(self.reads),
                     "pool": {"memory_bytes": self.memory_bytes, "slots": table.slots if table else 0,
                              "used": table.used if table else 0, "hits": table.hits if table else 0,
                              "misses": table.misses if table else 0,
                              "evictions": table.evictions if table else 0},
-                    "store": self.location.uri if self.durable else None, "device": str(self.device),
-                    **({"cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.device)}
-                       if self.device.type == "cuda" else {})}
+                    "store": self.location.uri if self.durable else None, "device": str(self.pool_device),
+                    **({"cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(self.pool_device)}
+                       if self.pool_device.type == "cuda" else {})}
 
 
 RemoteContextShard = ray.remote(ContextShard)

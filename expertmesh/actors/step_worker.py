@@ -1,68 +1,91 @@
 """The actor side of the collective data plane (see collective.py for the wire format).
 
-`StepWorker` is mixed into the context shard, the expert group and the colocated worker: it
-joins the mesh's process group when the router asks, and runs one step's plan per call,
-answering each exchange with the actor's own `attend` / `compute`.
+`StepWorker` is mixed into the context shard, the expert group and the colocated worker. When
+the router forms a process group (`join_group`, a Ray call), the actor starts a step loop on a
+thread of its own: it receives each step's plan over the group, runs its exchanges with its
+own `attend` / `compute`, and waits for the next plan. The actor's other methods (begin,
+append, stats, ...) keep arriving as Ray calls on the actor's main thread.
 """
 
 from __future__ import annotations
 
+import pickle
+import threading
+
 import numpy as np
 import torch
 
-from expertmesh.actors.collective import StepAborted, make_group
+from expertmesh.actors.collective import STOP, StepAborted, is_transport_error, make_group
 from expertmesh.actors.step_plan import AttendItem, PeerPlan
-
-
-class StaleStep(RuntimeError):
-    """A step planned for another generation of the process group (this actor restarted)."""
 
 
 class StepWorker:
     _pg = None
     _generation = -1
     _store = None
-    step_calls = 0  # Ray calls of run_step (one per step this actor takes part in)
+    _loop: threading.Thread | None = None
+    steps_served = 0  # steps this actor took part in
     data_device = torch.device("cpu")  # where the exchanged tensors live (cuda with NCCL)
 
     def join_group(self, address: tuple[str, int], generation: int, rank: int, world: int, backend: str,
                    timeout_s: float) -> int:
-        """Join generation `generation` of the mesh's process group as `rank`."""
-        if self._pg is not None:
-            try:
-                self._pg.abort()
-            except Exception:  # noqa: BLE001 - an earlier group already broken
-                pass
-            self._pg = None
+        """Join generation `generation` of the mesh's process group as `rank` and serve its steps."""
+        old = self._pg
         self._pg, self._store = make_group(backend, tuple(address), generation, rank, world, timeout_s)
         self._generation = generation
+        if old is not None:  # its loop got STOP from the router or an error; anything left times out
+            try:
+                old.abort()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+        self._loop = threading.Thread(target=self._serve, args=(self._pg,), daemon=True,
+                                      name=f"expertmesh-steps-g{generation}")
+        self._loop.start()
         return rank
 
     @torch.no_grad()
-    def run_step(self, plan: PeerPlan) -> int:
-        """Run this actor's exchanges of one step (pages read travel in the replies); returns
-        the number of exchanges."""
-        pg = self._pg
-        if pg is None or plan.generation != self._generation:
-            raise StaleStep(f"step of process group generation {plan.generation}; this actor is in "
-                            f"{self._generation if pg is not None else 'none'}")
-        self.step_calls += 1
+    def _serve(self, pg) -> None:
+        """The step loop: plan length (int64; STOP ends the loop), the pickled plan, the exchanges."""
+        head = torch.empty(1, dtype=torch.int64, device=self.data_device)
+        while True:
+            try:
+                pg.recv([head], 0, 0).wait()
+                n = int(head[0])
+                if n == STOP:
+                    return
+                buf = torch.empty(n, dtype=torch.uint8, device=self.data_device)
+                pg.recv([buf], 0, 0).wait()
+                self.run_step(pg, pickle.loads(buf.cpu().numpy().tobytes()))
+            except StepAborted:
+                continue
+            except Exception as exc:  # noqa: BLE001 - work errors were answered in band; a broken group ends
+                if is_transport_error(exc) or pg is not self._pg:
+                    return
+
+    def run_step(self, pg, plan: PeerPlan) -> None:
+        """Run this actor's exchanges of one step, in the plan's order (pages read travel in the replies)."""
+        self.steps_served += 1
         for part in plan.parts:
             if part.kind == "attend":
                 self._attend_part(pg, plan, part)
             else:
                 self._experts_part(pg, plan, part)
-        return len(plan.parts)
 
     @staticmethod
     def _answer(pg, reply: torch.Tensor, work) -> None:
-        """Send status 0 + the result of `work()`, or status 1 and re-raise its error (the
-        router then ends the step for everyone)."""
+        """Send status 0 + the result of `work()`; or status 1, then the error pickled (int64
+        length, bytes), and re-raise it (the router then ends the step for everyone)."""
         try:
             body = work()
-        except BaseException:
+        except BaseException as exc:
             reply.zero_()[0] = 1.0
             pg.send([reply], 0, 0).wait()
+            try:
+                data = pickle.dumps(exc)
+            except Exception:  # noqa: BLE001 - an error that does not pickle: its text
+                data = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+            pg.send([torch.tensor([len(data)], dtype=torch.int64, device=reply.device)], 0, 0).wait()
+            pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8).to(reply.device)], 0, 0).wait()
             raise
         reply[0] = 0.0
         reply[1:] = body.reshape(-1)
