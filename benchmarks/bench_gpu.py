@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import platform
@@ -98,14 +97,16 @@ def throughput(res: dict, batches: list[int]) -> dict:
     return {f"decode_b{b}_tok_s": b / res[f"decode_b{b}_s"] for b in batches if f"decode_b{b}_s" in res}
 
 
-def _accepts(fn, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+def kv_bytes(ckpt: Path, tokens: int, kv_dtype: str) -> int:
+    """Bytes of K and V of `tokens` context tokens (what a hot pool must hold to keep it all)."""
+    from expertmesh.model.config import ModelConfig
+
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * tokens * (2 if kv_dtype == "bfloat16" else 4)
 
 
-def _placed(cls, device: str, dtype: str) -> dict:
-    """device=/dtype= for an in-process actor class that takes them (issue 11); {} otherwise."""
-    return {k: v for k, v in (("device", device), ("dtype", dtype)) if _accepts(cls.__init__, k)}
+def _kv_dtype(dtype: str) -> str:
+    return "float32" if dtype == "float32" else "bfloat16"
 
 
 def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], batches: list[int], steps: int,
@@ -116,15 +117,14 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
     from expertmesh.actors.router import Router
     from expertmesh.model.config import ModelConfig
 
-    placed = {c.__name__: _placed(c, device, dtype) for c in (Router, ContextShard, ExpertGroup)}
-    if device != "cpu" and not all(placed.values()):
-        missing = [n for n, kw in placed.items() if not kw]
-        return {"skipped": f"in-process {', '.join(missing)} take no device=/dtype= yet (issue 11, actors/): "
-                           f"the single-process baseline would run on the CPU"}
+    placed = {"Router": {"device": device, "dtype": dtype}, "ContextShard": {"device": device},
+              "ExpertGroup": {"device": device, "dtype": dtype}}
     cfg = ModelConfig.from_file(ckpt / "config.json")
     specs = [cfg.attention_spec(i) for i in range(cfg.num_layers)]
     cap = 1 << 22
-    router = Router(str(ckpt), [ContextShard(0, specs, cap, **placed["ContextShard"])],
+    kvd = _kv_dtype(dtype)
+    pool = int(kv_bytes(ckpt, len(context) + 8192, kvd) * 1.1)  # the whole context hot, on the device
+    router = Router(str(ckpt), [ContextShard(0, specs, cap, 64, None, None, pool, kvd, **placed["ContextShard"])],
                     [ExpertGroup(str(ckpt), 0, range(cfg.num_experts), **placed["ExpertGroup"])], cap, lanes=1,
                     **placed["Router"])
 
@@ -187,12 +187,10 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], batches: 
     import expertmesh as em
 
     kwargs = dict(context_shards=shards, expert_groups=groups, device=device, dtype=dtype,
-                  data_plane="collective", colocate=colocate,
+                  data_plane="collective", colocate=colocate, kv_dtype=_kv_dtype(dtype),
+                  shard_memory_bytes=int(kv_bytes(ckpt, -(-len(context) // shards) + 8192, _kv_dtype(dtype)) * 1.1),
                   shard_capacity_tokens=-(-len(context) // shards) + 8192)
-    try:
-        mesh = em.Mesh.start(str(ckpt), **kwargs)
-    except TypeError as exc:  # Mesh.start without the issue-11 keywords
-        return {"skipped": f"Mesh.start does not take device/dtype/data_plane/colocate yet: {exc}"}
+    mesh = em.Mesh.start(str(ckpt), **kwargs)
     try:
         warm = mesh.register_context(context[:1024])
         mesh.generate(prompts[0], context_id=warm.id, max_new_tokens=4)

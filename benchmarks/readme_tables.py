@@ -22,12 +22,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 
 # targets the project set itself (README "Benchmarks"); the figures come from the files
-TARGETS = {"register_over_forward": 1.5, "decode_b16": 2.0, "ttft_speedup": 50.0, "streams_32_over_1": 8.0,
+TARGETS = {"mesh_decode": 1.5, "mesh_register": 1.3, "ttft_speedup": 50.0, "streams_32_over_1": 8.0,
            "train_ratio": 0.9, "passkey": 0.95, "multikey_32k": 0.90}
-
-
-# the compiled-graph run of before the files recorded dates (committed as results/core.json in 247e261)
-LEGACY_CORE_RUN = "2026-11-23 (commit 247e261; the file records no date)"
 
 
 def _load(name: str) -> dict:
@@ -79,87 +75,51 @@ def _load_warning(*reports: dict) -> str:
 
 
 # -- core ---------------------------------------------------------------------------------------
+LAYOUT_LABELS = {"ray": "Ray task per layer", "collective": "collective", "colocated": "collective, colocated"}
+
+
 def core() -> str:
-    if not (RESULTS / "core.json").is_file():
-        return _core_compiled_only(_load("core_compiled_graphs.json"))
-    plain, cg = _load("core.json"), _load("core_compiled_graphs.json")
-    assert not plain["compiled_graphs"] and cg["compiled_graphs"], "core.json must be plain, the other compiled"
+    r = _load("core.json")
     names = {"default": "default (Llama-4 style)", "tiny-mixtral": "tiny Mixtral"}
-    rows = ["| model | measure | single process | mesh | mesh / single | mesh, compiled graphs "
-            "(separate run) | its mesh / single |", "|---|---|---|---|---|---|---|"]
-    verdict = []
+    layouts = [k for k in LAYOUT_LABELS if k in r.get("layouts", {})]
+    head = "| model | measure | single process | " + " | ".join(f"mesh: {LAYOUT_LABELS[k]}" for k in layouts) + " |"
+    rows = [head, "|" + "---|" * (3 + len(layouts))]
+    verdicts = {}
     for key, label in names.items():
-        p, c = plain["models"][key], cg["models"][key]
-        sp, mp, rp = p["single_process"], p["mesh"], p["ratios"]
-        mc, rc = c["mesh"], c["ratios"]
-        rows.append(f"| {label} | register {plain['context_tokens'] // 1024}K (exact) | "
-                    f"{_s(sp['register_s'])} (router code), {_s(sp['forward_s'])} (forward) | {_s(mp['register_s'])} | "
-                    f"{_x(rp['register_mesh_over_single'])}, **{_x(rp['register_mesh_over_forward'])}** of forward | "
-                    f"{_s(mc['register_s'])} | {_x(rc['register_mesh_over_single'])}, "
-                    f"{_x(rc['register_mesh_over_forward'])} of forward |")
-        rows.append(f"| {label} | register {plain['context_tokens'] // 1024}K (blockwise) | - | "
-                    f"{_s(mp['register_blockwise_s'])} | - | {_s(mc['register_blockwise_s'])} | - |")
+        if key not in r["models"]:
+            continue
+        m = r["models"][key]
+        sp = m["single_process"]
+
+        def cell(layout: str, measure: str, ratio: str, fmt) -> str:
+            return f"{fmt(m['mesh'][layout][measure])} ({_x(m['ratios'][layout][ratio])})"
+        k = r["context_tokens"] // 1024
+        rows.append(f"| {label} | register {k}K (exact) | {_s(sp['register_s'])} (router code), "
+                    f"{_s(sp['forward_s'])} (forward) | "
+                    + " | ".join(cell(x, "register_s", "register_mesh_over_single", _s) for x in layouts) + " |")
+        rows.append(f"| {label} | register {k}K (blockwise) | - | "
+                    + " | ".join(_s(m["mesh"][x]["register_blockwise_s"]) for x in layouts) + " |")
         for b in ("b1", "b16"):
             rows.append(f"| {label} | decode step, batch {b[1:]} | {_ms(sp[f'decode_{b}_s'])} | "
-                        f"{_ms(mp[f'decode_{b}_s'])} | {_x(rp[f'decode_{b}_mesh_over_single'])} | "
-                        f"{_ms(mc[f'decode_{b}_s'])} | {_x(rc[f'decode_{b}_mesh_over_single'])} |")
-        reg, dec = rp["register_mesh_over_forward"], rp["decode_b16_mesh_over_single"]
-        verdict.append((label, reg, dec))
-    reg_ok = all(r <= TARGETS["register_over_forward"] for _, r, _ in verdict)
-    dec_ok = all(d <= TARGETS["decode_b16"] for _, _, d in verdict)
-    lines = rows + [
-        "",
-        f"Targets (plain run): registration within {TARGETS['register_over_forward']}x of the single-process "
-        f"model's forward: " + ", ".join(f"{_x(r)} ({m})" for m, r, _ in verdict) + f": {_met(reg_ok)}. "
-        f"Decode at batch 16 within {TARGETS['decode_b16']}x of the single process: "
-        + ", ".join(f"{_x(d)} ({m})" for m, _, d in verdict) + f": {_met(dec_ok)}.",
-        "",
-        "Compiled graphs against plain actor calls (mesh figures of the two runs; each run has its own "
-        "single-process baseline, so compare the ratios): decode step at batch 1 / batch 16 "
-        + "; ".join(f"{names[k]} {_x(cg['models'][k]['ratios']['decode_b1_mesh_over_single'])} vs "
-                    f"{_x(plain['models'][k]['ratios']['decode_b1_mesh_over_single'])} / "
-                    f"{_x(cg['models'][k]['ratios']['decode_b16_mesh_over_single'])} vs "
-                    f"{_x(plain['models'][k]['ratios']['decode_b16_mesh_over_single'])}" for k in names)
-        + "; registration " + "; ".join(
-            f"{names[k]} {_x(cg['models'][k]['ratios']['register_mesh_over_forward'])} vs "
-            f"{_x(plain['models'][k]['ratios']['register_mesh_over_forward'])} of forward" for k in names) + ".",
-        "",
-        f"Each figure is the fastest of {plain.get('repeats', 1)} repeats on its side. Runs of "
-        f"{plain.get('date', '?')} ({_load_note(plain)}) and {cg.get('date', '?')} ({_load_note(cg)}); "
-        "`results/core.json`, `results/core_compiled_graphs.json`." + _load_warning(plain, cg),
-    ]
+                        + " | ".join(cell(x, f"decode_{b}_s", f"decode_{b}_mesh_over_single", _ms) for x in layouts)
+                        + " |")
+        for x in layouts:
+            verdicts.setdefault(x, []).append((label, m["ratios"][x]))
+    lines = rows + ["", "In brackets: mesh / single process (the same router code in one process, same run)."]
+    for x in layouts:
+        checks = []
+        for name, target in (("decode_b16_mesh_over_single", TARGETS["mesh_decode"]),
+                             ("decode_b1_mesh_over_single", TARGETS["mesh_decode"]),
+                             ("register_mesh_over_single", TARGETS["mesh_register"])):
+            got = [(label, ratios[name]) for label, ratios in verdicts[x]]
+            what = {"decode_b16_mesh_over_single": "decode at batch 16", "decode_b1_mesh_over_single":
+                    "decode at batch 1", "register_mesh_over_single": "registration"}[name]
+            checks.append(f"{what} <= {target}x: " + ", ".join(f"{_x(v)} ({lab})" for lab, v in got)
+                          + f" ({_met(all(v <= target for _, v in got))})")
+        lines.append(f"Targets, {LAYOUT_LABELS[x]}: " + "; ".join(checks) + ".")
+    lines += ["", f"Each figure is the fastest of {r.get('repeats', 1)} repeats on its side. Run of "
+              f"{r.get('date', '?')} ({_load_note(r)}); `results/core.json`." + _load_warning(r)]
     return "\n".join(lines)
-
-
-def _core_compiled_only(cg: dict) -> str:
-    """Only a compiled-graph run on file: its table, and the plain run named as missing."""
-    assert cg["compiled_graphs"]
-    names = {"default": "default (Llama-4 style)", "tiny-mixtral": "tiny Mixtral"}
-    rows = ["| model | measure | single process | mesh, compiled graphs | mesh / single |", "|---|---|---|---|---|"]
-    for key, label in names.items():
-        sp, mc, rc = cg["models"][key]["single_process"], cg["models"][key]["mesh"], cg["models"][key]["ratios"]
-        rows.append(f"| {label} | register {cg['context_tokens'] // 1024}K (exact) | {_s(sp['register_s'])} "
-                    f"(router code), {_s(sp['forward_s'])} (forward) | {_s(mc['register_s'])} | "
-                    f"{_x(rc['register_mesh_over_single'])}, **{_x(rc['register_mesh_over_forward'])}** of forward |")
-        rows.append(f"| {label} | register {cg['context_tokens'] // 1024}K (blockwise) | - | "
-                    f"{_s(mc['register_blockwise_s'])} | - |")
-        for b in ("b1", "b16"):
-            rows.append(f"| {label} | decode step, batch {b[1:]} | {_ms(sp[f'decode_{b}_s'])} | "
-                        f"{_ms(mc[f'decode_{b}_s'])} | {_x(rc[f'decode_{b}_mesh_over_single'])} |")
-    reg = [(names[k], cg["models"][k]["ratios"]["register_mesh_over_forward"]) for k in names]
-    dec = [(names[k], cg["models"][k]["ratios"]["decode_b16_mesh_over_single"]) for k in names]
-    return "\n".join(rows + [
-        "",
-        f"Targets (this run, compiled graphs): registration within {TARGETS['register_over_forward']}x of the "
-        "single-process model's forward: " + ", ".join(f"{_x(r)} ({m})" for m, r in reg)
-        + f": {_met(all(r <= TARGETS['register_over_forward'] for _, r in reg))}. Decode at batch 16 within "
-        f"{TARGETS['decode_b16']}x of the single process: " + ", ".join(f"{_x(d)} ({m})" for m, d in dec)
-        + f": {_met(all(d <= TARGETS['decode_b16'] for _, d in dec))}.",
-        "",
-        "**No run with plain actor calls is on file** (`results/core.json`), so this table has no plain-mesh "
-        "column and says nothing about what compiled graphs save; `make bench` on a quiet machine adds both. "
-        f"Run of {cg.get('date') or LEGACY_CORE_RUN} ({_load_note(cg)}); "
-        "`results/core_compiled_graphs.json`." + _load_warning(cg)])
 
 
 # -- serve --------------------------------------------------------------------------------------
