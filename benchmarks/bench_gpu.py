@@ -228,6 +228,9 @@ def hf_run(ckpt: Path, lengths: list[int], batches: list[int], steps: int, repea
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).to(device).eval()
     rng = np.random.default_rng(1)
     out: dict = {}
+    with torch.no_grad():  # warm-up: kernels and caches, outside the timings
+        model.generate(torch.tensor(rng.integers(4, vocab - 4, 64), device=device)[None], max_new_tokens=2,
+                       do_sample=False, pad_token_id=0)
     for n in lengths:
         ids = torch.tensor(rng.integers(4, vocab - 4, n + 8), device=device)[None]
         cell: dict = {}
