@@ -58,6 +58,11 @@ class _Open:
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+def _host(x) -> np.ndarray:
+    """A partial as fp32 numpy (what Ray tasks return)."""
+    return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
 def host_memory_bytes() -> int:
     """This host's memory, or the container's limit where one is set (cgroup v2 / v1)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -241,6 +246,12 @@ class ContextShard(StepWorker):
         {"pages": n, "memory": from the pool, "store": from the file}.
         """
         with self._lock:
+            return [(_host(o), _host(lse), r) for o, lse, r in self._attend(layer, items)]
+
+    def attend_tensors(self, layer: int, items: list[AttendItem]) -> list[tuple]:
+        """`attend` for the collective data plane: items' q may be tensors on this shard's
+        device, and the partials stay where they were computed (no trip through host memory)."""
+        with self._lock:
             return self._attend(layer, items)
 
     @torch.no_grad()
@@ -254,7 +265,7 @@ class ContextShard(StepWorker):
                     raise ContextNotFound(f"context {item.context_id!r} has no segment on shard {self.index}")
                 opened = self._open(item.context_id, *item.segment)
             spec = self.specs[layer]
-            q, q_pos = torch.from_numpy(np.asarray(item.q)), torch.from_numpy(np.asarray(item.q_pos))
+            q, q_pos = torch.as_tensor(item.q), torch.from_numpy(np.asarray(item.q_pos))
             pages = self._pages_for(opened, layer, spec, q, q_pos, item.top_pages)
             parts, reads = [], Counter(pages=len(pages))
             queries = self._queries(q, q_pos) if len(pages) else None
@@ -286,16 +297,16 @@ class ContextShard(StepWorker):
         k, v, k_pos = self._gather(opened, layer, pages, reads, scan)
         return partial_attention(*queries, k, v, k_pos, spec)
 
-    def _merge(self, parts: list, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The blocks' partials merged with LSE: fp32 numpy (out [T, Hq, D], lse [T, Hq])."""
+    def _merge(self, parts: list, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' partials merged with LSE: fp32 (out [T, Hq, D], lse [T, Hq]) on the pool's device."""
         if not parts:
-            return np.zeros(q.shape, np.float32), np.full(q.shape[:2], -np.inf, np.float32)
-        o, lse = merge_partials(parts)
-        return o.cpu().numpy(), lse.cpu().numpy()
+            return (torch.zeros(q.shape, dtype=torch.float32, device=self.pool_device),
+                    torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=self.pool_device))
+        return merge_partials(parts)
 
     def _quest(self, q: torch.Tensor, kmin: np.ndarray, kmax: np.ndarray) -> torch.Tensor:
         """Quest upper bound of q.k per page [n] over the pages' summaries [n, Hkv, D]."""
-        return quest_bound_rows(q, torch.from_numpy(kmin), torch.from_numpy(kmax))
+        return quest_bound_rows(q.cpu(), torch.from_numpy(kmin), torch.from_numpy(kmax))
 
     def _pages_for(self, opened: _Open, layer: int, spec: AttentionSpec, q: torch.Tensor, q_pos: torch.Tensor,
                    top_pages: int | None) -> np.ndarray:

@@ -103,7 +103,7 @@ class StepWorker:
         for j, (context_id, t, q_pos, visits, top_pages, segment) in enumerate(part.items):
             if flags[j]:
                 q = msg[at:at + t * hq_d].view(t, plan.heads, plan.head_dim)
-                items.append(AttendItem(context_id, q.cpu().numpy(), q_pos, visits, top_pages, segment))
+                items.append(AttendItem(context_id, q, q_pos, visits, top_pages, segment))
                 order.append(j)
             at += t * hq_d
         if not items:
@@ -113,11 +113,11 @@ class StepWorker:
                             device=self.data_device)
 
         def work():
-            results = self.attend(part.layer, items)
-            body = [torch.cat([torch.from_numpy(np.asarray(o)).reshape(o.shape[0], -1),
-                               torch.from_numpy(np.asarray(lse))], dim=1).reshape(-1) for o, lse, _ in results]
+            results = self.attend_tensors(part.layer, items)
+            body = [torch.cat([torch.as_tensor(o).reshape(o.shape[0], -1), torch.as_tensor(lse)], dim=1).reshape(-1)
+                    .to(self.data_device) for o, lse, _ in results]
             reads = torch.tensor([[r.get("pages", 0), r.get("memory", 0), r.get("store", 0)] for _, _, r in results],
-                                 dtype=torch.float32)
+                                 dtype=torch.float32, device=self.data_device)
             return torch.cat([*body, reads.reshape(-1)])
         self._answer(pg, reply, work)
 
