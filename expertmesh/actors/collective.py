@@ -304,10 +304,8 @@ class CollectiveExchange(Exchange):
             for rank, parts in self._parts.items():  # a live actor's connection works even in a broken group
                 if self._pg is None or rank in self._left or self._sent[rank] >= len(parts):
                     continue
-                part = parts[self._sent[rank]]
-                if part.kind == "attend" or part.packed:
-                    size = (len(part.items) + sum(it[1] for it in part.items) * self.heads * self.head_dim
-                            if part.kind == "attend" else 1 + part.packed * (self.hidden + 1))
+                size = parts[self._sent[rank]].request_floats(self.heads, self.head_dim, self.hidden)
+                if size:
                     msg = torch.zeros(size, dtype=torch.float32, device=self.device)
                     msg[0] = -1.0
                 else:

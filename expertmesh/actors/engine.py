@@ -179,11 +179,12 @@ class Engine:
             pick = (group == g).nonzero().squeeze(1).to(rows.device)
             requests[g], picks[g] = (rows[pick], experts[pick]), pick
         replies = step.exchange.experts(layer.index, requests)
-        k = layer.cfg.top_k  # pairs are token-major: token t's pairs are t*k .. t*k+k-1
-        for seq, (a, b) in zip(step.batch, step.spans):
-            if b > a:
-                per = torch.bincount(group[a * k:b * k], minlength=len(self.partition)).tolist()
-                seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
+        # pairs per sequence and group, in one count (pairs are token-major: k per token)
+        n_groups, lengths = len(self.partition), torch.tensor([b - a for a, b in step.spans])
+        seq_of_pair = torch.repeat_interleave(torch.arange(len(step.spans)), lengths * layer.cfg.top_k)
+        counts = torch.bincount(seq_of_pair * n_groups + group, minlength=len(step.spans) * n_groups)
+        for seq, per in zip(step.batch, counts.view(-1, n_groups).tolist()):
+            seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
 
         def combine() -> torch.Tensor:
             t0 = time.perf_counter()

@@ -46,21 +46,27 @@ class ExpertGroup(StepWorker):
     def ping(self) -> tuple[int, int, int]:
         return self.index, self.experts.start, self.experts.stop
 
-    @torch.no_grad()
     def compute(self, layer: int, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        """x [P, H] rows, experts [P] (global ids held here) -> expert outputs [P, H]."""
+        """x [P, H] rows, experts [P] (global ids held here) -> expert outputs [P, H] (fp32 numpy)."""
+        y = self.compute_tensors(layer, torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(experts)).long())
+        return y.cpu().numpy()
+
+    @torch.no_grad()
+    def compute_tensors(self, layer: int, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """`compute` on tensors (the collective data plane: rows may already be on this group's
+        device, and the outputs stay there): fp32 [P, H]."""
         if layer not in self.banks:
             raise ValueError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(self.banks)}")
-        e = torch.from_numpy(experts).long()
-        if len(e) and (int(e.min()) < self.experts.start or int(e.max()) >= self.experts.stop):
+        if len(experts) and (int(experts.min()) < self.experts.start or int(experts.max()) >= self.experts.stop):
             raise ValueError(f"expert group {self.index} holds experts {self.experts.start}.."
-                             f"{self.experts.stop - 1}; got {int(e.min())}..{int(e.max())}")
+                             f"{self.experts.stop - 1}; got {int(experts.min())}..{int(experts.max())}")
+        local = (experts.cpu() - self.experts.start).numpy()
         with self._lock:
-            self.tokens[layer] += np.bincount(experts - self.experts.start, minlength=len(self.experts))
+            self.tokens[layer] += np.bincount(local, minlength=len(self.experts))
         if self.backend == "jax":
-            return self.banks[layer](np.asarray(x, dtype=np.float32), np.asarray(experts))
-        rows = torch.from_numpy(np.asarray(x)).to(self.device, self.dtype)
-        return self.banks[layer](rows, e.to(self.device)).float().cpu().numpy()
+            e = experts.cpu().numpy()
+            return torch.from_numpy(np.asarray(self.banks[layer](x.float().cpu().numpy(), e)))
+        return self.banks[layer](x.to(self.device, self.dtype), experts.to(self.device)).float()
 
     def stats(self) -> dict:
         with self._lock:

@@ -66,6 +66,13 @@ class Part:
     items: tuple[tuple, ...] = ()  # attend: (context_id, rows, q_pos, visits, top_pages, segment)
     packed: int = 0  # experts: > 0: count and rows come in one message of this many rows (small steps)
 
+    def request_floats(self, heads: int, head_dim: int, hidden: int) -> int:
+        """Size of the router's first fp32 message of this exchange (attend: a flag per item, then
+        the items' query rows; packed experts: the count, then the rows); 0: an int64 count comes first."""
+        if self.kind == "attend":
+            return len(self.items) + sum(it[1] for it in self.items) * heads * head_dim
+        return 1 + self.packed * (hidden + 1) if self.packed else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class PeerPlan:

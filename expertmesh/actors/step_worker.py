@@ -12,7 +12,6 @@ from __future__ import annotations
 import pickle
 import threading
 
-import numpy as np
 import torch
 
 from expertmesh.actors.collective import STOP, StepAborted, is_transport_error, make_group
@@ -92,9 +91,9 @@ class StepWorker:
         pg.send([reply], 0, 0).wait()
 
     def _attend_part(self, pg, plan: PeerPlan, part) -> list:
-        hq_d = plan.heads * plan.head_dim
-        n_items, n_rows = len(part.items), sum(it[1] for it in part.items)
-        msg = torch.empty(n_items + n_rows * hq_d, dtype=torch.float32, device=self.data_device)
+        hq_d, n_items = plan.heads * plan.head_dim, len(part.items)
+        msg = torch.empty(part.request_floats(plan.heads, plan.head_dim, plan.hidden), dtype=torch.float32,
+                          device=self.data_device)
         pg.recv([msg], 0, 0).wait()
         if msg[0] < 0:
             raise StepAborted("the router ended the step")
@@ -123,7 +122,8 @@ class StepWorker:
 
     def _experts_part(self, pg, plan: PeerPlan, part) -> None:
         if part.packed:  # one message: count, then up to `packed` rows (+ expert id)
-            msg = torch.empty(1 + part.packed * (plan.hidden + 1), dtype=torch.float32, device=self.data_device)
+            msg = torch.empty(part.request_floats(plan.heads, plan.head_dim, plan.hidden), dtype=torch.float32,
+                              device=self.data_device)
             pg.recv([msg], 0, 0).wait()
             n = int(msg[0])
             payload = msg[1:1 + max(n, 0) * (plan.hidden + 1)].view(max(n, 0), plan.hidden + 1)
@@ -141,7 +141,5 @@ class StepWorker:
         reply = torch.empty(1 + n * plan.hidden, dtype=torch.float32, device=self.data_device)
 
         def work():
-            rows = payload[:, :plan.hidden].cpu().numpy()
-            ids = payload[:, plan.hidden].to(torch.int64).cpu().numpy()
-            return torch.from_numpy(np.asarray(self.compute(part.layer, rows, ids))).float().to(self.data_device)
+            return self.compute_tensors(part.layer, payload[:, :plan.hidden], payload[:, plan.hidden].to(torch.int64))
         self._answer(pg, reply, work)

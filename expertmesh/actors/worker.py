@@ -33,6 +33,11 @@ def colocated_worker(shard_cls: type = ContextShard) -> type:
                 raise ValueError(f"worker {self.index} holds no experts")
             return self.group.compute(layer, x, experts)
 
+        def compute_tensors(self, layer: int, x, experts):
+            if self.group is None:
+                raise ValueError(f"worker {self.index} holds no experts")
+            return self.group.compute_tensors(layer, x, experts)
+
         def group_stats(self) -> dict:
             return self.group.stats() if self.group is not None else {}
 

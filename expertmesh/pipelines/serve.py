@@ -22,104 +22,25 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from expertmesh.errors import CapacityError, ContextNotFound, NoTokenizer, Unavailable
 from expertmesh.pipelines import openai_schema as oa
+from expertmesh.pipelines.api_errors import ApiError, _cause, _error, _unavailable, api_error
 from expertmesh.pipelines.detokenize import TextStream
-from expertmesh.platform.tenancy import RateLimited, Tenants, TenantsFile, load_tenants
-
-
-class ServeSettings(BaseModel):
-    """What the serving app is built from (serve config `args`, CLI flags, Helm values)."""
-
-    model_config = ConfigDict(extra="forbid")
-    checkpoint: str | None = Field(None, description="HF model directory or URI; None: the built-in model")
-    context_shards: int = Field(4, ge=1, description="context shard actors")
-    expert_groups: int = Field(2, ge=1, description="expert group actors")
-    tenants_file: str | None = Field(None, description="tenants YAML; None: one anonymous tenant, no keys")
-    tenants: TenantsFile | None = Field(None, description="tenants inline (instead of tenants_file)")
-    model_name: str = Field("expertmesh", description="the model id clients pass as `model`")
-    max_queue: int = Field(256, ge=1, description="requests admitted at once over all tenants; more get 503")
-    max_prompt_tokens: int = Field(131072, ge=1, description="prompt tokens per request")
-    max_completion_tokens: int = Field(4096, ge=1, description="max_tokens per request")
-    shard_capacity_tokens: int | None = Field(None, ge=1, description="cap on context tokens each shard holds; "
-                                                                          "None: bounded by the store")
-    store: str | None = Field(None, description="context store: a directory (e.g. a PVC mount) or URI "
-                                                "(s3://, gs://, file://); contexts survive restarts. None: none")
-    shard_memory_bytes: int | None = Field(None, ge=1, description="hot KV pages per shard in memory; "
-                                                                   "None: an eighth of the host's memory")
-    kv_dtype: Literal["float32", "bfloat16"] = Field("float32", description="how KV pages are stored")
-    shard_backend: Literal["torch", "jax"] = Field("torch", description="what context shards compute with "
-                                                   "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
-    expert_backend: Literal["torch", "jax"] = Field("torch", description="what expert groups compute with "
-                                                    "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
-                        description="where weights and KV live: auto (a GPU where the actor sees one), cpu, "
-                                    "cuda or cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights and activations (auto: bfloat16 on CUDA, float32 on CPU); softmax "
-                            "statistics and the merge of partial attention stay float32")
-    colocate: bool = Field(False, description="one context shard and one expert group per actor (per accelerator)")
-    data_plane: Literal["collective", "ray"] = Field(
-        "collective", description="per-layer tensors over torch.distributed collectives (NCCL on GPUs, gloo "
-                                  "on CPUs) or over Ray calls")
-    mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
-                           "ingestion jobs attach to (Mesh.attach)")
-    start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
-
-    def placement_kwargs(self) -> dict[str, Any]:
-        """device, dtype, colocate, data_plane for Mesh.start."""
-        return {k: getattr(self, k) for k in ("device", "dtype", "colocate", "data_plane")}
+from expertmesh.pipelines.serve_settings import ServeSettings
+from expertmesh.pipelines.tenant_limits import TenantLimits
+from expertmesh.platform.tenancy import RateLimited, Tenants, load_tenants
 
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _unavailable(message: str, retry_after_s: float = 2.0) -> ApiError:
-    return ApiError(503, message, "service_unavailable", code="unavailable",
-                    headers={"Retry-After": str(max(1, round(retry_after_s)))})
-
-
-def api_error(exc: BaseException, param: str | None = None) -> ApiError | None:
-    """The HTTP answer to an error from the mesh (None: not one of ours, a bug: 500)."""
-    cause = _cause(exc)
-    if isinstance(cause, ContextNotFound):
-        return ApiError(404, str(cause), param=param, code="context_not_found")
-    if isinstance(cause, CapacityError):
-        return ApiError(413, str(cause), code="context_too_large")
-    if isinstance(cause, Unavailable):
-        return _unavailable(str(cause), cause.retry_after_s)
-    if isinstance(cause, ray.exceptions.RayActorError):
-        return _unavailable(f"the mesh is recovering from a failed actor ({type(cause).__name__}); retry shortly")
-    if isinstance(cause, NoTokenizer):
-        return ApiError(400, str(cause), code="no_tokenizer")
-    if isinstance(cause, ValueError):
-        return ApiError(400, str(cause), param=param)
-    return None
 
 
 _ERRORS = {s: {"model": oa.ErrorResponse} for s in (400, 401, 403, 404, 413, 429, 503)}
@@ -155,10 +76,6 @@ def _allowed(schema: dict, path: str) -> list[str]:
     return []
 
 
-def _cause(exc: BaseException) -> BaseException:
-    return getattr(exc, "cause", None) or exc if isinstance(exc, ray.exceptions.RayTaskError) else exc
-
-
 async def _until_back(actor, what: str, timeout_s: float = RECOVER_TIMEOUT_S) -> None:
     """Wait until a restarting actor answers again, or raise a 503 ApiError."""
     deadline = time.monotonic() + timeout_s
@@ -169,45 +86,6 @@ async def _until_back(actor, what: str, timeout_s: float = RECOVER_TIMEOUT_S) ->
         except (asyncio.TimeoutError, ray.exceptions.RayActorError):
             await asyncio.sleep(0.1)
     raise _unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry shortly")
-
-
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class TenantLimits:
-    """The tenants' admission state (requests in flight, token buckets) every replica shares."""
-
-    def __init__(self, tenants: dict | None) -> None:
-        self.tenants = Tenants(TenantsFile.model_validate(tenants) if tenants else None)
-        self.replicas: dict[str, Any] = {}  # holder id -> its replica's actor handle
-
-    def update(self, tenants: dict | None, holder: str, replica: Any) -> None:
-        self.tenants.update(TenantsFile.model_validate(tenants) if tenants else None)
-        self.replicas[holder] = replica
-
-    async def acquire(self, tenant: str, tokens: int, holder: str) -> None:
-        try:
-            self.tenants.acquire(tenant, tokens, holder)
-        except RateLimited:  # holds of replicas that died mid-request must not block their tenant
-            if not await self._forget_dead(tenant):
-                raise
-            self.tenants.acquire(tenant, tokens, holder)
-
-    def release(self, tenant: str, unused_tokens: int, holder: str) -> None:
-        self.tenants.release(tenant, unused_tokens, holder)
-
-    async def _forget_dead(self, tenant: str) -> int:
-        freed = 0
-        for holder in self.tenants.holders(tenant):
-            replica = self.replicas.get(holder)
-            if replica is None:
-                continue
-            try:
-                await asyncio.wait_for(replica.__ray_ready__.remote(), timeout=1.0)
-            except ray.exceptions.RayActorError:
-                freed += self.tenants.forget(holder)
-                self.replicas.pop(holder, None)
-            except asyncio.TimeoutError:
-                pass
-        return freed
 
 
 def chat_prompt(messages: list[oa.ChatMessage]) -> str:
