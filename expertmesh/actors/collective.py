@@ -1,20 +1,23 @@
 """The collective data plane: no Ray task per step or per layer; every per-step and per-layer
-message travels over a torch.distributed process group of the mesh's actors (gloo on CPU
-hosts, NCCL on GPUs).
+message travels point to point between the router and an actor: over a torch.distributed NCCL
+group when the router computes on a GPU, over TCP sockets on CPU hosts (socket_group.py, the
+same send/recv surface; a torch.distributed gloo group is the other CPU choice, `transport`).
 
 Ray places the actors and carries control: forming the group (`join_group`, which starts each
 actor's step loop, step_worker.py) and everything outside steps (registration writes, stats).
 Each step, the router sends every participating actor its slice of the plan (`PeerPlan`:
-int64 length, then the pickled plan); then both sides walk the plan in order and exchange
-point-to-point messages (rank 0 is the router):
+int64 length, then the pickled plan) just before the first message of the step that actor
+gets; then both sides walk the plan in order and exchange point-to-point messages (rank 0 is
+the router):
 
   attend  router -> shard   fp32 [n_items + rows*Hq*D]: an active flag per planned item, then
                             the items' query rows (rows of inactive items are zeros)
           shard -> router   fp32 [1 + active rows*Hq*(D+1) + 3*active items]: status, partial
                             output and LSE, pages read (all, from memory, from the store)
-  experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H+1]: rows + expert id
-                            (small steps: one fp32 message, the count then the rows padded to
-                            the most the group can get)
+  experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H] rows and int64 [n]
+                            expert ids (small steps over gloo/NCCL, where a message costs more:
+                            one fp32 message, the count then rows + expert id [n, H+1] padded
+                            to the most the group can get)
           group -> router   fp32 [1 + n*H]: status, expert outputs
 
 Failure: an actor whose work fails answers with status 1 followed by its pickled error, and
@@ -36,7 +39,8 @@ import ray
 import torch
 import torch.distributed as dist
 
-from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
+from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, check_transport
+from expertmesh.actors.socket_group import SocketGroup
 from expertmesh.actors.step_plan import StepPlan, packed_rows
 from expertmesh.errors import DataPlaneError, Unavailable
 
@@ -48,7 +52,10 @@ STOP = -2  # a plan length that ends an actor's step loop
 
 def make_group(backend: str, address: tuple[str, int], generation: int, rank: int, world: int,
                timeout_s: float, master: dist.TCPStore | None = None):
-    """This process's member of generation `generation` of a mesh's process group."""
+    """This process's member of generation `generation` of a mesh's process group (an actor's,
+    rank > 0, for the socket transport: the router accepts in `CollectiveExchange._form_group`)."""
+    if backend == "socket":
+        return SocketGroup.connect(address, generation, rank, timeout_s, GROUP_TIMEOUT, STEP_TIMEOUT_S), None
     timeout = datetime.timedelta(seconds=timeout_s)
     store = master or dist.TCPStore(address[0], address[1], None, False, timeout=timeout)
     prefixed = dist.PrefixStore(f"expertmesh/g{generation}", store)
@@ -59,8 +66,15 @@ def make_group(backend: str, address: tuple[str, int], generation: int, rank: in
     return dist.ProcessGroupGloo(prefixed, rank, world, GROUP_TIMEOUT), store
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def backend_for(device: torch.device, transport: str = "auto") -> str:
+    """NCCL when the router computes on a GPU, TCP sockets on CPU hosts (socket_group.py says
+    why not gloo); or the transport named."""
+    if check_transport(transport) == "auto":
+        return "nccl" if device.type == "cuda" else "socket"
+    if (transport == "nccl") != (device.type == "cuda"):
+        raise ValueError(f"transport {transport!r} does not fit the router's device {device} "
+                         f"(NCCL moves GPU tensors; 'socket' and 'gloo' host tensors)")
+    return transport
 
 
 class StepAborted(RuntimeError):
@@ -97,21 +111,26 @@ class CollectiveExchange(Exchange):
     """The router's side (rank 0). One step at a time: a lock spans begin .. end/abort."""
 
     def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
-                 device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
+                 device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
+                 transport: str = "auto") -> None:
         self.peers = _peer_list(shards, groups)
         self.rank_of_shard = {s: r + 1 for r, (_, s, _) in enumerate(self.peers) if s is not None}
         self.rank_of_group = {g: r + 1 for r, (_, _, g) in enumerate(self.peers) if g is not None}
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
-        self.backend, self.join_timeout_s = backend_for(device), join_timeout_s
+        self.backend, self.join_timeout_s = backend_for(device, transport), join_timeout_s
+        self.pack = self.backend != "socket"  # a message costs little on a socket: no padded packing
+        self._zero = torch.zeros(1, dtype=torch.int64, device=device)  # a group without rows at a layer
         self.generation, self.groups_formed, self.steps = 0, 0, 0
         self._pg = None
         self._store: dist.TCPStore | None = None
+        self._listener = None  # the socket transport's listening socket
         self._lock = threading.Lock()
         self._errors: dict[int, BaseException] = {}  # rank -> its error in this step
         self._plan: StepPlan | None = None
         self._reads: list = []
         self._parts: dict[int, tuple] = {}  # rank -> its parts in this step
         self._sent: dict[int, int] = {}  # rank -> parts the router has started
+        self._unsent: dict[int, Any] = {}  # rank -> its PeerPlan, until its first message of the step
         self._left: set[int] = set()  # ranks that left the step with an error
         self._works: list = []  # operations not waited for yet
 
@@ -121,16 +140,25 @@ class CollectiveExchange(Exchange):
         restarting actor until it is back); fails within join_timeout_s."""
         self.generation += 1
         timeout = datetime.timedelta(seconds=self.join_timeout_s)
-        if self._store is None:
-            host = ray.util.get_node_ip_address()
-            self._store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
-        address = (ray.util.get_node_ip_address(), self._store.port)
+        host = ray.util.get_node_ip_address()
+        if self.backend == "socket":
+            if self._listener is None:
+                self._listener = SocketGroup.listen(host)
+            address = (host, self._listener.getsockname()[1])
+        else:
+            if self._store is None:
+                self._store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
+            address = (host, self._store.port)
         world = len(self.peers) + 1
         refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s)
                 for r, (h, _, _) in enumerate(self.peers)]
         try:
-            self._pg, _ = make_group(self.backend, address, self.generation, 0, world, self.join_timeout_s,
-                                     master=self._store)
+            if self.backend == "socket":
+                self._pg = SocketGroup.accept(self._listener, self.generation, world, self.join_timeout_s,
+                                              GROUP_TIMEOUT, STEP_TIMEOUT_S)
+            else:
+                self._pg, _ = make_group(self.backend, address, self.generation, 0, world, self.join_timeout_s,
+                                         master=self._store)
             ray.get(refs, timeout=self.join_timeout_s)
         except Exception as exc:  # noqa: BLE001 - an actor that cannot join: the mesh is unavailable now
             self._pg = None
@@ -156,7 +184,7 @@ class CollectiveExchange(Exchange):
 
     # -- a step -----------------------------------------------------------------------------
     def begin(self, plan: StepPlan) -> "CollectiveExchange":
-        """Send each participating actor its slice of the plan (one step at a time)."""
+        """Slice the plan for each participating actor (one step at a time)."""
         self._lock.acquire()
         try:
             if self._pg is None:
@@ -165,20 +193,28 @@ class CollectiveExchange(Exchange):
             self._lock.release()
             raise
         self._plan, self._reads, self._works, self._errors = plan, [], [], {}
-        self._parts, self._sent, self._left = {}, {}, set()
-        try:
-            for rank, (_, shard, group) in enumerate(self.peers, start=1):
-                part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden)
-                if part is None:
-                    continue
-                data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
-                self._parts[rank], self._sent[rank] = part.parts, 0
-                self._post(self._pg.send([torch.tensor([len(data)], dtype=torch.int64, device=self.device)], rank, 0))
-                self._post(self._pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)], rank, 0))
-        except BaseException as exc:
-            raise self.abort(exc) from exc
+        self._parts, self._sent, self._left, self._unsent = {}, {}, set(), {}
+        for rank, (_, shard, group) in enumerate(self.peers, start=1):
+            part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden, self.pack)
+            if part is not None:
+                self._parts[rank], self._sent[rank], self._unsent[rank] = part.parts, 0, part
         self.steps += 1
         return self
+
+    def _send(self, rank: int, *msgs: torch.Tensor) -> None:
+        """Messages of the step to `rank`; an actor's slice of the plan travels with its first
+        (an actor wakes when it has work, not at every step's start)."""
+        tensors = list(msgs)
+        part = self._unsent.pop(rank, None)
+        if part is not None:
+            data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
+            tensors = [torch.tensor([len(data)], dtype=torch.int64, device=self.device),
+                       torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), *msgs]
+        if self.backend == "socket":  # back to back in one write
+            self._post(self._pg.send(tensors, rank, 0))
+        else:
+            for t in tensors:
+                self._post(self._pg.send([t], rank, 0))
 
     def _post(self, work) -> None:
         self._works.append(work)
@@ -217,7 +253,7 @@ class CollectiveExchange(Exchange):
                 at += t * hq_d
             rank = self.rank_of_shard[shard]
             self._sent[rank] += 1
-            self._post(self._pg.send([msg], rank, 0))
+            self._send(rank, msg)
             n_active = sum(1 for j in range(len(items)) if j in active)
             reply = torch.empty(1 + got * width + 3 * n_active, dtype=torch.float32, device=self.device)
             if got:
@@ -248,23 +284,24 @@ class CollectiveExchange(Exchange):
 
     def experts(self, layer, requests):
         pending = []
-        packed = packed_rows(self._plan.layers[layer].pairs, self.hidden)
+        packed = packed_rows(self._plan.layers[layer].pairs, self.hidden) if self.pack else 0
         for g in self._plan.groups:
             rows, ids = requests.get(g, (None, None))
             n = 0 if rows is None else rows.shape[0]
             rank = self.rank_of_group[g]
             self._sent[rank] += 1
-            payload = torch.cat([rows.float(), ids.to(torch.float32)[:, None]], dim=1).to(self.device) if n else None
-            if packed:  # count and rows in one message
+            if packed:  # count, rows and expert ids in one fp32 message
                 msg = torch.zeros(1 + packed * (self.hidden + 1), dtype=torch.float32, device=self.device)
                 msg[0] = n
                 if n:
-                    msg[1:1 + payload.numel()] = payload.reshape(-1)
-                self._post(self._pg.send([msg], rank, 0))
+                    msg[1:1 + n * (self.hidden + 1)] = torch.cat([rows.float(), ids.to(torch.float32)[:, None]],
+                                                                 dim=1).reshape(-1)
+                self._send(rank, msg)
+            elif n:
+                self._send(rank, torch.tensor([n], dtype=torch.int64, device=self.device),
+                           rows.float().contiguous().to(self.device), ids.to(torch.int64).contiguous().to(self.device))
             else:
-                self._post(self._pg.send([torch.tensor([n], dtype=torch.int64, device=self.device)], rank, 0))
-                if n:
-                    self._post(self._pg.send([payload], rank, 0))
+                self._send(rank, self._zero)
             if n:
                 reply = torch.empty(1 + n * self.hidden, dtype=torch.float32, device=self.device)
                 self._post(self._pg.recv([reply], rank, 0))
@@ -274,7 +311,7 @@ class CollectiveExchange(Exchange):
             self._wait()
             out = {}
             for g, rank, n, reply in pending:
-                if reply[0] != 0:
+                if reply[0].item() != 0:
                     self._failed(rank)
                 else:
                     out[g] = reply[1:].view(n, self.hidden)
@@ -302,8 +339,8 @@ class CollectiveExchange(Exchange):
                     broken = True
             self._works = []
             for rank, parts in self._parts.items():  # a live actor's connection works even in a broken group
-                if self._pg is None or rank in self._left or self._sent[rank] >= len(parts):
-                    continue
+                if self._pg is None or rank in self._left or rank in self._unsent or self._sent[rank] >= len(parts):
+                    continue  # (an actor whose plan was not sent never heard of this step)
                 size = parts[self._sent[rank]].request_floats(self.heads, self.head_dim, self.hidden)
                 if size:
                     msg = torch.zeros(size, dtype=torch.float32, device=self.device)
@@ -327,3 +364,6 @@ class CollectiveExchange(Exchange):
 
     def close(self) -> None:
         self._drop_group()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None

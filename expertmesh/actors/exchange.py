@@ -29,12 +29,19 @@ import torch
 from expertmesh.actors.step_plan import AttendItem, StepPlan
 
 DATA_PLANES = ("collective", "ray")
+TRANSPORTS = ("auto", "socket", "gloo", "nccl")  # the collective plane's (collective.py)
 STEP_TIMEOUT_S = 120.0  # a step whose actors do not answer within this fails (nothing hangs)
 
 
 def check_data_plane(value: str) -> str:
     if value not in DATA_PLANES:
         raise ValueError(f"data_plane must be one of {DATA_PLANES}, got {value!r}")
+    return value
+
+
+def check_transport(value: str) -> str:
+    if value not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {value!r}")
     return value
 
 

@@ -41,10 +41,12 @@ class Router(Registration):
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
                  data_plane: str = "collective", store: str | None = None, kv_dtype: str = "float32",
                  page_size: int = 64, fingerprint: str | None = None, device: str = "cpu",
-                 dtype: str = "float32") -> None:
-        """data_plane: "collective" (one Ray call per actor per step, per-layer tensors over a
-        torch.distributed group; steps run one at a time) or "ray" (a Ray task per actor per layer;
+                 dtype: str = "float32", transport: str = "auto") -> None:
+        """data_plane: "collective" (per-layer tensors move point to point between the router
+        and the actors, no Ray call per step or layer; steps run one at a time) or "ray" (a Ray task per actor per layer;
         `lanes` step loops overlap). In-process shards and groups are called directly.
+        transport: the collective plane's ("auto": NCCL on a GPU, TCP sockets on CPU; see
+        collective.py).
         store: the mesh's context store (a directory or URI); its contexts are listed at once.
         device / dtype: where and in what the dense layers compute (see model/device.py)."""
         # the router runs every dense layer of every step: all of its host's cores by default
@@ -73,7 +75,7 @@ class Router(Registration):
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         if remote and check_data_plane(data_plane) == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
-                                          self.device)
+                                          self.device, transport=transport)
             lanes = 1  # one step at a time over the group
         else:
             exchange = TaskExchange(shards, groups)
@@ -176,9 +178,11 @@ class Router(Registration):
 
     def stats(self) -> dict:
         groups = getattr(self.engine.exchange, "groups_formed", None)
+        transport = getattr(self.engine.exchange, "backend", None)
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
-                "data_plane": self.data_plane, **({"process_groups_formed": groups} if groups is not None else {}),
+                "data_plane": self.data_plane, **({"process_groups_formed": groups, "transport": transport}
+                                                  if groups is not None else {}),
                 "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
 

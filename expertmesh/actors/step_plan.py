@@ -92,8 +92,9 @@ class StepPlan:
     groups: tuple[int, ...]  # expert groups taking part (every group when any layer routes experts)
 
     def peer(self, generation: int, shard: int | None, group: int | None, heads: int, head_dim: int,
-             hidden: int) -> PeerPlan | None:
-        """The slice of an actor holding context shard `shard` and/or expert group `group`."""
+             hidden: int, pack: bool = True) -> PeerPlan | None:
+        """The slice of an actor holding context shard `shard` and/or expert group `group`
+        (pack: small expert exchanges in one padded message, see `packed_rows`)."""
         parts = []
         for lp in self.layers:
             if shard is not None and shard in lp.attend:
@@ -101,7 +102,7 @@ class StepPlan:
                     (it.context_id, len(it.rows), it.q_pos, it.visits, it.top_pages, it.segment)
                     for it in lp.attend[shard])))
             if group is not None and lp.experts and group in self.groups:
-                parts.append(Part("experts", lp.index, packed=packed_rows(lp.pairs, hidden)))
+                parts.append(Part("experts", lp.index, packed=packed_rows(lp.pairs, hidden) if pack else 0))
         return PeerPlan(generation, tuple(parts), heads, head_dim, hidden) if parts else None
 
 

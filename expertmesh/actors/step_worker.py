@@ -15,6 +15,7 @@ import threading
 import torch
 
 from expertmesh.actors.collective import STOP, StepAborted, is_transport_error, make_group
+from expertmesh.actors.socket_group import SocketGroup
 from expertmesh.actors.step_plan import AttendItem, PeerPlan
 
 
@@ -25,6 +26,7 @@ class StepWorker:
     _loop: threading.Thread | None = None
     steps_served = 0  # steps this actor took part in
     data_device = torch.device("cpu")  # where the exchanged tensors live (cuda with NCCL)
+    _ok = torch.zeros(1)  # status 0 (the socket transport moves host tensors only)
 
     def join_group(self, address: tuple[str, int], generation: int, rank: int, world: int, backend: str,
                    timeout_s: float) -> int:
@@ -70,14 +72,15 @@ class StepWorker:
             else:
                 self._experts_part(pg, plan, part)
 
-    @staticmethod
-    def _answer(pg, reply: torch.Tensor, work) -> None:
-        """Send status 0 + the result of `work()`; or status 1, then the error pickled (int64
-        length, bytes), and re-raise it (the router then ends the step for everyone)."""
+    def _answer(self, pg, size: int, work) -> None:
+        """Send status 0 + the result of `work()` (fp32, `size` floats in all); or status 1, then
+        the error pickled (int64 length, bytes), and re-raise it (the router then ends the step
+        for everyone)."""
         try:
-            body = work()
+            body = work().reshape(-1)
         except BaseException as exc:
-            reply.zero_()[0] = 1.0
+            reply = torch.zeros(size, dtype=torch.float32, device=self.data_device)
+            reply[0] = 1.0
             pg.send([reply], 0, 0).wait()
             try:
                 data = pickle.dumps(exc)
@@ -86,8 +89,12 @@ class StepWorker:
             pg.send([torch.tensor([len(data)], dtype=torch.int64, device=reply.device)], 0, 0).wait()
             pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8).to(reply.device)], 0, 0).wait()
             raise
+        if isinstance(pg, SocketGroup):  # status and body back to back in one write, no copy
+            pg.send([self._ok, body.contiguous()], 0, 0)
+            return
+        reply = torch.empty(size, dtype=torch.float32, device=self.data_device)
         reply[0] = 0.0
-        reply[1:] = body.reshape(-1)
+        reply[1:] = body
         pg.send([reply], 0, 0).wait()
 
     def _attend_part(self, pg, plan: PeerPlan, part) -> list:
@@ -95,9 +102,9 @@ class StepWorker:
         msg = torch.empty(part.request_floats(plan.heads, plan.head_dim, plan.hidden), dtype=torch.float32,
                           device=self.data_device)
         pg.recv([msg], 0, 0).wait()
-        if msg[0] < 0:
-            raise StepAborted("the router ended the step")
         flags = msg[:n_items].tolist()
+        if flags and flags[0] < 0:
+            raise StepAborted("the router ended the step")
         items, at, order = [], n_items, []
         for j, (context_id, t, q_pos, visits, top_pages, segment) in enumerate(part.items):
             if flags[j]:
@@ -108,8 +115,6 @@ class StepWorker:
         if not items:
             return
         got = sum(len(it.q_pos) for it in items)
-        reply = torch.empty(1 + got * plan.heads * (plan.head_dim + 1) + 3 * len(items), dtype=torch.float32,
-                            device=self.data_device)
 
         def work():
             results = self.attend_tensors(part.layer, items)
@@ -118,28 +123,27 @@ class StepWorker:
             reads = torch.tensor([[r.get("pages", 0), r.get("memory", 0), r.get("store", 0)] for _, _, r in results],
                                  dtype=torch.float32, device=self.data_device)
             return torch.cat([*body, reads.reshape(-1)])
-        self._answer(pg, reply, work)
+        self._answer(pg, 1 + got * plan.heads * (plan.head_dim + 1) + 3 * len(items), work)
 
     def _experts_part(self, pg, plan: PeerPlan, part) -> None:
         if part.packed:  # one message: count, then up to `packed` rows (+ expert id)
             msg = torch.empty(part.request_floats(plan.heads, plan.head_dim, plan.hidden), dtype=torch.float32,
                               device=self.data_device)
             pg.recv([msg], 0, 0).wait()
-            n = int(msg[0])
+            n = int(msg[0].item())
             payload = msg[1:1 + max(n, 0) * (plan.hidden + 1)].view(max(n, 0), plan.hidden + 1)
+            rows, ids = payload[:, :plan.hidden], payload[:, plan.hidden].to(torch.int64)
         else:
             head = torch.empty(1, dtype=torch.int64, device=self.data_device)
             pg.recv([head], 0, 0).wait()
-            n = int(head[0])
+            n = head.item()
             if n > 0:
-                payload = torch.empty(n, plan.hidden + 1, dtype=torch.float32, device=self.data_device)
-                pg.recv([payload], 0, 0).wait()
+                rows = torch.empty(n, plan.hidden, dtype=torch.float32, device=self.data_device)
+                ids = torch.empty(n, dtype=torch.int64, device=self.data_device)
+                pg.recv([rows], 0, 0).wait()
+                pg.recv([ids], 0, 0).wait()
         if n < 0:
             raise StepAborted("the router ended the step")
         if n == 0:
             return
-        reply = torch.empty(1 + n * plan.hidden, dtype=torch.float32, device=self.data_device)
-
-        def work():
-            return self.compute_tensors(part.layer, payload[:, :plan.hidden], payload[:, plan.hidden].to(torch.int64))
-        self._answer(pg, reply, work)
+        self._answer(pg, 1 + n * plan.hidden, lambda: self.compute_tensors(part.layer, rows, ids))

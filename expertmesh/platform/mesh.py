@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import ray
+from torch import device as torch_device
 
+from expertmesh.actors.collective import backend_for
 from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
-from expertmesh.actors.exchange import check_data_plane
+from expertmesh.actors.exchange import check_data_plane, check_transport
 from expertmesh.actors.router import RemoteRouter
 from expertmesh.actors.worker import remote_worker
 from expertmesh.jax_backend import check_backend, check_jax_installed
@@ -135,7 +137,8 @@ class Mesh:
               colocate: bool = False, name: str | None = None, store: str | os.PathLike | None = None,
               shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
               start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch",
-              device: str = "auto", dtype: str = "auto", gpus_per_actor: float | None = None) -> "Mesh":
+              device: str = "auto", dtype: str = "auto", gpus_per_actor: float | None = None,
+              transport: str = "auto") -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
@@ -150,8 +153,10 @@ class Mesh:
         a TPU host; `pip install 'expertmesh[jax]'`). Either mix gives the same answers.
 
         data_plane: "collective" (default): each router step makes one Ray call per actor taking
-        part, and the per-layer tensors (queries, partial outputs, token rows) move over a
-        torch.distributed process group of the mesh's actors (gloo on CPU, NCCL on GPUs).
+        part, and the per-layer tensors (queries, partial outputs, token rows) move directly
+        between the router and the actors: `transport` "auto" picks NCCL (a torch.distributed
+        group) when the router computes on a GPU and TCP sockets on CPU hosts; "gloo" forces a
+        torch.distributed gloo group on CPU hosts (slower per message; same results).
         "ray": one Ray task per actor per layer (the reference path; same results).
         colocate: one actor per index holds context shard i and expert group i (how attention
         and experts share every accelerator): max(context_shards, expert_groups) actors.
@@ -176,6 +181,9 @@ class Mesh:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         check_data_plane(data_plane)
+        check_transport(transport)
+        if transport == "nccl" and device == "cpu":
+            backend_for(torch_device("cpu"), transport)  # raises: says why
         device, dtype = check_device_dtype(device, dtype)
         if gpus_per_actor is not None and not (0 < gpus_per_actor <= 1 or gpus_per_actor == int(gpus_per_actor) > 0):
             raise ValueError(f"gpus_per_actor must be in (0, 1] or a whole number, got {gpus_per_actor}")
@@ -243,7 +251,7 @@ class Mesh:
                 group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
             router = RemoteRouter.options(**options(None)).remote(
                 str(path), shard_names, group_names, shard_capacity_tokens, None, max_batch_tokens, lanes,
-                data_plane, store, kv_dtype, page_size, fingerprint, device, dtype)
+                data_plane, store, kv_dtype, page_size, fingerprint, device, dtype, transport)
             actors.append(router)
             _await_pings(router, shards, groups, start_timeout_s)
         except BaseException as exc:

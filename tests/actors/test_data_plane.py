@@ -1,6 +1,7 @@
-"""The collective data plane (one Ray call per actor per step, per-layer tensors over a gloo
-process group) gives exactly what the Ray-task path gives, separate or colocated; a killed
-member does not wedge the mesh; bad device/dtype values fail clearly at start."""
+"""The collective data plane (no Ray call per step or layer; per-layer tensors over TCP
+sockets on CPU, or a gloo process group) gives exactly what the Ray-task path gives, separate
+or colocated; a killed member does not wedge the mesh; bad device/dtype/transport values fail
+clearly at start."""
 
 import time
 
@@ -29,6 +30,9 @@ def meshes(request, ray_cluster, tiny_checkpoint):
         "collective": em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16),
         "colocated": em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16, colocate=True),
     }
+    if arch in ("mixtral", "llama4"):  # the torch.distributed transport on CPU (NCCL shares its code)
+        started["gloo"] = em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16,
+                                        transport="gloo")
     yield arch, started
     for mesh in started.values():
         mesh.shutdown()
@@ -50,7 +54,7 @@ def test_collective_and_colocated_equal_the_ray_task_path(meshes):
             tokens[name + "/batch"] = [r["token_ids"] for r in ray.get(batch)]
         finally:
             mesh.drop_context(ctx.id)
-    for name in ("collective", "colocated"):
+    for name in set(m) - {"ray"}:
         assert np.array_equal(logits[name], logits["ray"]), (arch, name, np.abs(logits[name] - logits["ray"]).max())
         assert tokens[name] == tokens["ray"] and tokens[name + "/batch"] == tokens["ray/batch"]
         assert pathways[name]["shards_per_layer"] == pathways["ray"]["shards_per_layer"]
@@ -60,7 +64,7 @@ def test_collective_and_colocated_equal_the_ray_task_path(meshes):
 
 def test_no_ray_call_per_step_or_layer(meshes):
     arch, m = meshes
-    for name in ("collective", "colocated"):
+    for name in set(m) - {"ray"}:
         mesh = m[name]
         ctx = mesh.register_context(ids(40, 3), mode="exact", shards=len(mesh.shards))
         before = [ray.get(s.stats.remote()) for s in mesh.shards]
@@ -71,6 +75,7 @@ def test_no_ray_call_per_step_or_layer(meshes):
             mesh.drop_context(ctx.id)
         stats = ray.get(mesh.router.stats.remote())
         assert stats["data_plane"] == "collective" and stats["process_groups_formed"] >= 1
+        assert stats["transport"] == ("gloo" if name == "gloo" else "socket")
         steps = stats["steps"] - steps0
         after = [ray.get(s.stats.remote()) for s in mesh.shards]
         served = sum(a["steps_served"] - b["steps_served"] for a, b in zip(after, before))
@@ -108,6 +113,10 @@ def test_bad_device_and_dtype_name_the_accepted_values(ray_cluster, tiny_checkpo
         em.Mesh.start(tiny_checkpoint("olmoe"), context_shards=1, expert_groups=1, dtype="fp8")
     with pytest.raises(ValueError, match="collective.*ray"):
         em.Mesh.start(tiny_checkpoint("olmoe"), context_shards=1, expert_groups=1, data_plane="nccl")
+    with pytest.raises(ValueError, match="auto.*socket.*gloo.*nccl"):
+        em.Mesh.start(tiny_checkpoint("olmoe"), context_shards=1, expert_groups=1, transport="tcp")
+    with pytest.raises(ValueError, match="NCCL moves GPU tensors"):
+        em.Mesh.start(tiny_checkpoint("olmoe"), context_shards=1, expert_groups=1, device="cpu", transport="nccl")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -1,0 +1,109 @@
+"""The socket transport of the collective data plane, without Ray: tensors arrive intact, a
+dead peer or a silent one fails within the bound with an error the router treats as a broken
+group, an actor of an older group cannot join a newer one, and abort wakes a blocked reader."""
+
+import datetime
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from expertmesh.actors.collective import is_transport_error
+from expertmesh.actors.socket_group import SocketGroup
+
+DAY = datetime.timedelta(days=1)
+
+
+def pair(generation=1, world=2, wait=DAY, send_timeout_s=5.0):
+    """Rank 0 and ranks 1.. of one group, connected over loopback."""
+    listener = SocketGroup.listen("127.0.0.1")
+    address = listener.getsockname()
+    peers = {}
+
+    def join(rank):
+        peers[rank] = SocketGroup.connect(address, generation, rank, 5.0, wait, send_timeout_s)
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(1, world)]
+    for t in threads:
+        t.start()
+    router = SocketGroup.accept(listener, generation, world, 5.0, wait, send_timeout_s)
+    for t in threads:
+        t.join()
+    listener.close()
+    return router, peers
+
+
+def test_tensors_of_each_dtype_arrive_intact_in_order():
+    router, peers = pair(world=3)
+    sent = [torch.randn(1000), torch.arange(7, dtype=torch.int64), torch.randint(0, 255, (300_000,), dtype=torch.uint8)]
+    for rank in (1, 2):
+        for t in sent:
+            router.send([t], rank, 0).wait()
+    for rank in (1, 2):
+        got = [torch.empty_like(t) for t in sent]
+        for g in got:
+            peers[rank].recv([g], 0, 0).wait()
+        assert all(torch.equal(a, b) for a, b in zip(got, sent))
+    reply = torch.tensor([3.5, -1.0])
+    peers[2].send([reply], 0, 0)
+    back = torch.empty(2)
+    router.recv([back], 2, 0).wait(datetime.timedelta(seconds=5))
+    assert torch.equal(back, reply)
+
+
+def test_a_dead_peer_fails_the_wait_at_once_as_a_transport_error():
+    router, peers = pair()
+    peers[1].abort()  # its connection closes, as when its process dies
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="Connection closed") as err:
+        router.recv([torch.empty(4)], 1, 0).wait(datetime.timedelta(seconds=30))
+    assert time.monotonic() - t0 < 5 and is_transport_error(err.value)
+    with pytest.raises(RuntimeError, match="Connection closed"):  # and the link is gone for good
+        router.send([torch.empty(4)], 1, 0)
+
+
+def test_a_silent_peer_times_out_within_the_bound():
+    router, peers = pair()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="Timed out") as err:
+        router.recv([torch.empty(4)], 1, 0).wait(datetime.timedelta(seconds=0.3))
+    assert 0.25 < time.monotonic() - t0 < 5 and is_transport_error(err.value)
+
+
+def test_abort_wakes_a_reader_blocked_without_a_limit():
+    router, peers = pair()
+    errors = []
+
+    def reader():
+        try:
+            peers[1].recv([torch.empty(4)], 0, 0).wait()
+        except RuntimeError as exc:
+            errors.append(exc)
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.2)
+    peers[1].abort()
+    t.join(5)
+    assert not t.is_alive() and errors and is_transport_error(errors[0])
+
+
+def test_an_actor_of_an_older_group_cannot_join():
+    listener = SocketGroup.listen("127.0.0.1")
+    address = listener.getsockname()
+    stale = SocketGroup.connect(address, 1, 1, 5.0, DAY, 5.0)  # generation 1, while the router forms 2
+    with pytest.raises(RuntimeError, match=r"Timed out .* ranks \[1\]"):
+        SocketGroup.accept(listener, 2, 2, 0.5, DAY, 5.0)
+    fresh = threading.Thread(target=lambda: SocketGroup.connect(address, 2, 1, 5.0, DAY, 5.0))
+    fresh.start()
+    router = SocketGroup.accept(listener, 2, 2, 5.0, DAY, 5.0)
+    fresh.join()
+    assert set(router.conns) == {1}
+    stale.abort()
+    listener.close()
+
+
+def test_host_tensors_only():
+    router, _ = pair()
+    with pytest.raises(ValueError, match="contiguous host tensors"):
+        router.send([torch.randn(4, 4).t()], 1, 0)
