@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, check_transport
-from expertmesh.actors.socket_group import SocketGroup
+from expertmesh.actors.socket_group import Listener, SocketGroup
 from expertmesh.actors.step_plan import StepPlan, packed_rows
 from expertmesh.errors import DataPlaneError, Unavailable
 
@@ -55,7 +55,9 @@ def make_group(backend: str, address: tuple[str, int], generation: int, rank: in
     """This process's member of generation `generation` of a mesh's process group (an actor's,
     rank > 0, for the socket transport: the router accepts in `CollectiveExchange._form_group`)."""
     if backend == "socket":
-        return SocketGroup.connect(address, generation, rank, timeout_s, GROUP_TIMEOUT, STEP_TIMEOUT_S), None
+        same_host = ray.util.get_node_ip_address() == address[0]
+        return SocketGroup.connect(address, generation, rank, timeout_s, GROUP_TIMEOUT, STEP_TIMEOUT_S,
+                                   same_host), None
     timeout = datetime.timedelta(seconds=timeout_s)
     store = master or dist.TCPStore(address[0], address[1], None, False, timeout=timeout)
     prefixed = dist.PrefixStore(f"expertmesh/g{generation}", store)
@@ -143,8 +145,8 @@ class CollectiveExchange(Exchange):
         host = ray.util.get_node_ip_address()
         if self.backend == "socket":
             if self._listener is None:
-                self._listener = SocketGroup.listen(host)
-            address = (host, self._listener.getsockname()[1])
+                self._listener = Listener(host)
+            address = self._listener.address
         else:
             if self._store is None:
                 self._store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)

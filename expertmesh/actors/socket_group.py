@@ -22,9 +22,11 @@ texts are those `collective.is_transport_error` knows.
 from __future__ import annotations
 
 import datetime
+import select
 import socket
 import struct
 import time
+import uuid
 
 import torch
 
@@ -72,13 +74,8 @@ class SocketGroup:
         self._timeouts: dict[int, float | None] = {}
 
     # -- forming ----------------------------------------------------------------------------
-    @staticmethod
-    def listen(host: str) -> socket.socket:
-        """The router's listening socket; actors connect to its (host, port)."""
-        return socket.create_server((host, 0), backlog=128)
-
     @classmethod
-    def accept(cls, listener: socket.socket, generation: int, world: int, timeout_s: float,
+    def accept(cls, listener: "Listener", generation: int, world: int, timeout_s: float,
                wait_timeout: datetime.timedelta, send_timeout_s: float) -> "SocketGroup":
         """Rank 0: wait until every rank 1 .. world-1 of this generation has connected."""
         conns: dict[int, socket.socket] = {}
@@ -89,10 +86,8 @@ class SocketGroup:
                 if left <= 0:
                     raise RuntimeError(f"Timed out after {timeout_s:g} s waiting for ranks "
                                        f"{sorted(set(range(1, world)) - set(conns))} to connect")
-                listener.settimeout(left)
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
+                conn = listener.accept(left)
+                if conn is None:
                     continue
                 conn.settimeout(left)
                 try:
@@ -112,10 +107,17 @@ class SocketGroup:
         return cls(0, conns, wait_timeout, send_timeout_s)
 
     @classmethod
-    def connect(cls, address: tuple[str, int], generation: int, rank: int, timeout_s: float,
-                wait_timeout: datetime.timedelta, send_timeout_s: float) -> "SocketGroup":
-        """Rank > 0: connect to the router and say who this is."""
-        conn = socket.create_connection(tuple(address), timeout=timeout_s)
+    def connect(cls, address: tuple, generation: int, rank: int, timeout_s: float,
+                wait_timeout: datetime.timedelta, send_timeout_s: float, same_host: bool = False) -> "SocketGroup":
+        """Rank > 0: connect to the router (`Listener.address`; over its Unix socket when on
+        the router's host) and say who this is."""
+        host, port, unix = tuple(address)
+        if same_host and unix:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(timeout_s)
+            conn.connect("\0" + unix)
+        else:
+            conn = socket.create_connection((host, port), timeout=timeout_s)
         _tune(conn)
         conn.sendall(_HELLO.pack(generation, rank))
         return cls(rank, {0: conn}, wait_timeout, send_timeout_s)
@@ -179,7 +181,40 @@ class SocketGroup:
 
 
 def _tune(conn: socket.socket) -> None:
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages leave at once
+    if conn.family != socket.AF_UNIX:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages leave at once
+
+
+class Listener:
+    """The router's listening sockets: TCP for actors on other hosts, and a Unix socket in
+    Linux's abstract namespace (no file; gone with the process) for actors on the router's
+    host, where a round trip costs less. `address` = (host, port, unix name or "")."""
+
+    def __init__(self, host: str) -> None:
+        self.tcp = socket.create_server((host, 0), backlog=128)
+        self.unix: socket.socket | None = None
+        name = f"expertmesh-{uuid.uuid4().hex}"
+        try:
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.bind("\0" + name)
+            unix.listen(128)
+            self.unix = unix
+        except OSError:  # no abstract namespace here (not Linux): TCP only
+            name = ""
+        self.address = (host, self.tcp.getsockname()[1], name)
+
+    def accept(self, timeout_s: float) -> socket.socket | None:
+        """A new connection on either socket, or None after timeout_s."""
+        ready, _, _ = select.select([s for s in (self.tcp, self.unix) if s is not None], [], [], timeout_s)
+        if not ready:
+            return None
+        conn, _ = ready[0].accept()
+        return conn
+
+    def close(self) -> None:
+        for s in (self.tcp, self.unix):
+            if s is not None:
+                s.close()
 
 
 def _write(conn: socket.socket, views: list[memoryview]) -> None:

@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from expertmesh.actors.collective import is_transport_error
-from expertmesh.actors.socket_group import SocketGroup
+from expertmesh.actors.socket_group import Listener, SocketGroup
 
 DAY = datetime.timedelta(days=1)
 
 
-def pair(generation=1, world=2, wait=DAY, send_timeout_s=5.0):
-    """Rank 0 and ranks 1.. of one group, connected over loopback."""
-    listener = SocketGroup.listen("127.0.0.1")
-    address = listener.getsockname()
+def pair(generation=1, world=2, wait=DAY, send_timeout_s=5.0, same_host=True):
+    """Rank 0 and ranks 1.. of one group: over the Unix socket (same host) or TCP loopback."""
+    listener = Listener("127.0.0.1")
+    address = listener.address
     peers = {}
 
     def join(rank):
-        peers[rank] = SocketGroup.connect(address, generation, rank, 5.0, wait, send_timeout_s)
+        peers[rank] = SocketGroup.connect(address, generation, rank, 5.0, wait, send_timeout_s, same_host)
     threads = [threading.Thread(target=join, args=(r,)) for r in range(1, world)]
     for t in threads:
         t.start()
@@ -34,17 +34,25 @@ def pair(generation=1, world=2, wait=DAY, send_timeout_s=5.0):
     return router, peers
 
 
-def test_tensors_of_each_dtype_arrive_intact_in_order():
-    router, peers = pair(world=3)
-    sent = [torch.randn(1000), torch.arange(7, dtype=torch.int64), torch.randint(0, 255, (300_000,), dtype=torch.uint8)]
-    for rank in (1, 2):
-        for t in sent:
-            router.send([t], rank, 0).wait()
-    for rank in (1, 2):
-        got = [torch.empty_like(t) for t in sent]
-        for g in got:
+@pytest.mark.parametrize("same_host", [True, False], ids=["unix", "tcp"])
+def test_tensors_of_each_dtype_arrive_intact_in_order(same_host):
+    router, peers = pair(world=3, same_host=same_host)
+    assert {c.family for c in router.conns.values()} == {socket.AF_UNIX if same_host else socket.AF_INET}
+    sent = [torch.randn(1000), torch.arange(7, dtype=torch.int64), torch.randint(0, 255, (3_000_000,), dtype=torch.uint8)]
+    got = {rank: [torch.empty_like(t) for t in sent] for rank in (1, 2)}
+
+    def read(rank):  # an actor's step loop reads while the router writes (sends block on a full buffer)
+        for g in got[rank]:
             peers[rank].recv([g], 0, 0).wait()
-        assert all(torch.equal(a, b) for a, b in zip(got, sent))
+    readers = [threading.Thread(target=read, args=(rank,)) for rank in (1, 2)]
+    for t in readers:
+        t.start()
+    for rank in (1, 2):
+        router.send(sent[:2], rank, 0).wait()  # several tensors back to back
+        router.send(sent[2:], rank, 0).wait()
+    for t in readers:
+        t.join(10)
+    assert all(torch.equal(a, b) for rank in (1, 2) for a, b in zip(got[rank], sent))
     reply = torch.tensor([3.5, -1.0])
     peers[2].send([reply], 0, 0)
     back = torch.empty(2)
@@ -89,8 +97,8 @@ def test_abort_wakes_a_reader_blocked_without_a_limit():
 
 
 def test_an_actor_of_an_older_group_cannot_join():
-    listener = SocketGroup.listen("127.0.0.1")
-    address = listener.getsockname()
+    listener = Listener("127.0.0.1")
+    address = listener.address
     stale = SocketGroup.connect(address, 1, 1, 5.0, DAY, 5.0)  # generation 1, while the router forms 2
     with pytest.raises(RuntimeError, match=r"Timed out .* ranks \[1\]"):
         SocketGroup.accept(listener, 2, 2, 0.5, DAY, 5.0)
