@@ -102,7 +102,8 @@ def _best(runs: dict[str, list[float]]) -> dict:
 
 
 LAYOUTS = {"ray": {"data_plane": "ray"}, "collective": {"data_plane": "collective"},
-           "colocated": {"data_plane": "collective", "colocate": True}}
+           "colocated": {"data_plane": "collective", "colocate": True},
+           "colocated-2": {"data_plane": "collective", "colocate": True, "context_shards": 2}}
 
 
 def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, lanes: int, repeats: int,
@@ -112,7 +113,7 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: in
 
     import expertmesh as em
 
-    mesh = em.Mesh.start(str(ckpt), context_shards=4, expert_groups=2, lanes=lanes, **LAYOUTS[layout])
+    mesh = em.Mesh.start(str(ckpt), **({"context_shards": 4, "expert_groups": 2, "lanes": lanes} | LAYOUTS[layout]))
     try:
         warm = mesh.register_context(context[:2048])
         mesh.generate(prompts[0], context_id=warm.id, max_new_tokens=4)

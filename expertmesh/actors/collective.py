@@ -12,8 +12,9 @@ the router):
 
   attend  router -> shard   fp32 [n_items + rows*Hq*D]: an active flag per planned item, then
                             the items' query rows (rows of inactive items are zeros)
-          shard -> router   fp32 [1 + active rows*Hq*(D+1) + 3*active items]: status, partial
-                            output and LSE, pages read (all, from memory, from the store)
+          shard -> router   fp32 [1 + active rows*Hq*(D+1) + 3*active items]: status; per active
+                            item its partial output [t*Hq*D] then its LSE [t*Hq]; pages read
+                            per active item (all, from memory, from the store)
   experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H] rows and int64 [n]
                             expert ids (small steps over gloo/NCCL, where a message costs more:
                             one fp32 message, the count then rows + expert id [n, H+1] padded
@@ -218,6 +219,11 @@ class CollectiveExchange(Exchange):
             for t in tensors:
                 self._post(self._pg.send([t], rank, 0))
 
+    def _one(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A message made of pieces: as they are on a socket (written back to back), one
+        tensor for a process group."""
+        return pieces if self.backend == "socket" else [torch.cat(pieces)]
+
     def _post(self, work) -> None:
         self._works.append(work)
 
@@ -243,41 +249,39 @@ class CollectiveExchange(Exchange):
         pending = []
         for shard, items in self._plan.layers[layer].attend.items():
             active = dict(requests.get(shard, []))
-            n_rows = sum(len(it.rows) for it in items)
-            msg = torch.zeros(len(items) + n_rows * hq_d, dtype=torch.float32, device=self.device)
-            at, got = len(items), 0
+            flags = torch.tensor([1.0 if j in active else 0.0 for j in range(len(items))], device=self.device)
+            pieces, got = [flags], 0
             for j, it in enumerate(items):
-                t = len(it.rows)
                 if j in active:
-                    msg[j] = 1.0
-                    msg[at:at + t * hq_d] = active[j].reshape(-1).float()
-                    got += t
-                at += t * hq_d
+                    pieces.append(active[j].reshape(-1).float().to(self.device))
+                    got += len(it.rows)
+                else:
+                    pieces.append(torch.zeros(len(it.rows) * hq_d, dtype=torch.float32, device=self.device))
             rank = self.rank_of_shard[shard]
             self._sent[rank] += 1
-            self._send(rank, msg)
-            n_active = sum(1 for j in range(len(items)) if j in active)
-            reply = torch.empty(1 + got * width + 3 * n_active, dtype=torch.float32, device=self.device)
+            self._send(rank, *self._one(pieces))
+            order = [j for j in range(len(items)) if j in active]
+            reply = torch.empty(1 + got * width + 3 * len(order), dtype=torch.float32, device=self.device)
             if got:
                 self._post(self._pg.recv([reply], rank, 0))
-            pending.append((shard, rank, [j for j in range(len(items)) if j in active], got, reply))
+            pending.append((shard, rank, order, got, reply))
 
         def wait():
             self._wait()
             out = {}
             for shard, rank, order, got, reply in pending:
-                if got and reply[0] != 0:
+                if got and reply[0].item() != 0:
                     self._failed(rank)
                     continue
-                body, parts, at = reply[1:1 + got * width].view(got, width), [], 0
+                parts, at = [], 1
                 reads = reply[1 + got * width:].view(-1, 3).tolist()
                 for j, (pages, memory, store) in zip(order, reads):
                     t = len(self._plan.layers[layer].attend[shard][j].rows)
-                    block = body[at:at + t]
-                    parts.append((block[:, :hq_d].reshape(t, self.heads, self.head_dim), block[:, hq_d:]))
+                    o = reply[at:at + t * hq_d].view(t, self.heads, self.head_dim)
+                    parts.append((o, reply[at + t * hq_d:at + t * width].view(t, self.heads)))
                     self._reads.append((layer, shard, j, {"pages": int(pages), "memory": int(memory),
                                                           "store": int(store)}))
-                    at += t
+                    at += t * width
                 out[shard] = parts
             if self._left:
                 raise PeerFailed(f"context shard(s) at ranks {sorted(self._left)} failed at layer {layer}")

@@ -326,7 +326,10 @@ class ContextShard(StepWorker):
             a, b = max(a, lo_pos), min(b, hi_pos)
             if a < b:
                 picked.append(np.arange((a - opened.start) // ps, -(-(b - opened.start) // ps)))
-        pages = np.unique(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+        if len(picked) == 1:
+            pages = picked[0]
+        else:
+            pages = np.unique(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
         if top_pages is not None and not spec.chunk_size and len(pages) > top_pages:
             score = self._quest(q, f.kmin[layer, pages], f.kmax[layer, pages])  # [n]
             best = torch.topk(score, top_pages).indices.numpy()
@@ -368,8 +371,14 @@ class ContextShard(StepWorker):
                     k_pool[dst] = km[ok_t].to(k_pool.dtype)
                     v_pool[dst] = vm[ok_t].to(v_pool.dtype)
         k, v = k.reshape(-1, shape.heads, shape.head_dim), v.reshape(-1, shape.heads, shape.head_dim)
+        readable = min(f.written_pages * ps, f.num_tokens)
+        if len(pages) and int(pages[-1]) - int(pages[0]) == len(pages) - 1:  # one run: positions are a range
+            first = int(pages[0]) * ps
+            keep = min(len(pages) * ps, readable - first)  # the last page's padding drops out
+            rows = torch.arange(opened.start + first, opened.start + first + keep, device=k.device)
+            return k[:keep], v[:keep], rows
         rows = torch.from_numpy((pages[:, None] * ps + np.arange(ps)[None]).reshape(-1))
-        valid = rows < min(f.written_pages * ps, f.num_tokens)
+        valid = rows < readable
         if not bool(valid.all()):  # the last page's padding
             keep = valid.to(k.device)
             k, v, rows = k[keep], v[keep], rows[valid]

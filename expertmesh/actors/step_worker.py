@@ -73,11 +73,12 @@ class StepWorker:
                 self._experts_part(pg, plan, part)
 
     def _answer(self, pg, size: int, work) -> None:
-        """Send status 0 + the result of `work()` (fp32, `size` floats in all); or status 1, then
+        """Send status 0 + the result of `work()` (fp32 tensors, `size` floats in all); or status 1, then
         the error pickled (int64 length, bytes), and re-raise it (the router then ends the step
         for everyone)."""
         try:
-            body = work().reshape(-1)
+            body = work()
+            pieces = [t.reshape(-1) for t in body] if isinstance(body, list) else [body.reshape(-1)]
         except BaseException as exc:
             reply = torch.zeros(size, dtype=torch.float32, device=self.data_device)
             reply[0] = 1.0
@@ -89,13 +90,10 @@ class StepWorker:
             pg.send([torch.tensor([len(data)], dtype=torch.int64, device=reply.device)], 0, 0).wait()
             pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8).to(reply.device)], 0, 0).wait()
             raise
-        if isinstance(pg, SocketGroup):  # status and body back to back in one write, no copy
-            pg.send([self._ok, body.contiguous()], 0, 0)
+        if isinstance(pg, SocketGroup):  # status and pieces back to back in one write, no copy
+            pg.send([self._ok, *(p.contiguous() for p in pieces)], 0, 0)
             return
-        reply = torch.empty(size, dtype=torch.float32, device=self.data_device)
-        reply[0] = 0.0
-        reply[1:] = body
-        pg.send([reply], 0, 0).wait()
+        pg.send([torch.cat([torch.zeros(1, device=self.data_device), *pieces])], 0, 0).wait()
 
     def _attend_part(self, pg, plan: PeerPlan, part) -> list:
         hq_d, n_items = plan.heads * plan.head_dim, len(part.items)
@@ -118,11 +116,13 @@ class StepWorker:
 
         def work():
             results = self.attend_tensors(part.layer, items)
-            body = [torch.cat([torch.as_tensor(o).reshape(o.shape[0], -1), torch.as_tensor(lse)], dim=1).reshape(-1)
-                    .to(self.data_device) for o, lse, _ in results]
-            reads = torch.tensor([[r.get("pages", 0), r.get("memory", 0), r.get("store", 0)] for _, _, r in results],
-                                 dtype=torch.float32, device=self.data_device)
-            return torch.cat([*body, reads.reshape(-1)])
+            body = []
+            for o, lse, _ in results:
+                body += [torch.as_tensor(o).reshape(-1).to(self.data_device),
+                         torch.as_tensor(lse).reshape(-1).to(self.data_device)]
+            body.append(torch.tensor([[r.get("pages", 0), r.get("memory", 0), r.get("store", 0)]
+                                      for _, _, r in results], dtype=torch.float32, device=self.data_device).reshape(-1))
+            return body
         self._answer(pg, 1 + got * plan.heads * (plan.head_dim + 1) + 3 * len(items), work)
 
     def _experts_part(self, pg, plan: PeerPlan, part) -> None:
