@@ -134,6 +134,7 @@ class CollectiveExchange(Exchange):
         self._parts: dict[int, tuple] = {}  # rank -> its parts in this step
         self._sent: dict[int, int] = {}  # rank -> parts the router has started
         self._unsent: dict[int, Any] = {}  # rank -> its PeerPlan, until its first message of the step
+        self._held: dict[int, list[torch.Tensor]] = {}  # rank -> messages to go out with its next one
         self._left: set[int] = set()  # ranks that left the step with an error
         self._works: list = []  # operations not waited for yet
 
@@ -142,6 +143,7 @@ class CollectiveExchange(Exchange):
         """A new generation of the group: every actor joins (Ray queues the call on a
         restarting actor until it is back); fails within join_timeout_s."""
         self.generation += 1
+        self._held = {}  # nothing carries over to a new group
         timeout = datetime.timedelta(seconds=self.join_timeout_s)
         host = ray.util.get_node_ip_address()
         if self.backend == "socket":
@@ -174,9 +176,11 @@ class CollectiveExchange(Exchange):
         if self._pg is None:
             return
         stop = torch.tensor([STOP], dtype=torch.int64, device=self.device)
+        held, self._held = self._held, {}
         for rank in range(1, len(self.peers) + 1):
             try:
-                self._pg.send([stop], rank, 0).wait(datetime.timedelta(seconds=2))
+                for t in [*held.get(rank, []), stop]:  # what it still has to hear first
+                    self._pg.send([t], rank, 0).wait(datetime.timedelta(seconds=2))
             except Exception:  # noqa: BLE001 - a dead actor: its loop is gone with it
                 pass
         try:
@@ -204,16 +208,21 @@ class CollectiveExchange(Exchange):
         self.steps += 1
         return self
 
-    def _send(self, rank: int, *msgs: torch.Tensor) -> None:
-        """Messages of the step to `rank`; an actor's slice of the plan travels with its first
-        (an actor wakes when it has work, not at every step's start)."""
-        tensors = list(msgs)
+    def _send(self, rank: int, *msgs: torch.Tensor, hold: bool = False) -> None:
+        """Messages of the step to `rank`. An actor's slice of the plan travels with its first
+        message of the step (an actor wakes when it has work, not at every step's start).
+        hold: keep them to go out with the next message to this actor, in this step or a later
+        one (a group without rows at a layer has nothing to do: it need not wake for that)."""
+        tensors = self._held.pop(rank, [])
         part = self._unsent.pop(rank, None)
         if part is not None:
             data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
-            tensors = [torch.tensor([len(data)], dtype=torch.int64, device=self.device),
-                       torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device), *msgs]
-        if self.backend == "socket":  # back to back in one write
+            tensors += [torch.tensor([len(data)], dtype=torch.int64, device=self.device),
+                        torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)]
+        tensors += msgs
+        if hold:
+            self._held[rank] = tensors
+        elif self.backend == "socket":  # back to back in one write
             self._post(self._pg.send(tensors, rank, 0))
         else:
             for t in tensors:
@@ -307,7 +316,7 @@ class CollectiveExchange(Exchange):
                 self._send(rank, torch.tensor([n], dtype=torch.int64, device=self.device),
                            rows.float().contiguous().to(self.device), ids.to(torch.int64).contiguous().to(self.device))
             else:
-                self._send(rank, self._zero)
+                self._send(rank, self._zero, hold=True)
             if n:
                 reply = torch.empty(1 + n * self.hidden, dtype=torch.float32, device=self.device)
                 self._post(self._pg.recv([reply], rank, 0))
@@ -354,7 +363,8 @@ class CollectiveExchange(Exchange):
                 else:
                     msg = torch.tensor([-1], dtype=torch.int64, device=self.device)
                 try:
-                    self._pg.send([msg], rank, 0).wait(datetime.timedelta(seconds=5))
+                    for t in [*self._held.pop(rank, []), msg]:  # what it still has to hear first
+                        self._pg.send([t], rank, 0).wait(datetime.timedelta(seconds=5))
                 except Exception:  # noqa: BLE001 - this actor died
                     broken = True
             if broken:

@@ -121,7 +121,8 @@ class Engine:
             for j, item in enumerate(items):
                 if item.chooser is not None and not self._chosen(step, layer, item.chooser, q, shard):
                     continue
-                requests.setdefault(shard, []).append((j, q[torch.from_numpy(item.rows).to(q.device)]))
+                whole = len(item.rows) == q.shape[0]  # rows are sorted and distinct: all of them, in order
+                requests.setdefault(shard, []).append((j, q if whole else q[torch.from_numpy(item.rows).to(q.device)]))
         replies = step.exchange.attend(index, requests)
         own_out, own_lse = self._own_attention(step, layer, q)  # while the shards work
         t0 = time.perf_counter()
@@ -130,6 +131,9 @@ class Engine:
         parts = [(own_out, own_lse)]
         for shard, answers in results.items():  # rows a shard did not serve stay neutral (lse = -inf)
             if not answers:
+                continue
+            if len(answers) == 1 and len(lp.attend[shard][requests[shard][0][0]].rows) == q.shape[0]:
+                parts.append((answers[0][0].to(own_out.device), answers[0][1].to(own_lse.device)))
                 continue
             out, lse = torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf"))
             for (j, _), (o, l) in zip(requests[shard], answers):
