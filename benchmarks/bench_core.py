@@ -6,10 +6,12 @@ For the default model and a tiny Mixtral:
 Single-process = the same router code in this process with one in-process shard holding the
 whole context and one in-process expert group holding all experts (no Ray), plus a plain
 `model(ids)` forward for (a). Mesh = 4 context shards + 2 expert groups + router as Ray actors,
-in three layouts measured in the same run:
-  ray         a Ray task per actor per layer (the reference path)
-  collective  one Ray call per actor per step, per-layer tensors over a gloo process group
-  colocated   the same with context shard i and expert group i in one actor (4 actors)
+in layouts measured in the same run:
+  ray          a Ray task per actor per layer (the reference path)
+  collective   no Ray call per step or layer: per-layer tensors over sockets (7 processes)
+  colocated    the same with context shard i and expert group i in one actor (4 workers)
+  colocated-2  colocated with 2 context shards (8K tokens each) + 2 expert groups: one worker
+               per core of a 2-core host (2 workers)
 Every measure is taken `--repeats` times on each side and the fastest counts (the machine is
 shared; the run also records its load average). Writes benchmarks/results/core.json and prints
 the ratios; `make bench` regenerates the README's tables (benchmarks/readme_tables.py).

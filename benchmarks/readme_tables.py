@@ -75,7 +75,8 @@ def _load_warning(*reports: dict) -> str:
 
 
 # -- core ---------------------------------------------------------------------------------------
-LAYOUT_LABELS = {"ray": "Ray task per layer", "collective": "collective", "colocated": "collective, colocated"}
+LAYOUT_LABELS = {"ray": "Ray task per layer", "collective": "collective", "colocated": "collective, colocated",
+                 "colocated-2": "collective, colocated, 2 shards"}
 
 
 def core() -> str:

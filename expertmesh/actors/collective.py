@@ -379,7 +379,13 @@ class CollectiveExchange(Exchange):
             self._lock.release()
 
     def close(self) -> None:
-        self._drop_group()
+        """Leave the group: after the step in flight, if any (bounded by the step timeout)."""
+        locked = self._lock.acquire(timeout=STEP_TIMEOUT_S)
+        try:
+            self._drop_group()
+        finally:
+            if locked:
+                self._lock.release()
         if self._listener is not None:
             self._listener.close()
             self._listener = None

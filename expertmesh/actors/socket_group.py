@@ -13,6 +13,11 @@ against 50-65 us over these sockets (a blocked `recv_into` wakes the waiting thr
 both measured with the same 256-byte messages). On a per-layer exchange that is most of a
 small decode step.
 
+Sends write synchronously and block while the peer's buffer is full. The plane's order makes
+that safe: an actor only writes a reply after reading the whole request, and the router reads
+the replies of a phase before it writes the next phase's requests, so no two writers wait on
+each other.
+
 Failure: a dead peer's connection closes (reads return nothing: "Connection closed by peer");
 an operation past its timeout raises "Timed out" and closes the connection (as gloo closes the
 pair); `abort` shuts every connection down, which wakes a thread blocked on one. The error
