@@ -3,6 +3,7 @@ sockets on CPU, or a gloo process group) gives exactly what the Ray-task path gi
 or colocated; a killed member does not wedge the mesh; bad device/dtype/transport values fail
 clearly at start."""
 
+import os
 import time
 
 import numpy as np
@@ -95,7 +96,12 @@ def test_killed_worker_restarts_and_the_mesh_serves_again(ray_cluster, tiny_chec
         prompt = ids(6, 7)
         want = mesh.generate(prompt, max_new_tokens=8).token_ids
         formed = ray.get(mesh.router.stats.remote())["process_groups_formed"]
+        pid = ray.get(mesh.groups[1].__ray_call__.remote(lambda self: os.getpid()))
         ray.kill(mesh.groups[1], no_restart=False)  # worker 1: shard 1 and expert group 1
+        gone_by = time.monotonic() + 30  # ray.kill returns before the process is gone
+        while time.monotonic() < gone_by and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.01)
+        assert not os.path.exists(f"/proc/{pid}"), "the killed worker's process did not exit"
         t0 = time.monotonic()
         got = mesh.generate(prompt, max_new_tokens=8).token_ids  # no context: only the experts matter
         assert got == want
