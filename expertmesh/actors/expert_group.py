@@ -57,10 +57,10 @@ class ExpertGroup(StepWorker):
         device, and the outputs stay there): fp32 [P, H]."""
         if layer not in self.banks:
             raise ValueError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(self.banks)}")
-        if len(experts) and (int(experts.min()) < self.experts.start or int(experts.max()) >= self.experts.stop):
+        local = experts.cpu().numpy() - self.experts.start
+        if len(local) and (local.min() < 0 or local.max() >= len(self.experts)):
             raise ValueError(f"expert group {self.index} holds experts {self.experts.start}.."
                              f"{self.experts.stop - 1}; got {int(experts.min())}..{int(experts.max())}")
-        local = (experts.cpu() - self.experts.start).numpy()
         with self._lock:
             self.tokens[layer] += np.bincount(local, minlength=len(self.experts))
         if self.backend == "jax":

@@ -43,6 +43,8 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, H] rows, experts [N] global expert ids held here -> y [N, H]."""
         local = experts - self.first  # [N]
+        if len(x) == 1:  # one row (a batch-1 decode step with top-1): no sort, no scatter
+            return self.looped(x, [0] * int(local[0]) + [1])
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=self.count)  # [E]
         xs = x[order]  # [N, H] sorted by expert

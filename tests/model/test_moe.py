@@ -38,6 +38,8 @@ def test_grouped_expert_compute_equals_per_token_loop():
         e = experts[i] - 2
         h = torch.nn.functional.silu(bank.gate[e] @ x[i]) * (bank.up[e] @ x[i])
         assert torch.allclose(y[i], bank.down[e] @ h, atol=1e-5)
+    for i in range(40):  # one row at a time (the single-row path) gives the same rows
+        assert torch.allclose(bank(x[i:i + 1], experts[i:i + 1])[0], y[i], atol=1e-5)
 
 
 def test_expert_partition_is_balanced_and_complete():
