@@ -76,6 +76,18 @@ def host_memory_bytes() -> int:
     return total
 
 
+def default_pool_bytes(device: torch.device, gpu_share: float | None = None) -> int:
+    """The hot-page budget when none is given. A pool in host memory: an eighth of the host's
+    (or container's) memory. A pool on a GPU: 90% of the GPU memory free when the pool is made
+    (after the weights of actors sharing the GPU loaded), at most this actor's share of the GPU
+    (`gpu_share`: the GPUs it asked Ray for; several shards and expert groups may share one)."""
+    if device.type != "cuda":
+        return host_memory_bytes() // 8
+    free, total = torch.cuda.mem_get_info(device)
+    share = total * min(1.0, gpu_share) if gpu_share else total
+    return int(0.9 * min(free, share))
+
+
 def _remove_dead_scratch() -> None:
     """Scratch directories of shards whose process is gone (killed: no exit handler ran)."""
     root = tempfile.gettempdir()
@@ -93,11 +105,14 @@ def _remove_dead_scratch() -> None:
 class ContextShard(StepWorker):
     def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
                  page_size: int = 64, num_threads: int | None = None, store: str | None = None,
-                 memory_bytes: int | None = None, kv_dtype: str = "float32", device: str = "cpu") -> None:
+                 memory_bytes: int | None = None, kv_dtype: str = "float32", device: str = "cpu",
+                 gpu_share: float | None = None) -> None:
         """store: the mesh's store location (None: a scratch directory, lost with the shard).
-        memory_bytes: the hot-page budget (None: half of the host's memory / 4).
+        memory_bytes: the hot-page budget (None: `default_pool_bytes`, decided when the pool is
+        made: an eighth of host memory, or on a GPU what is free of this actor's share).
         device: where the page pool lives and attention computes (pages are read from the store
-        into it); partial outputs and the LSE stay fp32."""
+        into it); partial outputs and the LSE stay fp32.
+        gpu_share: the GPUs this actor asked Ray for (bounds the default budget on a GPU)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = self.pool_device = self.data_device = resolve_device(device)  # a JAX shard sets its own .device
@@ -105,7 +120,10 @@ class ContextShard(StepWorker):
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         self.index, self.specs = index, specs
         self.capacity_tokens, self.page_size, self.kv_dtype = capacity_tokens, page_size, kv_dtype
-        self.memory_bytes = memory_bytes if memory_bytes is not None else host_memory_bytes() // 8
+        if memory_bytes is not None and memory_bytes < 1:
+            raise ValueError(f"memory_bytes must be >= 1 or None, got {memory_bytes}")
+        self.gpu_share = gpu_share
+        self.memory_bytes = memory_bytes  # None: decided with the pool (default_pool_bytes)
         self.durable = store is not None
         self._scratch = None
         if store is None:
@@ -391,6 +409,8 @@ class ContextShard(StepWorker):
             return
         dtype = torch.float32 if self.kv_dtype == "float32" else torch.bfloat16
         per_page = shape.page_size * shape.heads * shape.head_dim * (4 if dtype == torch.float32 else 2)
+        if self.memory_bytes is None:
+            self.memory_bytes = default_pool_bytes(self.pool_device, self.gpu_share)
         slots = max(1, self.memory_bytes // (2 * per_page))
         # torch.empty maps memory lazily: only slots that get pages become resident
         self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.pool_device),

@@ -127,6 +127,10 @@ class JaxContextShard(ContextShard):
     def _ensure_pool(self, shape: PageShape) -> None:
         if self._pool is not None:
             return
+        if self.memory_bytes is None and self.device.platform != "cpu":  # an accelerator's memory, not the host's
+            stats = self.device.memory_stats() or {}
+            if stats.get("bytes_limit"):
+                self.memory_bytes = max(1, int(0.9 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))))
         super()._ensure_pool(shape)  # the table's slots from the byte budget (torch maps nothing yet)
         self._pool = None
         self._dtype = self.jax.numpy.float32 if self.kv_dtype == "float32" else self.jax.numpy.bfloat16

@@ -25,7 +25,8 @@ class ServeSettings(BaseModel):
     store: str | None = Field(None, description="context store: a directory (e.g. a PVC mount) or URI "
                                                 "(s3://, gs://, file://); contexts survive restarts. None: none")
     shard_memory_bytes: int | None = Field(None, ge=1, description="hot KV pages per shard in memory; "
-                                                                   "None: an eighth of the host's memory")
+                                                                   "None: an eighth of the host's memory, on "
+                                                                   "a GPU 90% of the free share of it")
     kv_dtype: Literal["float32", "bfloat16"] = Field("float32", description="how KV pages are stored")
     shard_backend: Literal["torch", "jax"] = Field("torch", description="what context shards compute with "
                                                    "(jax: TPU or JAX hosts; pip install 'expertmesh[jax]')")

@@ -145,7 +145,9 @@ class Mesh:
         and manifests: contexts survive restarts and may be larger than memory. None: each
         shard keeps its pages in a scratch directory of its host, lost with the shard.
         shard_memory_bytes: each shard's budget of hot pages in memory (None: an eighth of
-        its host's memory); the rest are read from the store on demand.
+        its host's memory for a pool in host memory; on a GPU, 90% of what is free of the
+        shard's share of its GPU when its first context arrives); the rest are read from the
+        store on demand.
         kv_dtype: "float32" or "bfloat16", how KV pages are stored (attention accumulates in fp32).
         shard_capacity_tokens: a cap on the tokens each shard holds (None: bounded by the store).
         shard_backend / expert_backend: "torch" or "jax", what the context shards / expert groups
@@ -227,7 +229,7 @@ class Mesh:
                 from expertmesh.actors.jax_context_shard import JaxContextShard as shard_plain
                 from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
             shard_args = [(i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype,
-                           device) for i in range(max(context_shards, len(partition)))]
+                           device, gpus or None) for i in range(max(context_shards, len(partition)))]
             group_args = [(str(path), g, experts, threads, expert_backend, device, dtype)
                           for g, experts in enumerate(partition)]
             if colocate:  # worker i: shard i and group i (a worker past the last shard only computes experts)
