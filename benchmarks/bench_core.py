@@ -12,8 +12,10 @@ in layouts measured in the same run:
   colocated    the same with context shard i and expert group i in one actor (4 workers)
   colocated-2  colocated with 2 context shards (8K tokens each) + 2 expert groups: one worker
                per core of a 2-core host (2 workers)
-Every measure is taken `--repeats` times on each side and the fastest counts (the machine is
-shared; the run also records its load average). Writes benchmarks/results/core.json and prints
+Every measure is taken `--repeats` times on each side and the fastest counts; the single
+process is measured again just before each layout and each layout's ratios use those figures
+(the machine is a shared VM whose speed drifts over a run; the run also records its load
+average). Writes benchmarks/results/core.json and prints
 the ratios; `make bench` regenerates the README's tables (benchmarks/readme_tables.py).
 
     python benchmarks/bench_core.py [--context 16384] [--steps 24] [--layouts ray,collective,colocated]
@@ -53,47 +55,70 @@ def decode_step(results: list[dict]) -> float:
     return statistics.median((r["total_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in results)
 
 
-def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, repeats: int) -> dict:
-    from expertmesh.actors.context_shard import ContextShard
-    from expertmesh.actors.expert_group import ExpertGroup
-    from expertmesh.actors.router import Router
-    from expertmesh.model import load_model
-    from expertmesh.model.config import ModelConfig
+class SingleProcess:
+    """The same router code in this process: one in-process shard holding the whole context and
+    one in-process expert group holding all experts (no Ray). Kept across the layouts, so each
+    layout is compared with single-process figures measured just before it (the machine's
+    speed drifts over a run: a shared VM)."""
 
-    cfg = ModelConfig.from_file(ckpt / "config.json")
-    model = load_model(ckpt).requires_grad_(False)
-    ids = torch.tensor(context)
-    model(ids[:512])  # warm up
-    forward = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids)
-        forward.append(time.perf_counter() - t0)
+    def __init__(self, ckpt: Path, context: list[int], prompts: list[list[int]], steps: int) -> None:
+        from expertmesh.actors.context_shard import ContextShard
+        from expertmesh.actors.expert_group import ExpertGroup
+        from expertmesh.actors.router import Router
+        from expertmesh.model import load_model
+        from expertmesh.model.config import ModelConfig
 
-    specs = [cfg.attention_spec(i) for i in range(cfg.num_layers)]
-    cap = 1 << 22
-    router = Router(str(ckpt), [ContextShard(0, specs, cap)], [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))],
-                    cap, lanes=1)
+        cfg = ModelConfig.from_file(ckpt / "config.json")
+        self.model = load_model(ckpt).requires_grad_(False)
+        self.context, self.prompts, self.steps = context, prompts, steps
+        specs = [cfg.attention_spec(i) for i in range(cfg.num_layers)]
+        cap = 1 << 22
+        self.router = Router(str(ckpt), [ContextShard(0, specs, cap)],
+                             [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))], cap, lanes=1)
+        self.loop = asyncio.new_event_loop()
+        self.ctx = None
+        self.model(torch.tensor(context[:512]))  # warm up
 
-    async def run() -> dict:
-        register, b1, b16 = [], [], []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            ctx = await router.register_context(context, "exact")
-            register.append(time.perf_counter() - t0)
-            if i < repeats - 1:
-                await router.drop_context(ctx.id)
+    def measure(self, repeats: int) -> dict:
+        """Registration (router code and a plain forward) and decode steps, each `repeats` times."""
+        ids = torch.tensor(self.context)
+        forward = []
         for _ in range(repeats):
-            b1.append(decode_step([await router.generate(prompts[0], ctx.id, max_new_tokens=steps)]))
-            b16.append(decode_step(await asyncio.gather(*(router.generate(p, ctx.id, max_new_tokens=steps)
-                                                          for p in prompts))))
-        return _best({"register_s": register, "decode_b1_s": b1, "decode_b16_s": b16})
+            t0 = time.perf_counter()
+            self.model(ids)
+            forward.append(time.perf_counter() - t0)
+        router = self.router
 
-    out = asyncio.run(run())
-    forward_best = _best({"forward_s": forward})
-    out["forward_s"] = forward_best["forward_s"]
-    out["runs"].update(forward_best["runs"])
-    return out
+        async def run() -> dict:
+            register, b1, b16 = [], [], []
+            for _ in range(repeats):
+                if self.ctx is not None:
+                    await router.drop_context(self.ctx.id)
+                t0 = time.perf_counter()
+                self.ctx = await router.register_context(self.context, "exact")
+                register.append(time.perf_counter() - t0)
+            cid = self.ctx.id
+            for _ in range(repeats):
+                b1.append(decode_step([await router.generate(self.prompts[0], cid, max_new_tokens=self.steps)]))
+                b16.append(decode_step(await asyncio.gather(*(router.generate(p, cid, max_new_tokens=self.steps)
+                                                              for p in self.prompts))))
+            return {"register_s": register, "decode_b1_s": b1, "decode_b16_s": b16, "forward_s": forward}
+
+        return _best(self.loop.run_until_complete(run()))
+
+
+    def close(self) -> None:
+        tasks = asyncio.all_tasks(self.loop)  # the router's step loops
+        for t in tasks:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
+
+
+def merge_best(measures: list[dict]) -> dict:
+    """The fastest of several measure() results, per measure (all runs kept)."""
+    runs = {k: [x for m in measures for x in m["runs"][k]] for k in measures[0]["runs"]}
+    return _best(runs)
 
 
 def _best(runs: dict[str, list[float]]) -> dict:
@@ -176,13 +201,18 @@ def main() -> None:
         ckpt = models[name]
         context = rng.integers(4, 260, args.context).tolist()
         prompts = [rng.integers(4, 260, 8).tolist() for _ in range(16)]
-        single = single_process(ckpt, context, prompts, args.steps, args.repeats)
-        entry = report["models"][name] = {"single_process": single, "mesh": {}, "ratios": {}}
+        baseline = SingleProcess(ckpt, context, prompts, args.steps)
+        entry = report["models"][name] = {"single_process": {}, "single_process_before": {}, "mesh": {},
+                                          "ratios": {}}
         print(f"\n== {name}")
-        for k, v in single.items():
-            if k != "runs":
-                print(f"  {'single':<10} {k:<22} {v * 1e3:9.1f} ms")
+        singles = []
         for layout in layouts:
+            single = baseline.measure(args.repeats)  # just before this layout: same machine state
+            singles.append(single)
+            entry["single_process_before"][layout] = single
+            for k, v in single.items():
+                if k != "runs":
+                    print(f"  {'single':<10} {k:<22} {v * 1e3:9.1f} ms")
             mesh = mesh_run(ckpt, context, prompts, args.steps, args.lanes, args.repeats, layout)
             entry["mesh"][layout] = mesh
             ratios = entry["ratios"][layout] = {
@@ -197,6 +227,8 @@ def main() -> None:
                           + ", ".join(f"{x * 1e3:.1f}" for x in mesh["runs"][k]) + ")")
             for k, v in ratios.items():
                 print(f"  {layout:<10} {k:<30} {v:6.2f}x")
+        entry["single_process"] = merge_best(singles)
+        baseline.close()
     report["loadavg_1_5_15min"]["after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -106,7 +106,10 @@ def core() -> str:
                         + " |")
         for x in layouts:
             verdicts.setdefault(x, []).append((label, m["ratios"][x]))
-    lines = rows + ["", "In brackets: mesh / single process (the same router code in one process, same run)."]
+    before = "single_process_before" in next(iter(r["models"].values()))
+    lines = rows + ["", "In brackets: mesh / single process (the same router code in one process, same run"
+                    + ("; measured again just before each layout, and each layout's ratios use those figures: "
+                       "the single-process column shows the fastest of all of them)." if before else ").")]
     for x in layouts:
         checks = []
         for name, target in (("decode_b16_mesh_over_single", TARGETS["mesh_decode"]),

@@ -24,7 +24,7 @@ class PageTable:
         self._owner = np.full((slots, 3), -1, dtype=np.int64)  # slot -> (segment id, layer, page)
         self._last = np.zeros(slots, dtype=np.int64)
         self._uses = np.zeros(slots, dtype=np.int64)
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots - 1, -1, -1))  # a stack, highest first: pops give the lowest slots
         self._tick = 0
         self.hits = self.misses = self.evictions = 0
 
@@ -41,6 +41,9 @@ class PageTable:
             self._owner[held] = -1
             self._uses[held] = 0
             self._free.extend(held.tolist())
+            # back in order: the next segment gets ascending runs of slots again, so its pages of a
+            # layer sit in one run the attention reads as a view (not in reverse: a gather copy)
+            self._free.sort(reverse=True)
 
     def lookup(self, seg: int, layer: int, pages: np.ndarray) -> np.ndarray:
         """Slots of the pages (-1 where not hot); counts them as used."""

@@ -89,3 +89,15 @@ def test_page_table_evicts_once_used_pages_first_and_scans_never_evict():
     assert (hot[[0, 1, 4, 5]] >= 0).all() and (hot[[2, 3]] == -1).all()
     t.remove_segment(1, 1)
     assert t.used == 0
+
+
+def test_page_table_gives_a_new_segment_ascending_slots_after_a_drop():
+    """A segment admitted after another was removed gets its pages in ascending slots again
+    (one run: the shard attends over a view of the pool; reversed slots would cost a copy)."""
+    t = PageTable(16)
+    for rounds in range(3):
+        t.add_segment(rounds, 2, 8)
+        first = t.admit(rounds, 0, np.arange(8), evict=False)
+        second = t.admit(rounds, 1, np.arange(8), evict=False)
+        assert first.tolist() == list(range(8)) and second.tolist() == list(range(8, 16))
+        t.remove_segment(rounds, 2)
