@@ -17,7 +17,9 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray address to join ('auto' or URL); default: start locally")
     p.add_argument("--store", default=None, help="context store: directory or URI (s3://, gs://, file://); "
                                                  "contexts survive restarts")
-    p.add_argument("--shard-memory-bytes", type=int, default=None, help="hot KV pages per shard in memory")
+    p.add_argument("--shard-memory-bytes", type=int, default=None,
+                   help="hot KV pages per shard in memory (default: 1/8 of host memory; on a GPU, 90%% of "
+                        "the free part of the shard's GPU share)")
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16"), default="float32", help="how KV pages are stored")
     p.add_argument("--shard-backend", choices=("torch", "jax"), default="torch",
                    help="what context shards compute with (jax: pip install 'expertmesh[jax]')")
