@@ -41,9 +41,10 @@ class PageTable:
             self._owner[held] = -1
             self._uses[held] = 0
             self._free.extend(held.tolist())
-            # back in order: the next segment gets ascending runs of slots again, so its pages of a
-            # layer sit in one run the attention reads as a view (not in reverse: a gather copy)
-            self._free.sort(reverse=True)
+        # back in order (once, after every layer): the next segment gets ascending runs of slots
+        # again, so its pages of a layer sit in one run the attention reads as a view (not in
+        # reverse: a gather copy)
+        self._free.sort(reverse=True)
 
     def lookup(self, seg: int, layer: int, pages: np.ndarray) -> np.ndarray:
         """Slots of the pages (-1 where not hot); counts them as used."""
