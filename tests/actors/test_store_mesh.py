@@ -191,3 +191,32 @@ def test_registration_in_many_pieces_is_exact(ray_cluster, tiny_checkpoint, hf_m
         assert np.abs(got - hf_logits(hf_model(arch), context + prompt)[-len(prompt):]).max() <= 1e-4
     finally:
         mesh.shutdown()
+
+
+def test_context_registered_after_a_drop_gives_the_same_logits_before_and_after_its_shard_is_killed(
+        ray_cluster, tiny_checkpoint, tmp_path):
+    """Slots freed by a drop are handed out again in order; a context registered into them
+    answers as one registered into a fresh pool, and a SIGKILL of a shard holding it (it
+    restarts and reopens its segment from the store) changes nothing."""
+    ckpt, prompt = tiny_checkpoint(ARCH), ids(6, 12)
+    mesh = start(ckpt, str(tmp_path / "store"))
+    try:
+        first = mesh.register_context(ids(300, 10), mode="exact")
+        fresh = mesh.forward_logits(prompt, context_id=first.id)
+        mesh.drop_context(first.id)
+        again = mesh.register_context(ids(300, 10), mode="blockwise")  # other KV: not reused
+        mesh.drop_context(again.id)
+        ctx = mesh.register_context(ids(300, 10), mode="exact")  # into the slots the drops freed
+        before = mesh.forward_logits(prompt, context_id=ctx.id)
+        assert np.array_equal(before, fresh)
+        tokens = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=8).token_ids
+        victim = mesh.shards[ctx.shards[0]]
+        pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.01)
+        assert np.array_equal(mesh.forward_logits(prompt, context_id=ctx.id), before)
+        assert mesh.generate(prompt, context_id=ctx.id, max_new_tokens=8).token_ids == tokens
+    finally:
+        mesh.shutdown()
