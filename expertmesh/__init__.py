@@ -12,6 +12,7 @@ from expertmesh.errors import (
     ContextNotFound,
     DeviceError,
     ExpertMeshError,
+    MeshActorError,
     NoTokenizer,
     PlacementError,
     Unavailable,
@@ -24,7 +25,7 @@ from expertmesh.store.registry import ContextInfo
 
 __all__ = [
     "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "DeviceError", "ExpertMeshError",
-    "GenerationResult", "Mesh", "ModelConfig", "NoTokenizer", "PlacementError", "SUPPORTED_ARCHITECTURES",
+    "GenerationResult", "Mesh", "MeshActorError", "ModelConfig", "NoTokenizer", "PlacementError", "SUPPORTED_ARCHITECTURES",
     "Unavailable", "UnsupportedArchitecture",
     "load_model", "save_model",
 ]

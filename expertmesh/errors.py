@@ -53,3 +53,8 @@ class DeviceError(ExpertMeshError, ValueError):
 class DataPlaneError(RuntimeError):
     """The process group carrying a router step's tensors broke (an actor died under it); the
     router forms a new one and runs the step again."""
+
+
+class MeshActorError(ExpertMeshError, RuntimeError):
+    """A context shard or expert group failed a step with an error of no more specific kind
+    (its type and message are in the text; see actors/wire.py for the kinds that keep their class)."""

@@ -6,7 +6,7 @@ same send/recv surface; a torch.distributed gloo group is the other CPU choice, 
 Ray places the actors and carries control: forming the group (`join_group`, which starts each
 actor's step loop, step_worker.py) and everything outside steps (registration writes, stats).
 Each step, the router sends every participating actor its slice of the plan (`PeerPlan`:
-int64 length, then the pickled plan) just before the first message of the step that actor
+int64 length, then the plan in wire.py's data-only encoding) just before the first message of the step that actor
 gets; then both sides walk the plan in order and exchange point-to-point messages (rank 0 is
 the router):
 
@@ -21,7 +21,12 @@ the router):
                             to the most the group can get)
           group -> router   fp32 [1 + n*H]: status, expert outputs
 
-Failure: an actor whose work fails answers with status 1 followed by its pickled error, and
+Membership: only the mesh's actors join a group (a new key per generation, handed out through
+Ray; the socket transport's handshake.py; gloo/NCCL meet through Ray, rendezvous.py). Nothing
+received is unpickled; plan and error lengths are checked before anything is allocated.
+
+Failure: an actor whose work fails answers with status 1 followed by its error as (kind,
+message) (wire.py), and
 goes back to waiting for the next plan; the router finishes the phase, then sends every actor
 still in the step an abort where it waits next (flag or count -1), and raises the actor's error.
 A transport error (an actor died: its connections close at once; or an operation ran past
@@ -32,41 +37,52 @@ once, forming a new group that the restarted actor joins.
 from __future__ import annotations
 
 import datetime
-import pickle
+import logging
 import threading
+import time
 from typing import Any
 
 import ray
 import torch
 import torch.distributed as dist
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, check_transport
+from expertmesh.actors.handshake import new_key
+from expertmesh.actors.rendezvous import RayStore, RendezvousStore
 from expertmesh.actors.socket_group import Listener, SocketGroup
 from expertmesh.actors.step_plan import StepPlan, packed_rows
+from expertmesh.actors.wire import MAX_ERROR_BYTES, WireError, WireLimits, decode_error, encode_plan
 from expertmesh.errors import DataPlaneError, Unavailable
 
 STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a step; past it the pair closes
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
 GROUP_TIMEOUT = datetime.timedelta(days=1)  # an idle step loop waits this long for the next plan
 STOP = -2  # a plan length that ends an actor's step loop
+log = logging.getLogger("expertmesh.dataplane")
 
 
-def make_group(backend: str, address: tuple[str, int], generation: int, rank: int, world: int,
-               timeout_s: float, master: dist.TCPStore | None = None):
+def make_group(backend: str, address, generation: int, rank: int, world: int, timeout_s: float,
+               key: bytes = b""):
     """This process's member of generation `generation` of a mesh's process group (an actor's,
-    rank > 0, for the socket transport: the router accepts in `CollectiveExchange._form_group`)."""
+    rank > 0, for the socket transport: the router accepts in `CollectiveExchange._form_group`).
+    address: the router's `Listener.address` (socket; `key` is the generation's handshake key)
+    or its `RendezvousStore` actor (gloo, NCCL: the rendezvous goes through Ray, rendezvous.py).
+    Returns (group, store): the caller keeps the store (a Python store must outlive its group's use of it)."""
     if backend == "socket":
         same_host = ray.util.get_node_ip_address() == address[0]
-        return SocketGroup.connect(address, generation, rank, timeout_s, GROUP_TIMEOUT, STEP_TIMEOUT_S,
+        return SocketGroup.connect(address, key, generation, rank, timeout_s, GROUP_TIMEOUT, STEP_TIMEOUT_S,
                                    same_host), None
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = master or dist.TCPStore(address[0], address[1], None, False, timeout=timeout)
-    prefixed = dist.PrefixStore(f"expertmesh/g{generation}", store)
+    store = RayStore(address, datetime.timedelta(seconds=timeout_s), prefix=f"expertmesh/g{generation}/")
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = GROUP_TIMEOUT
-        return dist.ProcessGroupNCCL(prefixed, rank, world, opts), store
-    return dist.ProcessGroupGloo(prefixed, rank, world, GROUP_TIMEOUT), store
+        return dist.ProcessGroupNCCL(store, rank, world, opts), store
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = GROUP_TIMEOUT
+    # gloo's pairs listen on the node address Ray uses, not on whatever the host name resolves to
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=ray.util.get_node_ip_address())]
+    return dist.ProcessGroupGloo(store, rank, world, opts), store
 
 
 def backend_for(device: torch.device, transport: str = "auto") -> str:
@@ -114,18 +130,22 @@ class CollectiveExchange(Exchange):
     """The router's side (rank 0). One step at a time: a lock spans begin .. end/abort."""
 
     def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
-                 device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
+                 num_layers: int, device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
                  transport: str = "auto") -> None:
         self.peers = _peer_list(shards, groups)
         self.rank_of_shard = {s: r + 1 for r, (_, s, _) in enumerate(self.peers) if s is not None}
         self.rank_of_group = {g: r + 1 for r, (_, _, g) in enumerate(self.peers) if g is not None}
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
+        self.limits = WireLimits(heads, head_dim, hidden, num_layers)  # what the actors check plans against
         self.backend, self.join_timeout_s = backend_for(device, transport), join_timeout_s
         self.pack = self.backend != "socket"  # a message costs little on a socket: no padded packing
         self._zero = torch.zeros(1, dtype=torch.int64, device=device)  # a group without rows at a layer
         self.generation, self.groups_formed, self.steps = 0, 0, 0
+        self.refused = 0  # data-plane connections refused (failed or stalled handshakes)
+        self.formation_s = 0.0  # how long the last group formation took
         self._pg = None
-        self._store: dist.TCPStore | None = None
+        self._rendezvous = None  # the gloo/NCCL transports' RendezvousStore actor
+        self._store = None  # this process's client of it
         self._listener = None  # the socket transport's listening socket
         self._lock = threading.Lock()
         self._errors: dict[int, BaseException] = {}  # rank -> its error in this step
@@ -138,38 +158,55 @@ class CollectiveExchange(Exchange):
         self._left: set[int] = set()  # ranks that left the step with an error
         self._works: list = []  # operations not waited for yet
 
+    @property
+    def address(self) -> tuple:
+        """Where actors connect: the socket transport's (host, port, unix name); () otherwise."""
+        return tuple(self._listener.address) if self._listener is not None else ()
+
     # -- the group --------------------------------------------------------------------------
     def _form_group(self) -> None:
-        """A new generation of the group: every actor joins (Ray queues the call on a
-        restarting actor until it is back); fails within join_timeout_s."""
+        """A new generation of the group with a new key, handed to the actors through Ray:
+        every actor joins (Ray queues the call on a restarting actor until it is back); fails
+        within join_timeout_s."""
         self.generation += 1
         self._held = {}  # nothing carries over to a new group
-        timeout = datetime.timedelta(seconds=self.join_timeout_s)
-        host = ray.util.get_node_ip_address()
+        started = time.perf_counter()
+        key = new_key() if self.backend == "socket" else b""
         if self.backend == "socket":
             if self._listener is None:
-                self._listener = Listener(host)
+                self._listener = Listener(ray.util.get_node_ip_address())
             address = self._listener.address
         else:
-            if self._store is None:
-                self._store = dist.TCPStore(host, 0, None, True, timeout=timeout, wait_for_workers=False)
-            address = (host, self._store.port)
+            if self._rendezvous is None:
+                node = ray.get_runtime_context().get_node_id()
+                self._rendezvous = RendezvousStore.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node, soft=True)).remote()
+            else:
+                self._rendezvous.forget.remote(f"expertmesh/g{self.generation - 1}/")
+            address = self._rendezvous
         world = len(self.peers) + 1
-        refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s)
+        refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s,
+                                    key, self.limits)
                 for r, (h, _, _) in enumerate(self.peers)]
         try:
             if self.backend == "socket":
-                self._pg = SocketGroup.accept(self._listener, self.generation, world, self.join_timeout_s,
+                self._pg = SocketGroup.accept(self._listener, key, self.generation, world, self.join_timeout_s,
                                               GROUP_TIMEOUT, STEP_TIMEOUT_S)
+                self.refused += self._pg.refused
             else:
-                self._pg, _ = make_group(self.backend, address, self.generation, 0, world, self.join_timeout_s,
-                                         master=self._store)
+                self._pg, self._store = make_group(self.backend, address, self.generation, 0, world,
+                                                   self.join_timeout_s)
             ray.get(refs, timeout=self.join_timeout_s)
         except Exception as exc:  # noqa: BLE001 - an actor that cannot join: the mesh is unavailable now
+            if self._pg is not None:
+                self._pg.abort()
             self._pg = None
+            if isinstance(exc, ray.exceptions.RayActorError) and self.backend != "socket":
+                self._rendezvous = None  # its actor may be the one that died
             raise Unavailable(f"the mesh's actors did not form their process group within "
                               f"{self.join_timeout_s:g} s ({type(exc).__name__}: {str(exc)[:300]}); retry later") from None
         self.groups_formed += 1
+        self.formation_s = time.perf_counter() - started
 
     def _drop_group(self) -> None:
         """End the actors' step loops (those that can still hear) and leave the group."""
@@ -216,7 +253,7 @@ class CollectiveExchange(Exchange):
         tensors = self._held.pop(rank, [])
         part = self._unsent.pop(rank, None)
         if part is not None:
-            data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
+            data = encode_plan(part, self._plan.rows)
             tensors += [torch.tensor([len(data)], dtype=torch.int64, device=self.device),
                         torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)]
         tensors += msgs
@@ -242,16 +279,23 @@ class CollectiveExchange(Exchange):
             w.wait(STEP_WAIT)
 
     def _failed(self, rank: int) -> None:
-        """An actor answered status 1: its pickled error follows."""
+        """An actor answered status 1: its encoded error follows (int64 length, bytes; wire.py).
+        A length out of bounds or a message that does not decode ends that connection."""
         self._left.add(rank)
         head = torch.empty(1, dtype=torch.int64, device=self.device)
         self._pg.recv([head], rank, 0).wait(STEP_WAIT)
-        buf = torch.empty(int(head[0]), dtype=torch.uint8, device=self.device)
-        self._pg.recv([buf], rank, 0).wait(STEP_WAIT)
+        n = int(head[0])
         try:
-            self._errors[rank] = pickle.loads(buf.cpu().numpy().tobytes())
-        except Exception as exc:  # noqa: BLE001 - an error that does not unpickle here
-            self._errors[rank] = RuntimeError(f"mesh actor at rank {rank} failed ({exc})")
+            if not 0 < n <= MAX_ERROR_BYTES:
+                raise WireError(f"an error of {n} bytes announced; at most {MAX_ERROR_BYTES}")
+            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+            self._pg.recv([buf], rank, 0).wait(STEP_WAIT)
+            self._errors[rank] = decode_error(buf.cpu().numpy().tobytes(), rank)
+        except WireError as exc:
+            log.error("data plane: rank %d sent a malformed error message (%s); closing its connection", rank, exc)
+            close_peer = getattr(self._pg, "close_peer", None)  # a process group cannot close one pair
+            close_peer(rank) if close_peer is not None else self._pg.abort()
+            raise RuntimeError(f"Connection closed: rank {rank} sent a malformed message ({exc})") from None
 
     def attend(self, layer, requests):
         hq_d, width = self.heads * self.head_dim, self.heads * (self.head_dim + 1)
@@ -389,3 +433,6 @@ class CollectiveExchange(Exchange):
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._rendezvous is not None:
+            ray.kill(self._rendezvous)
+            self._rendezvous = None

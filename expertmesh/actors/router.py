@@ -75,7 +75,7 @@ class Router(Registration):
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         if remote and check_data_plane(data_plane) == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
-                                          self.device, transport=transport)
+                                          self.cfg.num_layers, self.device, transport=transport)
             lanes = 1  # one step at a time over the group
         else:
             exchange = TaskExchange(shards, groups)
@@ -177,12 +177,14 @@ class Router(Registration):
         return list(self.step_log)
 
     def stats(self) -> dict:
-        groups = getattr(self.engine.exchange, "groups_formed", None)
-        transport = getattr(self.engine.exchange, "backend", None)
+        ex = self.engine.exchange
+        groups = getattr(ex, "groups_formed", None)
+        plane = {"process_groups_formed": groups, "transport": ex.backend, "generation": ex.generation,
+                 "data_plane_refused": ex.refused, "group_formation_seconds": ex.formation_s,
+                 "data_plane_address": list(ex.address)} if groups is not None else {}
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
-                "data_plane": self.data_plane, **({"process_groups_formed": groups, "transport": transport}
-                                                  if groups is not None else {}),
+                "data_plane": self.data_plane, **plane,
                 "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
 

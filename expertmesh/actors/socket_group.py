@@ -18,6 +18,12 @@ that safe: an actor only writes a reply after reading the whole request, and the
 the replies of a phase before it writes the next phase's requests, so no two writers wait on
 each other.
 
+Joining: an actor's connection counts as its rank only after the handshake of handshake.py
+(both ends prove they hold the generation's key, handed out through Ray); the router runs
+the handshakes of a formation side by side and closes any connection that fails, stalls or
+claims a taken rank. Nothing on these connections is unpickled (wire.py), and every receive
+has a size its reader chose from the plan, never one a peer sent unchecked.
+
 Failure: a dead peer's connection closes (reads return nothing: "Connection closed by peer");
 an operation past its timeout raises "Timed out" and closes the connection (as gloo closes the
 pair); `abort` shuts every connection down, which wakes a thread blocked on one. The error
@@ -27,15 +33,19 @@ texts are those `collective.is_transport_error` knows.
 from __future__ import annotations
 
 import datetime
-import select
+import selectors
+import logging
 import socket
-import struct
 import time
 import uuid
 
 import torch
 
-_HELLO = struct.Struct("<qq")  # generation, rank: the first bytes an actor sends on its connection
+from expertmesh.actors.handshake import HANDSHAKE_TIMEOUT_S, PendingJoin, Refused, join
+
+MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is dropped)
+MAX_REFUSALS_LOGGED = 20  # per group formation; the rest are counted
+log = logging.getLogger("expertmesh.dataplane")
 
 
 class _Done:
@@ -75,47 +85,71 @@ class SocketGroup:
         group's default timeout); send_timeout_s: how long a send may block on a peer that
         does not read."""
         self.rank, self.conns = rank, conns
+        self.refused = 0  # connections refused while this group formed (rank 0)
         self.wait_timeout, self.send_timeout_s = wait_timeout, send_timeout_s
         self._timeouts: dict[int, float | None] = {}
 
     # -- forming ----------------------------------------------------------------------------
     @classmethod
-    def accept(cls, listener: "Listener", generation: int, world: int, timeout_s: float,
+    def accept(cls, listener: "Listener", key: bytes, generation: int, world: int, timeout_s: float,
                wait_timeout: datetime.timedelta, send_timeout_s: float) -> "SocketGroup":
-        """Rank 0: wait until every rank 1 .. world-1 of this generation has connected."""
+        """Rank 0: wait until every rank 1 .. world-1 of this generation has connected and
+        proved it holds the generation's key (handshake.py). Handshakes run side by side,
+        driven by readiness: a connection that stalls, fails its proof or claims a rank
+        already taken is closed and logged, and never delays or displaces a member."""
         conns: dict[int, socket.socket] = {}
+        pending: dict[socket.socket, PendingJoin] = {}
         deadline = time.monotonic() + timeout_s
+        refused = 0
         try:
             while len(conns) < world - 1:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     raise RuntimeError(f"Timed out after {timeout_s:g} s waiting for ranks "
                                        f"{sorted(set(range(1, world)) - set(conns))} to connect")
-                conn = listener.accept(left)
-                if conn is None:
-                    continue
-                conn.settimeout(left)
-                try:
-                    gen, rank = _HELLO.unpack(_read_exact(conn, _HELLO.size))
-                except (OSError, RuntimeError):
-                    conn.close()
-                    continue
-                if gen != generation or not 0 < rank < world or rank in conns:  # a late actor of an older group
-                    conn.close()
-                    continue
-                _tune(conn)
-                conns[rank] = conn
+                for conn, p in list(pending.items()):  # stalled handshakes
+                    if now >= p.deadline:
+                        refused += _refuse(pending.pop(conn), "no complete handshake within "
+                                                              f"{HANDSHAKE_TIMEOUT_S:g} s", refused)
+                wake = min([deadline, *(p.deadline for p in pending.values())]) - now
+                ready = listener.ready([*pending], max(wake, 0.0))
+                for sock in ready:
+                    if sock in pending:
+                        p = pending[sock]
+                        try:
+                            rank = p.advance(conns)
+                        except Refused as exc:
+                            refused += _refuse(pending.pop(sock), str(exc), refused)
+                            continue
+                        if rank is not None:
+                            del pending[sock]
+                            sock.setblocking(True)
+                            _tune(sock)
+                            conns[rank] = sock
+                        continue
+                    conn = listener.take(sock)
+                    if conn is None:
+                        continue
+                    if len(pending) >= MAX_PENDING:  # a flood of connections: the oldest handshake goes
+                        oldest = min(pending.values(), key=lambda q: q.deadline)
+                        refused += _refuse(pending.pop(oldest.conn), "too many handshakes at once", refused)
+                    pending[conn] = PendingJoin(conn, key, generation, world, time.monotonic() + HANDSHAKE_TIMEOUT_S)
         except BaseException:
             for c in conns.values():
                 c.close()
             raise
-        return cls(0, conns, wait_timeout, send_timeout_s)
+        finally:
+            for p in pending.values():
+                p.conn.close()
+        group = cls(0, conns, wait_timeout, send_timeout_s)
+        group.refused = refused
+        return group
 
     @classmethod
-    def connect(cls, address: tuple, generation: int, rank: int, timeout_s: float,
+    def connect(cls, address: tuple, key: bytes, generation: int, rank: int, timeout_s: float,
                 wait_timeout: datetime.timedelta, send_timeout_s: float, same_host: bool = False) -> "SocketGroup":
         """Rank > 0: connect to the router (`Listener.address`; over its Unix socket when on
-        the router's host) and say who this is."""
+        the router's host) and prove this is the actor of `rank` (handshake.py)."""
         host, port, unix = tuple(address)
         if same_host and unix:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -123,8 +157,13 @@ class SocketGroup:
             conn.connect("\0" + unix)
         else:
             conn = socket.create_connection((host, port), timeout=timeout_s)
+        try:
+            conn.settimeout(min(timeout_s, HANDSHAKE_TIMEOUT_S))
+            join(conn, key, generation, rank)
+        except BaseException:
+            conn.close()
+            raise
         _tune(conn)
-        conn.sendall(_HELLO.pack(generation, rank))
         return cls(rank, {0: conn}, wait_timeout, send_timeout_s)
 
     # -- point to point ---------------------------------------------------------------------
@@ -149,6 +188,10 @@ class SocketGroup:
     def abort(self) -> None:
         for rank in list(self.conns):
             self._close(rank)
+
+    def close_peer(self, rank: int) -> None:
+        """End one connection (its peer sent a malformed message); the others stay."""
+        self._close(rank)
 
     # -- internals --------------------------------------------------------------------------
     def _conn(self, rank: int) -> socket.socket:
@@ -208,12 +251,22 @@ class Listener:
             name = ""
         self.address = (host, self.tcp.getsockname()[1], name)
 
-    def accept(self, timeout_s: float) -> socket.socket | None:
-        """A new connection on either socket, or None after timeout_s."""
-        ready, _, _ = select.select([s for s in (self.tcp, self.unix) if s is not None], [], [], timeout_s)
-        if not ready:
+    def ready(self, others: list[socket.socket], timeout_s: float) -> list[socket.socket]:
+        """The listening sockets with a connection waiting, and the `others` with bytes to read."""
+        with selectors.DefaultSelector() as sel:  # epoll: no limit on descriptor numbers, unlike select()
+            for s in (self.tcp, self.unix, *others):
+                if s is not None:
+                    sel.register(s, selectors.EVENT_READ)
+            return [key.fileobj for key, _ in sel.select(timeout_s)]
+
+    def take(self, sock: socket.socket) -> socket.socket | None:
+        """The waiting connection on a listening socket `ready` returned (None if it went)."""
+        if sock is not self.tcp and sock is not self.unix:
             return None
-        conn, _ = ready[0].accept()
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return None
         return conn
 
     def close(self) -> None:
@@ -241,7 +294,15 @@ def _read_into(conn: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def _read_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    _read_into(conn, memoryview(buf))
-    return bytes(buf)
+def _refuse(p: PendingJoin, why: str, refused: int) -> int:
+    """Close a connection that did not join; log it (the first few of a formation). Returns 1."""
+    try:
+        peer = p.conn.getpeername() or "a process on this host"
+    except OSError:
+        peer = "?"
+    if refused < MAX_REFUSALS_LOGGED:
+        log.warning("data plane: refused a connection from %s to generation %d: %s", peer, p.generation, why)
+    elif refused == MAX_REFUSALS_LOGGED:
+        log.warning("data plane: more connections refused during this formation; not logging each")
+    p.conn.close()
+    return 1

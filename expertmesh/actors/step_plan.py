@@ -65,6 +65,7 @@ class Part:
     layer: int
     items: tuple[tuple, ...] = ()  # attend: (context_id, rows, q_pos, visits, top_pages, segment)
     packed: int = 0  # experts: > 0: count and rows come in one message of this many rows (small steps)
+    pairs: int = 0  # experts: the most (token, expert) rows the group can get at this layer
 
     def request_floats(self, heads: int, head_dim: int, hidden: int) -> int:
         """Size of the router's first fp32 message of this exchange (attend: a flag per item, then
@@ -90,6 +91,7 @@ class PeerPlan:
 class StepPlan:
     layers: tuple[LayerPlan, ...]
     groups: tuple[int, ...]  # expert groups taking part (every group when any layer routes experts)
+    rows: int = 0  # token rows of the step's batch (the first layer's; no layer has more)
 
     def peer(self, generation: int, shard: int | None, group: int | None, heads: int, head_dim: int,
              hidden: int, pack: bool = True) -> PeerPlan | None:
@@ -102,7 +104,8 @@ class StepPlan:
                     (it.context_id, len(it.rows), it.q_pos, it.visits, it.top_pages, it.segment)
                     for it in lp.attend[shard])))
             if group is not None and lp.experts and group in self.groups:
-                parts.append(Part("experts", lp.index, packed=packed_rows(lp.pairs, hidden) if pack else 0))
+                parts.append(Part("experts", lp.index, packed=packed_rows(lp.pairs, hidden) if pack else 0,
+                                  pairs=lp.pairs))
         return PeerPlan(generation, tuple(parts), heads, head_dim, hidden) if parts else None
 
 
@@ -168,4 +171,5 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
             attend[shard] = tuple(items)
         layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live), n * model.cfg.top_k))
     groups = tuple(range(num_groups)) if any(lp.experts for lp in layers) else ()
-    return StepPlan(tuple(layers), groups)
+    rows = max((sum(spans[i][1] - spans[i][0] for i in lp.live) for lp in layers), default=0)
+    return StepPlan(tuple(layers), groups, rows)

@@ -9,7 +9,7 @@ append, stats, ...) keep arriving as Ray calls on the actor's main thread.
 
 from __future__ import annotations
 
-import pickle
+import logging
 import threading
 
 import torch
@@ -17,23 +17,31 @@ import torch
 from expertmesh.actors.collective import STOP, StepAborted, is_transport_error, make_group
 from expertmesh.actors.socket_group import SocketGroup
 from expertmesh.actors.step_plan import AttendItem, PeerPlan
+from expertmesh.actors.wire import MAX_PLAN_BYTES, WireError, WireLimits, decode_plan, encode_error
+
+log = logging.getLogger("expertmesh.dataplane")
 
 
 class StepWorker:
     _pg = None
     _generation = -1
-    _store = None
+    _limits: WireLimits | None = None
+    _store = None  # the gloo/NCCL rendezvous client (kept while its group lives)
+    malformed = 0  # connections this actor ended for a malformed message
     _loop: threading.Thread | None = None
     steps_served = 0  # steps this actor took part in
     data_device = torch.device("cpu")  # where the exchanged tensors live (cuda with NCCL)
     _ok = torch.zeros(1)  # status 0 (the socket transport moves host tensors only)
 
-    def join_group(self, address: tuple[str, int], generation: int, rank: int, world: int, backend: str,
-                   timeout_s: float) -> int:
-        """Join generation `generation` of the mesh's process group as `rank` and serve its steps."""
+    def join_group(self, address, generation: int, rank: int, world: int, backend: str, timeout_s: float,
+                   key: bytes, limits: WireLimits) -> int:
+        """Join generation `generation` of the mesh's process group as `rank` (proving it holds
+        the generation's `key`; see collective.make_group) and serve its steps; plans are
+        checked against `limits`."""
         old = self._pg
-        self._pg, self._store = make_group(backend, tuple(address), generation, rank, world, timeout_s)
-        self._generation = generation
+        address = tuple(address) if backend == "socket" else address
+        self._pg, self._store = make_group(backend, address, generation, rank, world, timeout_s, key)
+        self._generation, self._limits = generation, limits
         if old is not None:  # its loop got STOP from the router or an error; anything left times out
             try:
                 old.abort()
@@ -46,19 +54,29 @@ class StepWorker:
 
     @torch.no_grad()
     def _serve(self, pg) -> None:
-        """The step loop: plan length (int64; STOP ends the loop), the pickled plan, the exchanges."""
+        """The step loop: plan length (int64; STOP ends the loop), the encoded plan (wire.py),
+        the exchanges. A malformed message ends this connection (the router forms a new group)."""
         head = torch.empty(1, dtype=torch.int64, device=self.data_device)
+        generation, limits = self._generation, self._limits
         while True:
             try:
                 pg.recv([head], 0, 0).wait()
                 n = int(head[0])
                 if n == STOP:
                     return
+                if not 0 < n <= MAX_PLAN_BYTES:
+                    raise WireError(f"a step plan of {n} bytes announced; at most {MAX_PLAN_BYTES}")
                 buf = torch.empty(n, dtype=torch.uint8, device=self.data_device)
                 pg.recv([buf], 0, 0).wait()
-                self.run_step(pg, pickle.loads(buf.cpu().numpy().tobytes()))
+                self.run_step(pg, decode_plan(buf.cpu().numpy().tobytes(), limits, generation))
             except StepAborted:
                 continue
+            except WireError as exc:
+                self.malformed += 1
+                log.error("data plane: a malformed message from the router of generation %d (%s); "
+                          "leaving the group", generation, exc)
+                pg.abort()
+                return
             except Exception as exc:  # noqa: BLE001 - work errors were answered in band; a broken group ends
                 if is_transport_error(exc) or pg is not self._pg:
                     return
@@ -74,8 +92,8 @@ class StepWorker:
 
     def _answer(self, pg, size: int, work) -> None:
         """Send status 0 + the result of `work()` (fp32 tensors, `size` floats in all); or status 1, then
-        the error pickled (int64 length, bytes), and re-raise it (the router then ends the step
-        for everyone)."""
+        the error as (kind, message) (wire.py: int64 length, bytes), and re-raise it (the router
+        then ends the step for everyone)."""
         try:
             body = work()
             pieces = [t.reshape(-1) for t in body] if isinstance(body, list) else [body.reshape(-1)]
@@ -83,10 +101,7 @@ class StepWorker:
             reply = torch.zeros(size, dtype=torch.float32, device=self.data_device)
             reply[0] = 1.0
             pg.send([reply], 0, 0).wait()
-            try:
-                data = pickle.dumps(exc)
-            except Exception:  # noqa: BLE001 - an error that does not pickle: its text
-                data = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+            data = encode_error(exc)
             pg.send([torch.tensor([len(data)], dtype=torch.int64, device=reply.device)], 0, 0).wait()
             pg.send([torch.frombuffer(bytearray(data), dtype=torch.uint8).to(reply.device)], 0, 0).wait()
             raise
@@ -103,6 +118,8 @@ class StepWorker:
         flags = msg[:n_items].tolist()
         if flags and flags[0] < 0:
             raise StepAborted("the router ended the step")
+        if any(f not in (0.0, 1.0) for f in flags):
+            raise WireError(f"attention flags must be 0 or 1, got {sorted(set(flags))[:4]}")
         items, at, order = [], n_items, []
         for j, (context_id, t, q_pos, visits, top_pages, segment) in enumerate(part.items):
             if flags[j]:
@@ -130,13 +147,18 @@ class StepWorker:
             msg = torch.empty(part.request_floats(plan.heads, plan.head_dim, plan.hidden), dtype=torch.float32,
                               device=self.data_device)
             pg.recv([msg], 0, 0).wait()
-            n = int(msg[0].item())
+            count = msg[0].item()
+            if count != -1 and not (count == int(count) and 0 <= count <= part.packed):
+                raise WireError(f"an expert exchange of {count} rows; this layer's plan allows 0..{part.packed}")
+            n = int(count)
             payload = msg[1:1 + max(n, 0) * (plan.hidden + 1)].view(max(n, 0), plan.hidden + 1)
             rows, ids = payload[:, :plan.hidden], payload[:, plan.hidden].to(torch.int64)
         else:
             head = torch.empty(1, dtype=torch.int64, device=self.data_device)
             pg.recv([head], 0, 0).wait()
             n = head.item()
+            if n != -1 and not 0 <= n <= part.pairs:  # checked before the rows are allocated
+                raise WireError(f"an expert exchange of {n} rows; this layer's plan allows 0..{part.pairs}")
             if n > 0:
                 rows = torch.empty(n, plan.hidden, dtype=torch.float32, device=self.data_device)
                 ids = torch.empty(n, dtype=torch.int64, device=self.data_device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from expertmesh.actors.collective import is_transport_error
+from expertmesh.actors.handshake import new_key
 from expertmesh.actors.socket_group import Listener, SocketGroup
 
 DAY = datetime.timedelta(days=1)
@@ -19,15 +20,15 @@ DAY = datetime.timedelta(days=1)
 def pair(generation=1, world=2, wait=DAY, send_timeout_s=5.0, same_host=True):
     """Rank 0 and ranks 1.. of one group: over the Unix socket (same host) or TCP loopback."""
     listener = Listener("127.0.0.1")
-    address = listener.address
+    address, key = listener.address, new_key()
     peers = {}
 
     def join(rank):
-        peers[rank] = SocketGroup.connect(address, generation, rank, 5.0, wait, send_timeout_s, same_host)
+        peers[rank] = SocketGroup.connect(address, key, generation, rank, 5.0, wait, send_timeout_s, same_host)
     threads = [threading.Thread(target=join, args=(r,)) for r in range(1, world)]
     for t in threads:
         t.start()
-    router = SocketGroup.accept(listener, generation, world, 5.0, wait, send_timeout_s)
+    router = SocketGroup.accept(listener, key, generation, world, 5.0, wait, send_timeout_s)
     for t in threads:
         t.join()
     listener.close()
@@ -98,16 +99,25 @@ def test_abort_wakes_a_reader_blocked_without_a_limit():
 
 def test_an_actor_of_an_older_group_cannot_join():
     listener = Listener("127.0.0.1")
-    address = listener.address
-    stale = SocketGroup.connect(address, 1, 1, 5.0, DAY, 5.0)  # generation 1, while the router forms 2
+    address, old_key, key = listener.address, new_key(), new_key()
+    stale_errors = []
+
+    def stale():  # generation 1 with its key, while the router forms 2
+        try:
+            SocketGroup.connect(address, old_key, 1, 1, 5.0, DAY, 5.0)
+        except (OSError, RuntimeError) as exc:
+            stale_errors.append(exc)
+    t = threading.Thread(target=stale)
+    t.start()
     with pytest.raises(RuntimeError, match=r"Timed out .* ranks \[1\]"):
-        SocketGroup.accept(listener, 2, 2, 0.5, DAY, 5.0)
-    fresh = threading.Thread(target=lambda: SocketGroup.connect(address, 2, 1, 5.0, DAY, 5.0))
+        SocketGroup.accept(listener, key, 2, 2, 0.5, DAY, 5.0)
+    t.join(5)
+    assert stale_errors, "the stale actor's connection should have been refused"
+    fresh = threading.Thread(target=lambda: SocketGroup.connect(address, key, 2, 1, 5.0, DAY, 5.0))
     fresh.start()
-    router = SocketGroup.accept(listener, 2, 2, 5.0, DAY, 5.0)
+    router = SocketGroup.accept(listener, key, 2, 2, 5.0, DAY, 5.0)
     fresh.join()
-    assert set(router.conns) == {1}
-    stale.abort()
+    assert set(router.conns) == {1} and router.refused == 0
     listener.close()
 
 
