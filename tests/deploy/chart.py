@@ -102,6 +102,12 @@ CASES: dict[str, dict] = {
     },
     "podmonitor": {"monitoring": {"enabled": True, "labels": {"release": "prometheus"}}},
     "servicemonitor": {"monitoring": {"enabled": True, "kind": "ServiceMonitor", "interval": "15s"}},
+    "networkpolicy": {"networkPolicy": {
+        "enabled": True,
+        "dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "serveFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}},
+    "networkpolicy-bare": {"networkPolicy": {"enabled": True}},
 }
 
 

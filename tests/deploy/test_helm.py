@@ -37,7 +37,7 @@ def test_lint_reports_no_errors_or_warnings(case):
 def test_builtin_objects_validate_against_kubernetes(chart, case):
     _, docs = render(chart, case)
     builtin = [d for d in docs if d["apiVersion"].split("/")[0] not in CUSTOM_GROUPS]
-    assert {d["kind"] for d in builtin} <= {"Secret", "ConfigMap", "Service", "Pod"}
+    assert {d["kind"] for d in builtin} <= {"Secret", "ConfigMap", "Service", "Pod", "NetworkPolicy"}
     for doc in builtin:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -346,6 +346,37 @@ def test_monitor_selects_the_ray_pods_metrics_port(chart, case, kind):
         assert tpl["metadata"]["labels"].items() >= selector.items()
         assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in tpl["spec"]["containers"][0]["ports"]
     assert ep["port"] == "metrics"
+
+
+# -- network policy -----------------------------------------------------------------------------
+def test_network_policy_off_by_default(chart):
+    _, docs = render(chart, "defaults")
+    assert not of_kind(docs, "NetworkPolicy")
+
+
+def test_network_policy_admits_only_the_release_to_ray_and_the_data_plane(chart):
+    _, docs = render(chart, "networkpolicy")
+    (pol,) = of_kind(docs, "NetworkPolicy")
+    spec = pol["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    for _, tpl in pod_templates(of_kind(docs, "RayService")):  # every Ray pod is under the policy
+        assert tpl["metadata"]["labels"].items() >= spec["podSelector"]["matchLabels"].items()
+    own, serve, dashboard, metrics = spec["ingress"]
+    # all ports (Ray's and the data plane's ephemeral ones) only from the release's own pods
+    assert "ports" not in own and own["from"] == [{"podSelector": {"matchLabels": spec["podSelector"]["matchLabels"]}}]
+    assert serve["ports"] == [{"port": 8000, "protocol": "TCP"}] and serve["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert {p["port"] for p in dashboard["ports"]} == {8265, 52365}
+    assert dashboard["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kuberay-system"}
+    assert metrics["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    # no rule opens any port to everyone except the Serve port
+    assert all("from" in rule or rule["ports"] == [{"port": 8000, "protocol": "TCP"}] for rule in spec["ingress"])
+
+
+def test_network_policy_without_peers_opens_only_the_serve_port(chart):
+    _, docs = render(chart, "networkpolicy-bare")
+    (pol,) = of_kind(docs, "NetworkPolicy")
+    own, serve = pol["spec"]["ingress"]
+    assert "ports" not in own and serve == {"ports": [{"port": 8000, "protocol": "TCP"}]}
 
 
 # -- names, notes, values documentation -----------------------------------------------------------
