@@ -71,7 +71,8 @@ class Stranger(threading.Thread):
 
 
 def test_a_stranger_cannot_take_a_restarted_actors_place(ray_cluster, tiny_checkpoint, tmp_path):
-    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16)
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                         store=str(tmp_path / "store"))  # a restarted shard reopens the context
     try:
         ctx = mesh.register_context(ids(70, 1), mode="exact")
         prompt = ids(6, 2)
