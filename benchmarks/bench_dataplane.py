@@ -208,8 +208,8 @@ def main() -> None:
         print(json.dumps(side()))
         return
     sys.path.insert(0, str(ROOT))
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "loadavg_start": os.getloadavg()}}
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "loadavg_1_5_15min": {"before": os.getloadavg()}}
     result["formation"] = [formation(4, unix, 30) for unix in (False, True)]
     for f in result["formation"]:
         print(f"formation, 4 actors over {f['socket']}: {f['authenticated_ms']:.2f} ms authenticated vs "
@@ -237,7 +237,7 @@ def main() -> None:
           f"{best['before']['decode_b1_ms']:.2f} -> {best['after']['decode_b1_ms']:.2f} ms "
           f"(x{result['decode']['ratio_b1']:.3f}); batch 8 {best['before']['decode_b8_ms']:.2f} -> "
           f"{best['after']['decode_b8_ms']:.2f} ms (x{result['decode']['ratio_b8']:.3f})")
-    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["loadavg_1_5_15min"]["after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -321,7 +321,33 @@ def store() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store}
+def dataplane() -> str:
+    r = _load("dataplane.json")
+    d = r["decode"]
+    before, after = d["best"]["before"], d["best"]["after"]
+    lines = ["| measure | authenticated / data-only (now) | before (plain hello / pickle) | ratio |",
+             "|---|---|---|---|"]
+    for f in r["formation"]:
+        lines.append(f"| group formation, {f['actors']} actors over {f['socket'].upper()} loopback (median) | "
+                     f"{f['authenticated_ms']:.2f} ms | {f['plain_hello_ms']:.2f} ms | "
+                     f"+{f['extra_ms']:.2f} ms |")
+    for c in r["plan_codec"]:
+        lines.append(f"| an actor's step plan, encode + decode: {c['plan']} | {c['wire_us']:.0f} us, "
+                     f"{c['wire_bytes']:,} B | {c['pickle_us']:.0f} us, {c['pickle_bytes']:,} B | {_x(c['ratio'])} |")
+    lines += [f"| mesh decode step, batch 1 (fastest of {len(d['runs']['after'])} runs) | "
+              f"{_ms(after['decode_b1_ms'] / 1e3)} | {_ms(before['decode_b1_ms'] / 1e3)} | {_x(d['ratio_b1'])} |",
+              f"| mesh decode step, batch 8 | {_ms(after['decode_b8_ms'] / 1e3)} | "
+              f"{_ms(before['decode_b8_ms'] / 1e3)} | {_x(d['ratio_b8'])} |",
+              "",
+              f"Decode steps: the built-in model, 2 context shards + 2 expert groups + router, socket "
+              f"transport, a 4,096-token context, 24 new tokens per request; 'before' is commit "
+              f"`{d['base_commit']}` run from a git worktree in the same run, alternating with this tree "
+              f"({_load_note(r)}); `results/dataplane.json`." + _load_warning(r)]
+    return "\n".join(lines)
+
+
+TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
+          "dataplane": dataplane}
 
 
 def render(text: str) -> str:
