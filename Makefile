@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_dataplane.py
 	$(PY) benchmarks/readme_tables.py
 
 # the 10M-token store run (~25 min here) and its 1M counterpart (README "Context store")

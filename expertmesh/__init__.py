@@ -12,6 +12,7 @@ from expertmesh.errors import (
     ContextNotFound,
     DeviceError,
     ExpertMeshError,
+    InvalidRequest,
     MeshActorError,
     NoTokenizer,
     PlacementError,
@@ -25,7 +26,7 @@ from expertmesh.store.registry import ContextInfo
 
 __all__ = [
     "CapacityError", "CheckpointError", "ContextInfo", "ContextNotFound", "DeviceError", "ExpertMeshError",
-    "GenerationResult", "Mesh", "MeshActorError", "ModelConfig", "NoTokenizer", "PlacementError", "SUPPORTED_ARCHITECTURES",
+    "GenerationResult", "InvalidRequest", "Mesh", "MeshActorError", "ModelConfig", "NoTokenizer", "PlacementError", "SUPPORTED_ARCHITECTURES",
     "Unavailable", "UnsupportedArchitecture",
     "load_model", "save_model",
 ]

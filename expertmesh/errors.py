@@ -55,6 +55,12 @@ class DataPlaneError(RuntimeError):
     router forms a new one and runs the step again."""
 
 
+class InvalidRequest(ExpertMeshError, ValueError):
+    """A request a mesh actor refused as asked (a layer, expert id or size outside what it
+    holds); the message says what is allowed. A ValueError, so callers that catch those keep
+    working (HTTP 400)."""
+
+
 class MeshActorError(ExpertMeshError, RuntimeError):
     """A context shard or expert group failed a step with an error of no more specific kind
     (its type and message are in the text; see actors/wire.py for the kinds that keep their class)."""

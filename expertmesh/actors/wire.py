@@ -13,7 +13,8 @@ must exist, rows and expert pairs stay within the step's declared rows.
            parts: ["a", layer, [[context_id, t, array index, [[request_id, n], ...],
                                  top_pages | None, [file, start, end] | None], ...]]
                 | ["e", layer, packed, pairs]
-    error  ["emerr", 1, kind, message]   kind: one of ERROR_KINDS (the router raises that class)
+    error  ["emerr", 1, kind, message]   kind: one of ERROR_KINDS (the router raises that class;
+           all are the project's: expertmesh.errors and the store's StoreCorrupted)
 
 A message that fails any check raises `WireError`; the receiving side ends that connection.
 """
@@ -26,7 +27,7 @@ import msgpack
 import numpy as np
 
 from expertmesh.actors.step_plan import PACK_LIMIT, Part, PeerPlan
-from expertmesh.errors import CapacityError, ContextNotFound, MeshActorError, Unavailable
+from expertmesh.errors import CapacityError, ContextNotFound, InvalidRequest, MeshActorError, Unavailable
 from expertmesh.store.pages import StoreCorrupted
 
 WIRE_VERSION = 1
@@ -149,15 +150,17 @@ ERROR_KINDS: dict[str, type[Exception]] = {
     "CapacityError": CapacityError,
     "StoreCorrupted": StoreCorrupted,
     "Unavailable": Unavailable,
-    "ValueError": ValueError,
+    "InvalidRequest": InvalidRequest,  # any ValueError of an actor
     "MeshActorError": MeshActorError,
 }
+_SENT_AS = {"InvalidRequest": ValueError}  # a kind that stands for a wider class on the actor's side
 
 
 def encode_error(exc: BaseException) -> bytes:
-    """(kind, message): the first class of ERROR_KINDS the error is an instance of (ValueError
-    after the project's own), else MeshActorError with the error's type in the message."""
-    kind = next((k for k, cls in ERROR_KINDS.items() if k != "MeshActorError" and isinstance(exc, cls)), None)
+    """(kind, message): the first class of ERROR_KINDS the error is an instance of (any other
+    ValueError: InvalidRequest), else MeshActorError with the error's type in the message."""
+    kind = next((k for k, cls in ERROR_KINDS.items()
+                 if k != "MeshActorError" and isinstance(exc, _SENT_AS.get(k, cls))), None)
     text = str(exc) if kind is not None else f"{type(exc).__name__}: {exc}"
     kind = kind or "MeshActorError"
     text = text[:MAX_ERROR_CHARS]

@@ -14,7 +14,7 @@ import pytest
 from expertmesh.actors.step_plan import Part, PeerPlan
 from expertmesh.actors.wire import (ERROR_KINDS, MAX_ERROR_BYTES, MAX_PLAN_BYTES, MAX_STEP_ROWS, WireError,
                                     WireLimits, decode_error, decode_plan, encode_error, encode_plan)
-from expertmesh.errors import CapacityError, ContextNotFound, MeshActorError
+from expertmesh.errors import CapacityError, ContextNotFound, InvalidRequest, MeshActorError
 from expertmesh.store.pages import StoreCorrupted
 
 LIMITS = WireLimits(heads=4, head_dim=8, hidden=32, num_layers=3)
@@ -119,13 +119,14 @@ def test_oversized_messages_are_refused_before_decoding():
     (ContextNotFound("context 'c' has no segment on shard 1"), ContextNotFound),
     (CapacityError("does not fit"), CapacityError),
     (StoreCorrupted("page 3 fails its checksum"), StoreCorrupted),
-    (ValueError("layer 9 is not an MoE layer"), ValueError),
+    (ValueError("layer 9 is not an MoE layer"), InvalidRequest),
     (ZeroDivisionError("division by zero"), MeshActorError),
     (KeyError("x"), MeshActorError),
 ])
 def test_errors_become_one_of_the_fixed_classes(exc, cls):
     got = decode_error(encode_error(exc), rank=3)
     assert type(got) is cls and str(exc).strip("'") in str(got)
+    assert isinstance(got, ValueError) == isinstance(exc, ValueError)  # HTTP 400 stays 400
     if cls is MeshActorError:
         assert type(exc).__name__ in str(got) and "rank 3" in str(got)
 
@@ -134,5 +135,5 @@ def test_an_error_of_another_kind_or_size_is_refused():
     with pytest.raises(WireError, match="unknown kind"):
         decode_error(msgpack.packb(["emerr", 1, "SystemExit", "bye"]), 1)
     assert len(encode_error(ValueError("é" * 100_000))) <= MAX_ERROR_BYTES
-    assert set(ERROR_KINDS) == {"ContextNotFound", "CapacityError", "StoreCorrupted", "Unavailable", "ValueError",
+    assert set(ERROR_KINDS) == {"ContextNotFound", "CapacityError", "StoreCorrupted", "Unavailable", "InvalidRequest",
                                 "MeshActorError"}
