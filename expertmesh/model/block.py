@@ -23,7 +23,7 @@ from typing import Callable
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.moe import DenseMLP, ExpertBank, dispatch_pairs, route
 from expertmesh.model.norm import RMSNorm, rms
-from expertmesh.model.rope import apply_rope, inv_freq
+from expertmesh.model.rope import apply_rope, rope_frequencies
 
 
 class DecoderLayer(nn.Module):
@@ -44,7 +44,8 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
         self.use_rope = cfg.use_rope[index]
-        self.register_buffer("freqs", inv_freq(d, cfg.rope_theta), persistent=False)
+        freqs, self.rope_scale = rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("freqs", freqs, persistent=False)
         self.spec = cfg.attention_spec(index)
         self.is_moe = cfg.moe_layers[index]
         if self.is_moe:
@@ -90,8 +91,8 @@ class DecoderLayer(nn.Module):
         if cfg.qk_norm == "head":  # Qwen3-MoE: per-head norm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q = apply_rope(q, pos, self.freqs, cfg.rope_style)
-            k = apply_rope(k, pos, self.freqs, cfg.rope_style)
+            q = apply_rope(q, pos, self.freqs, cfg.rope_style, self.rope_scale)
+            k = apply_rope(k, pos, self.freqs, cfg.rope_style, self.rope_scale)
             if cfg.qk_norm == "l2":  # Llama-4: weightless RMS norm after RoPE, RoPE layers only
                 q, k = rms(q, cfg.rms_norm_eps), rms(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:  # Llama-4 NoPE layers: position-dependent temperature

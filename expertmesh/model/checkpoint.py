@@ -19,7 +19,7 @@ from expertmesh.errors import CheckpointError
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import ExpertBank
-from expertmesh.model.rope import inv_freq
+from expertmesh.model.rope import rope_frequencies
 from expertmesh.model.transformer import MoETransformer
 
 _MOE_PREFIX = {
@@ -208,7 +208,8 @@ def load_model(path: str | os.PathLike, experts: range | None = None, with_exper
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {root}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for layer in model.layers:  # buffers are not in checkpoints: rebuild them, fp32 whatever the dtype
-        layer.freqs = inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
+        freqs, layer.rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        layer.freqs = freqs.to(device)
     return model.eval()
 
 

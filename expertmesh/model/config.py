@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from expertmesh.errors import UnsupportedArchitecture
 from expertmesh.model.attention import AttentionSpec
+from expertmesh.model.rope import RopeScaling
 
 SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",
@@ -68,6 +69,7 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = ()
     bos_token_id: int | None = None
     max_position_embeddings: int = 1 << 20
+    rope_scaling: RopeScaling = RopeScaling()  # linear / llama3 / yarn (model/rope.py)
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -126,11 +128,15 @@ class ModelConfig:
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedArchitecture(f"rope_type {rope_type!r} is not supported; supported: 'default'")
+    params = cfg.get("rope_parameters") or {}
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:
+    try:
+        return RopeScaling.from_hf(cfg)
+    except ValueError as exc:
+        raise UnsupportedArchitecture(str(exc)) from None
 
 
 def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
@@ -152,6 +158,7 @@ def _common(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=_rope_theta(cfg),
+        rope_scaling=_rope_scaling(cfg),
         rope_style="half",
         use_rope=(True,) * n,
         chunk_size=(None,) * n,

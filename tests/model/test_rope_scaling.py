@@ -34,7 +34,7 @@ def build_scaled(arch: str, scaling: str, path) -> str:
 
     rope = {"rope_theta": 10000.0, **SCALINGS[scaling]}
     common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=48, max_position_embeddings=4096, rope_parameters=rope)
+                  intermediate_size=48, max_position_embeddings=4096, head_dim=16, rope_parameters=rope)
     cfg, cls = {
         "mixtral": lambda: (tf.MixtralConfig(**common, num_hidden_layers=2, num_local_experts=4,
                                              num_experts_per_tok=2), tf.MixtralForCausalLM),
@@ -42,12 +42,12 @@ def build_scaled(arch: str, scaling: str, path) -> str:
                                                moe_intermediate_size=32, shared_expert_intermediate_size=40),
                              tf.Qwen2MoeForCausalLM),
         "qwen3moe": lambda: (tf.Qwen3MoeConfig(**common, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
-                                               moe_intermediate_size=32, head_dim=16), tf.Qwen3MoeForCausalLM),
+                                               moe_intermediate_size=32), tf.Qwen3MoeForCausalLM),
         "olmoe": lambda: (tf.OlmoeConfig(**common, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
                           tf.OlmoeForCausalLM),
         "llama4": lambda: (tf.Llama4TextConfig(**common, num_hidden_layers=4, num_local_experts=4,
                                                num_experts_per_tok=1, intermediate_size_mlp=56,
-                                               attention_chunk_size=128, head_dim=16, floor_scale=8,
+                                               attention_chunk_size=128, floor_scale=8,
                                                interleave_moe_layer_step=2), tf.Llama4ForCausalLM),
     }[arch]()
     torch.manual_seed(99)
@@ -107,6 +107,7 @@ def test_logits_match_hugging_face_past_the_original_context(arch, scaling, scal
     ({"rope_type": "llama3", "factor": 8.0}, "needs low_freq_factor, high_freq_factor, original_max_position"),
     ({"rope_type": "linear"}, "needs factor"),
     ({"rope_type": "linear", "factor": -1.0}, "factor must be > 0"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported"),
 ])
 def test_other_or_incomplete_scalings_are_refused_by_name(params, match):
     cfg = {"architectures": ["MixtralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
