@@ -54,6 +54,7 @@ from expertmesh.actors.socket_group import Listener, SocketGroup
 from expertmesh.actors.step_plan import StepPlan, packed_rows
 from expertmesh.actors.wire import MAX_ERROR_BYTES, WireError, WireLimits, decode_error, encode_plan
 from expertmesh.errors import DataPlaneError, Unavailable
+from expertmesh.platform.metrics import DataPlaneMetrics
 
 STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a step; past it the pair closes
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
@@ -142,6 +143,8 @@ class CollectiveExchange(Exchange):
         self._zero = torch.zeros(1, dtype=torch.int64, device=device)  # a group without rows at a layer
         self.generation, self.groups_formed, self.steps = 0, 0, 0
         self.refused = 0  # data-plane connections refused (failed or stalled handshakes)
+        self.malformed = 0  # connections ended for a malformed message from an actor
+        self._metrics: DataPlaneMetrics | None = None
         self.formation_s = 0.0  # how long the last group formation took
         self._pg = None
         self._rendezvous = None  # the gloo/NCCL transports' RendezvousStore actor
@@ -207,6 +210,13 @@ class CollectiveExchange(Exchange):
                               f"{self.join_timeout_s:g} s ({type(exc).__name__}: {str(exc)[:300]}); retry later") from None
         self.groups_formed += 1
         self.formation_s = time.perf_counter() - started
+        self._count(formed=True)
+
+    def _count(self, formed: bool = False) -> None:
+        """Ray metrics (exported by the node's metrics agent) beside the counts in the router's stats."""
+        if self._metrics is None:
+            self._metrics = DataPlaneMetrics()
+        self._metrics.record(self.backend, formed, self.refused, self.malformed)
 
     def _drop_group(self) -> None:
         """End the actors' step loops (those that can still hear) and leave the group."""
@@ -293,6 +303,8 @@ class CollectiveExchange(Exchange):
             self._errors[rank] = decode_error(buf.cpu().numpy().tobytes(), rank)
         except WireError as exc:
             log.error("data plane: rank %d sent a malformed error message (%s); closing its connection", rank, exc)
+            self.malformed += 1
+            self._count()
             close_peer = getattr(self._pg, "close_peer", None)  # a process group cannot close one pair
             close_peer(rank) if close_peer is not None else self._pg.abort()
             raise RuntimeError(f"Connection closed: rank {rank} sent a malformed message ({exc})") from None

@@ -180,7 +180,8 @@ class Router(Registration):
         ex = self.engine.exchange
         groups = getattr(ex, "groups_formed", None)
         plane = {"process_groups_formed": groups, "transport": ex.backend, "generation": ex.generation,
-                 "data_plane_refused": ex.refused, "group_formation_seconds": ex.formation_s,
+                 "data_plane_refused": ex.refused, "data_plane_malformed": ex.malformed,
+                 "group_formation_seconds": ex.formation_s,
                  "data_plane_address": list(ex.address)} if groups is not None else {}
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),

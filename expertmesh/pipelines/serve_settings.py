@@ -40,8 +40,8 @@ class ServeSettings(BaseModel):
                             "statistics and the merge of partial attention stay float32")
     colocate: bool = Field(False, description="one context shard and one expert group per actor (per accelerator)")
     data_plane: Literal["collective", "ray"] = Field(
-        "collective", description="per-layer tensors over torch.distributed collectives (NCCL on GPUs, gloo "
-                                  "on CPUs) or over Ray calls")
+        "collective", description="per-layer tensors point to point between the router and the actors (NCCL on "
+                                  "GPUs, authenticated TCP/Unix sockets on CPUs) or over Ray calls")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
