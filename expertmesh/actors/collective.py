@@ -60,6 +60,7 @@ STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a ste
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
 GROUP_TIMEOUT = datetime.timedelta(days=1)  # an idle step loop waits this long for the next plan
 STOP = -2  # a plan length that ends an actor's step loop
+METRICS_EVERY_S = 5.0  # the data-plane gauges are set again at a step at most this often
 log = logging.getLogger("expertmesh.dataplane")
 
 
@@ -145,6 +146,7 @@ class CollectiveExchange(Exchange):
         self.refused = 0  # data-plane connections refused (failed or stalled handshakes)
         self.malformed = 0  # connections ended for a malformed message from an actor
         self._metrics: DataPlaneMetrics | None = None
+        self._metrics_at = 0.0  # when the gauges were last set (Ray drops a gauge not refreshed for 2 intervals)
         self.formation_s = 0.0  # how long the last group formation took
         self._pg = None
         self._rendezvous = None  # the gloo/NCCL transports' RendezvousStore actor
@@ -217,6 +219,7 @@ class CollectiveExchange(Exchange):
         if self._metrics is None:
             self._metrics = DataPlaneMetrics()
         self._metrics.record(self.backend, formed, self.refused, self.malformed)
+        self._metrics_at = time.monotonic()
 
     def _drop_group(self) -> None:
         """End the actors' step loops (those that can still hear) and leave the group."""
@@ -246,6 +249,8 @@ class CollectiveExchange(Exchange):
         except BaseException:
             self._lock.release()
             raise
+        if time.monotonic() - self._metrics_at > METRICS_EVERY_S:  # keep the gauges live while serving
+            self._count()
         self._plan, self._reads, self._works, self._errors = plan, [], [], {}
         self._parts, self._sent, self._left, self._unsent = {}, {}, set(), {}
         for rank, (_, shard, group) in enumerate(self.peers, start=1):
