@@ -26,8 +26,7 @@ Ray; the socket transport's handshake.py; gloo/NCCL meet through Ray, rendezvous
 received is unpickled; plan and error lengths are checked before anything is allocated.
 
 Failure: an actor whose work fails answers with status 1 followed by its error as (kind,
-message) (wire.py), and
-goes back to waiting for the next plan; the router finishes the phase, then sends every actor
+message) (wire.py), and goes back to waiting for the next plan; the router finishes the phase, then sends every actor
 still in the step an abort where it waits next (flag or count -1), and raises the actor's error.
 A transport error (an actor died: its connections close at once; or an operation ran past
 STEP_TIMEOUT) drops the group: the step fails with DataPlaneError, which the router retries
@@ -49,18 +48,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, check_transport
 from expertmesh.actors.handshake import new_key
+from expertmesh.actors.plane_metrics import DataPlaneMetrics
 from expertmesh.actors.rendezvous import RayStore, RendezvousStore
 from expertmesh.actors.socket_group import Listener, SocketGroup
 from expertmesh.actors.step_plan import StepPlan, packed_rows
 from expertmesh.actors.wire import MAX_ERROR_BYTES, WireError, WireLimits, decode_error, encode_plan
 from expertmesh.errors import DataPlaneError, Unavailable
-from expertmesh.platform.metrics import DataPlaneMetrics
 
 STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a step; past it the pair closes
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
 GROUP_TIMEOUT = datetime.timedelta(days=1)  # an idle step loop waits this long for the next plan
 STOP = -2  # a plan length that ends an actor's step loop
-METRICS_EVERY_S = 5.0  # the data-plane gauges are set again at a step at most this often
 log = logging.getLogger("expertmesh.dataplane")
 
 
@@ -146,7 +144,6 @@ class CollectiveExchange(Exchange):
         self.refused = 0  # data-plane connections refused (failed or stalled handshakes)
         self.malformed = 0  # connections ended for a malformed message from an actor
         self._metrics: DataPlaneMetrics | None = None
-        self._metrics_at = 0.0  # when the gauges were last set (Ray drops a gauge not refreshed for 2 intervals)
         self.formation_s = 0.0  # how long the last group formation took
         self._pg = None
         self._rendezvous = None  # the gloo/NCCL transports' RendezvousStore actor
@@ -164,8 +161,7 @@ class CollectiveExchange(Exchange):
         self._works: list = []  # operations not waited for yet
 
     @property
-    def address(self) -> tuple:
-        """Where actors connect: the socket transport's (host, port, unix name); () otherwise."""
+    def address(self) -> tuple:  # where actors connect (socket transport): (host, port, unix name)
         return tuple(self._listener.address) if self._listener is not None else ()
 
     # -- the group --------------------------------------------------------------------------
@@ -215,11 +211,9 @@ class CollectiveExchange(Exchange):
         self._count(formed=True)
 
     def _count(self, formed: bool = False) -> None:
-        """Ray metrics (exported by the node's metrics agent) beside the counts in the router's stats."""
-        if self._metrics is None:
-            self._metrics = DataPlaneMetrics()
+        """Ray metrics beside the counts in the router's stats."""
+        self._metrics = self._metrics or DataPlaneMetrics()
         self._metrics.record(self.backend, formed, self.refused, self.malformed)
-        self._metrics_at = time.monotonic()
 
     def _drop_group(self) -> None:
         """End the actors' step loops (those that can still hear) and leave the group."""
@@ -249,7 +243,7 @@ class CollectiveExchange(Exchange):
         except BaseException:
             self._lock.release()
             raise
-        if time.monotonic() - self._metrics_at > METRICS_EVERY_S:  # keep the gauges live while serving
+        if self._metrics is None or self._metrics.stale():  # keep the gauges live while serving
             self._count()
         self._plan, self._reads, self._works, self._errors = plan, [], [], {}
         self._parts, self._sent, self._left, self._unsent = {}, {}, set(), {}

@@ -41,23 +41,3 @@ class ServeMetrics:
                 self.expert_group_tokens.inc(n, {"group": str(group)})
         self.shard_visits.observe(len(pathway.get("shards") or []))
 
-
-class DataPlaneMetrics:
-    """The router's data plane: groups formed, and connections refused since the router started
-    (a failed or stalled handshake: someone who is not the mesh's actor; or a connection ended
-    for a malformed message). A gauge, exported from the first group on (0 until something is
-    refused), so an alert on `> 0` or on its increase needs no first event. A refusal is
-    something for an operator to look at."""
-
-    def __init__(self) -> None:
-        self.groups_formed = metrics.Counter("expertmesh_data_plane_groups_formed_total",
-                                             "data-plane process groups formed", tag_keys=("transport",))
-        self.refused = metrics.Gauge("expertmesh_data_plane_refused_connections",
-                                     "data-plane connections refused or ended since the router started",
-                                     tag_keys=("reason",))
-
-    def record(self, transport: str, formed: bool, refused: int, malformed: int) -> None:
-        if formed:
-            self.groups_formed.inc(1, {"transport": transport})
-        self.refused.set(refused, {"reason": "handshake"})
-        self.refused.set(malformed, {"reason": "malformed"})
