@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama4")
+ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama4", "gpt_oss")
 VOCAB = 300
 
 
@@ -38,12 +38,26 @@ def build_tiny(arch: str, path) -> str:
                                        intermediate_size_mlp=56, attention_chunk_size=16, head_dim=16,
                                        floor_scale=8, interleave_moe_layer_step=2,
                                        eos_token_id=2, bos_token_id=1), tf.Llama4ForCausalLM
+    elif arch == "gpt_oss":  # alternating sliding (window 24) / full layers, yarn as the public configs
+        cfg, cls = tf.GptOssConfig(**common, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                   head_dim=16, sliding_window=24, swiglu_limit=1.5,
+                                   rope_parameters={"rope_type": "yarn", "factor": 64.0, "beta_fast": 32.0,
+                                                    "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                                    "original_max_position_embeddings": 64},
+                                   eos_token_id=2, bos_token_id=1), tf.GptOssForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(1234)
     model = cls(cfg)
     with torch.no_grad():  # random tiny models have flat logits; sharpen them so greedy choices are clear
         model.lm_head.weight.mul_(30.0)
+        for name, p in model.named_parameters() if arch == "gpt_oss" else ():  # biases, sinks start at 0
+            if name.endswith(("bias", "sinks")):
+                p.copy_(torch.randn(p.shape) * (1.0 if name.endswith("sinks") else 0.1))
+            if name.endswith("router.weight"):  # routing that depends on the token: every expert chosen
+                p.copy_(torch.randn(p.shape))
+            if name.endswith("experts.gate_up_proj"):  # large enough that the SwiGLU clamp engages
+                p.mul_(20.0)
     model.save_pretrained(str(path))
     return str(path)
 

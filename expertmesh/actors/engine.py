@@ -101,7 +101,7 @@ class Engine:
     # -- attention ------------------------------------------------------------------------
     def _attention(self, step: _Step, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Attention of the layer's new queries: context shards (via the exchange) + each
-        sequence's own KV (here), merged. Returns (attn [T', Hq, D], kept rows or None)."""
+        sequence's own KV (here), merged. Returns (attn [T', Hq, D], lse [T', Hq], kept rows or None)."""
         index = layer.index
         for seq, (a, b) in zip(step.batch, step.spans):
             seq.kv.append(index, k[a:b], v[a:b], step.positions[a:b])
@@ -140,7 +140,8 @@ class Engine:
                 rows = torch.from_numpy(lp.attend[shard][j].rows).to(out.device)
                 out[rows], lse[rows] = o.to(out.device), l.to(lse.device)
             parts.append((out, lse))
-        return merge_partials(parts)[0].to(q.dtype), kept  # [T, Hq, D]
+        out, lse = merge_partials(parts)
+        return out.to(q.dtype), lse, kept  # [T, Hq, D], [T, Hq]
 
     def _chosen(self, step: _Step, layer, j: int, q: torch.Tensor, shard: int) -> bool:
         """A request choosing its shards from this layer's queries: is `shard` among them?"""

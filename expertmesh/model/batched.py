@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from expertmesh.model.attention import AttentionSpec
+from expertmesh.model.attention import AttentionSpec, visible
 from expertmesh.model.transformer import MoETransformer
 
 
@@ -41,6 +41,20 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attentio
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale)
 
 
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with the log-sum-exp a layer with sinks needs (plain, differentiable):
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] -> out [B, Hq, T, D], lse [B, Hq, T]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    i = torch.arange(q.shape[2], device=q.device)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * spec.scale
+    scores = scores.masked_fill(~visible(i, i, spec), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v.float(), lse
+
+
 def forward_batch(model: MoETransformer, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ids [B, T] -> (logits [B, T, V] fp32, router logits per MoE layer [B*T, E])."""
     cfg = model.cfg
@@ -52,8 +66,12 @@ def forward_batch(model: MoETransformer, ids: torch.Tensor) -> tuple[torch.Tenso
         return z.view(b, t, z.shape[1], cfg.head_dim).transpose(1, 2)
 
     def attention(layer, q, k, v):  # rows of the batch attend within their own sequence
+        rows = (b * t, cfg.num_heads)
+        if hasattr(layer, "sinks"):
+            a, lse = _attention_lse(heads(q), heads(k), heads(v), layer.spec)
+            return a.to(q.dtype).transpose(1, 2).reshape(*rows, cfg.head_dim), lse.transpose(1, 2).reshape(rows), None
         a = _attention(heads(q), heads(k), heads(v), layer.spec)  # [B, Hq, T, D]
-        return a.transpose(1, 2).reshape(b * t, cfg.num_heads, cfg.head_dim), None
+        return a.transpose(1, 2).reshape(*rows, cfg.head_dim), None, None
 
     for layer in model.layers:
         x, rl, _ = layer(x, pos, attention)

@@ -2,6 +2,7 @@
 
     h = attn_norm(x);  q, k, v = qkv(h, pos)            (router)
     a = attention over KV parts, merged with LSE          (context shards + router)
+    a = a * sigmoid(lse - sink)                           (GPT-OSS sinks: once, after the merge)
     x = x + o_proj(a)
     h = mlp_norm(x);   experts, weights = gate(h)        (router)
     y = experts(h) combined by weight (+ shared expert)   (expert groups)
@@ -21,7 +22,7 @@ from torch import nn
 from typing import Callable
 
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.moe import DenseMLP, ExpertBank, dispatch_pairs, route
+from expertmesh.model.moe import DenseMLP, dispatch_pairs, expert_bank, route
 from expertmesh.model.norm import RMSNorm, rms
 from expertmesh.model.rope import apply_rope, rope_frequencies
 
@@ -37,7 +38,9 @@ class DecoderLayer(nn.Module):
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
         elif cfg.qk_norm == "full":
@@ -49,9 +52,8 @@ class DecoderLayer(nn.Module):
         self.spec = cfg.attention_spec(index)
         self.is_moe = cfg.moe_layers[index]
         if self.is_moe:
-            self.gate = nn.Linear(h, cfg.num_experts, bias=False)
-            held = range(cfg.num_experts) if experts is None else experts
-            self.experts = ExpertBank(len(held), h, cfg.moe_intermediate_size, first=held.start if len(held) else 0)
+            self.gate = nn.Linear(h, cfg.num_experts, bias=cfg.router_bias)
+            self.experts = expert_bank(cfg, range(cfg.num_experts) if experts is None else experts)
             if cfg.shared_expert_intermediate_size:
                 self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size)
             if cfg.shared_expert_gate:
@@ -63,16 +65,17 @@ class DecoderLayer(nn.Module):
                 experts: "Dispatch | None" = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x [T, H] at positions [T] -> (x [T', H], router logits [T', E] | None, kept rows | None).
 
-        attention(layer, q, k, v) -> (attn [T', Hq, D], kept): `kept` (row indices, or None for
+        attention(layer, q, k, v) -> (attn [T', Hq, D], lse [T', Hq] | None, kept): the merged
+        attention and its log-sum-exp (needed where the layer has sinks); `kept` (row indices, or None for
         all) lets a caller drop rows whose output nobody needs (a context segment's last layer).
         experts(layer, rows [P, H], expert ids [P]) -> a function returning expert outputs [P, H]
         (called after the shared expert, so remote experts overlap it); None: this layer's own bank.
         """
         q, k, v = self.qkv(self.attn_norm(x), pos)
-        attn, kept = attention(self, q, k, v)
+        attn, lse, kept = attention(self, q, k, v)
         if kept is not None:
             x = x[kept]
-        x = self.attn_out(x, attn)
+        x = self.attn_out(x, self.sink(attn, lse))
         y, router_logits = self.feed_forward(self.mlp_norm(x), experts)
         return x + y, router_logits, kept
 
@@ -99,6 +102,16 @@ class DecoderLayer(nn.Module):
             scale = torch.log1p(torch.floor((pos.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
             q = (q * scale[:, None, None]).to(q.dtype)
         return q, k, v
+
+    def sink(self, attn: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
+        """Merged attention [T, Hq, D] with its LSE [T, Hq] -> the attention with this layer's sinks
+        in the softmax denominator (identity without sinks): exp(lse) / (exp(lse) + exp(sink))."""
+        if not hasattr(self, "sinks"):
+            return attn
+        if lse is None:
+            raise ValueError(f"layer {self.index} has attention sinks: its attention must return the LSE")
+        w = torch.sigmoid(lse.float() - self.sinks.float())  # [T, Hq]; lse = -inf (no key) -> 0
+        return (attn.float() * w[..., None]).to(attn.dtype)
 
     def attn_out(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual x [T, H] + o_proj(attn [T, Hq, D])."""
@@ -136,7 +149,7 @@ class DecoderLayer(nn.Module):
 
 
 Attention = Callable[[DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor],
-                     tuple[torch.Tensor, torch.Tensor | None]]
+                     tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 Dispatch = Callable[[DecoderLayer, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]
 
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from expertmesh.errors import CheckpointError
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.device import resolve_device, resolve_dtype
-from expertmesh.model.moe import ExpertBank
+from expertmesh.model.moe import ExpertBank, expert_bank
 from expertmesh.model.rope import rope_frequencies
 from expertmesh.model.transformer import MoETransformer
 
@@ -28,7 +28,9 @@ _MOE_PREFIX = {
     "Qwen3MoeForCausalLM": "mlp",
     "OlmoeForCausalLM": "mlp",
     "Llama4ForCausalLM": "feed_forward",
+    "GptOssForCausalLM": "mlp",
 }
+_ROUTER_NAME = {"Llama4ForCausalLM": "router", "GptOssForCausalLM": "router"}  # default: "gate"
 _EXPERT_NAMES = {  # local -> per-expert HF name
     "MixtralForCausalLM": {"gate": "w1", "up": "w3", "down": "w2"},
 }
@@ -114,6 +116,18 @@ class _Tensors:
 def _expert_tensors(t: _Tensors, cfg: ModelConfig, layer: int, held: range) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     pre = f"model.layers.{layer}.{_MOE_PREFIX[cfg.architecture]}.experts"
     inter = cfg.moe_intermediate_size
+    if cfg.architecture == "GptOssForCausalLM":  # gate_up [E, H, 2I] with gate / up interleaved (::2, 1::2)
+        def interleaved(name: str, part: int, bias: bool) -> torch.Tensor:
+            gu = t.slice(f"{pre}.{name}")[held.start:held.stop][..., part::2]  # [E, H, I] or [E, I]
+            return (gu if bias else gu.transpose(1, 2)).contiguous()
+
+        yield "gate", lambda: interleaved("gate_up_proj", 0, False)
+        yield "up", lambda: interleaved("gate_up_proj", 1, False)
+        yield "down", lambda: t.slice(f"{pre}.down_proj")[held.start:held.stop].transpose(1, 2).contiguous()
+        yield "gate_bias", lambda: interleaved("gate_up_proj_bias", 0, True)
+        yield "up_bias", lambda: interleaved("gate_up_proj_bias", 1, True)
+        yield "down_bias", lambda: t.slice(f"{pre}.down_proj_bias")[held.start:held.stop]
+        return
     if f"{pre}.gate_up_proj" in t:  # packed layout [E, H, 2I] (Llama-4) or [E, 2I, H]
         def packed(part: str) -> torch.Tensor:
             gu = t.slice(f"{pre}.gate_up_proj")[held.start:held.stop]
@@ -150,10 +164,10 @@ def _hf_name(cfg: ModelConfig, local: str) -> str:
         return f"{base}.input_layernorm.weight"
     if first == "mlp_norm":
         return f"{base}.post_attention_layernorm.weight"
-    if first in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+    if first in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "sinks"):
         return f"{base}.self_attn.{rest}"
     if first == "gate":
-        return f"{base}.{moe}.{'router' if cfg.architecture == 'Llama4ForCausalLM' else 'gate'}.weight"
+        return f"{base}.{moe}.{_ROUTER_NAME.get(cfg.architecture, 'gate')}.{rest.split('.')[-1]}"
     if first in ("shared_expert", "shared_expert_gate"):
         return f"{base}.{moe}.{rest}"
     if first == "mlp":
@@ -227,6 +241,13 @@ def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
         if bank.count != cfg.num_experts:
             raise ValueError(f"layer {i} holds {bank.count} of {cfg.num_experts} experts; save needs all")
         pre = f"model.layers.{i}.{_MOE_PREFIX[cfg.architecture]}.experts"
+        if cfg.architecture == "GptOssForCausalLM":  # interleaved [E, H, 2I] (+ [E, 2I] bias), [E, I, H]
+            gu = torch.stack([bank.gate.transpose(1, 2), bank.up.transpose(1, 2)], -1).flatten(-2)
+            out[f"{pre}.gate_up_proj"] = gu.detach().contiguous()
+            out[f"{pre}.gate_up_proj_bias"] = torch.stack([bank.gate_bias, bank.up_bias], -1).flatten(-2).detach()
+            out[f"{pre}.down_proj"] = bank.down.transpose(1, 2).detach().contiguous()
+            out[f"{pre}.down_proj_bias"] = bank.down_bias.detach().contiguous()
+            continue
         if cfg.architecture == "Llama4ForCausalLM":  # packed [E, H, 2I] and [E, I, H]
             out[f"{pre}.gate_up_proj"] = torch.cat([bank.gate, bank.up], 1).transpose(1, 2).detach().contiguous()
             out[f"{pre}.down_proj"] = bank.down.transpose(1, 2).detach().contiguous()
@@ -265,7 +286,7 @@ def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype | str 
         if not cfg.moe_layers[i]:
             continue
         with torch.device("meta"):
-            bank = ExpertBank(len(held), cfg.hidden_size, cfg.moe_intermediate_size, first=held.start)
+            bank = expert_bank(cfg, held)
         bank = bank.to_empty(device=device).to(dtype)
         with torch.no_grad():
             for local, get in _expert_tensors(t, cfg, i, held):

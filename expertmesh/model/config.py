@@ -23,9 +23,10 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
     "OlmoeForCausalLM",
     "Llama4ForCausalLM",
+    "GptOssForCausalLM",
 )
 
-Routing = Literal["softmax_topk", "sigmoid_topk"]
+Routing = Literal["softmax_topk", "sigmoid_topk", "topk_softmax"]
 QKNorm = Literal["none", "head", "full", "l2"]
 RopeStyle = Literal["half", "interleaved"]
 
@@ -51,6 +52,9 @@ class ModelConfig:
     qk_norm: QKNorm = "none"
     clip_qkv: float | None = None
     sliding_window: int | None = None
+    window_layers: tuple[bool, ...] | None = None  # layers the window applies to (None: every layer)
+    o_bias: bool = False
+    attention_sinks: bool = False  # GPT-OSS: a learned per-head logit in every softmax denominator
     attn_temperature_tuning: bool = False  # Llama-4 NoPE layers scale q by position
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
@@ -60,6 +64,9 @@ class ModelConfig:
     routing: Routing = "softmax_topk"
     norm_topk_prob: bool = False
     expert_input_scaling: bool = False  # Llama-4 multiplies the expert input by its score
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_clamp: tuple[float, float] | None = None  # GPT-OSS clamped SwiGLU: (alpha, limit)
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
@@ -86,6 +93,8 @@ class ModelConfig:
         for name in ("use_rope", "chunk_size", "moe_layers"):
             if len(getattr(self, name)) != self.num_layers:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries; the model has {self.num_layers} layers")
+        if self.window_layers is not None and len(self.window_layers) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.window_layers)} entries; the model has {self.num_layers} layers")
         if any(self.moe_layers) and not (1 <= self.top_k <= self.num_experts):
             raise ValueError(f"num_experts_per_tok ({self.top_k}) must be in 1..num_experts ({self.num_experts})")
 
@@ -104,7 +113,8 @@ class ModelConfig:
         return math.lcm(*chunks) if chunks else 1
 
     def attention_spec(self, layer: int) -> AttentionSpec:
-        return AttentionSpec(self.attn_scale_factor, self.chunk_size[layer], self.sliding_window)
+        windowed = self.window_layers is None or self.window_layers[layer]
+        return AttentionSpec(self.attn_scale_factor, self.chunk_size[layer], self.sliding_window if windowed else None)
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * bytes_per_value
@@ -118,6 +128,14 @@ class ModelConfig:
                 f"architecture {arch!r} (model_type {cfg.get('model_type')!r}) is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if cfg.get("quantization_config"):
+            q = cfg["quantization_config"]
+            method = q.get("quant_method") if isinstance(q, dict) else q
+            raise UnsupportedArchitecture(
+                f"quantized checkpoints ({method!r}) are not supported; load weights in bf16 or fp32. "
+                "For GPT-OSS's MXFP4 experts, dequantize once with transformers: "
+                "`AutoModelForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True), "
+                "torch_dtype=torch.bfloat16).save_pretrained(out)` and serve `out`")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedArchitecture(f"hidden_act {cfg['hidden_act']!r} is not supported; supported: 'silu'")
         return _PARSERS[arch](cfg)
@@ -127,9 +145,13 @@ class ModelConfig:
         return cls.from_hf(json.loads(Path(path).read_text()))
 
 
+_DEFAULT_THETA = {"GptOssForCausalLM": 150000.0}  # transformers' per-architecture defaults
+
+
 def _rope_theta(cfg: dict[str, Any]) -> float:
     params = cfg.get("rope_parameters") or {}
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    arch = (cfg.get("architectures") or [None])[0]
+    return float(params.get("rope_theta", cfg.get("rope_theta", _DEFAULT_THETA.get(arch, 10000.0))))
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:
@@ -281,10 +303,38 @@ def _llama4(cfg: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _gpt_oss(cfg: dict[str, Any]) -> ModelConfig:
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise UnsupportedArchitecture(f"GPT-OSS layer_types {unknown} are not supported; "
+                                      "supported: 'sliding_attention', 'full_attention'")
+    window = cfg.get("sliding_window") or None
+    bias = bool(cfg.get("attention_bias", True))
+    return ModelConfig(
+        **_common(cfg, "GptOssForCausalLM"),
+        moe_layers=(True,) * n,
+        sliding_window=window,
+        window_layers=tuple(t == "sliding_attention" for t in types) if window else None,
+        qkv_bias=bias,
+        o_bias=bias,
+        attention_sinks=True,
+        num_experts=cfg["num_local_experts"],
+        top_k=cfg.get("num_experts_per_tok", 4),
+        routing="topk_softmax",
+        router_bias=True,
+        expert_bias=True,
+        swiglu_clamp=(float(cfg.get("swiglu_alpha", 1.702)), float(cfg.get("swiglu_limit", 7.0))),
+        moe_intermediate_size=cfg["intermediate_size"],
+    )
+
+
 _PARSERS = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen2moe,
     "Qwen3MoeForCausalLM": _qwen3moe,
     "OlmoeForCausalLM": _olmoe,
     "Llama4ForCausalLM": _llama4,
+    "GptOssForCausalLM": _gpt_oss,
 }

@@ -19,6 +19,9 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.T
     if cfg.routing == "sigmoid_topk":  # Llama-4: top-k on logits, sigmoid of the chosen
         top, idx = torch.topk(logits, cfg.top_k, dim=-1)
         return idx, torch.sigmoid(top.float())
+    if cfg.routing == "topk_softmax":  # GPT-OSS: top-k on logits, softmax over the chosen
+        top, idx = torch.topk(logits, cfg.top_k, dim=-1)
+        return idx, F.softmax(top.float(), dim=-1)
     probs = F.softmax(logits.float(), dim=-1)  # [T, E]
     top, idx = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]
     if cfg.norm_topk_prob:
@@ -29,16 +32,36 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.T
 class ExpertBank(nn.Module):
     """SwiGLU experts `first .. first+count-1` of one MoE layer, stacked.
 
-    gate/up [E, I, H], down [E, H, I] (nn.Linear orientation).
+    gate/up [E, I, H], down [E, H, I] (nn.Linear orientation); with `bias`, gate_bias/up_bias
+    [E, I] and down_bias [E, H]. `clamp` = (alpha, limit) selects GPT-OSS's clamped SwiGLU:
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
     """
 
-    def __init__(self, count: int, hidden: int, inter: int, first: int = 0) -> None:
+    def __init__(self, count: int, hidden: int, inter: int, first: int = 0, bias: bool = False,
+                 clamp: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.first = first
         self.count = count
+        self.clamp = clamp
         self.gate = nn.Parameter(torch.empty(count, inter, hidden))
         self.up = nn.Parameter(torch.empty(count, inter, hidden))
         self.down = nn.Parameter(torch.empty(count, hidden, inter))
+        if bias:
+            self.gate_bias = nn.Parameter(torch.empty(count, inter))
+            self.up_bias = nn.Parameter(torch.empty(count, inter))
+            self.down_bias = nn.Parameter(torch.empty(count, hidden))
+
+    @property
+    def has_bias(self) -> bool:
+        return hasattr(self, "gate_bias")
+
+    def act(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Gate and up projections [n, I] -> the gated hidden [n, I]."""
+        if self.clamp is None:
+            return F.silu(g) * u
+        alpha, limit = self.clamp
+        g = g.clamp(max=limit)
+        return (u.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, H] rows, experts [N] global expert ids held here -> y [N, H]."""
@@ -68,8 +91,11 @@ class ExpertBank(nn.Module):
             if n == 0:
                 continue
             rows = xs[start:start + n]  # [n, H]
-            h = F.silu(rows @ self.gate[e].T) * (rows @ self.up[e].T)  # [n, I]
-            ys[start:start + n] = h @ self.down[e].T
+            g, u = rows @ self.gate[e].T, rows @ self.up[e].T  # [n, I]
+            if self.has_bias:
+                g, u = g + self.gate_bias[e], u + self.up_bias[e]
+            y = self.act(g, u) @ self.down[e].T
+            ys[start:start + n] = y + self.down_bias[e] if self.has_bias else y
             start += n
         return ys
 
@@ -78,7 +104,18 @@ class ExpertBank(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each expert
         g = torch._grouped_mm(xs, self.gate.transpose(1, 2), offs=offs)  # [N, I]
         u = torch._grouped_mm(xs, self.up.transpose(1, 2), offs=offs)  # [N, I]
-        return torch._grouped_mm(F.silu(g) * u, self.down.transpose(1, 2), offs=offs)  # [N, H]
+        if self.has_bias:
+            row_expert = torch.repeat_interleave(torch.arange(self.count, device=xs.device), counts,
+                                                 output_size=xs.shape[0])
+            g, u = g + self.gate_bias[row_expert], u + self.up_bias[row_expert]
+        y = torch._grouped_mm(self.act(g, u), self.down.transpose(1, 2), offs=offs)  # [N, H]
+        return y + self.down_bias[row_expert] if self.has_bias else y
+
+
+def expert_bank(cfg: ModelConfig, held: range) -> ExpertBank:
+    """The bank of experts `held` of one MoE layer of this architecture."""
+    return ExpertBank(len(held), cfg.hidden_size, cfg.moe_intermediate_size, first=held.start if len(held) else 0,
+                      bias=cfg.expert_bias, clamp=cfg.swiglu_clamp)
 
 
 def use_grouped_mm(x: torch.Tensor) -> bool:

@@ -42,7 +42,7 @@ class MoETransformer(nn.Module):
         router_logits = []
 
         def attention(layer: DecoderLayer, q, k, v):  # causal self-attention, in place
-            return partial_attention(q, pos, k, v, pos, layer.spec)[0], None
+            return (*partial_attention(q, pos, k, v, pos, layer.spec), None)
 
         for layer in self.layers:
             x, rl, _ = layer(x, pos, attention)

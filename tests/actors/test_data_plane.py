@@ -14,7 +14,7 @@ import torch
 import expertmesh as em
 from tests.conftest import ARCHS, VOCAB
 
-GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2}
+GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2, "gpt_oss": 2}
 pytestmark = pytest.mark.ray
 
 
@@ -82,8 +82,11 @@ def test_no_ray_call_per_step_or_layer(meshes):
         served = sum(a["steps_served"] - b["steps_served"] for a, b in zip(after, before))
         attends = sum(a["calls"] - b["calls"] for a, b in zip(after, before))
         # the shards served steps through their step loops (plans over the group, no Ray call),
-        # attending once per layer of each step they took part in
-        assert 1 <= served <= steps * len(mesh.shards)
+        # attending once per layer of each step they took part in. A worker with nothing to do in a
+        # step hears its plan with its next message (collective.py: held), so the bound is over the
+        # mesh's whole life, not this interval
+        assert served >= 1 and steps >= 1
+        assert sum(a["steps_served"] for a in after) <= stats["steps"] * len(mesh.shards), (name, served, steps)
         assert attends >= served and (attends > served or arch == "llama4")
     ray_mesh = m["ray"]  # the Ray-task path serves no step loop
     assert all(ray.get(s.stats.remote())["steps_served"] == 0 for s in ray_mesh.shards)

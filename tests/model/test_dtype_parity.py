@@ -11,6 +11,10 @@ largest over the prompts; relative error = max |ours - hf| / max |hf| of one pro
     qwen3moe         0.0236   0.985        0.0242      0.0089           0.0009   0.985
     olmoe            0.0378   0.993        0.0397      0.0120           0.0009   1.000
     llama4           0.0164   1.000        0.0118      0.0162           0.0012   1.000
+    gpt_oss          0.0563   0.982        0.4343      0.4334           0.0078   0.993
+
+GPT-OSS's tiny checkpoint has expert weights 20x the others' (so its SwiGLU clamp engages):
+rounding is amplified for HF as for us (bf16 vs fp32: 0.43 both), so its fp16 bound is wider.
 
 (`pytest -s` prints them.) The largest errors come from routing flips where two experts' gate
 scores nearly tie in these random models: layer by layer, ours in bf16 is as close to the fp32
@@ -30,6 +34,7 @@ PROMPTS = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed
            for i, n in enumerate((8, 13, 21, 29, 37, 45, 56, 64))]
 # dtype -> (max relative logit error vs HF in that dtype, min share of equal argmax)
 BOUNDS = {torch.bfloat16: (0.08, 0.95), torch.float16: (0.004, 0.97)}
+WIDER = {("gpt_oss", torch.float16): (0.012, 0.97)}
 
 
 def parity(path: str, dtype: torch.dtype) -> dict:
@@ -60,7 +65,7 @@ def test_half_precision_matches_hugging_face_in_the_same_dtype(arch, dtype, tiny
     r = parity(tiny_checkpoint(arch), dtype)
     print(f"PARITY {arch:9s} {str(dtype):15s} rel_err {r['rel_err']:.4f} agree {r['agree']:.3f} "
           f"ours_vs_fp32 {r['ours_vs_fp32']:.4f} hf_vs_fp32 {r['hf_vs_fp32']:.4f}")
-    max_err, min_agree = BOUNDS[dtype]
+    max_err, min_agree = WIDER.get((arch, dtype), BOUNDS[dtype])
     assert r["rel_err"] <= max_err and r["agree"] >= min_agree, r
     # as close to the fp32 reference as the bound, or as HF's own forward in this dtype (a routing flip)
     assert r["ours_vs_fp32"] <= max(max_err, 1.5 * r["hf_vs_fp32"]), r
