@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama4", "gpt_oss")
+ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama4", "gpt_oss", "deepseek_v3")
 VOCAB = 300
 
 
@@ -45,12 +45,26 @@ def build_tiny(arch: str, path) -> str:
                                                     "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
                                                     "original_max_position_embeddings": 64},
                                    eos_token_id=2, bos_token_id=1), tf.GptOssForCausalLM
+    elif arch == "deepseek_v3":  # MLA with q and kv LoRA, group-limited sigmoid routing, a dense first layer
+        cfg, cls = tf.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4}, num_hidden_layers=3, moe_intermediate_size=32,
+            n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+            routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            rope_parameters={"rope_type": "yarn", "factor": 64.0, "original_max_position_embeddings": 64,
+                             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
+                             "rope_theta": 10000.0},
+            eos_token_id=2, bos_token_id=1), tf.DeepseekV3ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(1234)
     model = cls(cfg)
     with torch.no_grad():  # random tiny models have flat logits; sharpen them so greedy choices are clear
         model.lm_head.weight.mul_(30.0)
+        if arch == "deepseek_v3":  # the correction bias starts at zero: make it choose
+            for layer in model.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.05)
+                layer.mlp.gate.weight.copy_(torch.randn(layer.mlp.gate.weight.shape))
         for name, p in model.named_parameters() if arch == "gpt_oss" else ():  # biases, sinks start at 0
             if name.endswith(("bias", "sinks")):
                 p.copy_(torch.randn(p.shape) * (1.0 if name.endswith("sinks") else 0.1))

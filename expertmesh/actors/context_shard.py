@@ -152,9 +152,10 @@ class ContextShard(StepWorker):
 
     # -- writing a segment ------------------------------------------------------------------
     def begin(self, context_id: str, name: str, start: int, end: int, layers: int, heads: int,
-              head_dim: int, meta: dict | None = None) -> None:
+              head_dim: int, meta: dict | None = None, latent: bool = False) -> None:
         """Start the segment file of tokens [start, end) of a context. `meta` (what the router
-        knows of the context) is kept with it, so a restarted router finds it here (`held`)."""
+        knows of the context) is kept with it, so a restarted router finds it here (`held`).
+        latent: one vector per token and layer that is key and value (MLA; V is not stored)."""
         with self._lock:
             t = end - start
             if self.capacity_tokens is not None:
@@ -164,7 +165,7 @@ class ContextShard(StepWorker):
                                         f"{free:,} of {self.capacity_tokens:,} tokens free")
             if context_id in self._ctx:
                 raise ValueError(f"context {context_id!r} already has a segment on shard {self.index}")
-            shape = PageShape(layers, -(-t // self.page_size), self.page_size, heads, head_dim, self.kv_dtype)
+            shape = PageShape(layers, -(-t // self.page_size), self.page_size, heads, head_dim, self.kv_dtype, latent)
             tmp = self.location.scratch_file(name)
             self._ensure_pool(shape)
             opened = _Open(self._take_slot(shape), SegmentFile.create(tmp, shape, t, start), name, start)
@@ -388,7 +389,8 @@ class ContextShard(StepWorker):
                     dst, ok_t = torch.from_numpy(given[ok]).to(dev), torch.from_numpy(ok).to(dev)
                     k_pool[dst] = km[ok_t].to(k_pool.dtype)
                     v_pool[dst] = vm[ok_t].to(v_pool.dtype)
-        k, v = k.reshape(-1, shape.heads, shape.head_dim), v.reshape(-1, shape.heads, shape.head_dim)
+        k = k.reshape(-1, shape.heads, shape.head_dim)
+        v = k if shape.latent else v.reshape(-1, shape.heads, shape.head_dim)
         readable = min(f.written_pages * ps, f.num_tokens)
         if len(pages) and int(pages[-1]) - int(pages[0]) == len(pages) - 1:  # one run: positions are a range
             first = int(pages[0]) * ps
@@ -411,10 +413,10 @@ class ContextShard(StepWorker):
         per_page = shape.page_size * shape.heads * shape.head_dim * (4 if dtype == torch.float32 else 2)
         if self.memory_bytes is None:
             self.memory_bytes = default_pool_bytes(self.pool_device, self.gpu_share)
-        slots = max(1, self.memory_bytes // (2 * per_page))
+        slots = max(1, self.memory_bytes // (len(shape.tensors) * per_page))
         # torch.empty maps memory lazily: only slots that get pages become resident
-        self._pool = (torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.pool_device),
-                      torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.pool_device))
+        k = torch.empty(slots, shape.page_size, shape.heads, shape.head_dim, dtype=dtype, device=self.pool_device)
+        self._pool = (k, k if shape.latent else torch.empty_like(k))  # latent: the value is the key
         self.table = PageTable(slots)
 
     def _take_slot(self, shape: PageShape) -> int:

@@ -82,7 +82,8 @@ class Registration:
         meta = {"info": dataclasses.asdict(record.info), "files": list(record.files),
                 "segments": [dataclasses.astuple(s) for s in segments]}
         await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
-                                    segments[i].end, cfg.num_layers, heads, head_dim, meta) for i in todo))
+                                    segments[i].end, cfg.num_layers, heads, head_dim, meta, cfg.kv_latent)
+                                     for i in todo))
         exact = record.info.mode == "exact"
 
         async def piece(a: int, b: int, writes: list[int], own: int | None = None) -> None:
@@ -97,7 +98,7 @@ class Registration:
             await self._run(seq)
             layers = [seq.kv.get(n) for n in range(cfg.num_layers)]
             k = [x[0].float().cpu().numpy() for x in layers]
-            v = [x[1].float().cpu().numpy() for x in layers]
+            v = [] if cfg.kv_latent else [x[1].float().cpu().numpy() for x in layers]  # latent: v is k
             pos = layers[0][2].cpu().numpy()
             calls = []
             for i in writes:

@@ -17,11 +17,13 @@ to expert groups). The same layer code runs in both.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from typing import Callable
 
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.mla import LatentAttention
 from expertmesh.model.moe import DenseMLP, dispatch_pairs, expert_bank, route
 from expertmesh.model.norm import RMSNorm, rms
 from expertmesh.model.rope import apply_rope, rope_frequencies
@@ -35,10 +37,13 @@ class DecoderLayer(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.attn_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.mlp_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
+        if cfg.mla is not None:  # DeepSeek-V3: latent attention (model/mla.py)
+            self.mla = LatentAttention(cfg.mla, h, cfg.num_heads, cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+            self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
         if cfg.attention_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         if cfg.qk_norm == "head":
@@ -47,12 +52,14 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
         self.use_rope = cfg.use_rope[index]
-        freqs, self.rope_scale = rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling)
+        freqs, self.rope_scale = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("freqs", freqs, persistent=False)
         self.spec = cfg.attention_spec(index)
         self.is_moe = cfg.moe_layers[index]
         if self.is_moe:
             self.gate = nn.Linear(h, cfg.num_experts, bias=cfg.router_bias)
+            if cfg.routing == "sigmoid_group":  # chooses experts, never trained by gradient
+                self.gate_correction = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
             self.experts = expert_bank(cfg, range(cfg.num_experts) if experts is None else experts)
             if cfg.shared_expert_intermediate_size:
                 self.shared_expert = DenseMLP(h, cfg.shared_expert_intermediate_size)
@@ -83,6 +90,8 @@ class DecoderLayer(nn.Module):
     def qkv(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed hidden h [T, H], positions [T] -> q [T, Hq, D], k, v [T, Hkv, D]."""
         cfg, t = self.cfg, h.shape[0]
+        if cfg.mla is not None:
+            return self.mla.qkv(h, pos, self.freqs, cfg.rope_style, self.rope_scale)
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         if cfg.qk_norm == "full":  # OLMoE: norm over the whole projection
             q, k = self.q_norm(q), self.k_norm(k)
@@ -115,13 +124,18 @@ class DecoderLayer(nn.Module):
 
     def attn_out(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual x [T, H] + o_proj(attn [T, Hq, D])."""
+        if self.cfg.mla is not None:
+            return x + self.mla.out(attn).to(x.dtype)
         return x + self.o_proj(attn.flatten(1).to(x.dtype))
 
     # -- feed-forward ---------------------------------------------------------------------
     def gate_route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed hidden [T, H] -> (router logits [T, E], experts [T, k], weights [T, k])."""
-        logits = self.gate(h)
-        experts, weights = route(logits, self.cfg)
+        if self.cfg.routing == "sigmoid_group":  # DeepSeek-V3 scores experts in fp32 whatever the dtype
+            logits = F.linear(h.float(), self.gate.weight.float())
+        else:
+            logits = self.gate(h)
+        experts, weights = route(logits, self.cfg, getattr(self, "gate_correction", None))
         return logits, experts, weights
 
     def feed_forward(self, h: torch.Tensor, experts: "Dispatch | None" = None

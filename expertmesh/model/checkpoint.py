@@ -29,7 +29,9 @@ _MOE_PREFIX = {
     "OlmoeForCausalLM": "mlp",
     "Llama4ForCausalLM": "feed_forward",
     "GptOssForCausalLM": "mlp",
+    "DeepseekV3ForCausalLM": "mlp",
 }
+_SHARED_NAME = {"DeepseekV3ForCausalLM": "shared_experts"}  # default: "shared_expert"
 _ROUTER_NAME = {"Llama4ForCausalLM": "router", "GptOssForCausalLM": "router"}  # default: "gate"
 _EXPERT_NAMES = {  # local -> per-expert HF name
     "MixtralForCausalLM": {"gate": "w1", "up": "w3", "down": "w2"},
@@ -166,9 +168,15 @@ def _hf_name(cfg: ModelConfig, local: str) -> str:
         return f"{base}.post_attention_layernorm.weight"
     if first in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "sinks"):
         return f"{base}.self_attn.{rest}"
+    if first == "mla":  # latent attention: Hugging Face's own names under self_attn
+        return f"{base}.self_attn.{rest.split('.', 1)[1]}"
+    if first == "gate_correction":
+        return f"{base}.{moe}.gate.e_score_correction_bias"
     if first == "gate":
         return f"{base}.{moe}.{_ROUTER_NAME.get(cfg.architecture, 'gate')}.{rest.split('.')[-1]}"
-    if first in ("shared_expert", "shared_expert_gate"):
+    if first == "shared_expert":
+        return f"{base}.{moe}.{_SHARED_NAME.get(cfg.architecture, 'shared_expert')}.{rest.split('.', 1)[1]}"
+    if first == "shared_expert_gate":
         return f"{base}.{moe}.{rest}"
     if first == "mlp":
         return f"{base}.{moe}.{rest.split('.', 1)[1]}"
@@ -222,7 +230,7 @@ def load_model(path: str | os.PathLike, experts: range | None = None, with_exper
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {root}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for layer in model.layers:  # buffers are not in checkpoints: rebuild them, fp32 whatever the dtype
-        freqs, layer.rope_scale = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        freqs, layer.rope_scale = rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         layer.freqs = freqs.to(device)
     return model.eval()
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from expertmesh.errors import UnsupportedArchitecture
 from expertmesh.model.attention import AttentionSpec
+from expertmesh.model.mla import LatentDims
 from expertmesh.model.rope import RopeScaling
 
 SUPPORTED_ARCHITECTURES = (
@@ -24,9 +25,10 @@ SUPPORTED_ARCHITECTURES = (
     "OlmoeForCausalLM",
     "Llama4ForCausalLM",
     "GptOssForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 
-Routing = Literal["softmax_topk", "sigmoid_topk", "topk_softmax"]
+Routing = Literal["softmax_topk", "sigmoid_topk", "topk_softmax", "sigmoid_group"]
 QKNorm = Literal["none", "head", "full", "l2"]
 RopeStyle = Literal["half", "interleaved"]
 
@@ -67,6 +69,11 @@ class ModelConfig:
     router_bias: bool = False
     expert_bias: bool = False
     swiglu_clamp: tuple[float, float] | None = None  # GPT-OSS clamped SwiGLU: (alpha, limit)
+    # DeepSeek-V3: latent attention (num_kv_heads 1, head_dim = the latent width) and its routing
+    mla: LatentDims | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
@@ -104,7 +111,19 @@ class ModelConfig:
 
     @property
     def attn_scale_factor(self) -> float:
+        if self.mla is not None:
+            return self.mla.softmax_scale(self.rope_scaling)
         return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates per head (MLA: the decoupled rope dims only)."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+
+    @property
+    def kv_latent(self) -> bool:
+        """The KV cache holds one latent vector per token and layer that is both key and value."""
+        return self.mla is not None
 
     @property
     def alignment(self) -> int:
@@ -117,7 +136,14 @@ class ModelConfig:
         return AttentionSpec(self.attn_scale_factor, self.chunk_size[layer], self.sliding_window if windowed else None)
 
     def kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * bytes_per_value
+        """Stored K/V bytes per token, all layers (a latent layout stores one vector, not two)."""
+        return self.num_layers * (1 if self.kv_latent else 2) * self.num_kv_heads * self.head_dim * bytes_per_value
+
+    def expanded_kv_bytes_per_token(self, bytes_per_value: int = 4) -> int:
+        """The same in the expanded form Hugging Face caches (MLA: per-head K and V)."""
+        if self.mla is None:
+            return self.kv_bytes_per_token(bytes_per_value)
+        return self.num_layers * self.mla.expanded_values(self.num_heads) * bytes_per_value
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
@@ -330,6 +356,46 @@ def _gpt_oss(cfg: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _deepseek_v3(cfg: dict[str, Any]) -> ModelConfig:
+    n, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise UnsupportedArchitecture(
+            f"DeepSeek routing topk_method={cfg.get('topk_method')!r} scoring_func={cfg.get('scoring_func')!r} "
+            "is not supported; supported: 'noaux_tc' with 'sigmoid' (DeepSeek-V3, Kimi-K2)")
+    dims = LatentDims(cfg.get("q_lora_rank") or None, cfg["kv_lora_rank"], cfg["qk_nope_head_dim"],
+                      cfg["qk_rope_head_dim"], cfg["v_head_dim"])
+    experts = cfg["n_routed_experts"]
+    groups = cfg.get("n_group") or 1
+    if experts % groups or not 1 <= (cfg.get("topk_group") or 1) <= groups:
+        raise UnsupportedArchitecture(f"n_routed_experts ({experts}) must split into n_group ({groups}) groups "
+                                      f"and topk_group ({cfg.get('topk_group')}) be in 1..n_group")
+    if experts // groups < 2:
+        raise UnsupportedArchitecture(f"DeepSeek group routing scores a group by its top 2 experts: "
+                                      f"n_routed_experts / n_group must be >= 2, got {experts // groups}")
+    common = _common(cfg, "DeepseekV3ForCausalLM")
+    dense = cfg.get("first_k_dense_replace", 0)
+    common.update(num_kv_heads=1, head_dim=dims.latent_dim,
+                  rope_style="interleaved" if cfg.get("rope_interleave", True) else "half")
+    bias = bool(cfg.get("attention_bias", False))
+    return ModelConfig(
+        **common,
+        mla=dims,
+        moe_layers=tuple(i >= dense for i in range(n)),
+        qkv_bias=bias,
+        o_bias=bias,
+        num_experts=experts,
+        top_k=cfg["num_experts_per_tok"],
+        routing="sigmoid_group",
+        n_group=groups,
+        topk_group=cfg.get("topk_group") or 1,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        shared_expert_intermediate_size=cfg["moe_intermediate_size"] * (cfg.get("n_shared_experts") or 0),
+        dense_intermediate_size=cfg["intermediate_size"],
+    )
+
+
 _PARSERS = {
     "MixtralForCausalLM": _mixtral,
     "Qwen2MoeForCausalLM": _qwen2moe,
@@ -337,4 +403,5 @@ _PARSERS = {
     "OlmoeForCausalLM": _olmoe,
     "Llama4ForCausalLM": _llama4,
     "GptOssForCausalLM": _gpt_oss,
+    "DeepseekV3ForCausalLM": _deepseek_v3,
 }

@@ -14,8 +14,24 @@ from torch import nn
 from expertmesh.model.config import ModelConfig
 
 
-def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate logits [T, E] -> (experts [T, k] int64, weights [T, k] fp32)."""
+def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate logits [T, E] -> (experts [T, k] int64, weights [T, k] fp32).
+
+    correction [E]: DeepSeek-V3's score correction bias (it picks experts, it does not weight them)."""
+    if cfg.routing == "sigmoid_group":  # DeepSeek-V3 (noaux_tc): best groups first, then top-k in them
+        scores = torch.sigmoid(logits.float())
+        choice = scores if correction is None else scores + correction.float()
+        t, g = choice.shape[0], cfg.n_group
+        group_scores = choice.view(t, g, -1).topk(2, dim=-1).values.sum(-1)  # [T, G]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(choice.shape[1] // g, dim=1), float("-inf"))
+        idx = torch.topk(choice, cfg.top_k, dim=-1, sorted=False).indices
+        top = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, top * cfg.routed_scaling_factor
     if cfg.routing == "sigmoid_topk":  # Llama-4: top-k on logits, sigmoid of the chosen
         top, idx = torch.topk(logits, cfg.top_k, dim=-1)
         return idx, torch.sigmoid(top.float())

@@ -9,9 +9,9 @@ Tensors (S = page size, P = pages, L = layers, H = KV heads, D = head dim):
     pos      [P*S]          I64   position of each row; -1 in the last page's padding
     kmin     [L, P, H, D]   F32   element-wise min of the page's keys (Quest summary)
     kmax     [L, P, H, D]   F32   element-wise max
-    crc      [L, P]         I64   zlib.crc32 of the page's K bytes then V bytes
+    crc      [L, P]         I64   zlib.crc32 of the page's K bytes then V bytes (latent: K bytes)
     k        [L, P, S, H, D] F32|BF16
-    v        [L, P, S, H, D] F32|BF16
+    v        [L, P, S, H, D] F32|BF16   (absent in a latent file: there the key is also the value)
 
 Every (layer, page) of `k`/`v` is one contiguous run of bytes, so one page is read alone,
 and the pages of one layer are one contiguous run, so a layer streams sequentially. The
@@ -53,6 +53,11 @@ class PageShape:
     heads: int
     head_dim: int
     kv_dtype: str
+    latent: bool = False  # MLA (model/mla.py): one vector per token and layer, both key and value
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return ("k",) if self.latent else ("k", "v")
 
     @property
     def page_elems(self) -> int:
@@ -64,8 +69,8 @@ class PageShape:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page of K plus one of V in the file."""
-        return 2 * self.page_elems * self.itemsize
+        """Bytes of one page of K plus one of V (latent: K only) in the file."""
+        return len(self.tensors) * self.page_elems * self.itemsize
 
 
 def _layout(shape: PageShape) -> dict[str, tuple[str, list[int]]]:
@@ -73,8 +78,7 @@ def _layout(shape: PageShape) -> dict[str, tuple[str, list[int]]]:
     kv = [s.layers, s.pages, s.page_size, s.heads, s.head_dim]
     summ = [s.layers, s.pages, s.heads, s.head_dim]
     return {"pos": ("I64", [s.pages * s.page_size]), "kmin": ("F32", summ), "kmax": ("F32", summ),
-            "crc": ("I64", [s.layers, s.pages]), "k": (_ST_DTYPE[s.kv_dtype], kv),
-            "v": (_ST_DTYPE[s.kv_dtype], kv)}
+            "crc": ("I64", [s.layers, s.pages]), **{name: (_ST_DTYPE[s.kv_dtype], kv) for name in s.tensors}}
 
 
 _ITEMSIZE = {"I64": 8, "F32": 4, "BF16": 2}
@@ -161,7 +165,7 @@ class SegmentFile:
                 raise StoreCorrupted(f"stored segment file {path}: format {meta.get('format')!r}, "
                                      f"expected {FORMAT!r}")
             k = header["k"]["shape"]
-            shape = PageShape(k[0], k[1], k[2], k[3], k[4], meta["kv_dtype"])
+            shape = PageShape(k[0], k[1], k[2], k[3], k[4], meta["kv_dtype"], latent="v" not in header)
             offsets = {name: tuple(e["data_offsets"]) for name, e in header.items()}
             end = max(b for _, b in offsets.values())
             if size != 8 + n + end:
@@ -195,7 +199,7 @@ class SegmentFile:
         rows[:t] = pos.numpy()
         self._pwrite("pos", p0 * s.page_size, rows)
         stored = {}
-        for name, parts in (("k", k), ("v", v)):
+        for name, parts in (("k", k), ("v", v))[:len(s.tensors)]:
             for layer, x in enumerate(parts):
                 xs = _to_storage(x, s.kv_dtype)
                 if pad:
@@ -210,9 +214,10 @@ class SegmentFile:
             pages = xf.view(n, s.page_size, s.heads, s.head_dim)
             self._pwrite("kmin", (layer * s.pages + p0) * summ, pages.amin(dim=1).numpy())
             self._pwrite("kmax", (layer * s.pages + p0) * summ, pages.amax(dim=1).numpy())
-            kk, vv = stored["k", layer], stored["v", layer]
+            kk = stored["k", layer]
+            vv = kk if s.latent else stored["v", layer]
             for i in range(n):
-                self.crc[layer, p0 + i] = zlib.crc32(vv[i], zlib.crc32(kk[i]))
+                self.crc[layer, p0 + i] = zlib.crc32(vv[i], zlib.crc32(kk[i])) if not s.latent else zlib.crc32(kk[i])
         self.verified[:, p0:p1] = True
         self.written_pages = max(self.written_pages, p1)
 
@@ -232,13 +237,14 @@ class SegmentFile:
         text = json.dumps(header, separators=(",", ":")).encode()
         os.pwrite(self._fd, text + b" " * (n - len(text)), 8)  # same length: the crc field has fixed width
         os.fsync(self._fd)
-        self._advise_out(0, self._data + self._off["v"][1])
+        self._advise_out(0, self._data + max(b for _, b in self._off.values()))
 
     # -- reading ----------------------------------------------------------------------------
     def read(self, layer: int, pages: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v [n*S, H, D] float32 and pos [n*S] of the given pages (sorted), checksums verified."""
         s = self.shape
-        kk, vv = self._tensor("k"), self._tensor("v")
+        kk = self._tensor("k")
+        vv = kk if s.latent else self._tensor("v")
         pages = np.asarray(pages, dtype=np.int64)
         if len(pages) and int(pages.max()) >= self.written_pages:
             raise ValueError(f"page {int(pages.max())} of {self.path.name} is not written yet")
@@ -248,12 +254,13 @@ class SegmentFile:
             ks, vs = kk[layer, pages], vv[layer, pages]
         unchecked = pages[~self.verified[layer, pages]]
         for p in unchecked.tolist():
-            if zlib.crc32(vv[layer, p], zlib.crc32(kk[layer, p])) != int(self.crc[layer, p]):
+            crc = zlib.crc32(kk[layer, p]) if s.latent else zlib.crc32(vv[layer, p], zlib.crc32(kk[layer, p]))
+            if crc != int(self.crc[layer, p]):
                 raise StoreCorrupted(f"stored segment file {self.path}: page {p} of layer {layer} fails "
                                      f"its checksum")
         self.verified[layer, unchecked] = True
         k = _to_float(ks, s.kv_dtype).view(-1, s.heads, s.head_dim)
-        v = _to_float(vs, s.kv_dtype).view(-1, s.heads, s.head_dim)
+        v = k if s.latent else _to_float(vs, s.kv_dtype).view(-1, s.heads, s.head_dim)
         rows = (pages[:, None] * s.page_size + np.arange(s.page_size)[None]).reshape(-1)
         pos = torch.from_numpy(self.pos[rows])
         self._release(layer, pages)
@@ -264,7 +271,7 @@ class SegmentFile:
         if not len(pages):
             return
         s = self.shape
-        for name in ("k", "v"):
+        for name in s.tensors:
             a, _ = self._off[name]
             base = self._data + a + (layer * s.pages) * s.page_elems * s.itemsize
             self._advise_out(base + int(pages[0]) * s.page_elems * s.itemsize,

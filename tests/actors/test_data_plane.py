@@ -14,7 +14,7 @@ import torch
 import expertmesh as em
 from tests.conftest import ARCHS, VOCAB
 
-GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2, "gpt_oss": 2}
+GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2, "gpt_oss": 2, "deepseek_v3": 3}
 pytestmark = pytest.mark.ray
 
 

@@ -7,7 +7,7 @@ import torch
 import expertmesh as em
 from tests.conftest import ARCHS, VOCAB
 
-GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2, "gpt_oss": 2}
+GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2, "gpt_oss": 2, "deepseek_v3": 3}
 CONTEXT_LEN = 101  # not divisible by 2, 3 or 4 shards
 pytestmark = pytest.mark.ray
 
