@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_dataplane.py
+	$(PY) benchmarks/kv_sizes.py
 	$(PY) benchmarks/readme_tables.py
 
 # the 10M-token store run (~25 min here) and its 1M counterpart (README "Context store")

@@ -352,8 +352,25 @@ def dataplane() -> str:
     return "\n".join(lines)
 
 
+def kv_sizes() -> str:
+    r = _load("kv_sizes.json")
+    lines = ["| model (public config) | architecture | KV layout | stored B / token / layer | expanded B / token / layer "
+             "| stored B / token (all layers) | 1M-token context in the store |", "|---|---|---|---|---|---|---|"]
+    for m in r["models"]:
+        ratio = m["expanded_bytes_per_token"] / m["stored_bytes_per_token"]
+        lines.append(f"| {m['model']} | `{m['architecture']}` | {m['kv_layout']} | "
+                     f"{m['stored_bytes_per_token_per_layer']:,} | {m['expanded_bytes_per_token_per_layer']:,}"
+                     f"{f' ({ratio:.0f}x)' if ratio > 1 else ''} | {m['stored_bytes_per_token']:,} | "
+                     f"{m['store_bytes_1m'] / 1e9:.1f} GB |")
+    lines += ["", f"bf16 KV, {r['tokens']:,} tokens in {r['page_size']}-token pages; the store size counts every "
+                  "file byte (pages, fp32 Quest summaries, positions, checksums). Computed by "
+                  "`benchmarks/kv_sizes.py` from the KV fields of each model's config.json "
+                  "(`benchmarks/public_configs/`) with the store's own layout; `results/kv_sizes.json`."]
+    return "\n".join(lines)
+
+
 TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
-          "dataplane": dataplane}
+          "dataplane": dataplane, "kv_sizes": kv_sizes}
 
 
 def render(text: str) -> str:

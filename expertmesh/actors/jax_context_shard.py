@@ -135,11 +135,12 @@ class JaxContextShard(ContextShard):
         self._pool = None
         self._dtype = self.jax.numpy.float32 if self.kv_dtype == "float32" else self.jax.numpy.bfloat16
         self._page_shape = (shape.page_size, shape.heads, shape.head_dim)
+        self._latent = shape.latent  # MLA: the value is the key, one array serves as both
         self._pool = self._zeros(min(self.table.slots, POOL_START))
 
     def _zeros(self, slots: int) -> tuple:
         z = self.jax.numpy.zeros((slots, *self._page_shape), self._dtype, device=self.device)
-        return z, z.copy()
+        return (z, z) if self._latent else (z, z.copy())
 
     def _write(self, given: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """Pages into their given slots (-1: left out); the pool grows (doubling) to hold them."""
@@ -148,7 +149,8 @@ class JaxContextShard(ContextShard):
         if need > cap:
             new = min(self.table.slots, max(need, 2 * cap))
             extra = self._zeros(new - cap)
-            self._pool = tuple(self.jax.numpy.concatenate([p, e]) for p, e in zip(self._pool, extra))
+            grown = [self.jax.numpy.concatenate([p, e]) for p, e in zip(self._pool[:1 if self._latent else 2], extra)]
+            self._pool = (grown[0], grown[0]) if self._latent else tuple(grown)
             cap = new
         size = bucket(len(given), 1)
         idx = np.full(size, cap, np.int32)  # padding and left-out pages: out of range, dropped
@@ -156,7 +158,11 @@ class JaxContextShard(ContextShard):
         kp = np.zeros((size, *self._page_shape), np.float32)
         vp = np.zeros_like(kp)
         kp[:len(given)], vp[:len(given)] = k, v
-        self._pool = self._ja.write_pages(*self._pool, idx, kp, vp)
+        if self._latent:
+            k_pool = self._ja.write_latent_pages(self._pool[0], idx, kp)
+            self._pool = (k_pool, k_pool)
+        else:
+            self._pool = self._ja.write_pages(*self._pool, idx, kp, vp)
 
     def stats(self) -> dict:
         out = super().stats()

@@ -117,6 +117,12 @@ def write_pages(k_pool, v_pool, slots, k_pages, v_pages) -> tuple[jax.Array, jax
             v_pool.at[slots].set(v_pages.astype(v_pool.dtype), mode="drop"))
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def write_latent_pages(pool, slots, pages) -> jax.Array:
+    """The same for a latent pool (MLA: one array is key and value)."""
+    return pool.at[slots].set(pages.astype(pool.dtype), mode="drop")
+
+
 def spec_args(spec: AttentionSpec) -> dict:
     """The static arguments of one layer's attention."""
     return {"scale": float(spec.scale), "chunk_size": spec.chunk_size or None, "window": spec.window or None}

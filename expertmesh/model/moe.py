@@ -23,7 +23,7 @@ def route(logits: torch.Tensor, cfg: ModelConfig, correction: torch.Tensor | Non
         scores = torch.sigmoid(logits.float())
         choice = scores if correction is None else scores + correction.float()
         t, g = choice.shape[0], cfg.n_group
-        group_scores = choice.view(t, g, -1).topk(2, dim=-1).values.sum(-1)  # [T, G]
+        group_scores = choice.view(t, g, choice.shape[1] // g).topk(2, dim=-1).values.sum(-1)  # [T, G]
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, torch.topk(group_scores, cfg.topk_group, dim=-1, sorted=False).indices, True)
         choice = choice.masked_fill(~keep.repeat_interleave(choice.shape[1] // g, dim=1), float("-inf"))

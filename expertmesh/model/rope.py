@@ -72,9 +72,9 @@ class RopeScaling:
             factor = cfg["max_position_embeddings"] / original
         if factor is not None and not factor > 0:
             raise ValueError(f"rope_parameters.factor must be > 0, got {factor}")
-        if rope_type == "llama3" and not params["high_freq_factor"] > params["low_freq_factor"]:
-            raise ValueError(f"rope_parameters: high_freq_factor ({params['high_freq_factor']}) must exceed "
-                             f"low_freq_factor ({params['low_freq_factor']})")
+        if rope_type == "llama3" and params["high_freq_factor"] < params["low_freq_factor"]:
+            raise ValueError(f"rope_parameters: high_freq_factor ({params['high_freq_factor']}) must be at least "
+                             f"low_freq_factor ({params['low_freq_factor']})")  # equal: Llama-4-Scout, no blend
         return cls(rope_type, None if factor is None else float(factor), None if original is None else int(original),
                    params.get("low_freq_factor"), params.get("high_freq_factor"), params.get("beta_fast"),
                    params.get("beta_slow"), params.get("mscale"), params.get("mscale_all_dim"),

@@ -58,7 +58,11 @@ def build_model(cfg: TrainConfig) -> MoETransformer:
         model = load_model(cfg.init_from)
         if cfg.model:
             raise ValueError("give either init_from (fine-tuning) or model overrides, not both")
-        return model.float().train().requires_grad_(True)
+        model = model.float().train().requires_grad_(True)
+        for layer in model.layers:  # DeepSeek-V3's correction bias chooses experts; no gradient reaches it
+            if hasattr(layer, "gate_correction"):
+                layer.gate_correction.requires_grad_(False)
+        return model
     hf = {**DEFAULT_HF_CONFIG, **cfg.model}
     model = MoETransformer(ModelConfig.from_hf(hf))
     init_weights(model, seed=cfg.seed)

@@ -97,6 +97,13 @@ def _header(shape: PageShape, metadata: dict[str, str]) -> tuple[bytes, dict[str
     return text + b" " * pad, offsets
 
 
+def segment_bytes(shape: PageShape) -> int:
+    """Bytes of a segment file of this shape: header (aligned) + every tensor of the layout."""
+    header, offsets = _header(shape, {"format": FORMAT, "num_tokens": "0", "page_size": "0", "start": "0",
+                                      "kv_dtype": shape.kv_dtype, "summary_crc": "0" * 8})
+    return 8 + len(header) + max(end for _, end in offsets.values())
+
+
 def _to_storage(x: torch.Tensor, kv_dtype: str) -> np.ndarray:
     if kv_dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

@@ -18,6 +18,8 @@ SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "llama3": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": ORIGINAL},
+    "llama3-scout": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                     "original_max_position_embeddings": ORIGINAL},  # Llama-4-Scout's: no blend band
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
     "yarn-mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
                     "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2, "truncate": False},
@@ -25,7 +27,8 @@ SCALINGS = {
                               "attention_factor": 1.3},
 }
 CASES = [("mixtral", "linear"), ("mixtral", "yarn-mscale"), ("qwen2moe", "yarn-attention-factor"),
-         ("qwen3moe", "yarn"), ("olmoe", "llama3"), ("llama4", "llama3"), ("llama4", "yarn")]
+         ("qwen3moe", "yarn"), ("olmoe", "llama3"), ("llama4", "llama3"), ("llama4", "llama3-scout"),
+         ("llama4", "yarn")]
 
 
 def build_scaled(arch: str, scaling: str, path) -> str:
