@@ -37,7 +37,8 @@ class Registration:
         self._check_tokens(token_ids, "context")
         token_ids = np.asarray(token_ids, dtype=np.int64)
         cid = context_id or f"ctx-{uuid.uuid4().hex[:12]}"
-        if cid in self.contexts:
+        self._sync_directory()
+        if cid in self.contexts or (self.catalog is not None and self.catalog.exists(cid)):
             raise ValueError(f"context id {cid!r} is already registered")
         if len(token_ids) > self.cfg.max_position_embeddings:
             raise ValueError(f"context of {len(token_ids):,} tokens exceeds max_position_embeddings "
@@ -53,6 +54,8 @@ class Registration:
         digests = self._digests(token_ids, segments)
         reused = self._reuse(record, digests)
         self.contexts[cid] = record
+        if self.catalog is not None:  # before any file: no other mesh's clean-up removes them meanwhile
+            self.catalog.begin_pending(cid, record.files)
         try:
             if reused:  # stored KV of the same tokens (same model, mode, positions): no recompute
                 await self._open_segments(record, reused)
@@ -67,6 +70,9 @@ class Registration:
             await asyncio.gather(*(call(self.shards[s.shard], "drop", cid) for s in segments),
                                  return_exceptions=True)
             raise
+        finally:
+            if self.catalog is not None:
+                self.catalog.end_pending(cid)
         record.ready = True
         record.opened = True
         return info

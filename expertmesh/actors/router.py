@@ -20,6 +20,7 @@ import ray
 import torch
 
 from expertmesh.actors.collective import CollectiveExchange
+from expertmesh.actors.directory import Directory
 from expertmesh.actors.engine import Engine
 from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
 from expertmesh.actors.names import lookup
@@ -36,7 +37,7 @@ from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.registry import ContextInfo, ContextRecord
 
 
-class Router(Registration):
+class Router(Registration, Directory):
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
                  data_plane: str = "collective", store: str | None = None, kv_dtype: str = "float32",
@@ -84,6 +85,7 @@ class Router(Registration):
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
+        self._directory_task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
@@ -107,12 +109,13 @@ class Router(Registration):
         record.dropped = True
         del self.contexts[context_id]
         self.engine.summaries.pop(context_id, None)
-        if self.catalog is not None:  # the manifest goes first: the context is gone even if a delete fails
-            self.catalog.location.delete(f"contexts/{context_id}.json")
+        if self.catalog is not None:  # tombstone + manifest first: gone for every mesh even if a delete fails
+            self.catalog.withdraw(context_id)
         if record.active == 0:
             await self._drop_segments(record)
 
     def list_contexts(self) -> list[ContextInfo]:
+        self._sync_directory()
         return [r.info for r in self.contexts.values() if r.ready]
 
     def get_context(self, context_id: str) -> ContextInfo:
@@ -169,8 +172,12 @@ class Router(Registration):
         return True
 
     async def close(self) -> None:
-        """Leave the data plane's process group; call before the actors are killed."""
+        """Leave the data plane's process group and the store's members; call before the actors are killed."""
         self.engine.close()
+        if self._directory_task is not None:
+            self._directory_task.cancel()
+        if self.catalog is not None:
+            self.catalog.close()
 
     def step_times(self) -> list[tuple[int, int, float]]:
         """Recent steps as (sequences, new tokens, seconds)."""
@@ -295,6 +302,8 @@ class Router(Registration):
             self._wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             self._loop_tasks = [loop.create_task(self._loop()) for _ in range(self.scheduler.lanes)]
+        if self.catalog is not None and (self._directory_task is None or self._directory_task.done()):
+            self._directory_task = asyncio.get_running_loop().create_task(self._directory_loop())
         record = self.contexts.get(seq.context_id) if seq.kind != "segment" else None
         if record is not None:
             record.active += 1
@@ -348,6 +357,8 @@ class Router(Registration):
                              f"[0, {self.cfg.vocab_size})")
 
     def _record(self, context_id: str) -> ContextRecord:
+        self._sync_directory()
+        self._lookup_stored(context_id)
         record = self.contexts.get(context_id)
         if record is None or not record.ready:
             why = self.catalog.unavailable.get(context_id) if self.catalog is not None else None
@@ -366,7 +377,7 @@ class Router(Registration):
         await asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id) for s in record.segments),
                              return_exceptions=True)
         if self.catalog is not None:
-            self.catalog.remove(record.info.id)  # its files, unless another context reuses them
+            self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
 
     def _result(self, seq: Sequence) -> dict:
         now = time.perf_counter()

@@ -323,6 +323,13 @@ class Mesh:
     def contexts(self) -> list[ContextInfo]:
         return self._call("list_contexts")
 
+    @_unwrap
+    def clean_store(self) -> dict:
+        """Clean the store now (it also runs at start and every few minutes): remove what dead
+        meshes' interrupted registrations left and the files of contexts dropped more than the
+        grace period ago that nothing names. Safe while other meshes use the store."""
+        return self._call("clean_store")
+
     # -- requests -------------------------------------------------------------------------
     @_unwrap
     def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,

@@ -1,19 +1,36 @@
 """The catalog of stored contexts: manifests over segment files, with reuse and clean-up.
 
 `Catalog.open(location, fingerprint, model)` binds the store to the model (refusing a store
-written by other weights), removes what interrupted writes left behind (scratch files,
-segment files no manifest names) and reads every manifest. A manifest that cannot be read is
+written by other weights), takes a member lease (members.py), removes what dead members'
+interrupted writes left behind and reads every manifest. A manifest that cannot be read is
 reported in `unavailable` by file name; every other context stays usable.
+
+A store may be shared by several meshes at once. What makes that safe:
+- a registration writes `pending/<id>.json` (its member, its segment files) before any
+  segment file and removes it after the manifest: clean-up never deletes a file a live
+  member's registration names, nor its scratch files; a dead member's are removed;
+- a drop writes `dropped/<id>.json` (its files) before deleting the manifest; the files are
+  deleted at once when no other member is live, else by `collect()` after `GRACE_S`, and
+  only those no manifest (re-read from the store) or live registration names;
+- `sync()` re-reads the manifests (every router does it at least every `SYNC_S`): contexts
+  published by another mesh appear, contexts it dropped disappear.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 
 import numpy as np
 
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.manifest import Manifest, SegmentEntry
+from expertmesh.store.members import LEASE_TTL_S, Membership
+
+SYNC_S = 2.0  # a mesh re-reads the directory at least this often while it serves
+CLEAN_S = 300.0  # and removes what dead members left this often
+GRACE_S = 30.0  # a dropped context's files outlive its manifest this long while other meshes are live
 
 
 def tokens_sha256(token_ids: np.ndarray) -> str:
@@ -25,39 +42,121 @@ class Catalog:
         self.location, self.fingerprint = location, fingerprint
         self.manifests: dict[str, Manifest] = {}
         self.unavailable: dict[str, str] = {}  # context id -> why
+        self.member = Membership(location)
+        self.synced = self.cleaned = 0.0
 
     @classmethod
     def open(cls, location: str, fingerprint: str, model: dict) -> "Catalog":
         loc = StoreLocation(location)
         loc.bind(fingerprint, model)
         cat = cls(loc, fingerprint)
+        cat.member.renew(force=True)
         cat.reload()
         cat.removed_orphans = cat.clean_orphans()
         return cat
 
-    def reload(self) -> None:
-        self.manifests.clear()
-        self.unavailable.clear()
-        for name in self.location.list("contexts"):
-            if not name.endswith(".json"):
-                continue
-            cid = name[:-len(".json")]
-            raw = self.location.read_bytes(f"contexts/{name}")
-            try:
-                m = Manifest.from_json(raw or b"", f"{self.location.uri}/contexts/{name}")
-            except ValueError as exc:
-                self.unavailable[cid] = str(exc)
-                continue
-            if m.model_fingerprint != self.fingerprint:
-                self.unavailable[cid] = (f"stored context {cid} was computed by another model "
-                                         f"({m.model_fingerprint[:16]}...)")
-                continue
-            self.manifests[m.id] = m
+    # -- reading the directory ----------------------------------------------------------------
+    def _read(self, name: str) -> Manifest | str:
+        """The manifest contexts/<name>, or why it cannot be used."""
+        cid = name[:-len(".json")]
+        raw = self.location.read_bytes(f"contexts/{name}")
+        if raw is None:
+            return f"context {cid!r} is not registered"
+        try:
+            m = Manifest.from_json(raw, f"{self.location.uri}/contexts/{name}")
+        except ValueError as exc:
+            return str(exc)
+        if m.model_fingerprint != self.fingerprint:
+            return f"stored context {cid} was computed by another model ({m.model_fingerprint[:16]}...)"
+        return m
 
-    def clean_orphans(self) -> int:
-        """Remove scratch files and segment files that no manifest names."""
-        n = self.location.clean_scratch()
+    def reload(self) -> None:
+        """Bring `manifests` to the store's: one listing; only new names are read (a manifest is
+        written once and never changed, so a known name needs no second read)."""
+        listed = {n[:-len(".json")]: n for n in self.location.list("contexts") if n.endswith(".json")}
+        for cid in [c for c in self.manifests if c not in listed]:
+            del self.manifests[cid]
+        self.unavailable = {c: why for c, why in self.unavailable.items() if c in listed}
+        for cid, name in listed.items():
+            if cid in self.manifests:
+                continue
+            got = self._read(name)
+            if isinstance(got, str):
+                self.unavailable[cid] = got
+            else:
+                self.unavailable.pop(cid, None)
+                self.manifests[got.id] = got
+        self.synced = time.monotonic()
+
+    def load(self, context_id: str) -> Manifest | None:
+        """One context's manifest read from the store now (published by any mesh), or None."""
+        got = self._read(f"{context_id}.json")
+        if isinstance(got, str):
+            if "is not registered" not in got:
+                self.unavailable[context_id] = got
+            return None
+        self.manifests[got.id] = got
+        return got
+
+    def sync(self) -> tuple[list[Manifest], set[str]]:
+        """Renew this member's lease, re-read the manifests; (new manifests, ids no longer stored).
+        Also deletes what drops and dead members left, when due."""
+        self.member.renew()
+        before = dict(self.manifests)
+        self.reload()
+        self.collect()
+        if time.monotonic() - self.cleaned >= CLEAN_S:
+            self.clean_orphans()
+        added = [m for cid, m in self.manifests.items() if cid not in before]
+        return added, set(before) - set(self.manifests)
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.synced >= SYNC_S
+
+    def exists(self, context_id: str) -> bool:
+        """A manifest or a live member's registration in flight has this id."""
+        if self.location.read_bytes(f"contexts/{context_id}.json") is not None:
+            return True
+        pending = self._pending().get(context_id)
+        return pending is not None and pending.get("member") in self.member.live()
+
+    # -- registrations in flight ---------------------------------------------------------------
+    def begin_pending(self, context_id: str, files: list[str]) -> None:
+        """Announce a registration (before any of its segment files is written)."""
+        body = {"member": self.member.id, "files": list(files), "started": time.time()}
+        self.location.write_bytes(f"pending/{context_id}.json", json.dumps(body).encode())
+
+    def end_pending(self, context_id: str) -> None:
+        self.location.delete(f"pending/{context_id}.json")
+
+    def _pending(self) -> dict[str, dict]:
+        out = {}
+        for name in self.location.list("pending"):
+            try:
+                out[name[:-len(".json")]] = json.loads(self.location.read_bytes(f"pending/{name}") or b"")
+            except ValueError:
+                out[name[:-len(".json")]] = {}
+        return out
+
+    def _in_use(self, live: set[str]) -> set[str]:
+        """Segment files some context (re-read from the store) or a live registration names."""
+        self.reload()
         named = {s.file for m in self.manifests.values() for s in m.segments}
+        for cid, p in self._pending().items():
+            if p.get("member") in live:
+                named.update(p.get("files", []))
+            else:  # a dead member's registration: it never finishes
+                self.location.delete(f"pending/{cid}.json")
+        return named
+
+    # -- clean-up -------------------------------------------------------------------------------
+    def clean_orphans(self) -> int:
+        """Remove what dead members' interrupted writes left: their scratch files and segment
+        files that no manifest and no live registration names."""
+        self.cleaned = time.monotonic()
+        live = self.member.live() | {self.member.id}
+        named = self._in_use(live)
+        n = self.location.clean_scratch(keep=named)
         unreadable = set(self.unavailable)
         for name in self.location.list("segments"):
             if name not in named and name.split(".")[0] not in unreadable:
@@ -71,17 +170,64 @@ class Catalog:
         self.manifests[manifest.id] = manifest
 
     def remove(self, context_id: str) -> list[str]:
-        """Forget a context (manifest first); returns its segment files no other context uses."""
+        """Drop a context: `withdraw` then `release`. Returns the files deleted now."""
+        self.withdraw(context_id)
+        return self.release(context_id)
+
+    def withdraw(self, context_id: str) -> None:
+        """Tombstone (naming its files), then delete the manifest: every mesh stops serving the
+        context at its next sync; the files stay until `release` or `collect`."""
         m = self.manifests.pop(context_id, None)
+        if m is None:
+            m = self.load(context_id)
+            self.manifests.pop(context_id, None)
+        files = [s.file for s in m.segments] if m is not None else []
+        self.location.write_bytes(f"dropped/{context_id}.json",
+                                  json.dumps({"dropped": time.time(), "files": files}).encode())
         self.location.delete(f"contexts/{context_id}.json")
         self.unavailable.pop(context_id, None)
-        if m is None:
+
+    def release(self, context_id: str) -> list[str]:
+        """This mesh no longer reads a withdrawn context's files: delete those nothing else names
+        now when no other member is live; otherwise `collect()` does after GRACE_S (another mesh
+        may still be finishing a request over them). Returns the files deleted now."""
+        raw = self.location.read_bytes(f"dropped/{context_id}.json")
+        if raw is None:
             return []
-        still = {s.file for other in self.manifests.values() for s in other.segments}
-        files = [s.file for s in m.segments if s.file not in still]
-        for f in files:
+        live = self.member.live() | {self.member.id}
+        if live - {self.member.id}:
+            return []
+        try:
+            files = list(json.loads(raw).get("files", []))
+        except ValueError:
+            files = []
+        return self._delete_unnamed(context_id, files, live)
+
+    def _delete_unnamed(self, context_id: str, files: list[str], live: set[str]) -> list[str]:
+        named = self._in_use(live)
+        gone = [f for f in files if f not in named]
+        for f in gone:
             self.location.delete(f"segments/{f}")
-        return files
+        self.location.delete(f"dropped/{context_id}.json")
+        return gone
+
+    def collect(self, grace_s: float = GRACE_S) -> list[str]:
+        """Delete the files of contexts dropped more than `grace_s` ago that nothing names now."""
+        gone, now, live = [], time.time(), None
+        for name in self.location.list("dropped"):
+            try:
+                stone = json.loads(self.location.read_bytes(f"dropped/{name}") or b"")
+                due = now - float(stone["dropped"]) >= grace_s
+            except (ValueError, KeyError, TypeError):
+                stone, due = {"files": []}, True
+            if due:
+                live = live if live is not None else self.member.live() | {self.member.id}
+                gone += self._delete_unnamed(name[:-len(".json")], stone.get("files", []), live)
+        return gone
+
+    def close(self) -> None:
+        """Leave the store (this mesh's lease ends now rather than in LEASE_TTL_S)."""
+        self.member.leave()
 
     def reusable_segment(self, mode: str, start: int, end: int, tokens: str, prefix: str, kv_dtype: str,
                          page_size: int) -> SegmentEntry | None:

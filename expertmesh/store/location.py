@@ -5,7 +5,10 @@ Layout under the root:
     STORE.json              format and the fingerprint of the model that wrote the store
     contexts/<id>.json      one manifest per context (written last, atomically)
     segments/<file>.kv      segment page files (`expertmesh.store.pages`)
-    tmp/                    files being written; removed at the next start
+    members/<id>.json       leases of the meshes using the store now (members.py)
+    pending/<id>.json       registrations in flight: their member and segment files
+    dropped/<id>.json       dropped contexts whose files wait out the grace period
+    tmp/                    files being written; what dead members left is removed
 
 A local directory is read in place (memory-mapped). A URI store is written through the
 filesystem's output streams (an object store's PUT is atomic) and read from a local cache
@@ -23,6 +26,8 @@ import uuid
 from pathlib import Path
 
 STORE_FORMAT = "expertmesh-store/1"
+DIRECTORIES = ("contexts", "segments", "members", "pending", "dropped")
+SCRATCH_TTL_S = 600.0  # an atomic small-file write older than this was interrupted
 
 
 class StoreMismatch(Exception):
@@ -45,12 +50,12 @@ class StoreLocation:
             self.root = self.root.rstrip("/")
             self.cache = _cache_root() / "kv" / hashlib.sha256(text.encode()).hexdigest()[:16]
             self.cache.mkdir(parents=True, exist_ok=True)
-            self.fs.create_dir(f"{self.root}/contexts", recursive=True)
-            self.fs.create_dir(f"{self.root}/segments", recursive=True)
+            for sub in DIRECTORIES:
+                self.fs.create_dir(f"{self.root}/{sub}", recursive=True)
             self.scratch = self.cache / "tmp"
         else:
             self.local = Path(text).expanduser().resolve()
-            for sub in ("contexts", "segments", "tmp"):
+            for sub in (*DIRECTORIES, "tmp"):
                 (self.local / sub).mkdir(parents=True, exist_ok=True)
             self.scratch = self.local / "tmp"
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -132,13 +137,22 @@ class StoreLocation:
             os.replace(tmp, local)
         return local
 
-    def clean_scratch(self, older_than_s: float = 0.0) -> int:
-        """Remove leftovers of interrupted writes; returns how many."""
+    def clean_scratch(self, keep: set[str] = frozenset()) -> int:
+        """Remove leftovers of interrupted writes; returns how many. A segment's scratch file
+        (`<segment>.<random>.part` / `.download`) stays while `keep` names its segment (a live
+        registration); a small file's (`<random>.part`) while younger than SCRATCH_TTL_S."""
         n, now = 0, time.time()
-        for p in self.scratch.iterdir():
-            if now - p.stat().st_mtime >= older_than_s:
-                p.unlink(missing_ok=True)
-                n += 1
+        for p in list(self.scratch.iterdir()):
+            stem = p.name.rsplit(".", 1)[0]  # without .part / .download
+            segment = stem.rsplit(".", 1)[0] if "." in stem else None
+            try:
+                young = now - p.stat().st_mtime < SCRATCH_TTL_S
+            except FileNotFoundError:
+                continue
+            if (segment is not None and segment in keep) or (segment is None and young):
+                continue
+            p.unlink(missing_ok=True)
+            n += 1
         return n
 
     # -- the store's identity -----------------------------------------------------------------

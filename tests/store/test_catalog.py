@@ -30,6 +30,7 @@ def test_orphans_removed_and_shared_files_kept_until_last_user(tmp_path):
     (tmp_path / "tmp" / "half.kv.part").write_bytes(b"x")
     cat.add(manifest("a", ["a.0.kv", "a.1.kv"]))
     cat.add(manifest("b", ["a.0.kv", "b.0.kv"]))  # b reuses a's first segment
+    cat.close()  # the only member leaves: drops delete at once
     cat = Catalog.open(str(tmp_path), "fp-a", {})
     assert sorted(cat.manifests) == ["a", "b"] and cat.removed_orphans == 2
     assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == ["a.0.kv", "a.1.kv", "b.0.kv"]
@@ -37,6 +38,50 @@ def test_orphans_removed_and_shared_files_kept_until_last_user(tmp_path):
     assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == ["a.0.kv", "b.0.kv"]
     assert cat.remove("b") == ["a.0.kv", "b.0.kv"]
     assert not list((tmp_path / "contexts").iterdir())
+
+
+def _expire(cat):
+    """Make a member's lease look like a dead mesh's (not renewed for two minutes)."""
+    path = cat.location.local / "members" / f"{cat.member.id}.json"
+    lease = json.loads(path.read_text())
+    lease["renewed"] -= 120
+    path.write_text(json.dumps(lease))
+
+
+def test_a_live_members_registration_in_flight_survives_anothers_start(tmp_path):
+    a = Catalog.open(str(tmp_path), "fp-a", {})
+    a.begin_pending("x", ["x.0.kv", "x.1.kv"])
+    (tmp_path / "segments" / "x.0.kv").write_bytes(b"published, manifest not yet")
+    (tmp_path / "tmp" / "x.1.kv.1a2b3c4d.part").write_bytes(b"being written")
+    (tmp_path / "segments" / "stray.0.kv").write_bytes(b"no one's")
+    b = Catalog.open(str(tmp_path), "fp-a", {})  # another mesh starts on the store
+    assert b.removed_orphans == 1 and not (tmp_path / "segments" / "stray.0.kv").exists()
+    assert (tmp_path / "segments" / "x.0.kv").exists() and (tmp_path / "tmp" / "x.1.kv.1a2b3c4d.part").exists()
+    assert b.exists("x")  # the id is taken while a registers it
+    _expire(a)  # a dies mid-registration: the next clean-up removes what it left
+    c = Catalog.open(str(tmp_path), "fp-a", {})
+    assert c.removed_orphans == 2 and not b.exists("x")
+    assert not list((tmp_path / "segments").iterdir()) and not list((tmp_path / "pending").iterdir())
+
+
+def test_contexts_of_one_mesh_appear_and_drops_wait_for_the_others(tmp_path):
+    a = Catalog.open(str(tmp_path), "fp-a", {})
+    b = Catalog.open(str(tmp_path), "fp-a", {})
+    for name in ("a.0.kv", "b.1.kv"):
+        (tmp_path / "segments" / name).write_bytes(b"x")
+    a.add(manifest("ctx-a", ["a.0.kv"]))
+    added, removed = b.sync()
+    assert [m.id for m in added] == ["ctx-a"] and not removed
+    b.add(manifest("ctx-b", ["a.0.kv", "b.1.kv"]))  # b's context reuses a's segment file
+    assert a.load("ctx-b").segments[1].file == "b.1.kv"  # a lookup by id reads the store at once
+    assert a.remove("ctx-a") == []  # b is live: nothing deleted now
+    added, removed = b.sync()
+    assert removed == {"ctx-a"} and (tmp_path / "dropped" / "ctx-a.json").exists()
+    assert a.collect(grace_s=0.0) == []  # past the grace period: a.0.kv is still ctx-b's
+    assert (tmp_path / "segments" / "a.0.kv").exists() and not (tmp_path / "dropped" / "ctx-a.json").exists()
+    assert b.remove("ctx-b") == []  # a is live
+    assert sorted(a.collect(grace_s=0.0)) == ["a.0.kv", "b.1.kv"]
+    assert not list((tmp_path / "segments").iterdir())
 
 
 def test_unreadable_manifest_is_reported_by_name_others_load(tmp_path):

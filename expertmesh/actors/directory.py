@@ -1,0 +1,79 @@
+"""The context directory as a router sees it: one store shared by every mesh that uses it.
+
+A mixin of the Router. With a store, what a context is lives in the store's manifests
+(store/catalog.py), not in one router's memory:
+- a lookup of an id this router does not know reads its manifest from the store at once, so a
+  context registered through any mesh is answerable here as soon as its registration returns;
+- at least every SYNC_S (2 s) while the router runs, and before it lists contexts or serves a
+  request when its view is older than that, it re-reads the directory: new contexts appear,
+  contexts dropped elsewhere are refused from then on (their files outlive the drop by GRACE_S
+  while other meshes are live, so a request never reads deleted files), its member lease is
+  renewed and due clean-up runs.
+Without a store there is no directory to share: the router's memory and its shards are all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from expertmesh.actors.exchange import call
+from expertmesh.store.catalog import SYNC_S
+
+log = logging.getLogger("expertmesh.directory")
+
+
+class Directory:
+    def _lookup_stored(self, context_id: str) -> None:
+        """An id this router does not know: adopt it if the store has its manifest now."""
+        if self.catalog is None or context_id in self.contexts:
+            return
+        m = self.catalog.load(context_id)
+        if m is not None:
+            self._adopt(m)
+
+    def _sync_directory(self, force: bool = False) -> None:
+        """Re-read the store's directory (when older than SYNC_S, or `force`)."""
+        if self.catalog is None or not (force or self.catalog.stale()):
+            return
+        try:
+            added, removed = self.catalog.sync()
+        except OSError as exc:  # the store is unreachable for a moment: serve what is known, retry
+            log.warning("context directory: sync with %s failed (%s); retrying", self.catalog.location.uri, exc)
+            return
+        for m in added:
+            if m.id not in self.contexts:
+                self._adopt(m)
+        for cid in removed:
+            record = self.contexts.get(cid)
+            if record is None or not record.ready or not record.info.stored:
+                continue  # a registration of ours in flight has no manifest yet
+            del self.contexts[cid]
+            self.engine.summaries.pop(cid, None)
+            record.dropped = True
+            self.lost[cid] = f"context {cid!r} was dropped (through another mesh on store {self.catalog.location.uri})"
+            if record.active == 0:  # its shards let go of the files; the dropping mesh deletes them
+                self._release_later(record)
+
+    def _release_later(self, record) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.create_task(asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id)
+                                          for s in record.segments), return_exceptions=True))
+
+    def clean_store(self) -> dict:
+        """Remove dead members' leftovers and collect dropped contexts' files (Mesh.clean_store)."""
+        if self.catalog is None:
+            return {"removed_orphans": 0, "collected": []}
+        return {"removed_orphans": self.catalog.clean_orphans(), "collected": self.catalog.collect()}
+
+    async def _directory_loop(self) -> None:
+        """Keep this router's view (and its member lease) fresh while it runs."""
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                await asyncio.to_thread(self._sync_directory, True)
+            except Exception as exc:  # noqa: BLE001 - never let the loop die; the next round retries
+                log.warning("context directory: sync failed: %s", exc)

@@ -1,0 +1,121 @@
+"""Two meshes on one store (a RayService upgrade runs the old and the new cluster side by side):
+a mesh starting never deletes the other's registrations in flight; a context registered through
+one is answered by the other at once and listed within SYNC_S; a drop through one is refused by
+the other, never answered over deleted files; a mesh killed mid-registration leaves the other's
+contexts intact. Real Ray actors on the session's cluster."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+import expertmesh as em
+from expertmesh.store.catalog import GRACE_S, SYNC_S
+from tests.conftest import VOCAB
+
+pytestmark = pytest.mark.ray
+ARCH = "mixtral"
+
+
+def ids(n, seed):
+    return torch.randint(4, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def start(ckpt, store):
+    return em.Mesh.start(ckpt, context_shards=2, expert_groups=2, page_size=16, store=store)
+
+
+def eventually(check, within_s):
+    t0 = time.monotonic()
+    while True:
+        try:
+            return check(), time.monotonic() - t0
+        except AssertionError:
+            if time.monotonic() - t0 > within_s:
+                raise
+            time.sleep(0.1)
+
+
+def test_two_meshes_share_one_store(ray_cluster, tiny_checkpoint, tmp_path):
+    ckpt, store = tiny_checkpoint(ARCH), str(tmp_path / "store")
+    prompt = ids(7, 9)
+    a = start(ckpt, store)
+    b = None
+    try:
+        # registrations in flight on A while B starts (B's start-up clean-up runs meanwhile)
+        refs = [a.router.register_context.remote(ids(600, 10 + i), "exact") for i in range(4)]
+        b = start(ckpt, store)
+        refs += [a.router.register_context.remote(ids(3000, 20 + i), "exact") for i in range(4)]
+        cleaned = 0
+        while True:  # B cleans the store over and over while A's registrations run
+            _, in_flight = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if not in_flight:
+                break
+            b.clean_store()
+            cleaned += 1
+        assert cleaned >= 1
+        infos = ray.get(refs)  # every one of A's registrations completed
+        for info in infos:  # ... and B answers each at once, with A's logits
+            assert np.array_equal(b.forward_logits(prompt, context_id=info.id),
+                                  a.forward_logits(prompt, context_id=info.id))
+        # registered through A after B started: listed by B within SYNC_S
+        late = a.register_context(ids(300, 30), mode="blockwise")
+        _, took = eventually(lambda: assert_listed(b, late.id), within_s=SYNC_S + 3)
+        print(f"SHARED listed by the other mesh after {took:.2f} s")
+        # dropped through B: A refuses it within SYNC_S; the files outlive the drop (A is live)
+        victim = infos[0]
+        files = sorted((tmp_path / "store" / "segments").glob(f"{victim.id}.*.kv"))
+        assert files
+        b.drop_context(victim.id)
+        assert all(f.exists() for f in files)  # not deleted under a live mesh's feet
+        _, took = eventually(lambda: assert_refused(a, prompt, victim.id), within_s=SYNC_S + 3)
+        print(f"SHARED drop refused by the other mesh after {took:.2f} s")
+        assert all(f.exists() for f in files) and GRACE_S > SYNC_S
+        # the others keep answering
+        assert np.array_equal(b.forward_logits(prompt, context_id=infos[1].id),
+                              a.forward_logits(prompt, context_id=infos[1].id))
+    finally:
+        a.shutdown()
+        if b is not None:
+            b.shutdown()
+
+
+def assert_refused(mesh, prompt, cid):
+    try:
+        mesh.forward_logits(prompt, context_id=cid)
+    except em.ContextNotFound as exc:
+        assert "dropped (through another mesh" in str(exc)
+        return
+    raise AssertionError(f"{cid} still answered")
+
+
+def assert_listed(mesh, cid):
+    assert cid in {c.id for c in mesh.contexts()}
+
+
+def test_a_mesh_killed_mid_registration_leaves_the_others_contexts(ray_cluster, tiny_checkpoint, tmp_path):
+    ckpt, store = tiny_checkpoint(ARCH), str(tmp_path / "store")
+    prompt = ids(5, 8)
+    keep = start(ckpt, store)
+    doomed = start(ckpt, store)
+    try:
+        kept = keep.register_context(ids(400, 1), mode="exact")
+        want = keep.forward_logits(prompt, context_id=kept.id)
+        ref = doomed.router.register_context.remote(ids(4000, 2), "exact")
+        time.sleep(1.0)  # mid-registration
+        ray.kill(doomed.router, no_restart=True)
+        for actor in [*doomed.shards, *doomed.groups]:
+            ray.kill(actor, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(ref)
+        again = start(ckpt, store)  # a new mesh on the store: its start-up clean-up runs
+        try:
+            for m in (keep, again):
+                assert np.array_equal(m.forward_logits(prompt, context_id=kept.id), want)
+        finally:
+            again.shutdown()
+    finally:
+        keep.shutdown()
