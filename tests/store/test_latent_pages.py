@@ -7,21 +7,15 @@ import pytest
 import torch
 
 from expertmesh.store.pages import PageShape, SegmentFile, StoreCorrupted, segment_bytes
+from tests.store.test_pages import L, S, flip_key_byte
+from tests.store.test_pages import write as write_file
 
-L, D, S, T = 3, 40, 16, 100
+D, T = 40, 100
 
 
 def write(path, latent=True, dtype="float32"):
-    shape = PageShape(L, -(-T // S), S, 1, D, dtype, latent)
-    g = torch.Generator().manual_seed(0)
-    k = [torch.randn(T, 1, D, generator=g) for _ in range(L)]
-    v = [] if latent else [torch.randn(T, 1, D, generator=g) for _ in range(L)]
-    f = SegmentFile.create(path, shape, T, 500)
-    f.write(0, [x[:48] for x in k], [x[:48] for x in v], torch.arange(500, 548))
-    f.write(48, [x[48:] for x in k], [x[48:] for x in v], torch.arange(548, 600))
-    f.finish()
-    f.close()
-    return shape, k
+    k, _ = write_file(path, t=T, start=500, dtype=dtype, pieces=(48, 52), heads=1, dim=D, latent=latent)
+    return PageShape(L, -(-T // S), S, 1, D, dtype, latent), k
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -47,12 +41,7 @@ def test_latent_safetensors_view_and_checksums(tmp_path):
     with safe_open(str(tmp_path / "a.kv"), "pt") as st:
         assert set(st.keys()) == {"pos", "kmin", "kmax", "crc", "k"}
         assert torch.equal(st.get_tensor("k")[2].reshape(-1, 1, D)[:T], k[2])
-    f = SegmentFile.open(tmp_path / "a.kv")
-    off = f._data + f._off["k"][0] + (2 * f.shape.pages + 3) * f.shape.page_elems * 4 + 7  # layer 2, page 3
-    f.close()
-    raw = bytearray((tmp_path / "a.kv").read_bytes())
-    raw[off] ^= 0xFF
-    (tmp_path / "a.kv").write_bytes(bytes(raw))
+    flip_key_byte(tmp_path / "a.kv", 2, 3, at=7)
     f = SegmentFile.open(tmp_path / "a.kv")
     with pytest.raises(StoreCorrupted, match=r"a\.kv: page 3 of layer 2 fails its checksum"):
         f.read(2, np.arange(f.shape.pages))

@@ -9,14 +9,16 @@ from expertmesh.store.pages import PageShape, SegmentFile, StoreCorrupted
 L, H, D, S = 3, 2, 8, 16
 
 
-def kv(t, seed=0):
+def kv(t, seed=0, heads=H, dim=D, latent=False):
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(t, H, D, generator=g) for _ in range(L)], [torch.randn(t, H, D, generator=g) for _ in range(L)])
+    k = [torch.randn(t, heads, dim, generator=g) for _ in range(L)]
+    return k, ([] if latent else [torch.randn(t, heads, dim, generator=g) for _ in range(L)])
 
 
-def write(path, t=100, start=1000, dtype="float32", pieces=(32, 48, 20)):
-    shape = PageShape(L, -(-t // S), S, H, D, dtype)
-    k, v = kv(t)
+def write(path, t=100, start=1000, dtype="float32", pieces=(32, 48, 20), heads=H, dim=D, latent=False):
+    """A segment file written in `pieces`; (k, v) as written (latent: v is [])."""
+    shape = PageShape(L, -(-t // S), S, heads, dim, dtype, latent)
+    k, v = kv(t, heads=heads, dim=dim, latent=latent)
     f = SegmentFile.create(path, shape, t, start)
     at = 0
     for n in pieces:
@@ -53,14 +55,19 @@ def test_file_is_readable_by_safetensors(tmp_path):
         assert torch.equal(st.get_tensor("k")[1].reshape(-1, H, D)[:100], k[1])
 
 
+def flip_key_byte(path, layer: int, page: int, at: int = 5) -> None:
+    """Corrupt one byte of a page's K (fp32 file)."""
+    f = SegmentFile.open(path)
+    off = f._data + f._off["k"][0] + (layer * f.shape.pages + page) * f.shape.page_elems * 4 + at
+    f.close()
+    raw = bytearray(path.read_bytes())
+    raw[off] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def test_corrupted_page_names_the_file_and_page(tmp_path):
     write(tmp_path / "a.kv")
-    f = SegmentFile.open(tmp_path / "a.kv")
-    off = f._data + f._off["k"][0] + (1 * f.shape.pages + 2) * f.shape.page_elems * 4 + 5  # layer 1, page 2
-    f.close()
-    raw = bytearray((tmp_path / "a.kv").read_bytes())
-    raw[off] ^= 0xFF
-    (tmp_path / "a.kv").write_bytes(bytes(raw))
+    flip_key_byte(tmp_path / "a.kv", 1, 2)
     f = SegmentFile.open(tmp_path / "a.kv")  # summaries intact: opens
     f.read(1, np.array([0, 1]))  # other pages still read
     with pytest.raises(StoreCorrupted, match=r"a\.kv: page 2 of layer 1 fails its checksum"):
