@@ -29,8 +29,8 @@ Failure: an actor whose work fails answers with status 1 followed by its error a
 message) (wire.py), and goes back to waiting for the next plan; the router finishes the phase, then sends every actor
 still in the step an abort where it waits next (flag or count -1), and raises the actor's error.
 A transport error (an actor died: its connections close at once; or an operation ran past
-STEP_TIMEOUT) drops the group: the step fails with DataPlaneError, which the router retries
-once, forming a new group that the restarted actor joins.
+STEP_TIMEOUT) drops the group: the step fails with DataPlaneError, which the router retries once,
+forming a new group that the restarted actor joins (a dead one ends the formation: join_watch.py).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, check_transport
 from expertmesh.actors.handshake import new_key
+from expertmesh.actors.join_watch import MemberLost, join_check
 from expertmesh.actors.plane_metrics import DataPlaneMetrics
 from expertmesh.actors.rendezvous import RayStore, RendezvousStore
 from expertmesh.actors.socket_group import Listener, SocketGroup
@@ -186,13 +187,12 @@ class CollectiveExchange(Exchange):
                 self._rendezvous.forget.remote(f"expertmesh/g{self.generation - 1}/")
             address = self._rendezvous
         world = len(self.peers) + 1
-        refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s,
-                                    key, self.limits)
-                for r, (h, _, _) in enumerate(self.peers)]
+        refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s, key,
+                                    self.limits) for r, (h, _, _) in enumerate(self.peers)]
         try:
             if self.backend == "socket":
                 self._pg = SocketGroup.accept(self._listener, key, self.generation, world, self.join_timeout_s,
-                                              GROUP_TIMEOUT, STEP_TIMEOUT_S)
+                                              GROUP_TIMEOUT, STEP_TIMEOUT_S, join_check(refs, self.peers))
                 self.refused += self._pg.refused
             else:
                 self._pg, self._store = make_group(self.backend, address, self.generation, 0, world,
@@ -204,8 +204,9 @@ class CollectiveExchange(Exchange):
             self._pg = None
             if isinstance(exc, ray.exceptions.RayActorError) and self.backend != "socket":
                 self._rendezvous = None  # its actor may be the one that died
-            raise Unavailable(f"the mesh's actors did not form their process group within "
-                              f"{self.join_timeout_s:g} s ({type(exc).__name__}: {str(exc)[:300]}); retry later") from None
+            why = (f"cannot form their process group: {exc}" if isinstance(exc, MemberLost) else f"did not form their "
+                   f"process group within {self.join_timeout_s:g} s ({type(exc).__name__}: {str(exc)[:300]})")
+            raise Unavailable(f"the mesh's actors {why}; retry later") from None
         self.groups_formed += 1
         self.formation_s = time.perf_counter() - started
         self._count(formed=True)

@@ -38,12 +38,14 @@ import logging
 import socket
 import time
 import uuid
+from typing import Callable
 
 import torch
 
 from expertmesh.actors.handshake import HANDSHAKE_TIMEOUT_S, PendingJoin, Refused, join
 
 MAX_PENDING = 64  # handshakes in progress at once (more: the oldest is dropped)
+CHECK_S = 0.5  # while ranks are missing, how often the caller's check runs
 MAX_REFUSALS_LOGGED = 20  # per group formation; the rest are counted
 log = logging.getLogger("expertmesh.dataplane")
 
@@ -92,26 +94,34 @@ class SocketGroup:
     # -- forming ----------------------------------------------------------------------------
     @classmethod
     def accept(cls, listener: "Listener", key: bytes, generation: int, world: int, timeout_s: float,
-               wait_timeout: datetime.timedelta, send_timeout_s: float) -> "SocketGroup":
+               wait_timeout: datetime.timedelta, send_timeout_s: float,
+               check: "Callable[[set[int]], None] | None" = None) -> "SocketGroup":
         """Rank 0: wait until every rank 1 .. world-1 of this generation has connected and
         proved it holds the generation's key (handshake.py). Handshakes run side by side,
         driven by readiness: a connection that stalls, fails its proof or claims a rank
-        already taken is closed and logged, and never delays or displaces a member."""
+        already taken is closed and logged, and never delays or displaces a member.
+        check(missing ranks), called about every CHECK_S while waiting, raises to stop waiting
+        (the router asks Ray whether a missing actor is dead rather than sit out the timeout)."""
         conns: dict[int, socket.socket] = {}
         pending: dict[socket.socket, PendingJoin] = {}
         deadline = time.monotonic() + timeout_s
-        refused = 0
+        refused, checked = 0, time.monotonic()
         try:
             while len(conns) < world - 1:
                 now = time.monotonic()
                 if now >= deadline:
                     raise RuntimeError(f"Timed out after {timeout_s:g} s waiting for ranks "
                                        f"{sorted(set(range(1, world)) - set(conns))} to connect")
+                if check is not None and now - checked >= CHECK_S:
+                    check(set(range(1, world)) - set(conns))
+                    checked = now
                 for conn, p in list(pending.items()):  # stalled handshakes
                     if now >= p.deadline:
                         refused += _refuse(pending.pop(conn), "no complete handshake within "
                                                               f"{HANDSHAKE_TIMEOUT_S:g} s", refused)
                 wake = min([deadline, *(p.deadline for p in pending.values())]) - now
+                if check is not None:
+                    wake = min(wake, CHECK_S)
                 ready = listener.ready([*pending], max(wake, 0.0))
                 for sock in ready:
                     if sock in pending:

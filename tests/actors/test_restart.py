@@ -112,3 +112,21 @@ def test_with_a_store_a_killed_shard_or_router_loses_nothing(ray_cluster, tiny_c
         assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == want
         print(f"with a store, router killed: its context served again {time.perf_counter() - t0:.2f} s later")
         assert [c.id for c in mesh.contexts()] == [ctx.id]
+
+
+def test_a_dead_actor_fails_requests_at_once_naming_it(ray_cluster, tiny_checkpoint):
+    """An actor Ray will not restart (no restarts left, its node gone): a request that needs a
+    new data-plane group fails in about a second saying which actor is dead, not after the
+    60 s join timeout."""
+    m = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16)
+    try:
+        ctx = m.register_context(list(range(4, 200)), mode="exact")
+        ray.kill(m.shards[1], no_restart=True)
+        t0 = time.monotonic()
+        with pytest.raises(em.Unavailable, match=r"context shard 1 \(rank 2\) cannot join: ActorDiedError"):
+            m.generate(PROMPT, context_id=ctx.id, max_new_tokens=4)
+        took = time.monotonic() - t0
+        print(f"RECOVERY dead shard reported after {took:.2f} s")
+        assert took < 10
+    finally:
+        m.shutdown()
