@@ -32,15 +32,20 @@ class Directory:
         if m is not None:
             self._adopt(m)
 
-    def _sync_directory(self, force: bool = False) -> None:
-        """Re-read the store's directory (when older than SYNC_S, or `force`)."""
-        if self.catalog is None or not (force or self.catalog.stale()):
+    def _sync_directory(self, after_s: float = SYNC_S) -> None:
+        """Re-read the store's directory here when this router's view is older than `after_s`
+        (the directory loop normally keeps it fresher: it syncs every SYNC_S off the event loop)."""
+        if self.catalog is None or not self.catalog.stale(after_s):
             return
         try:
             added, removed = self.catalog.sync()
         except OSError as exc:  # the store is unreachable for a moment: serve what is known, retry
             log.warning("context directory: sync with %s failed (%s); retrying", self.catalog.location.uri, exc)
             return
+        self._apply_directory(added, removed)
+
+    def _apply_directory(self, added: list, removed: set[str]) -> None:
+        """Adopt contexts published elsewhere; refuse from now on those dropped elsewhere."""
         for m in added:
             if m.id not in self.contexts:
                 self._adopt(m)
@@ -73,7 +78,8 @@ class Directory:
         """Keep this router's view (and its member lease) fresh while it runs."""
         while True:
             await asyncio.sleep(SYNC_S)
-            try:
-                await asyncio.to_thread(self._sync_directory, True)
+            try:  # the store's I/O in a thread; the router's state changes here, on the event loop
+                added, removed = await asyncio.to_thread(self.catalog.sync)
+                self._apply_directory(added, removed)
             except Exception as exc:  # noqa: BLE001 - never let the loop die; the next round retries
                 log.warning("context directory: sync failed: %s", exc)

@@ -32,7 +32,7 @@ from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
-from expertmesh.store.catalog import Catalog
+from expertmesh.store.catalog import SYNC_S, Catalog
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.registry import ContextInfo, ContextRecord
 
@@ -357,7 +357,7 @@ class Router(Registration, Directory):
                              f"[0, {self.cfg.vocab_size})")
 
     def _record(self, context_id: str) -> ContextRecord:
-        self._sync_directory()
+        self._sync_directory(2 * SYNC_S)  # only if the directory loop fell behind
         self._lookup_stored(context_id)
         record = self.contexts.get(context_id)
         if record is None or not record.ready:

@@ -74,18 +74,19 @@ class Catalog:
         """Bring `manifests` to the store's: one listing; only new names are read (a manifest is
         written once and never changed, so a known name needs no second read)."""
         listed = {n[:-len(".json")]: n for n in self.location.list("contexts") if n.endswith(".json")}
-        for cid in [c for c in self.manifests if c not in listed]:
-            del self.manifests[cid]
-        self.unavailable = {c: why for c, why in self.unavailable.items() if c in listed}
+        have = self.manifests
+        manifests = {cid: m for cid, m in have.items() if cid in listed}
+        unavailable = {}
         for cid, name in listed.items():
-            if cid in self.manifests:
+            if cid in manifests:
                 continue
             got = self._read(name)
             if isinstance(got, str):
-                self.unavailable[cid] = got
+                unavailable[cid] = got
             else:
-                self.unavailable.pop(cid, None)
-                self.manifests[got.id] = got
+                manifests[got.id] = got
+        # new dicts, assigned whole: a reader in another thread iterates a consistent one
+        self.manifests, self.unavailable = manifests, unavailable
         self.synced = time.monotonic()
 
     def load(self, context_id: str) -> Manifest | None:
@@ -110,8 +111,8 @@ class Catalog:
         added = [m for cid, m in self.manifests.items() if cid not in before]
         return added, set(before) - set(self.manifests)
 
-    def stale(self) -> bool:
-        return time.monotonic() - self.synced >= SYNC_S
+    def stale(self, after_s: float = SYNC_S) -> bool:
+        return time.monotonic() - self.synced >= after_s
 
     def exists(self, context_id: str) -> bool:
         """A manifest or a live member's registration in flight has this id."""

@@ -104,13 +104,18 @@ def test_a_mesh_killed_mid_registration_leaves_the_others_contexts(ray_cluster, 
     try:
         kept = keep.register_context(ids(400, 1), mode="exact")
         want = keep.forward_logits(prompt, context_id=kept.id)
-        ref = doomed.router.register_context.remote(ids(4000, 2), "exact")
-        time.sleep(1.0)  # mid-registration
+        refs = [doomed.router.register_context.remote(ids(4000, 2 + i), "exact") for i in range(6)]
+        ray.wait(refs, num_returns=1, timeout=30)  # mid-registration: one done, the rest in flight
         ray.kill(doomed.router, no_restart=True)
         for actor in [*doomed.shards, *doomed.groups]:
             ray.kill(actor, no_restart=True)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(ref)
+        failed = 0
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                failed += 1
+        assert failed >= 1
         again = start(ckpt, store)  # a new mesh on the store: its start-up clean-up runs
         try:
             for m in (keep, again):
