@@ -19,6 +19,7 @@ import torch
 
 from expertmesh.actors.exchange import call
 from expertmesh.actors.sequence import Sequence
+from expertmesh.errors import Unavailable
 from expertmesh.model.sampling import SamplingParams
 from expertmesh.store.catalog import tokens_sha256
 from expertmesh.store.manifest import Manifest, SegmentEntry
@@ -64,11 +65,15 @@ class Registration:
                 await self._compute_segments(record, token_ids, todo)
             if self.catalog is not None:
                 self.catalog.add(self._manifest(record, digests))
-        except BaseException:
+        except BaseException as exc:
             self.contexts.pop(cid, None)
             self.engine.summaries.pop(cid, None)
             await asyncio.gather(*(call(self.shards[s.shard], "drop", cid) for s in segments),
                                  return_exceptions=True)
+            if isinstance(exc, ray.exceptions.RayActorError):  # a shard's, not this router's: say which
+                raise Unavailable(f"context {cid!r} was not registered: context shard(s) "
+                                  f"{await self._unreachable_shards()} did not answer ({type(exc).__name__}); "
+                                  "retry later") from None
             raise
         finally:
             if self.catalog is not None:
@@ -76,6 +81,11 @@ class Registration:
         record.ready = True
         record.opened = True
         return info
+
+    async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
+        got = await asyncio.gather(*(asyncio.wait_for(call(s, "contexts"), timeout_s) for s in self.shards),
+                                   return_exceptions=True)
+        return [i for i, g in enumerate(got) if isinstance(g, BaseException)]
 
     async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int]) -> None:
         """Compute the KV of segments `todo` into new segment files, in pieces of at most

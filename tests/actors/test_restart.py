@@ -128,5 +128,7 @@ def test_a_dead_actor_fails_requests_at_once_naming_it(ray_cluster, tiny_checkpo
         took = time.monotonic() - t0
         print(f"RECOVERY dead shard reported after {took:.2f} s")
         assert took < 10
+        with pytest.raises(em.Unavailable, match=r"not registered: context shard\(s\) \[1\] did not answer"):
+            m.register_context(list(range(4, 100)), mode="exact")
     finally:
         m.shutdown()
