@@ -40,33 +40,46 @@ def test_orphans_removed_and_shared_files_kept_until_last_user(tmp_path):
     assert not list((tmp_path / "contexts").iterdir())
 
 
-def _expire(cat):
+def _expire(root, cat):
     """Make a member's lease look like a dead mesh's (not renewed for two minutes)."""
-    path = cat.location.local / "members" / f"{cat.member.id}.json"
+    path = root / "members" / f"{cat.member.id}.json"
     lease = json.loads(path.read_text())
     lease["renewed"] -= 120
     path.write_text(json.dumps(lease))
 
 
-def test_a_live_members_registration_in_flight_survives_anothers_start(tmp_path):
-    a = Catalog.open(str(tmp_path), "fp-a", {})
+@pytest.fixture(params=["directory", "uri"])
+def shared(request, tmp_path, monkeypatch):
+    """(store location, its root directory on disk, the scratch directory): a local directory, or
+    the same through pyarrow.fs as an object store is reached (scratch in the host's cache)."""
+    if request.param == "directory":
+        return str(tmp_path), tmp_path, tmp_path / "tmp"
+    monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path / "cache"))
+    uri = f"file://{tmp_path / 'remote'}"
+    return uri, tmp_path / "remote", StoreLocation(uri).scratch
+
+
+def test_a_live_members_registration_in_flight_survives_anothers_start(shared):
+    store, root, scratch = shared
+    a = Catalog.open(store, "fp-a", {})
     a.begin_pending("x", ["x.0.kv", "x.1.kv"])
-    (tmp_path / "segments" / "x.0.kv").write_bytes(b"published, manifest not yet")
-    (tmp_path / "tmp" / "x.1.kv.1a2b3c4d.part").write_bytes(b"being written")
-    (tmp_path / "segments" / "stray.0.kv").write_bytes(b"no one's")
-    b = Catalog.open(str(tmp_path), "fp-a", {})  # another mesh starts on the store
-    assert b.removed_orphans == 1 and not (tmp_path / "segments" / "stray.0.kv").exists()
-    assert (tmp_path / "segments" / "x.0.kv").exists() and (tmp_path / "tmp" / "x.1.kv.1a2b3c4d.part").exists()
+    (root / "segments" / "x.0.kv").write_bytes(b"published, manifest not yet")
+    (scratch / "x.1.kv.1a2b3c4d.part").write_bytes(b"being written")
+    (root / "segments" / "stray.0.kv").write_bytes(b"no one's")
+    b = Catalog.open(store, "fp-a", {})  # another mesh starts on the store
+    assert b.removed_orphans == 1 and not (root / "segments" / "stray.0.kv").exists()
+    assert (root / "segments" / "x.0.kv").exists() and (scratch / "x.1.kv.1a2b3c4d.part").exists()
     assert b.exists("x")  # the id is taken while a registers it
-    _expire(a)  # a dies mid-registration: the next clean-up removes what it left
-    c = Catalog.open(str(tmp_path), "fp-a", {})
+    _expire(root, a)  # a dies mid-registration: the next clean-up removes what it left
+    c = Catalog.open(store, "fp-a", {})
     assert c.removed_orphans == 2 and not b.exists("x")
-    assert not list((tmp_path / "segments").iterdir()) and not list((tmp_path / "pending").iterdir())
+    assert not list((root / "segments").iterdir()) and not list((root / "pending").iterdir())
 
 
-def test_contexts_of_one_mesh_appear_and_drops_wait_for_the_others(tmp_path):
-    a = Catalog.open(str(tmp_path), "fp-a", {})
-    b = Catalog.open(str(tmp_path), "fp-a", {})
+def test_contexts_of_one_mesh_appear_and_drops_wait_for_the_others(shared):
+    store, tmp_path, _ = shared
+    a = Catalog.open(store, "fp-a", {})
+    b = Catalog.open(store, "fp-a", {})
     for name in ("a.0.kv", "b.1.kv"):
         (tmp_path / "segments" / name).write_bytes(b"x")
     a.add(manifest("ctx-a", ["a.0.kv"]))
