@@ -120,6 +120,7 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
         r = httpx.get(f"{url}/v1/contexts/{mine['id']}", headers=acme)
         print(f"\nacme asking for globex's private context: HTTP {r.status_code} ({r.json()['error']['message']})")
     finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+        if started:  # Serve's actors end with the cluster this demo started (serve.shutdown() here kills
+            ray.shutdown()  # its controller under its own graceful_shutdown task: a raylet warning)
+        else:  # a joined cluster lives on: stop Serve's controller and proxies in it
+            serve.shutdown()
