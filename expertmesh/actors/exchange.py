@@ -31,6 +31,7 @@ from expertmesh.actors.step_plan import AttendItem, StepPlan
 DATA_PLANES = ("collective", "ray")
 TRANSPORTS = ("auto", "socket", "gloo", "nccl")  # the collective plane's (collective.py)
 STEP_TIMEOUT_S = 120.0  # a step whose actors do not answer within this fails (nothing hangs)
+CONTROL_TIMEOUT_S = 60.0  # a control call (begin, append, open, drop, contexts) likewise
 
 
 def check_data_plane(value: str) -> str:
@@ -70,15 +71,36 @@ class Exchange:
         pass
 
 
+async def _bounded(ref, target: Any, method: str, timeout_s: float):
+    try:
+        return await asyncio.wait_for(ref, timeout_s)
+    except asyncio.TimeoutError:
+        from expertmesh.errors import Unavailable
+
+        name = target._actor_id.hex()[:12]
+        try:
+            from ray.util.state import get_actor
+
+            state = await asyncio.to_thread(get_actor, target._actor_id.hex(), timeout=5)
+            name = f"{state.class_name} {state.name or name} ({state.state})" if state else name
+        except Exception:  # noqa: BLE001 - the state API is best effort here
+            pass
+        raise Unavailable(f"actor {name} did not answer {method!r} within {timeout_s:g} s (restarting, or waiting "
+                          "for a host with its resources); retry later") from None
+
+
 def _remote(target: Any) -> bool:
     return isinstance(target, ray.actor.ActorHandle)
 
 
-def call(target: Any, method: str, *args: Any) -> Awaitable:
+def call(target: Any, method: str, *args: Any, timeout_s: float | None = None) -> Awaitable:
     """Invoke a control method (begin, append, open, drop, ...) of an actor handle (remote) or
-    a local object, as an awaitable."""
+    a local object, as an awaitable. A remote call that gets no answer within `timeout_s`
+    (CONTROL_TIMEOUT_S by default: an actor that Ray keeps restarting, or that waits for a host
+    to be placed on, queues calls without end) fails with Unavailable naming the actor."""
     if _remote(target):
-        return getattr(target, method).remote(*args)
+        return _bounded(getattr(target, method).remote(*args), target, method,
+                        CONTROL_TIMEOUT_S if timeout_s is None else timeout_s)
     fut = asyncio.get_running_loop().create_future()
     try:
         fut.set_result(getattr(target, method)(*args))

@@ -68,8 +68,8 @@ class Registration:
         except BaseException as exc:
             self.contexts.pop(cid, None)
             self.engine.summaries.pop(cid, None)
-            await asyncio.gather(*(call(self.shards[s.shard], "drop", cid) for s in segments),
-                                 return_exceptions=True)
+            await asyncio.gather(*(call(self.shards[s.shard], "drop", cid, timeout_s=5.0) for s in segments),
+                                 return_exceptions=True)  # best effort: a shard that cannot answer holds nothing
             if isinstance(exc, ray.exceptions.RayActorError):  # a shard's, not this router's: say which
                 raise Unavailable(f"context {cid!r} was not registered: context shard(s) "
                                   f"{await self._unreachable_shards()} did not answer ({type(exc).__name__}); "
@@ -83,7 +83,7 @@ class Registration:
         return info
 
     async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
-        got = await asyncio.gather(*(asyncio.wait_for(call(s, "contexts"), timeout_s) for s in self.shards),
+        got = await asyncio.gather(*(call(s, "contexts", timeout_s=timeout_s) for s in self.shards),
                                    return_exceptions=True)
         return [i for i, g in enumerate(got) if isinstance(g, BaseException)]
 

@@ -275,7 +275,9 @@ class Router(Registration, Directory):
     async def _drop_lost_contexts(self) -> dict[str, str]:
         """Ready contexts with a segment that its shard no longer holds (the shard restarted and
         had no store to reload it from): drop them; return id -> why, for their requests."""
-        held = await asyncio.gather(*(call(s, "contexts") for s in self.shards), return_exceptions=True)
+        # a shard that is back answers in seconds; one that cannot be placed holds nothing we can serve
+        held = await asyncio.gather(*(call(s, "contexts", timeout_s=10.0) for s in self.shards),
+                                    return_exceptions=True)
         lost = {}
         for cid, record in list(self.contexts.items()):
             if not record.ready or record.info.stored:  # a stored context: its shard reopens it from the store
@@ -374,8 +376,8 @@ class Router(Registration, Directory):
         return [cap - u for u in used]
 
     async def _drop_segments(self, record: ContextRecord) -> None:
-        await asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id) for s in record.segments),
-                             return_exceptions=True)
+        await asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id, timeout_s=10.0)
+                               for s in record.segments), return_exceptions=True)  # a shard that cannot answer holds none
         if self.catalog is not None:
             self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
 
