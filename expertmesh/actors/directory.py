@@ -46,8 +46,8 @@ class Directory:
 
     def _apply_directory(self, added: list, removed: set[str]) -> None:
         """Adopt contexts published elsewhere; refuse from now on those dropped elsewhere."""
-        for m in added:
-            if m.id not in self.contexts:
+        for m in added:  # (an id dropped here is not taken back from a listing made before the drop)
+            if m.id not in self.contexts and m.id not in self.lost:
                 self._adopt(m)
         for cid in removed:
             record = self.contexts.get(cid)

@@ -80,6 +80,7 @@ class Registration:
                 self.catalog.end_pending(cid)
         record.ready = True
         record.opened = True
+        self.lost.pop(cid, None)
         return info
 
     async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:

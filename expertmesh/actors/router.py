@@ -108,6 +108,7 @@ class Router(Registration, Directory):
         record = self._record(context_id)
         record.dropped = True
         del self.contexts[context_id]
+        self.lost[context_id] = f"context {context_id!r} was dropped"  # a directory sync racing the drop skips it
         self.engine.summaries.pop(context_id, None)
         if self.catalog is not None:  # tombstone + manifest first: gone for every mesh even if a delete fails
             self.catalog.withdraw(context_id)
