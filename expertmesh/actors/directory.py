@@ -56,7 +56,8 @@ class Directory:
             del self.contexts[cid]
             self.engine.summaries.pop(cid, None)
             record.dropped = True
-            self.lost[cid] = f"context {cid!r} was dropped (through another mesh on store {self.catalog.location.uri})"
+            self._remember_lost({cid: f"context {cid!r} was dropped (through another mesh on store "
+                                      f"{self.catalog.location.uri})"})
             if record.active == 0:  # its shards let go of the files; the dropping mesh deletes them
                 self._release_later(record)
 

@@ -108,7 +108,7 @@ class Router(Registration, Directory):
         record = self._record(context_id)
         record.dropped = True
         del self.contexts[context_id]
-        self.lost[context_id] = f"context {context_id!r} was dropped"  # a directory sync racing the drop skips it
+        self._remember_lost({context_id: f"context {context_id!r} was dropped"})  # a racing directory sync skips it
         self.engine.summaries.pop(context_id, None)
         if self.catalog is not None:  # tombstone + manifest first: gone for every mesh even if a delete fails
             self.catalog.withdraw(context_id)
@@ -292,9 +292,7 @@ class Router(Registration, Directory):
                 record.dropped = True
                 if record.active == 0:
                     await self._drop_segments(record)
-        self.lost.update(lost)
-        while len(self.lost) > 10_000:  # remembered for clear errors, bounded
-            self.lost.pop(next(iter(self.lost)))
+        self._remember_lost(lost)
         return lost
 
     async def _run(self, seq: Sequence) -> None:
@@ -358,6 +356,11 @@ class Router(Registration, Directory):
             i = int(np.argmax(bad))
             raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary "
                              f"[0, {self.cfg.vocab_size})")
+
+    def _remember_lost(self, why: dict[str, str]) -> None:
+        self.lost.update(why)
+        while len(self.lost) > 10_000:  # remembered for clear errors, bounded
+            self.lost.pop(next(iter(self.lost)))
 
     def _record(self, context_id: str) -> ContextRecord:
         self._sync_directory(2 * SYNC_S)  # only if the directory loop fell behind
