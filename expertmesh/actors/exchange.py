@@ -27,6 +27,7 @@ import ray
 import torch
 
 from expertmesh.actors.step_plan import AttendItem, StepPlan
+from expertmesh.errors import Unavailable
 
 DATA_PLANES = ("collective", "ray")
 TRANSPORTS = ("auto", "socket", "gloo", "nccl")  # the collective plane's (collective.py)
@@ -75,8 +76,6 @@ async def _bounded(ref, target: Any, method: str, timeout_s: float):
     try:
         return await asyncio.wait_for(ref, timeout_s)
     except asyncio.TimeoutError:
-        from expertmesh.errors import Unavailable
-
         name = target._actor_id.hex()[:12]
         try:
             from ray.util.state import get_actor
