@@ -43,58 +43,24 @@ from typing import Any
 
 import ray
 import torch
-import torch.distributed as dist
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, check_transport
+from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, release_on
 from expertmesh.actors.handshake import new_key
 from expertmesh.actors.join_watch import MemberLost, join_check
+from expertmesh.actors.liveness import RECHECK_S, down
 from expertmesh.actors.plane_metrics import DataPlaneMetrics
-from expertmesh.actors.rendezvous import RayStore, RendezvousStore
+from expertmesh.actors.rendezvous import RendezvousStore
 from expertmesh.actors.socket_group import Listener, SocketGroup
 from expertmesh.actors.step_plan import StepPlan, packed_rows
+from expertmesh.actors.transport import GROUP_TIMEOUT, backend_for, is_transport_error, make_group, peer_list
 from expertmesh.actors.wire import MAX_ERROR_BYTES, WireError, WireLimits, decode_error, encode_plan
 from expertmesh.errors import DataPlaneError, Unavailable
 
 STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a step; past it the pair closes
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
-GROUP_TIMEOUT = datetime.timedelta(days=1)  # an idle step loop waits this long for the next plan
 STOP = -2  # a plan length that ends an actor's step loop
 log = logging.getLogger("expertmesh.dataplane")
-
-
-def make_group(backend: str, address, generation: int, rank: int, world: int, timeout_s: float,
-               key: bytes = b""):
-    """This process's member of generation `generation` of a mesh's process group (an actor's,
-    rank > 0, for the socket transport: the router accepts in `CollectiveExchange._form_group`).
-    address: the router's `Listener.address` (socket; `key` is the generation's handshake key)
-    or its `RendezvousStore` actor (gloo, NCCL: the rendezvous goes through Ray, rendezvous.py).
-    Returns (group, store): the caller keeps the store (a Python store must outlive its group's use of it)."""
-    if backend == "socket":
-        same_host = ray.util.get_node_ip_address() == address[0]
-        return SocketGroup.connect(address, key, generation, rank, timeout_s, GROUP_TIMEOUT, STEP_TIMEOUT_S,
-                                   same_host), None
-    store = RayStore(address, datetime.timedelta(seconds=timeout_s), prefix=f"expertmesh/g{generation}/")
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = GROUP_TIMEOUT
-        return dist.ProcessGroupNCCL(store, rank, world, opts), store
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = GROUP_TIMEOUT
-    # gloo's pairs listen on the node address Ray uses, not on whatever the host name resolves to
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=ray.util.get_node_ip_address())]
-    return dist.ProcessGroupGloo(store, rank, world, opts), store
-
-
-def backend_for(device: torch.device, transport: str = "auto") -> str:
-    """NCCL when the router computes on a GPU, TCP sockets on CPU hosts (socket_group.py says
-    why not gloo); or the transport named."""
-    if check_transport(transport) == "auto":
-        return "nccl" if device.type == "cuda" else "socket"
-    if (transport == "nccl") != (device.type == "cuda"):
-        raise ValueError(f"transport {transport!r} does not fit the router's device {device} "
-                         f"(NCCL moves GPU tensors; 'socket' and 'gloo' host tensors)")
-    return transport
 
 
 class StepAborted(RuntimeError):
@@ -109,33 +75,18 @@ def _cause(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def is_transport_error(exc: BaseException) -> bool:
-    """An error of the group or the step's control, not of the actor's own work."""
-    text = f"{type(exc).__name__} {exc}"
-    return isinstance(exc, (RuntimeError, dist.DistBackendError)) and any(
-        s in text for s in ("Connection closed", "Timed out", "timed out", "Connection reset", "StepAborted",
-                            "StaleStep", "gloo", "NCCL"))
-
-
-def _peer_list(shards: list[Any], groups: list[Any]) -> list[tuple[Any, int | None, int | None]]:
-    """Unique actors (handle, shard index, group index): a colocated actor holds one of each."""
-    peers: dict[Any, list] = {}
-    for i, h in enumerate(shards):
-        peers.setdefault(h._actor_id, [h, None, None])[1] = i
-    for g, h in enumerate(groups):
-        peers.setdefault(h._actor_id, [h, None, None])[2] = g
-    return [tuple(p) for p in peers.values()]
-
-
 class CollectiveExchange(Exchange):
     """The router's side (rank 0). One step at a time: a lock spans begin .. end/abort."""
 
     def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
                  num_layers: int, device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
                  transport: str = "auto") -> None:
-        self.peers = _peer_list(shards, groups)
-        self.rank_of_shard = {s: r + 1 for r, (_, s, _) in enumerate(self.peers) if s is not None}
-        self.rank_of_group = {g: r + 1 for r, (_, _, g) in enumerate(self.peers) if g is not None}
+        self.peers = peer_list(shards, groups)
+        self.ranks: dict[int, int] = {}  # peer index -> its rank in the current generation (members only)
+        self.rank_of_shard: dict[int, int] = {}
+        self.rank_of_group: dict[int, int] = {}
+        self.absent: dict[int, str] = {}  # context shard -> Ray's state of its actor, left out of this generation
+        self._checked = 0.0  # when the left-out actors were last asked about
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
         self.limits = WireLimits(heads, head_dim, hidden, num_layers)  # what the actors check plans against
         self.backend, self.join_timeout_s = backend_for(device, transport), join_timeout_s
@@ -168,8 +119,9 @@ class CollectiveExchange(Exchange):
     # -- the group --------------------------------------------------------------------------
     def _form_group(self) -> None:
         """A new generation of the group with a new key, handed to the actors through Ray:
-        every actor joins (Ray queues the call on a restarting actor until it is back); fails
-        within join_timeout_s."""
+        every actor Ray reports alive joins (Ray queues the call on a restarting expert group
+        until it is back); context shards Ray does not report alive are left out (`absent`;
+        join_watch.py); fails within join_timeout_s."""
         self.generation += 1
         self._held = {}  # nothing carries over to a new group
         started = time.perf_counter()
@@ -186,18 +138,28 @@ class CollectiveExchange(Exchange):
             else:
                 self._rendezvous.forget.remote(f"expertmesh/g{self.generation - 1}/")
             address = self._rendezvous
-        world = len(self.peers) + 1
-        refs = [h.join_group.remote(address, self.generation, r + 1, world, self.backend, self.join_timeout_s, key,
-                                    self.limits) for r, (h, _, _) in enumerate(self.peers)]
+        left = {i: state for i, (h, _, g) in enumerate(self.peers) if g is None and (state := down(h))}
+        self._set_members([i for i in range(len(self.peers)) if i not in left], left)
+        world = len(self.ranks) + 1
+        refs = {r: self.peers[i][0].join_group.remote(address, self.generation, r, world, self.backend,
+                                                      self.join_timeout_s, key, self.limits)
+                for i, r in self.ranks.items()}
         try:
             if self.backend == "socket":
                 self._pg = SocketGroup.accept(self._listener, key, self.generation, world, self.join_timeout_s,
-                                              GROUP_TIMEOUT, STEP_TIMEOUT_S, join_check(refs, self.peers))
+                                              GROUP_TIMEOUT, STEP_TIMEOUT_S,
+                                              join_check(refs, {r: self.peers[i] for i, r in self.ranks.items()}))
                 self.refused += self._pg.refused
+                if self._pg.left_out:  # shards Ray stopped reporting alive while the group formed
+                    for rank in self._pg.left_out:
+                        ray.cancel(refs.pop(rank))  # a queued join would run for nothing when the actor is back
+                    out = {i for i, r in self.ranks.items() if r in self._pg.left_out}
+                    self._set_members([i for i in self.ranks if i not in out],
+                                      {**left, **{i: down(self.peers[i][0]) or "RESTARTED" for i in out}}, renumber=False)
             else:
                 self._pg, self._store = make_group(self.backend, address, self.generation, 0, world,
                                                    self.join_timeout_s)
-            ray.get(refs, timeout=self.join_timeout_s)
+            ray.get(list(refs.values()), timeout=self.join_timeout_s)
         except Exception as exc:  # noqa: BLE001 - an actor that cannot join: the mesh is unavailable now
             if self._pg is not None:
                 self._pg.abort()
@@ -209,7 +171,33 @@ class CollectiveExchange(Exchange):
             raise Unavailable(f"the mesh's actors {why}; retry later") from None
         self.groups_formed += 1
         self.formation_s = time.perf_counter() - started
+        self._checked = time.monotonic()
         self._count(formed=True)
+
+    def _set_members(self, members: list[int], left: dict[int, str], renumber: bool = True) -> None:
+        if renumber:
+            self.ranks = {i: r for r, i in enumerate(members, start=1)}
+        else:
+            self.ranks = {i: self.ranks[i] for i in members}
+        self.rank_of_shard = {self.peers[i][1]: r for i, r in self.ranks.items() if self.peers[i][1] is not None}
+        self.rank_of_group = {self.peers[i][2]: r for i, r in self.ranks.items() if self.peers[i][2] is not None}
+        self.absent = {self.peers[i][1]: state for i, state in left.items()}
+
+    def release(self, shard: int, context_id: str) -> None:
+        release_on(next(h for h, s, _ in self.peers if s == shard), context_id)
+
+    def absent_shards(self) -> dict[int, str]:
+        """Form the group if there is none; context shards left out of it (shard -> Ray's state
+        of its actor). While any is left out, at most every RECHECK_S: one Ray reports alive
+        again ends this generation, and the next one takes it back in."""
+        with self._lock:
+            if self._pg is not None and self.absent and time.monotonic() - self._checked >= RECHECK_S:
+                self._checked = time.monotonic()
+                if any(down(self.peers[i][0]) is None for i, (_, s, _) in enumerate(self.peers) if s in self.absent):
+                    self._drop_group()
+            if self._pg is None:
+                self._form_group()
+            return dict(self.absent)
 
     def _count(self, formed: bool = False) -> None:
         """Ray metrics beside the counts in the router's stats."""
@@ -222,7 +210,7 @@ class CollectiveExchange(Exchange):
             return
         stop = torch.tensor([STOP], dtype=torch.int64, device=self.device)
         held, self._held = self._held, {}
-        for rank in range(1, len(self.peers) + 1):
+        for rank in self.ranks.values():
             try:
                 for t in [*held.get(rank, []), stop]:  # what it still has to hear first
                     self._pg.send([t], rank, 0).wait(datetime.timedelta(seconds=2))
@@ -248,7 +236,8 @@ class CollectiveExchange(Exchange):
             self._count()
         self._plan, self._reads, self._works, self._errors = plan, [], [], {}
         self._parts, self._sent, self._left, self._unsent = {}, {}, set(), {}
-        for rank, (_, shard, group) in enumerate(self.peers, start=1):
+        for i, rank in self.ranks.items():
+            _, shard, group = self.peers[i]
             part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden, self.pack)
             if part is not None:
                 self._parts[rank], self._sent[rank], self._unsent[rank] = part.parts, 0, part

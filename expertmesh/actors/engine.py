@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import time
 import warnings
+from typing import Callable
 
 import torch
 
@@ -24,6 +25,8 @@ from expertmesh.actors.exchange import Exchange
 from expertmesh.actors.pathway import choose_shards
 from expertmesh.actors.sequence import Sequence
 from expertmesh.actors.step_plan import StepPlan, build_plan
+from expertmesh.actors.takeover import alias_of, serving_map
+from expertmesh.errors import Unavailable
 from expertmesh.model.attention import batched_decode_attention, merge_partials, partial_attention
 from expertmesh.model.transformer import MoETransformer
 
@@ -48,8 +51,14 @@ class _Step:
 
 class Engine:
     def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range],
-                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
+                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]], num_shards: int = 0,
+                 durable: bool = False, load: Callable[[], list[int]] | None = None) -> None:
+        """durable: the segments are store files (a lost shard's are served by the others,
+        takeover.py); load(): tokens held per shard (who stands in for a lost one)."""
         self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
+        self.num_shards, self.durable, self.load = num_shards, durable, load
+        self.serving: dict[int, int] = {}  # lost shard -> the shard standing in for it
+        self.adopted: set[tuple[int, str]] = set()  # (stand-in shard, alias) opened there
         self.threads = torch.get_num_threads()
         self.partition = partition
         self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
@@ -69,7 +78,16 @@ class Engine:
         # small steps (decode) on one thread: spare cores serve the shards and groups waiting
         # in this step, where an idle thread pool would spin against them
         torch.set_num_threads(1 if len(ids) < SMALL_STEP else self.threads)
-        plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition))
+        absent = self.exchange.absent_shards()
+        self._stand_in(absent)
+        plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition), self.serving)
+        lost = sorted({s for lp in plan.layers for s in lp.attend if s in absent})
+        if lost:
+            raise Unavailable(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and "
+                              "no other shard can serve its segments "
+                              f"({'no shard is running' if self.durable else 'the mesh has no store'}); retry later")
+        self.adopted.update((h, it.context_id) for lp in plan.layers for h, items in lp.attend.items()
+                            for it in items if h != it.owner)
         device = self.model.embed.weight.device
         exchange = self.exchange.begin(plan)
         step = _Step(plan, exchange, list(batch), spans, positions.to(device))
@@ -119,7 +137,7 @@ class Engine:
         requests: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for shard, items in lp.attend.items():
             for j, item in enumerate(items):
-                if item.chooser is not None and not self._chosen(step, layer, item.chooser, q, shard):
+                if item.chooser is not None and not self._chosen(step, layer, item.chooser, q, item.owner):
                     continue
                 whole = len(item.rows) == q.shape[0]  # rows are sorted and distinct: all of them, in order
                 requests.setdefault(shard, []).append((j, q if whole else q[torch.from_numpy(item.rows).to(q.device)]))
@@ -129,15 +147,18 @@ class Engine:
         results = replies()
         self.waits["shards"] += time.perf_counter() - t0
         parts = [(own_out, own_lse)]
-        for shard, answers in results.items():  # rows a shard did not serve stay neutral (lse = -inf)
-            if not answers:
-                continue
-            if len(answers) == 1 and len(lp.attend[shard][requests[shard][0][0]].rows) == q.shape[0]:
-                parts.append((answers[0][0].to(own_out.device), answers[0][1].to(own_lse.device)))
+        by_owner: dict[int, list] = {}  # one partial per segment owner (a stand-in shard serves two)
+        for shard, answers in results.items():
+            for (j, _), (o, l) in zip(requests[shard], answers):
+                by_owner.setdefault(lp.attend[shard][j].owner, []).append((lp.attend[shard][j].rows, o, l))
+        for owner in sorted(by_owner):  # rows an owner did not serve stay neutral (lse = -inf)
+            got = by_owner[owner]
+            if len(got) == 1 and len(got[0][0]) == q.shape[0]:
+                parts.append((got[0][1].to(own_out.device), got[0][2].to(own_lse.device)))
                 continue
             out, lse = torch.zeros_like(own_out), torch.full_like(own_lse, float("-inf"))
-            for (j, _), (o, l) in zip(requests[shard], answers):
-                rows = torch.from_numpy(lp.attend[shard][j].rows).to(out.device)
+            for rows, o, l in got:
+                rows = torch.from_numpy(rows).to(out.device)
                 out[rows], lse[rows] = o.to(out.device), l.to(lse.device)
             parts.append((out, lse))
         out, lse = merge_partials(parts)
@@ -205,10 +226,30 @@ class Engine:
         """Pages read per shard and tier, and shards visited, onto the requests."""
         for layer, shard, j, r in reads:
             lp = plan.layers[layer]
+            owner = lp.attend[shard][j].owner  # pathways name the segments' shards, whoever served them
             for s in lp.attend[shard][j].seqs:
                 seq = batch[lp.live[s]]
-                seq.pathway_visits.add(shard)
-                seq.page_reads.setdefault(shard, collections.Counter()).update(r)
+                seq.pathway_visits.add(owner)
+                seq.page_reads.setdefault(owner, collections.Counter()).update(r)
+
+    # -- lost shards ----------------------------------------------------------------------
+    def _stand_in(self, absent: dict[int, str]) -> None:
+        """Who serves the segments of shards Ray does not report alive (with a store); aliases on
+        shards no longer standing in are dropped there (the owner is back, or another took over)."""
+        serving = serving_map(self.num_shards, absent, self.load() if self.load else None) if self.durable else {}
+        if serving != self.serving:
+            for host, name in list(self.adopted):
+                _, owner = alias_of(name)
+                if serving.get(owner) != host:
+                    self.exchange.release(host, name)
+                    self.adopted.discard((host, name))
+            self.serving = serving
+
+    def forget(self, context_id: str) -> list[tuple[int, str]]:
+        """The (stand-in shard, alias) pairs of a context being dropped; no longer tracked."""
+        gone = [(h, a) for h, a in self.adopted if alias_of(a)[0] == context_id]
+        self.adopted.difference_update(gone)
+        return gone
 
     def close(self) -> None:
         self.exchange.close()

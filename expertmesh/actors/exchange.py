@@ -9,6 +9,10 @@
                                         dispatch token rows to expert groups, combine outputs
     end() -> [(layer, shard, item, pages read)]     the step is over
     abort(error) -> the error the step fails with (after a failed step: the actors' own, if any)
+Outside steps:
+    absent_shards() -> {shard: Ray's state}     context shards Ray does not report alive, which
+                                        the next plan must not use (takeover.py)
+    release(shard, context_id)          a shard forgets a segment it stood in for
 
 `TaskExchange` calls the actors' `attend` / `compute` once per layer: in-process objects (the
 single-process router, and CPU tests) or Ray actor handles (one Ray task per actor per layer,
@@ -20,12 +24,14 @@ same numbers: the wire format is fp32 either way.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable
 
 import numpy as np
 import ray
 import torch
 
+from expertmesh.actors.liveness import RECHECK_S, down
 from expertmesh.actors.step_plan import AttendItem, StepPlan
 from expertmesh.errors import Unavailable
 
@@ -68,8 +74,22 @@ class Exchange:
         """After a failed step: clean up; return the error the step fails with."""
         return exc
 
+    def absent_shards(self) -> dict[int, str]:
+        return {}
+
+    def release(self, shard: int, context_id: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+def release_on(target: Any, context_id: str) -> None:
+    """Have a shard drop a segment it no longer serves (best effort: no answer awaited)."""
+    if _remote(target):
+        target.drop.remote(context_id)
+    else:
+        target.drop(context_id)
 
 
 async def _bounded(ref, target: Any, method: str, timeout_s: float):
@@ -114,9 +134,21 @@ class TaskExchange(Exchange):
 
     def __init__(self, shards: list[Any], groups: list[Any]) -> None:
         self.shards, self.groups = shards, groups
+        self._absent: dict[int, str] = {}
+        self._checked = -RECHECK_S
 
     def begin(self, plan: StepPlan) -> "_TaskStep":
         return _TaskStep(self.shards, self.groups, plan)
+
+    def absent_shards(self) -> dict[int, str]:
+        """Asked of Ray at most every RECHECK_S (a step calls the shards directly: no group)."""
+        if time.monotonic() - self._checked >= RECHECK_S:
+            self._checked = time.monotonic()
+            self._absent = {i: state for i, h in enumerate(self.shards) if (state := down(h))}
+        return dict(self._absent)
+
+    def release(self, shard: int, context_id: str) -> None:
+        release_on(self.shards[shard], context_id)
 
 
 class _TaskStep(Exchange):

@@ -18,6 +18,7 @@ import ray
 import torch
 
 from expertmesh.actors.exchange import call
+from expertmesh.actors.liveness import down
 from expertmesh.actors.sequence import Sequence
 from expertmesh.errors import Unavailable
 from expertmesh.model.sampling import SamplingParams
@@ -45,7 +46,15 @@ class Registration:
             raise ValueError(f"context of {len(token_ids):,} tokens exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings:,})")
         # segment starts on page boundaries, so any piece may write into any segment
-        segments = plan_segments(len(token_ids), self._free_tokens(), self.capacity_tokens,
+        free, absent = self._free_tokens(), {i: st for i, h in enumerate(self.shards) if (st := down(h))}
+        if absent:  # a new context goes to the shards that are running
+            running = len(self.shards) - len(absent)
+            if running == 0 or (shards is not None and shards > running):
+                raise Unavailable(f"{shards or 1} context shard(s) needed and {running} running: context shards "
+                                  f"{sorted(absent)} are not (Ray reports {sorted(set(absent.values()))}); retry later")
+            shards = shards or running
+            free = [-1 if i in absent else f for i, f in enumerate(free)]
+        segments = plan_segments(len(token_ids), free, self.capacity_tokens,
                                  math.lcm(self.cfg.alignment, self.page_size), shards)
         info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
                            time.time(), self.kv_dtype, self.catalog is not None)
@@ -148,10 +157,12 @@ class Registration:
         """Have the shards serve stored segment files of a context (after a restart, or reuse)."""
         cid = record.info.id
         which = list(range(len(record.segments))) if which is None else which
+        # a shard that is not running: whoever stands in opens its file at the first item (takeover.py)
+        up = [i for i in which if not down(self.shards[record.segments[i].shard])]
         summ = await asyncio.gather(*(call(self.shards[record.segments[i].shard], "open", cid, record.files[i],
-                                           record.segments[i].start, record.segments[i].end) for i in which))
-        self._keep_summaries(record, which, summ)
-        record.opened = True
+                                           record.segments[i].start, record.segments[i].end) for i in up))
+        self._keep_summaries(record, up, summ)
+        record.opened = len(up) == len(which)
 
     def _keep_summaries(self, record: ContextRecord, which: list[int], per_segment: list) -> None:
         for i, summ in zip(which, per_segment):

@@ -81,7 +81,8 @@ class Router(Registration, Directory):
         else:
             exchange = TaskExchange(shards, groups)
         self.data_plane = data_plane if remote else "in-process"
-        self.engine = Engine(self.model, exchange, self.partition, {})
+        self.engine = Engine(self.model, exchange, self.partition, {}, len(shards), self.catalog is not None,
+                             self._used_tokens)
         self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
@@ -371,17 +372,21 @@ class Router(Registration, Directory):
             raise ContextNotFound(why or self.lost.get(context_id, f"context {context_id!r} is not registered"))
         return record
 
-    def _free_tokens(self) -> list[int]:
+    def _used_tokens(self) -> list[int]:
         used = [0] * len(self.shards)
-        for record in self.contexts.values():
+        for record in list(self.contexts.values()):
             for s in record.segments:
                 used[s.shard] += s.end - s.start
+        return used
+
+    def _free_tokens(self) -> list[int]:
         cap = self.capacity_tokens if self.capacity_tokens is not None else 1 << 62
-        return [cap - u for u in used]
+        return [cap - u for u in self._used_tokens()]
 
     async def _drop_segments(self, record: ContextRecord) -> None:
-        await asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id, timeout_s=10.0)
-                               for s in record.segments), return_exceptions=True)  # a shard that cannot answer holds none
+        where = [(s.shard, record.info.id) for s in record.segments] + self.engine.forget(record.info.id)
+        await asyncio.gather(*(call(self.shards[shard], "drop", name, timeout_s=10.0) for shard, name in where),
+                             return_exceptions=True)  # a shard that cannot answer holds none
         if self.catalog is not None:
             self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
 

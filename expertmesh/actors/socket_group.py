@@ -88,6 +88,7 @@ class SocketGroup:
         does not read."""
         self.rank, self.conns = rank, conns
         self.refused = 0  # connections refused while this group formed (rank 0)
+        self.left_out: set[int] = set()  # ranks the formation stopped waiting for (rank 0)
         self.wait_timeout, self.send_timeout_s = wait_timeout, send_timeout_s
         self._timeouts: dict[int, float | None] = {}
 
@@ -95,26 +96,29 @@ class SocketGroup:
     @classmethod
     def accept(cls, listener: "Listener", key: bytes, generation: int, world: int, timeout_s: float,
                wait_timeout: datetime.timedelta, send_timeout_s: float,
-               check: "Callable[[set[int]], None] | None" = None) -> "SocketGroup":
+               check: "Callable[[set[int]], set[int] | None] | None" = None) -> "SocketGroup":
         """Rank 0: wait until every rank 1 .. world-1 of this generation has connected and
         proved it holds the generation's key (handshake.py). Handshakes run side by side,
         driven by readiness: a connection that stalls, fails its proof or claims a rank
         already taken is closed and logged, and never delays or displaces a member.
-        check(missing ranks), called about every CHECK_S while waiting, raises to stop waiting
-        (the router asks Ray whether a missing actor is dead rather than sit out the timeout)."""
+        check(missing ranks), called about every CHECK_S while waiting (the router asks Ray
+        about the missing actors rather than sit out the timeout), raises to stop waiting, or
+        returns ranks not to wait for (the group forms without them: `left_out`)."""
         conns: dict[int, socket.socket] = {}
         pending: dict[socket.socket, PendingJoin] = {}
         deadline = time.monotonic() + timeout_s
         refused, checked = 0, time.monotonic()
+        expected = set(range(1, world))
         try:
-            while len(conns) < world - 1:
+            while expected - set(conns):
                 now = time.monotonic()
                 if now >= deadline:
                     raise RuntimeError(f"Timed out after {timeout_s:g} s waiting for ranks "
-                                       f"{sorted(set(range(1, world)) - set(conns))} to connect")
+                                       f"{sorted(expected - set(conns))} to connect")
                 if check is not None and now - checked >= CHECK_S:
-                    check(set(range(1, world)) - set(conns))
+                    expected -= check(expected - set(conns)) or set()
                     checked = now
+                    continue
                 for conn, p in list(pending.items()):  # stalled handshakes
                     if now >= p.deadline:
                         refused += _refuse(pending.pop(conn), "no complete handshake within "
@@ -151,8 +155,11 @@ class SocketGroup:
         finally:
             for p in pending.values():
                 p.conn.close()
+        for rank in set(conns) - expected:  # left out, then connected after all: not a member
+            conns.pop(rank).close()
         group = cls(0, conns, wait_timeout, send_timeout_s)
         group.refused = refused
+        group.left_out = set(range(1, world)) - expected
         return group
 
     @classmethod

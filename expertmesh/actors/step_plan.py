@@ -20,6 +20,7 @@ import torch
 
 from expertmesh.actors.pathway import choose_shards, segment_visible
 from expertmesh.actors.sequence import Sequence
+from expertmesh.actors.takeover import alias
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class ItemPlan:
     segment: tuple[str, int, int] | None  # (file, start, end) for a shard to reopen from the store
     seqs: tuple[int, ...]  # the requests (indices into the layer's live batch)
     chooser: int | None = None  # a request whose shards are chosen at this layer from its queries
+    owner: int = -1  # the shard whose segment this is (another shard stands in for a lost one: takeover.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +120,18 @@ def packed_rows(pairs: int, hidden: int) -> int:
 
 
 def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: torch.Tensor, model,
-               summaries: dict, num_groups: int) -> StepPlan:
+               summaries: dict, num_groups: int, serving: dict[int, int] | None = None) -> StepPlan:
     """The step's plan. Pathways that do not depend on queries are fixed here (and recorded in
-    each sequence's `layer_shards`); the rest are marked to be chosen at their layer."""
+    each sequence's `layer_shards`); the rest are marked to be chosen at their layer.
+    serving: lost shard -> the shard that serves its segments from the store (takeover.py)."""
+    serving = serving or {}
     layers, last = [], len(model.layers) - 1
     for layer in model.layers:
         index, spec = layer.index, layer.spec
         live = tuple(i for i, seq in enumerate(batch) if index < last or seq.kind != "segment")
         plan: dict[int, dict[tuple, list[int]]] = {}  # shard -> item key -> positions in `live`
         choosers: dict[tuple, int] = {}
+        owners: dict[tuple, int] = {}  # (shard, item key) -> the shard whose segment it reads
         for j, i in enumerate(live):
             seq, (a, b) = batch[i], spans[i]
             if not seq.segments:
@@ -149,9 +154,12 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
             key = (seq.context_id, seq.top_pages, seq.request_id if own else None)
             for shard in candidates:
                 if segment_visible(by_shard[shard], q_lo, q_hi, chunks, spec):
-                    plan.setdefault(shard, {}).setdefault(key, []).append(j)
+                    host = serving.get(shard, shard)
+                    k = key if host == shard else (alias(key[0], shard), *key[1:])
+                    plan.setdefault(host, {}).setdefault(k, []).append(j)
+                    owners[host, k] = shard
                     if dynamic:
-                        choosers[key] = j
+                        choosers[k] = j
         # the layer's row layout: live sequences' spans, back to back
         offsets, n = [], 0
         for i in live:
@@ -165,9 +173,11 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
                                        for j in js])
                 first = batch[live[js[0]]]
                 q_pos = np.concatenate([positions[spans[live[j]][0]:spans[live[j]][1]].numpy() for j in js])
+                owner = owners[shard, key]
                 items.append(ItemPlan(key[0], rows, q_pos, {batch[live[j]].request_id: spans[live[j]][1] -
                                                             spans[live[j]][0] for j in js},
-                                      first.top_pages, first.segment_files.get(shard), tuple(js), choosers.get(key)))
+                                      first.top_pages, first.segment_files.get(owner), tuple(js), choosers.get(key),
+                                      owner))
             attend[shard] = tuple(items)
         layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live), n * model.cfg.top_k))
     groups = tuple(range(num_groups)) if any(lp.experts for lp in layers) else ()

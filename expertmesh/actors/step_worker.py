@@ -14,7 +14,8 @@ import threading
 
 import torch
 
-from expertmesh.actors.collective import STOP, StepAborted, is_transport_error, make_group
+from expertmesh.actors.collective import STOP, StepAborted
+from expertmesh.actors.transport import is_transport_error, make_group
 from expertmesh.actors.socket_group import SocketGroup
 from expertmesh.actors.step_plan import AttendItem, PeerPlan
 from expertmesh.actors.wire import MAX_PLAN_BYTES, WireError, WireLimits, decode_plan, encode_error

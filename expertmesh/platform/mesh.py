@@ -13,7 +13,7 @@ import numpy as np
 import ray
 from torch import device as torch_device
 
-from expertmesh.actors.collective import backend_for
+from expertmesh.actors.transport import backend_for
 from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
 from expertmesh.actors.exchange import check_data_plane, check_transport

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from expertmesh.actors.collective import is_transport_error
+from expertmesh.actors.transport import is_transport_error
 from expertmesh.actors.handshake import new_key
 from expertmesh.actors.socket_group import Listener, SocketGroup
 
