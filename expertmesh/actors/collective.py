@@ -88,7 +88,7 @@ class CollectiveExchange(Exchange):
         self.absent: dict[int, str] = {}  # context shard -> Ray's state of its actor, left out of this generation
         self._checked = 0.0  # when the left-out actors were last asked about
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
-        self.limits = WireLimits(heads, head_dim, hidden, num_layers)  # what the actors check plans against
+        self.limits = WireLimits(heads, head_dim, hidden, num_layers, len(shards))  # what actors check plans against
         self.backend, self.join_timeout_s = backend_for(device, transport), join_timeout_s
         self.pack = self.backend != "socket"  # a message costs little on a socket: no padded packing
         self._zero = torch.zeros(1, dtype=torch.int64, device=device)  # a group without rows at a layer

@@ -23,6 +23,7 @@ from expertmesh.actors.collective import CollectiveExchange
 from expertmesh.actors.directory import Directory
 from expertmesh.actors.engine import Engine
 from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
+from expertmesh.actors.liveness import down
 from expertmesh.actors.names import lookup
 from expertmesh.actors.registration import Registration
 from expertmesh.actors.scheduler import Scheduler
@@ -278,8 +279,8 @@ class Router(Registration, Directory):
         """Ready contexts with a segment that its shard no longer holds (the shard restarted and
         had no store to reload it from): drop them; return id -> why, for their requests."""
         # a shard that is back answers in seconds; one that cannot be placed holds nothing we can serve
-        held = await asyncio.gather(*(call(s, "contexts", timeout_s=10.0) for s in self.shards),
-                                    return_exceptions=True)
+        held = await asyncio.gather(*(call(s, "contexts", timeout_s=10.0) if s is not None else asyncio.sleep(0)
+                                      for s in self._running()), return_exceptions=True)
         lost = {}
         for cid, record in list(self.contexts.items()):
             if not record.ready or record.info.stored:  # a stored context: its shard reopens it from the store
@@ -358,6 +359,10 @@ class Router(Registration, Directory):
             raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary "
                              f"[0, {self.cfg.vocab_size})")
 
+    def _running(self) -> list[Any]:
+        """Each shard's handle, or None where Ray does not report it alive (liveness.py)."""
+        return [None if down(s) else s for s in self.shards]
+
     def _remember_lost(self, why: dict[str, str]) -> None:
         self.lost.update(why)
         while len(self.lost) > 10_000:  # remembered for clear errors, bounded
@@ -385,8 +390,9 @@ class Router(Registration, Directory):
 
     async def _drop_segments(self, record: ContextRecord) -> None:
         where = [(s.shard, record.info.id) for s in record.segments] + self.engine.forget(record.info.id)
-        await asyncio.gather(*(call(self.shards[shard], "drop", name, timeout_s=10.0) for shard, name in where),
-                             return_exceptions=True)  # a shard that cannot answer holds none
+        running = self._running()  # one Ray does not report alive holds nothing (it comes back empty)
+        await asyncio.gather(*(call(running[shard], "drop", name, timeout_s=10.0) for shard, name in where
+                               if running[shard] is not None), return_exceptions=True)
         if self.catalog is not None:
             self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
 

@@ -50,6 +50,7 @@ class WireLimits:
     head_dim: int
     hidden: int
     num_layers: int
+    shards: int = 1  # context shards: one shard may stand in for others (takeover.py), serving a row once per segment
 
 
 # -- step plans ------------------------------------------------------------------------------
@@ -126,8 +127,9 @@ def _attend_part(p: list, limits: WireLimits, rows: int, positions: list[np.ndar
         context_id, t, index, visits, top_pages, segment = _list(it, "item", 6)
         t = _int(t, "item rows", 1, rows)
         total += t
-        if total > rows:
-            raise WireError(f"attention items of more rows than the step's {rows}")
+        if total > rows * limits.shards:
+            raise WireError(f"attention items of more rows than the step's {rows} times the mesh's "
+                            f"{limits.shards} context shard(s)")
         q_pos = positions[_int(index, "array index", 0, len(positions) - 1)]
         if len(q_pos) != t:
             raise WireError(f"an item of {t} rows with {len(q_pos)} positions")

@@ -18,6 +18,7 @@ from expertmesh.actors.names import NAMESPACE, lookup  # noqa: F401 - re-exporte
 CONTEXT_SHARD = "context_shard"
 EXPERT_GROUP = "expert_group"
 WORKER = "worker"  # a colocated actor: a context shard and an expert group
+ROUTER = "router"  # hosts that may run routers, where a cluster declares it (else anywhere)
 
 
 def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
@@ -45,11 +46,12 @@ TASK_RETRIES = {CONTEXT_SHARD: 1, EXPERT_GROUP: 1, None: 0}
 
 
 def actor_options(kind: str | None, threads: int | None = None, also: str | None = None) -> dict:
-    """Ray options for an actor of a kind: its custom resource where the cluster declares it
-    (and that of `also`, for a colocated worker holding both), and its restart policy."""
+    """Ray options for an actor of a kind (None: the router): its custom resource where the
+    cluster declares it (and that of `also`, for a colocated worker holding both), and its
+    restart policy."""
     opts: dict = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": TASK_RETRIES[kind]}
     declared = ray.cluster_resources()
-    res = {k: 1 for k in (kind, also) if k is not None and declared.get(k, 0) >= 1}
+    res = {k: 1 for k in (kind or ROUTER, also) if k is not None and declared.get(k, 0) >= 1}
     if res:
         opts["resources"] = res
     return opts

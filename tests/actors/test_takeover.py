@@ -1,0 +1,84 @@
+"""A lost context shard with a store: the shards that are running serve its segments from the
+store (takeover.py), exactly, until Ray reports it alive again; then it takes them back."""
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+import expertmesh as em
+
+pytestmark = pytest.mark.ray
+PROMPT = [5, 17, 42, 99, 7, 3]
+NEW = 24
+
+
+def held(mesh):
+    """Context ids (aliases included) each shard serves; a shard that does not answer: None."""
+    out = []
+    for s in mesh.shards:
+        try:
+            out.append(sorted(ray.get(s.contexts.remote(), timeout=5)))
+        except Exception:  # noqa: BLE001 - dead
+            out.append(None)
+    return out
+
+
+def test_a_dead_shards_segments_are_served_by_the_others_exactly(ray_cluster, tiny_checkpoint, tmp_path):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=3, expert_groups=2, page_size=16,
+                         store=str(tmp_path / "store"))
+    try:
+        ctx = mesh.register_context(list(range(4, 300)), mode="exact")
+        assert ctx.shards == (0, 1, 2)
+        want = mesh.forward_logits(PROMPT, context_id=ctx.id)
+        tokens = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
+        ray.kill(mesh.shards[1], no_restart=True)  # its host gone for good
+        t0 = time.monotonic()
+        got = mesh.forward_logits(PROMPT, context_id=ctx.id)
+        took = time.monotonic() - t0
+        print(f"\nTAKEOVER dead shard: answered again after {took:.2f} s, max |diff| {np.abs(got - want).max():.2e}")
+        assert took < 10
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        res = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW)
+        assert res.token_ids == tokens
+        assert res.pathway["shards"] == [0, 1, 2]  # pathways name the segments, whoever serves them
+        stand_in = [h for h in held(mesh) if h and f"{ctx.id}@1" in h]
+        assert len(stand_in) == 1
+        new = mesh.register_context(list(range(50, 150)), mode="exact")  # new contexts: the running shards
+        assert new.shards == (0, 2)
+        mesh.drop_context(ctx.id)  # the stand-in's alias goes with the context
+        assert not any(h and any(c.startswith(ctx.id) for c in h) for h in held(mesh))
+        mesh.drop_context(new.id)
+    finally:
+        mesh.shutdown()
+
+
+def test_a_restarting_shard_is_stood_in_for_then_takes_its_segments_back(ray_cluster, tiny_checkpoint, tmp_path):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                         store=str(tmp_path / "store"))
+    try:
+        ctx = mesh.register_context(list(range(4, 260)), mode="exact")
+        want = mesh.forward_logits(PROMPT, context_id=ctx.id)
+        tokens = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
+        gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, ctx.id, NEW, 0.0)
+        got = list(ray.get(next(gen))["tokens"])
+        ray.kill(mesh.shards[1], no_restart=False)  # Ray restarts it; the stream must not notice
+        t0 = time.perf_counter()
+        for ref in gen:
+            got += ray.get(ref).get("tokens", [])
+        print(f"\nTAKEOVER restarting shard: stream done {time.perf_counter() - t0:.2f} s after the kill")
+        assert got == tokens
+        deadline = time.monotonic() + 60  # back: Ray reports it alive, it rejoins, the alias is dropped
+        while time.monotonic() < deadline:
+            np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=ctx.id), want, rtol=0, atol=1e-5)
+            h = held(mesh)
+            if h[1] is not None and ctx.id in h[1] and f"{ctx.id}@1" not in (h[0] or []):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"shard 1 did not take its segment back: {held(mesh)}")
+        print(f"TAKEOVER restarting shard: segment handed back {time.perf_counter() - t0:.2f} s after the kill")
+        assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == tokens
+    finally:
+        mesh.shutdown()
