@@ -357,7 +357,7 @@ def _gpt_oss(cfg: dict[str, Any]) -> ModelConfig:
 
 
 def _deepseek_v3(cfg: dict[str, Any]) -> ModelConfig:
-    n, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n = cfg["num_hidden_layers"]
     if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
         raise UnsupportedArchitecture(
             f"DeepSeek routing topk_method={cfg.get('topk_method')!r} scoring_func={cfg.get('scoring_func')!r} "

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from expertmesh.model.block import init_weights
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.transformer import MoETransformer

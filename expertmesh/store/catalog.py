@@ -26,7 +26,7 @@ import numpy as np
 
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.manifest import Manifest, SegmentEntry
-from expertmesh.store.members import LEASE_TTL_S, Membership
+from expertmesh.store.members import Membership
 
 SYNC_S = 2.0  # a mesh re-reads the directory at least this often while it serves
 CLEAN_S = 300.0  # and removes what dead members left this often

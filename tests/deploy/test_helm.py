@@ -276,8 +276,20 @@ def test_optional_blocks_leave_nothing_when_unset(chart):
         spec = tpl["spec"]
         for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
             assert key not in spec, (name, key)
-        assert "env" not in spec["containers"][0], name
+        env = spec["containers"][0].get("env")
+        if name.endswith("/head"):  # the chart's node failure detection, nothing else
+            assert env == [{"name": "RAY_health_check_period_ms", "value": "1000"},
+                           {"name": "RAY_health_check_timeout_ms", "value": "2000"},
+                           {"name": "RAY_health_check_failure_threshold", "value": "5"}], name
+        else:
+            assert env is None, name
         assert "annotations" not in tpl["metadata"] or tpl.get("kind") == "Pod", name  # the test pod's hook
+
+
+def test_node_failure_detection_can_be_left_to_ray(chart):
+    _, docs = render(chart, "ray-node-failure-detection")
+    for name, tpl in pod_templates(docs):
+        assert "env" not in tpl["spec"]["containers"][0], name
 
 
 # -- jobs -------------------------------------------------------------------------------------

@@ -195,6 +195,11 @@ spec:
           containerPort: 8080
           protocol: TCP
       {{- $env := concat (default (list) $v.env) (default (list) $g.env) }}
+      {{- if $head }}
+      {{- with $v.head.nodeFailureDetection }}
+      {{- $env = concat $env (list (dict "name" "RAY_health_check_period_ms" "value" (toString (int .periodMs))) (dict "name" "RAY_health_check_timeout_ms" "value" (toString (int .timeoutMs))) (dict "name" "RAY_health_check_failure_threshold" "value" (toString (int .failureThreshold)))) }}
+      {{- end }}
+      {{- end }}
       {{- with $env }}
       env:
         {{- toYaml . | nindent 8 }}
