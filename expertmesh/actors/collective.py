@@ -45,9 +45,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange, release_on
+from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
 from expertmesh.actors.handshake import new_key
-from expertmesh.actors.join_watch import MemberLost, join_check
+from expertmesh.actors.join_watch import join_check
 from expertmesh.actors.liveness import RECHECK_S, down
 from expertmesh.actors.plane_metrics import DataPlaneMetrics
 from expertmesh.actors.rendezvous import RendezvousStore
@@ -85,7 +85,8 @@ class CollectiveExchange(Exchange):
         self.ranks: dict[int, int] = {}  # peer index -> its rank in the current generation (members only)
         self.rank_of_shard: dict[int, int] = {}
         self.rank_of_group: dict[int, int] = {}
-        self.absent: dict[int, str] = {}  # context shard -> Ray's state of its actor, left out of this generation
+        self.left_shards: dict[int, str] = {}  # context shard -> Ray's state of its actor, left out of this generation
+        self.left_groups: dict[int, str] = {}  # expert group -> likewise
         self._checked = 0.0  # when the left-out actors were last asked about
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
         self.limits = WireLimits(heads, head_dim, hidden, num_layers, len(shards))  # what actors check plans against
@@ -119,9 +120,8 @@ class CollectiveExchange(Exchange):
     # -- the group --------------------------------------------------------------------------
     def _form_group(self) -> None:
         """A new generation of the group with a new key, handed to the actors through Ray:
-        every actor Ray reports alive joins (Ray queues the call on a restarting expert group
-        until it is back); context shards Ray does not report alive are left out (`absent`;
-        join_watch.py); fails within join_timeout_s."""
+        every actor Ray reports alive joins; one it does not (or no longer, while the group
+        forms) is left out (`absent()`, join_watch.py); fails within join_timeout_s."""
         self.generation += 1
         self._held = {}  # nothing carries over to a new group
         started = time.perf_counter()
@@ -138,7 +138,7 @@ class CollectiveExchange(Exchange):
             else:
                 self._rendezvous.forget.remote(f"expertmesh/g{self.generation - 1}/")
             address = self._rendezvous
-        left = {i: state for i, (h, _, g) in enumerate(self.peers) if g is None and (state := down(h))}
+        left = {i: state for i, (h, _, _) in enumerate(self.peers) if (state := down(h))}
         self._set_members([i for i in range(len(self.peers)) if i not in left], left)
         world = len(self.ranks) + 1
         refs = {r: self.peers[i][0].join_group.remote(address, self.generation, r, world, self.backend,
@@ -166,9 +166,8 @@ class CollectiveExchange(Exchange):
             self._pg = None
             if isinstance(exc, ray.exceptions.RayActorError) and self.backend != "socket":
                 self._rendezvous = None  # its actor may be the one that died
-            why = (f"cannot form their process group: {exc}" if isinstance(exc, MemberLost) else f"did not form their "
-                   f"process group within {self.join_timeout_s:g} s ({type(exc).__name__}: {str(exc)[:300]})")
-            raise Unavailable(f"the mesh's actors {why}; retry later") from None
+            raise Unavailable(f"the mesh's actors did not form their process group within {self.join_timeout_s:g} s "
+                              f"({type(exc).__name__}: {str(exc)[:300]}); retry later") from None
         self.groups_formed += 1
         self.formation_s = time.perf_counter() - started
         self._checked = time.monotonic()
@@ -181,23 +180,28 @@ class CollectiveExchange(Exchange):
             self.ranks = {i: self.ranks[i] for i in members}
         self.rank_of_shard = {self.peers[i][1]: r for i, r in self.ranks.items() if self.peers[i][1] is not None}
         self.rank_of_group = {self.peers[i][2]: r for i, r in self.ranks.items() if self.peers[i][2] is not None}
-        self.absent = {self.peers[i][1]: state for i, state in left.items()}
+        self.left_shards = {self.peers[i][1]: st for i, st in left.items() if self.peers[i][1] is not None}
+        self.left_groups = {self.peers[i][2]: st for i, st in left.items() if self.peers[i][2] is not None}
 
-    def release(self, shard: int, context_id: str) -> None:
-        release_on(next(h for h, s, _ in self.peers if s == shard), context_id)
+    def shard_handle(self, shard: int) -> Any:
+        return next(h for h, s, _ in self.peers if s == shard)
 
-    def absent_shards(self) -> dict[int, str]:
-        """Form the group if there is none; context shards left out of it (shard -> Ray's state
-        of its actor). While any is left out, at most every RECHECK_S: one Ray reports alive
-        again ends this generation, and the next one takes it back in."""
+    def group_handle(self, group: int) -> Any:
+        return next(h for h, _, g in self.peers if g == group)
+
+    def absent(self) -> tuple[dict[int, str], dict[int, str]]:
+        """Form the group if there is none; the context shards and expert groups left out of it
+        (index -> Ray's state of its actor). While any is left out, at most every RECHECK_S: one
+        Ray reports alive again ends this generation, and the next one takes it back in."""
         with self._lock:
-            if self._pg is not None and self.absent and time.monotonic() - self._checked >= RECHECK_S:
+            if self._pg is not None and len(self.ranks) < len(self.peers) and \
+                    time.monotonic() - self._checked >= RECHECK_S:
                 self._checked = time.monotonic()
-                if any(down(self.peers[i][0]) is None for i, (_, s, _) in enumerate(self.peers) if s in self.absent):
+                if any(down(h) is None for i, (h, _, _) in enumerate(self.peers) if i not in self.ranks):
                     self._drop_group()
             if self._pg is None:
                 self._form_group()
-            return dict(self.absent)
+            return dict(self.left_shards), dict(self.left_groups)
 
     def _count(self, formed: bool = False) -> None:
         """Ray metrics beside the counts in the router's stats."""

@@ -58,6 +58,8 @@ class Engine:
         self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
         self.num_shards, self.durable, self.load = num_shards, durable, load
         self.serving: dict[int, int] = {}  # lost shard -> the shard standing in for it
+        self.group_serving: dict[int, int] = {}  # lost expert group -> the group holding its experts too
+        self._host_of = torch.arange(len(partition))  # expert group -> the group its rows go to
         self.adopted: set[tuple[int, str]] = set()  # (stand-in shard, alias) opened there
         self.threads = torch.get_num_threads()
         self.partition = partition
@@ -78,14 +80,19 @@ class Engine:
         # small steps (decode) on one thread: spare cores serve the shards and groups waiting
         # in this step, where an idle thread pool would spin against them
         torch.set_num_threads(1 if len(ids) < SMALL_STEP else self.threads)
-        absent = self.exchange.absent_shards()
+        absent, absent_groups = self.exchange.absent()
         self._stand_in(absent)
-        plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition), self.serving)
+        self._stand_in_experts(absent_groups)
+        plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition), self.serving,
+                          tuple(g for g in range(len(self.partition)) if g not in absent_groups))
         lost = sorted({s for lp in plan.layers for s in lp.attend if s in absent})
         if lost:
             raise Unavailable(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and "
                               "no other shard can serve its segments "
                               f"({'no shard is running' if self.durable else 'the mesh has no store'}); retry later")
+        if plan.groups and len(self.group_serving) < len(absent_groups):
+            raise Unavailable(f"expert groups {sorted(absent_groups)} are not running (Ray reports "
+                              f"{sorted(set(absent_groups.values()))}) and no expert group is; retry later")
         self.adopted.update((h, it.context_id) for lp in plan.layers for h, items in lp.attend.items()
                             for it in items if h != it.owner)
         device = self.model.embed.weight.device
@@ -200,9 +207,10 @@ class Engine:
         if not step.plan.layers[layer.index].experts:  # no rows left at this layer (segments only)
             return lambda: torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         group = self._group_of(experts.cpu())  # [P]
+        host = self._host_of[group]  # a lost group's rows go to the group standing in for it
         requests, picks = {}, {}
-        for g in torch.unique(group).tolist():
-            pick = (group == g).nonzero().squeeze(1).to(rows.device)
+        for g in torch.unique(host).tolist():
+            pick = (host == g).nonzero().squeeze(1).to(rows.device)
             requests[g], picks[g] = (rows[pick], experts[pick]), pick
         replies = step.exchange.experts(layer.index, requests)
         # pairs per sequence and group, in one count (pairs are token-major: k per token)
@@ -244,6 +252,21 @@ class Engine:
                     self.exchange.release(host, name)
                     self.adopted.discard((host, name))
             self.serving = serving
+
+    def _stand_in_experts(self, absent: dict[int, str]) -> None:
+        """Who computes the experts of groups Ray does not report alive: a running group loads
+        them from the checkpoint (bounded wait) and holds them until the lost group is back."""
+        serving = serving_map(len(self.partition), absent, [len(r) for r in self.partition])
+        if serving == self.group_serving:
+            return
+        for g, h in self.group_serving.items():
+            if serving.get(g) != h:
+                self.exchange.release_experts(h, self.partition[g])
+        for g, h in serving.items():
+            if self.group_serving.get(g) != h:
+                self.exchange.adopt(h, self.partition[g])
+        self.group_serving = serving
+        self._host_of = torch.tensor([serving.get(g, g) for g in range(len(self.partition))], dtype=torch.long)
 
     def forget(self, context_id: str) -> list[tuple[int, str]]:
         """The (stand-in shard, alias) pairs of a context being dropped; no longer tracked."""

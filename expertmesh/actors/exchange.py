@@ -10,9 +10,11 @@
     end() -> [(layer, shard, item, pages read)]     the step is over
     abort(error) -> the error the step fails with (after a failed step: the actors' own, if any)
 Outside steps:
-    absent_shards() -> {shard: Ray's state}     context shards Ray does not report alive, which
-                                        the next plan must not use (takeover.py)
-    release(shard, context_id)          a shard forgets a segment it stood in for
+    absent() -> ({shard: state}, {group: state})   context shards and expert groups Ray does not
+                                        report alive, which the next plan must not use
+    release(shard, context_id)          a shard forgets a segment it stood in for (takeover.py)
+    adopt(group, experts) / release_experts(group, experts)
+                                        a group holds a lost group's experts too, or no longer
 
 `TaskExchange` calls the actors' `attend` / `compute` once per layer: in-process objects (the
 single-process router, and CPU tests) or Ray actor handles (one Ray task per actor per layer,
@@ -74,22 +76,44 @@ class Exchange:
         """After a failed step: clean up; return the error the step fails with."""
         return exc
 
-    def absent_shards(self) -> dict[int, str]:
-        return {}
+    def absent(self) -> tuple[dict[int, str], dict[int, str]]:
+        return {}, {}
 
     def release(self, shard: int, context_id: str) -> None:
-        pass
+        tell(self.shard_handle(shard), "drop", context_id)
+
+    def adopt(self, group: int, experts: range) -> None:
+        ask(self.group_handle(group), "adopt_experts", experts.start, experts.stop)
+
+    def release_experts(self, group: int, experts: range) -> None:
+        tell(self.group_handle(group), "release_experts", experts.start, experts.stop)
+
+    def shard_handle(self, shard: int) -> Any:
+        raise NotImplementedError
+
+    def group_handle(self, group: int) -> Any:
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
-def release_on(target: Any, context_id: str) -> None:
-    """Have a shard drop a segment it no longer serves (best effort: no answer awaited)."""
+def tell(target: Any, method: str, *args: Any) -> None:
+    """Call an actor's method without awaiting the answer (best effort)."""
     if _remote(target):
-        target.drop.remote(context_id)
+        getattr(target, method).remote(*args)
     else:
-        target.drop(context_id)
+        getattr(target, method)(*args)
+
+
+def ask(target: Any, method: str, *args: Any, timeout_s: float = CONTROL_TIMEOUT_S) -> Any:
+    """Call an actor's method and wait for its answer (bounded), from a thread that is not an event loop."""
+    if not _remote(target):
+        return getattr(target, method)(*args)
+    try:
+        return ray.get(getattr(target, method).remote(*args), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise Unavailable(f"a mesh actor did not answer {method!r} within {timeout_s:g} s; retry later") from None
 
 
 async def _bounded(ref, target: Any, method: str, timeout_s: float):
@@ -134,21 +158,25 @@ class TaskExchange(Exchange):
 
     def __init__(self, shards: list[Any], groups: list[Any]) -> None:
         self.shards, self.groups = shards, groups
-        self._absent: dict[int, str] = {}
+        self._absent: tuple[dict[int, str], dict[int, str]] = ({}, {})
         self._checked = -RECHECK_S
 
     def begin(self, plan: StepPlan) -> "_TaskStep":
         return _TaskStep(self.shards, self.groups, plan)
 
-    def absent_shards(self) -> dict[int, str]:
-        """Asked of Ray at most every RECHECK_S (a step calls the shards directly: no group)."""
+    def absent(self) -> tuple[dict[int, str], dict[int, str]]:
+        """Asked of Ray at most every RECHECK_S (a step calls the actors directly: no group)."""
         if time.monotonic() - self._checked >= RECHECK_S:
             self._checked = time.monotonic()
-            self._absent = {i: state for i, h in enumerate(self.shards) if (state := down(h))}
-        return dict(self._absent)
+            self._absent = ({i: st for i, h in enumerate(self.shards) if (st := down(h))},
+                            {g: st for g, h in enumerate(self.groups) if (st := down(h))})
+        return dict(self._absent[0]), dict(self._absent[1])
 
-    def release(self, shard: int, context_id: str) -> None:
-        release_on(self.shards[shard], context_id)
+    def shard_handle(self, shard: int) -> Any:
+        return self.shards[shard]
+
+    def group_handle(self, group: int) -> Any:
+        return self.groups[group]
 
 
 class _TaskStep(Exchange):

@@ -41,6 +41,8 @@ class ExpertGroup(StepWorker):
         else:
             self.banks = load_experts(checkpoint, experts, dtype=self.dtype, device=self.device)  # {layer: ExpertBank}
         self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
+        self.checkpoint = checkpoint
+        self.adopted: dict[range, dict] = {}  # a lost group's experts held here too: range -> {layer: bank}
         self._lock = threading.Lock()
 
     def ping(self) -> tuple[int, int, int]:
@@ -51,26 +53,58 @@ class ExpertGroup(StepWorker):
         y = self.compute_tensors(layer, torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(experts)).long())
         return y.cpu().numpy()
 
+    def adopt_experts(self, start: int, stop: int) -> int:
+        """Hold experts [start, stop) too (a lost group's, loaded from the checkpoint) until
+        `release_experts`: the router sends their rows here meanwhile. Returns the experts held."""
+        held = range(start, stop)
+        if held not in self.adopted and held != self.experts:
+            self.adopted[held] = self._load(held)
+        return len(self.experts) + sum(len(r) for r in self.adopted)
+
+    def release_experts(self, start: int, stop: int) -> bool:
+        return self.adopted.pop(range(start, stop), None) is not None
+
+    def _load(self, held: range) -> dict:
+        if self.backend == "jax":
+            from expertmesh.jax_backend.experts import load_banks
+
+            return load_banks(self.checkpoint, held)
+        return load_experts(self.checkpoint, held, dtype=self.dtype, device=self.device)
+
     @torch.no_grad()
     def compute_tensors(self, layer: int, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """`compute` on tensors (the collective data plane: rows may already be on this group's
-        device, and the outputs stay there): fp32 [P, H]."""
+        device, and the outputs stay there): fp32 [P, H]. Rows of adopted experts run on their banks."""
         if layer not in self.banks:
             raise ValueError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(self.banks)}")
-        local = experts.cpu().numpy() - self.experts.start
-        if len(local) and (local.min() < 0 or local.max() >= len(self.experts)):
-            raise ValueError(f"expert group {self.index} holds experts {self.experts.start}.."
-                             f"{self.experts.stop - 1}; got {int(experts.min())}..{int(experts.max())}")
+        ids = experts.cpu().numpy()
+        mine = (ids >= self.experts.start) & (ids < self.experts.stop)
+        parts = [(mine, self.experts, self.banks)]
+        if not mine.all():
+            parts += [((ids >= r.start) & (ids < r.stop), r, banks) for r, banks in dict(self.adopted).items()]
+            if not np.logical_or.reduce([m for m, _, _ in parts]).all():
+                held = ", ".join(f"{r.start}..{r.stop - 1}" for _, r, _ in parts)
+                raise ValueError(f"expert group {self.index} holds experts {held}; got {int(ids.min())}..{int(ids.max())}")
         with self._lock:
-            self.tokens[layer] += np.bincount(local, minlength=len(self.experts))
+            self.tokens[layer] += np.bincount(ids[mine] - self.experts.start, minlength=len(self.experts))
+        if len(parts) == 1:
+            return self._run(self.banks[layer], x, experts)
+        y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # rows of adopted experts: their banks
+        for m, _, banks in parts:
+            if m.any():
+                pick = torch.from_numpy(np.nonzero(m)[0]).to(x.device)
+                y[pick] = self._run(banks[layer], x[pick], experts[pick]).to(y.device)
+        return y
+
+    def _run(self, bank, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         if self.backend == "jax":
-            e = experts.cpu().numpy()
-            return torch.from_numpy(np.asarray(self.banks[layer](x.float().cpu().numpy(), e)))
-        return self.banks[layer](x.to(self.device, self.dtype), experts.to(self.device)).float()
+            return torch.from_numpy(np.asarray(bank(x.float().cpu().numpy(), experts.cpu().numpy())))
+        return bank(x.to(self.device, self.dtype), experts.to(self.device)).float()
 
     def stats(self) -> dict:
         with self._lock:
             out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
+                   "adopted_experts": sorted([r.start, r.stop] for r in self.adopted),
                    "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
         if self.backend == "jax":

@@ -120,10 +120,12 @@ def packed_rows(pairs: int, hidden: int) -> int:
 
 
 def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: torch.Tensor, model,
-               summaries: dict, num_groups: int, serving: dict[int, int] | None = None) -> StepPlan:
+               summaries: dict, num_groups: int, serving: dict[int, int] | None = None,
+               running_groups: tuple[int, ...] | None = None) -> StepPlan:
     """The step's plan. Pathways that do not depend on queries are fixed here (and recorded in
     each sequence's `layer_shards`); the rest are marked to be chosen at their layer.
-    serving: lost shard -> the shard that serves its segments from the store (takeover.py)."""
+    serving: lost shard -> the shard that serves its segments from the store (takeover.py);
+    running_groups: the expert groups taking part (others' experts stand in on them)."""
     serving = serving or {}
     layers, last = [], len(model.layers) - 1
     for layer in model.layers:
@@ -180,6 +182,7 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
                                       owner))
             attend[shard] = tuple(items)
         layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live), n * model.cfg.top_k))
-    groups = tuple(range(num_groups)) if any(lp.experts for lp in layers) else ()
+    running = tuple(range(num_groups)) if running_groups is None else running_groups
+    groups = running if any(lp.experts for lp in layers) else ()
     rows = max((sum(spans[i][1] - spans[i][0] for i in lp.live) for lp in layers), default=0)
     return StepPlan(tuple(layers), groups, rows)

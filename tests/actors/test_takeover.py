@@ -82,3 +82,45 @@ def test_a_restarting_shard_is_stood_in_for_then_takes_its_segments_back(ray_clu
         assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == tokens
     finally:
         mesh.shutdown()
+
+
+def test_a_lost_expert_groups_experts_are_loaded_by_another_then_handed_back(ray_cluster, tiny_checkpoint,
+                                                                             tmp_path):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=3, page_size=16)
+    try:
+        ctx = mesh.register_context(list(range(4, 200)), mode="exact")
+        want = mesh.forward_logits(PROMPT, context_id=ctx.id)
+        tokens = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
+        gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, ctx.id, NEW, 0.0)
+        got = list(ray.get(next(gen))["tokens"])
+        ray.kill(mesh.groups[2], no_restart=False)  # Ray restarts it; meanwhile another group holds its experts
+        t0 = time.perf_counter()
+        for ref in gen:
+            got += ray.get(ref).get("tokens", [])
+        print(f"\nTAKEOVER restarting expert group: stream done {time.perf_counter() - t0:.2f} s after the kill")
+        assert got == tokens
+        np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=ctx.id), want, rtol=0, atol=1e-5)
+        deadline = time.monotonic() + 60  # back: it rejoins and the stand-in lets the experts go
+        while time.monotonic() < deadline:
+            mesh.generate(PROMPT, max_new_tokens=2)
+            adopted = [ray.get(g.stats.remote())["adopted_experts"] for g in mesh.groups[:2]]
+            if not any(adopted):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the stand-in group still holds the experts: {adopted}")
+        ray.kill(mesh.groups[1], no_restart=True)  # gone for good: group 0 or 2 holds its experts from now on
+        t0 = time.perf_counter()
+        np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=ctx.id), want, rtol=0, atol=1e-5)
+        print(f"TAKEOVER dead expert group: answered again after {time.perf_counter() - t0:.2f} s")
+        held = [ray.get(mesh.groups[g].stats.remote())["adopted_experts"] for g in (0, 2)]
+        assert sorted(sum(held, [])) == [list(em_partition(mesh)[1])]
+        assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == tokens
+    finally:
+        mesh.shutdown()
+
+
+def em_partition(mesh):
+    from expertmesh.model.moe import expert_partition
+
+    return [(r.start, r.stop) for r in expert_partition(mesh.config.num_experts, len(mesh.groups))]
