@@ -151,8 +151,11 @@ class CollectiveExchange(Exchange):
                                               join_check(refs, {r: self.peers[i] for i, r in self.ranks.items()}))
                 self.refused += self._pg.refused
                 if self._pg.left_out:  # shards Ray stopped reporting alive while the group formed
-                    for rank in self._pg.left_out:
-                        ray.cancel(refs.pop(rank))  # a queued join would run for nothing when the actor is back
+                    for rank in self._pg.left_out:  # a queued join would run for nothing when the actor is back
+                        try:
+                            ray.cancel(refs.pop(rank))
+                        except Exception:  # noqa: BLE001 - it ran, or cannot be cancelled: it fails on its own
+                            pass
                     out = {i for i, r in self.ranks.items() if r in self._pg.left_out}
                     self._set_members([i for i in self.ranks if i not in out],
                                       {**left, **{i: down(self.peers[i][0]) or "RESTARTED" for i in out}}, renumber=False)

@@ -156,7 +156,7 @@ class Engine:
         parts = [(own_out, own_lse)]
         by_owner: dict[int, list] = {}  # one partial per segment owner (a stand-in shard serves two)
         for shard, answers in results.items():
-            for (j, _), (o, l) in zip(requests[shard], answers):
+            for (j, _), (o, l) in zip(requests.get(shard, []), answers):  # a shard not chosen: none
                 by_owner.setdefault(lp.attend[shard][j].owner, []).append((lp.attend[shard][j].rows, o, l))
         for owner in sorted(by_owner):  # rows an owner did not serve stay neutral (lse = -inf)
             got = by_owner[owner]

@@ -1,0 +1,139 @@
+"""A Ray cluster of real hosts on one machine: each host is a Linux network namespace with its
+own address on a private bridge, running its own `ray start` (token authentication on).
+
+The bridge lives in a namespace of its own, so the machine's network is never touched; the
+addresses come from 198.18.0.0/15 (RFC 2544's benchmarking range, never routed). Traffic
+between hosts crosses veth pairs and the bridge over TCP, as between pods. Killing a host
+SIGKILLs every process in its namespace, as a preempted node.
+
+`Hosts` is driven from the test process (which cleans up every namespace and process of its
+tag, also when a test fails) and from the driver script run inside the head's namespace
+(`Hosts.attach`), which adds and kills hosts while the mesh serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot run the multi-host suite (None: it can)."""
+    if sys.platform != "linux":
+        return "Linux network namespaces are needed"
+    if os.geteuid() != 0:
+        return "root is needed to make network namespaces (`ip netns`)"
+    if shutil.which("ip") is None:
+        return "iproute2's `ip` is not installed"
+    probe = f"emprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot make a network namespace here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class Hosts:
+    def __init__(self, tag: str, subnet: int, token: str, root: str) -> None:
+        self.tag, self.subnet, self.token, self.root = tag, subnet, token, Path(root)
+
+    @classmethod
+    def create(cls, root: str) -> "Hosts":
+        """A bridge namespace; hosts come with `add`."""
+        hosts = cls(secrets.token_hex(3), 1 + secrets.randbelow(250), secrets.token_hex(24), root)
+        _ip("netns", "add", hosts.bridge)
+        _ip("-n", hosts.bridge, "link", "set", "lo", "up")
+        _ip("-n", hosts.bridge, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hosts.bridge, "link", "set", "br0", "up")
+        return hosts
+
+    @classmethod
+    def attach(cls) -> "Hosts":
+        """The driver's view of the test's hosts (from EXPERTMESH_HOSTS)."""
+        return cls(**json.loads(os.environ["EXPERTMESH_HOSTS"]))
+
+    def spec(self) -> str:
+        return json.dumps({"tag": self.tag, "subnet": self.subnet, "token": self.token, "root": str(self.root)})
+
+    @property
+    def bridge(self) -> str:
+        return f"em{self.tag}-br"
+
+    def name(self, i: int) -> str:
+        return f"em{self.tag}-h{i}"
+
+    def address(self, i: int) -> str:
+        return f"198.18.{self.subnet}.{i + 1}"
+
+    @property
+    def head(self) -> str:
+        return f"{self.address(0)}:6379"
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                    PYTHONWARNINGS="ignore", EXPERTMESH_HOSTS=self.spec())
+
+    def add(self, i: int, resources: dict[str, float], num_cpus: int = 1) -> float:
+        """Host i (0: the head) joins the cluster with these Ray resources; seconds it took."""
+        t0 = time.monotonic()
+        ns = self.name(i)
+        _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", self.bridge)
+        _ip("-n", self.bridge, "link", "set", f"p{i}", "master", "br0")
+        _ip("-n", self.bridge, "link", "set", f"p{i}", "up")
+        _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        where = ["--head", "--port", "6379", "--include-dashboard=false"] if i == 0 else ["--address", self.head]
+        temp = self.root / f"h{i}"
+        temp.mkdir(parents=True, exist_ok=True)
+        cmd = ["ip", "netns", "exec", ns, RAY, "start", *where, "--node-ip-address", self.address(i),
+               "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--disable-usage-stats", "--object-store-memory", str(200 << 20), "--temp-dir", str(temp)]
+        done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start on host {i} failed: {done.stderr[-2000:]}")
+        return time.monotonic() - t0
+
+    def pids(self, i: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.name(i)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self, i: int) -> None:
+        """SIGKILL every process of host i (a preempted node); its namespace stays, empty."""
+        deadline = time.monotonic() + 10
+        while (pids := self.pids(i)) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    def driver(self, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run a Python driver inside the head's namespace."""
+        return subprocess.run(["ip", "netns", "exec", self.name(0), sys.executable, "-c", script, *args],
+                              env=self.env(), capture_output=True, text=True, timeout=timeout)
+
+    def close(self) -> None:
+        """Kill every process in this tag's namespaces and delete them (hosts the driver added too)."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        names = [line.split()[0] for line in listed if line.startswith(f"em{self.tag}-")]
+        for ns in names:
+            if ns != self.bridge:
+                self.kill(int(ns.rsplit("-h", 1)[1]))
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
