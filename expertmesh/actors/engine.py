@@ -26,7 +26,7 @@ from expertmesh.actors.pathway import choose_shards
 from expertmesh.actors.sequence import Sequence
 from expertmesh.actors.step_plan import StepPlan, build_plan
 from expertmesh.actors.takeover import alias_of, serving_map
-from expertmesh.errors import Unavailable
+from expertmesh.errors import ContextNotFound, Unavailable
 from expertmesh.model.attention import batched_decode_attention, merge_partials, partial_attention
 from expertmesh.model.transformer import MoETransformer
 
@@ -86,10 +86,10 @@ class Engine:
         plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition), self.serving,
                           tuple(g for g in range(len(self.partition)) if g not in absent_groups))
         lost = sorted({s for lp in plan.layers for s in lp.attend if s in absent})
-        if lost:
-            raise Unavailable(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and "
-                              "no other shard can serve its segments "
-                              f"({'no shard is running' if self.durable else 'the mesh has no store'}); retry later")
+        if lost:  # without a store its segments died with it (the router drops their contexts)
+            error = Unavailable if self.durable else ContextNotFound
+            raise error(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and no "
+                        f"other shard can serve its segments ({'no shard is running' if self.durable else 'the mesh has no store'})")
         if plan.groups and len(self.group_serving) < len(absent_groups):
             raise Unavailable(f"expert groups {sorted(absent_groups)} are not running (Ray reports "
                               f"{sorted(set(absent_groups.values()))}) and no expert group is; retry later")

@@ -276,19 +276,23 @@ class Router(Registration, Directory):
                 self._finish(seq, error=exc)
 
     async def _drop_lost_contexts(self) -> dict[str, str]:
-        """Ready contexts with a segment that its shard no longer holds (the shard restarted and
-        had no store to reload it from): drop them; return id -> why, for their requests."""
+        """Ready contexts with a segment that its shard no longer holds (the shard restarted, or
+        Ray reports it not alive: its memory is gone, and there is no store to reload it from):
+        drop them; return id -> why, for their requests."""
+        states = [down(s) for s in self.shards]
         # a shard that is back answers in seconds; one that cannot be placed holds nothing we can serve
-        held = await asyncio.gather(*(call(s, "contexts", timeout_s=10.0) if s is not None else asyncio.sleep(0)
-                                      for s in self._running()), return_exceptions=True)
+        held = await asyncio.gather(*(asyncio.sleep(0) if st else call(s, "contexts", timeout_s=10.0)
+                                      for s, st in zip(self.shards, states)), return_exceptions=True)
         lost = {}
         for cid, record in list(self.contexts.items()):
             if not record.ready or record.info.stored:  # a stored context: its shard reopens it from the store
                 continue
-            gone = [s.shard for s in record.segments if isinstance(held[s.shard], dict) and cid not in held[s.shard]]
+            gone = [s.shard for s in record.segments
+                    if states[s.shard] or (isinstance(held[s.shard], dict) and cid not in held[s.shard])]
             if gone:
-                lost[cid] = (f"context {cid!r} was lost with context shard {gone[0]}: the shard restarted and "
-                             f"the mesh has no store to reload it from; register it again")
+                why = (f"Ray reports its actor {states[gone[0]]}" if states[gone[0]] else "the shard restarted")
+                lost[cid] = (f"context {cid!r} was lost with context shard {gone[0]}: {why} and the mesh has no store "
+                             "to reload it from; register it again")
                 del self.contexts[cid]
                 self.engine.summaries.pop(cid, None)
                 record.dropped = True
