@@ -51,9 +51,11 @@ class Hosts:
         self.tag, self.subnet, self.token, self.root = tag, subnet, token, Path(root)
 
     @classmethod
-    def create(cls, root: str) -> "Hosts":
-        """A bridge namespace; hosts come with `add`."""
-        hosts = cls(secrets.token_hex(3), 1 + secrets.randbelow(250), secrets.token_hex(24), root)
+    def create(cls) -> "Hosts":
+        """A bridge namespace; hosts come with `add`. Ray's files go to /tmp/em<tag> (its Unix
+        socket paths must stay under 108 bytes)."""
+        tag = secrets.token_hex(3)
+        hosts = cls(tag, 1 + secrets.randbelow(250), secrets.token_hex(24), f"/tmp/em{tag}")
         _ip("netns", "add", hosts.bridge)
         _ip("-n", hosts.bridge, "link", "set", "lo", "up")
         _ip("-n", hosts.bridge, "link", "add", "br0", "type", "bridge")
