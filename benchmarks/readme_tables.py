@@ -369,8 +369,29 @@ def kv_sizes() -> str:
     return "\n".join(lines)
 
 
+def multi_host() -> str:
+    r = _load("multi_host.json")
+    p = r["placement"]
+    lines = [f"Placement (Ray resources): router on {p['router']}, context shards on {', '.join(p['shards'])}, "
+             f"expert groups on {', '.join(p['groups'])}; data plane `{r['transport']}` over TCP between hosts; "
+             f"max |logits - single process| {r['exact_over_tcp']:.1e}.", "",
+             "| host killed mid-stream (SIGKILL of every process, no replacement) | stream | served again after "
+             "| Ray reported the actor not alive after | max abs logit diff after (vs single process) |", "|---|---|---|---|---|"]
+    for key, what in (("shard_host_killed", "context shard host (its segment served from the store by the other shard)"),
+                      ("expert_host_killed", "expert group host (its experts loaded by the other group)")):
+        k = r[key]
+        lines.append(f"| {what} | {k['stream']} | {_s(k['served_again_s'])} | {_s(k['ray_reported_s'])} "
+                     f"| {k['max_abs_diff']:.1e} |")
+    rep = r["replacement"]
+    lines += ["", f"A new context registered while the shard host was down went to shard(s) "
+              f"{r['new_context_while_down']}. A replacement host joined {_s(rep['host_joined_s'])} after `ray start`; "
+              f"the shard restarted on it ({rep['shard_0_on']}) and served its segment again "
+              f"{_s(rep['handed_back_s'])} after the host was started (max abs logit diff {rep['max_abs_diff']:.1e})."]
+    return "\n".join(lines)
+
+
 TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
-          "dataplane": dataplane, "kv_sizes": kv_sizes}
+          "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host}
 
 
 def render(text: str) -> str:

@@ -25,6 +25,18 @@ def held(mesh):
     return out
 
 
+def stream_killing(mesh, context_id, victim):
+    """Greedy tokens of a stream over the context whose `victim` is killed (Ray restarts it)
+    after the first tokens; and when the kill was made (perf_counter)."""
+    gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, context_id, NEW, 0.0)
+    got = list(ray.get(next(gen))["tokens"])
+    ray.kill(victim, no_restart=False)
+    t0 = time.perf_counter()
+    for ref in gen:
+        got += ray.get(ref).get("tokens", [])
+    return got, t0
+
+
 def test_a_dead_shards_segments_are_served_by_the_others_exactly(ray_cluster, tiny_checkpoint, tmp_path):
     mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=3, expert_groups=2, page_size=16,
                          store=str(tmp_path / "store"))
@@ -61,12 +73,7 @@ def test_a_restarting_shard_is_stood_in_for_then_takes_its_segments_back(ray_clu
         ctx = mesh.register_context(list(range(4, 260)), mode="exact")
         want = mesh.forward_logits(PROMPT, context_id=ctx.id)
         tokens = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
-        gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, ctx.id, NEW, 0.0)
-        got = list(ray.get(next(gen))["tokens"])
-        ray.kill(mesh.shards[1], no_restart=False)  # Ray restarts it; the stream must not notice
-        t0 = time.perf_counter()
-        for ref in gen:
-            got += ray.get(ref).get("tokens", [])
+        got, t0 = stream_killing(mesh, ctx.id, mesh.shards[1])  # Ray restarts it; the stream must not notice
         print(f"\nTAKEOVER restarting shard: stream done {time.perf_counter() - t0:.2f} s after the kill")
         assert got == tokens
         deadline = time.monotonic() + 60  # back: Ray reports it alive, it rejoins, the alias is dropped
@@ -91,12 +98,7 @@ def test_a_lost_expert_groups_experts_are_loaded_by_another_then_handed_back(ray
         ctx = mesh.register_context(list(range(4, 200)), mode="exact")
         want = mesh.forward_logits(PROMPT, context_id=ctx.id)
         tokens = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
-        gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, ctx.id, NEW, 0.0)
-        got = list(ray.get(next(gen))["tokens"])
-        ray.kill(mesh.groups[2], no_restart=False)  # Ray restarts it; meanwhile another group holds its experts
-        t0 = time.perf_counter()
-        for ref in gen:
-            got += ray.get(ref).get("tokens", [])
+        got, t0 = stream_killing(mesh, ctx.id, mesh.groups[2])  # meanwhile another group holds its experts
         print(f"\nTAKEOVER restarting expert group: stream done {time.perf_counter() - t0:.2f} s after the kill")
         assert got == tokens
         np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=ctx.id), want, rtol=0, atol=1e-5)

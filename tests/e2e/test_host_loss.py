@@ -21,6 +21,7 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 import expertmesh as em
+from tests.faults import wait_until_served_by
 
 store = sys.argv[2] or None
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {
@@ -63,17 +64,8 @@ for what, fn in [("contexts", lambda: len(mesh.contexts())),
         out[what] = [type(exc).__name__, str(exc), time.monotonic() - t0]
 if store:  # capacity returns: the shard restarts on the new host and takes its segment back
     cluster.add_node(num_cpus=1, resources={"context_shard": 1})
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 120:
-        logits()
-        try:
-            if ctx.id in ray.get(mesh.shards[1].contexts.remote(), timeout=5):
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
-    out["handed_back"] = ["ok" if ctx.id in ray.get(mesh.shards[1].contexts.remote()) else "no", "",
-                          time.monotonic() - t0]
+    took = wait_until_served_by(mesh, 1, ctx.id, logits)
+    out["handed_back"] = ["ok" if ctx.id in ray.get(mesh.shards[1].contexts.remote()) else "no", "", took]
     out["after"] = ["ok", repr(logits()), 0.0]
 print(json.dumps(out))
 mesh.shutdown(); ray.shutdown(); cluster.shutdown()

@@ -26,6 +26,7 @@ import torch
 import expertmesh as em
 from expertmesh.actors.liveness import actor_state
 from expertmesh.model.checkpoint import load_model
+from tests.faults import wait_until_served_by
 from tests.hosts.netns import Hosts
 
 hosts = Hosts.attach()
@@ -74,14 +75,7 @@ t0 = time.monotonic()
 out["new_context_while_down"] = list(mesh.register_context(list(range(9, 120)), mode="exact").shards)
 hosts.add(4, {"context_shard": 1})  # a replacement host: shard 0 restarts there and takes its segment back
 joined = time.monotonic() - t0
-while time.monotonic() - t0 < 120:
-    mesh.forward_logits(prompt, context_id=ctx.id)  # the shard reopens its segment at its first item
-    try:
-        if ctx.id in ray.get(mesh.shards[0].contexts.remote(), timeout=5):
-            break
-    except Exception:
-        pass
-    time.sleep(0.25)
+wait_until_served_by(mesh, 0, ctx.id, lambda: mesh.forward_logits(prompt, context_id=ctx.id))
 out["replacement"] = {"host_joined_s": joined, "handed_back_s": time.monotonic() - t0, "shard_0_on": where(mesh.shards[0]),
                       "max_abs_diff": float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())}
 out["expert_host_killed"] = kill_mid_stream(3, mesh.groups[1])
