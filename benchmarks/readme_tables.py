@@ -385,7 +385,7 @@ def multi_host() -> str:
     rep = r["replacement"]
     lines += ["", f"A new context registered while the shard host was down went to shard(s) "
               f"{r['new_context_while_down']}. A replacement host joined {_s(rep['host_joined_s'])} after `ray start`; "
-              f"the shard restarted on it ({rep['shard_0_on']}) and served its segment again "
+              f"the shard restarted on it ({rep['shard_on']}) and served its segment again "
               f"{_s(rep['handed_back_s'])} after the host was started (max abs logit diff {rep['max_abs_diff']:.1e})."]
     return "\n".join(lines)
 

@@ -48,7 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
 from expertmesh.actors.handshake import new_key
 from expertmesh.actors.join_watch import join_check
-from expertmesh.actors.liveness import RECHECK_S, down
+from expertmesh.actors.liveness import RECHECK_S, LeftOut
 from expertmesh.actors.plane_metrics import DataPlaneMetrics
 from expertmesh.actors.rendezvous import RendezvousStore
 from expertmesh.actors.socket_group import Listener, SocketGroup
@@ -88,6 +88,7 @@ class CollectiveExchange(Exchange):
         self.left_shards: dict[int, str] = {}  # context shard -> Ray's state of its actor, left out of this generation
         self.left_groups: dict[int, str] = {}  # expert group -> likewise
         self._checked = 0.0  # when the left-out actors were last asked about
+        self._out = LeftOut()  # peers left out of the group
         self.heads, self.head_dim, self.hidden, self.device = heads, head_dim, hidden, device
         self.limits = WireLimits(heads, head_dim, hidden, num_layers, len(shards))  # what actors check plans against
         self.backend, self.join_timeout_s = backend_for(device, transport), join_timeout_s
@@ -138,7 +139,7 @@ class CollectiveExchange(Exchange):
             else:
                 self._rendezvous.forget.remote(f"expertmesh/g{self.generation - 1}/")
             address = self._rendezvous
-        left = {i: state for i, (h, _, _) in enumerate(self.peers) if (state := down(h))}
+        left = self._out.refresh([h for h, _, _ in self.peers])
         self._set_members([i for i in range(len(self.peers)) if i not in left], left)
         world = len(self.ranks) + 1
         refs = {r: self.peers[i][0].join_group.remote(address, self.generation, r, world, self.backend,
@@ -157,8 +158,9 @@ class CollectiveExchange(Exchange):
                         except Exception:  # noqa: BLE001 - it ran, or cannot be cancelled: it fails on its own
                             pass
                     out = {i for i, r in self.ranks.items() if r in self._pg.left_out}
-                    self._set_members([i for i in self.ranks if i not in out],
-                                      {**left, **{i: down(self.peers[i][0]) or "RESTARTED" for i in out}}, renumber=False)
+                    for i in out:
+                        self._out.add(i, self.peers[i][0])
+                    self._set_members([i for i in self.ranks if i not in out], self._out.why(), renumber=False)
             else:
                 self._pg, self._store = make_group(self.backend, address, self.generation, 0, world,
                                                    self.join_timeout_s)
@@ -200,7 +202,7 @@ class CollectiveExchange(Exchange):
             if self._pg is not None and len(self.ranks) < len(self.peers) and \
                     time.monotonic() - self._checked >= RECHECK_S:
                 self._checked = time.monotonic()
-                if any(down(h) is None for i, (h, _, _) in enumerate(self.peers) if i not in self.ranks):
+                if self._out.any_back([h for h, _, _ in self.peers]):
                     self._drop_group()
             if self._pg is None:
                 self._form_group()

@@ -13,6 +13,7 @@ always alive.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
@@ -20,22 +21,64 @@ import ray
 ALIVE = "ALIVE"
 UNKNOWN = "UNKNOWN"  # Ray could not be asked: treated as alive (the caller waits as before)
 RECHECK_S = 1.0  # while an actor is left out, how often the router asks whether it is back
+RETRY_S = 30.0  # one left out while Ray called it alive is tried again after this long
 
 
-def actor_state(handle: Any) -> str:
-    """Ray's state of an actor: ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD
-    (or UNKNOWN)."""
+def actor_info(handle: Any) -> tuple[str, int]:
+    """Ray's state of an actor (ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD,
+    or UNKNOWN) and how many times Ray has restarted it."""
     if not isinstance(handle, ray.actor.ActorHandle):
-        return ALIVE
+        return ALIVE, 0
     try:
         from ray._private.state import state
 
-        return state.actor_table(handle._actor_id.hex()).get("State") or UNKNOWN
+        row = state.actor_table(handle._actor_id.hex())
+        return row.get("State") or UNKNOWN, int(row.get("NumRestarts") or 0)
     except Exception:  # noqa: BLE001 - a control store that does not answer: say nothing new
-        return UNKNOWN
+        return UNKNOWN, 0
+
+
+def actor_state(handle: Any) -> str:
+    return actor_info(handle)[0]
+
+
+def back(handle: Any, when_left: tuple[str, int, float]) -> bool:
+    """Is an actor left out with `when_left` = (state, restarts, time.monotonic()) then able to
+    serve again? One left out while Ray still called it alive (its join failed: its host
+    unreachable and not yet declared dead) is back once Ray has restarted it, not while Ray
+    still reports the old one (or, in case the failure was passing, after RETRY_S)."""
+    state, restarts = actor_info(handle)
+    return state in (ALIVE, UNKNOWN) and (when_left[0] not in (ALIVE, UNKNOWN) or restarts > when_left[1]
+                                           or time.monotonic() - when_left[2] > RETRY_S)
 
 
 def down(handle: Any) -> str | None:
     """None if the actor can serve (or Ray cannot tell); else its state."""
     s = actor_state(handle)
     return None if s in (ALIVE, UNKNOWN) else s
+
+
+class LeftOut:
+    """The actors (by index) left out of the data plane, each with what Ray said when it was."""
+
+    def __init__(self) -> None:
+        self.since: dict[int, tuple[str, int, float]] = {}
+
+    def refresh(self, handles: list[Any]) -> dict[int, str]:
+        """Take back those that are back, leave out those Ray does not report alive; index ->
+        why (Ray's state, or UNREACHABLE: its join failed while Ray still called it alive)."""
+        for i in [i for i, when in self.since.items() if back(handles[i], when)]:
+            del self.since[i]
+        for i, h in enumerate(handles):
+            if i not in self.since and (info := actor_info(h))[0] not in (ALIVE, UNKNOWN):
+                self.since[i] = (*info, time.monotonic())
+        return self.why()
+
+    def add(self, i: int, handle: Any) -> None:
+        self.since[i] = (*actor_info(handle), time.monotonic())
+
+    def why(self) -> dict[int, str]:
+        return {i: "UNREACHABLE" if s in (ALIVE, UNKNOWN) else s for i, (s, _, _) in self.since.items()}
+
+    def any_back(self, handles: list[Any]) -> bool:
+        return any(back(handles[i], when) for i, when in self.since.items())

@@ -70,16 +70,19 @@ def kill_mid_stream(host, victim):
     logits = float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())
     return {"stream": result, "served_again_s": took, "ray_reported_s": seen.get("detected"), "max_abs_diff": logits}
 
-out["shard_host_killed"] = kill_mid_stream(1, mesh.shards[0])
+k = out["placement"]["shards"].index(hosts.address(1))  # the shard on host 1
+g = out["placement"]["groups"].index(hosts.address(3))  # the expert group on host 3
+out["lost_shard"], out["lost_group"] = k, g
+out["shard_host_killed"] = kill_mid_stream(1, mesh.shards[k])
 t0 = time.monotonic()
 out["new_context_while_down"] = list(mesh.register_context(list(range(9, 120)), mode="exact").shards)
-hosts.add(4, {"context_shard": 1})  # a replacement host: shard 0 restarts there and takes its segment back
+hosts.add(4, {"context_shard": 1})  # a replacement host: the shard restarts there and takes its segment back
 joined = time.monotonic() - t0
-wait_until_served_by(mesh, 0, ctx.id, lambda: mesh.forward_logits(prompt, context_id=ctx.id))
-out["replacement"] = {"host_joined_s": joined, "handed_back_s": time.monotonic() - t0, "shard_0_on": where(mesh.shards[0]),
+wait_until_served_by(mesh, k, ctx.id, lambda: mesh.forward_logits(prompt, context_id=ctx.id))
+out["replacement"] = {"host_joined_s": joined, "handed_back_s": time.monotonic() - t0, "shard_on": where(mesh.shards[k]),
                       "max_abs_diff": float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())}
-out["expert_host_killed"] = kill_mid_stream(3, mesh.groups[1])
-out["adopted"] = ray.get(mesh.groups[0].stats.remote())["adopted_experts"]
+out["expert_host_killed"] = kill_mid_stream(3, mesh.groups[g])
+out["adopted"] = ray.get(mesh.groups[1 - g].stats.remote())["adopted_experts"]
 print("RESULT " + json.dumps(out))
 mesh.shutdown()
 '''
@@ -106,15 +109,13 @@ def test_four_hosts_tcp_exact_and_hosts_killed_mid_stream(hosts, tiny_checkpoint
         with open(os.environ["EXPERTMESH_RESULTS"], "w") as f:
             json.dump(out, f, indent=1)
     a = [hosts.address(i) for i in range(5)]
-    assert out["placement"] == {"router": a[0], "shards": [a[1], a[2]], "groups": sorted([a[0], a[3]])} or \
-        out["placement"] == {"router": a[0], "shards": [a[2], a[1]], "groups": sorted([a[0], a[3]])} or \
-        (out["placement"]["router"] == a[0] and sorted(out["placement"]["shards"]) == [a[1], a[2]]
-         and sorted(out["placement"]["groups"]) == [a[0], a[3]])
+    p = out["placement"]  # by Ray resources: each actor on a host declaring its kind
+    assert p["router"] == a[0] and sorted(p["shards"]) == [a[1], a[2]] and sorted(p["groups"]) == [a[0], a[3]]
     assert out["transport"] == "socket" and out["exact_over_tcp"] <= 1e-5
     for what in ("shard_host_killed", "expert_host_killed"):
         k = out[what]
         assert k["stream"] == "same tokens" and k["served_again_s"] < 45 and k["max_abs_diff"] <= 1e-5, (what, k)
-    assert out["new_context_while_down"] == [1]
+    assert out["new_context_while_down"] == [1 - out["lost_shard"]]
     r = out["replacement"]
-    assert r["shard_0_on"] == a[4] and r["handed_back_s"] < 90 and r["max_abs_diff"] <= 1e-5
-    assert out["adopted"] and out["adopted"][0][0] > 0  # group 0 holds group 1's experts
+    assert r["shard_on"] == a[4] and r["handed_back_s"] < 90 and r["max_abs_diff"] <= 1e-5
+    assert len(out["adopted"]) == 1  # the other group holds the lost group's experts
