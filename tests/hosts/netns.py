@@ -32,8 +32,8 @@ def unavailable() -> str | None:
         return "Linux network namespaces are needed"
     if os.geteuid() != 0:
         return "root is needed to make network namespaces (`ip netns`)"
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` is not installed"
+    if shutil.which("ip") is None or shutil.which("nsenter") is None:
+        return "iproute2's `ip` and util-linux's `nsenter` are needed"
     probe = f"emprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -42,24 +42,32 @@ def unavailable() -> str | None:
     return None
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
 class Hosts:
-    def __init__(self, tag: str, subnet: int, token: str, root: str) -> None:
-        self.tag, self.subnet, self.token, self.root = tag, subnet, token, Path(root)
+    def __init__(self, tag: str, subnet: int, token: str, root: str, mounts: str) -> None:
+        """mounts: the test process's mount namespace. `ip netns` names namespaces with bind
+        mounts, and `ip netns exec` runs its command in a mount namespace of its own: the driver
+        (run so) makes and kills hosts through the test's, or the test could not see them to
+        clean them up."""
+        self.tag, self.subnet, self.token, self.root, self.mounts = tag, subnet, token, Path(root), mounts
+
+    def _cmd(self, *args: str) -> list[str]:
+        here = os.readlink("/proc/self/ns/mnt")
+        return list(args) if here == os.readlink(self.mounts) else ["nsenter", f"--mount={self.mounts}", *args]
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(self._cmd("ip", *args), check=True, capture_output=True, text=True)
 
     @classmethod
     def create(cls) -> "Hosts":
         """A bridge namespace; hosts come with `add`. Ray's files go to /tmp/em<tag> (its Unix
         socket paths must stay under 108 bytes)."""
         tag = secrets.token_hex(3)
-        hosts = cls(tag, 1 + secrets.randbelow(250), secrets.token_hex(24), f"/tmp/em{tag}")
-        _ip("netns", "add", hosts.bridge)
-        _ip("-n", hosts.bridge, "link", "set", "lo", "up")
-        _ip("-n", hosts.bridge, "link", "add", "br0", "type", "bridge")
-        _ip("-n", hosts.bridge, "link", "set", "br0", "up")
+        hosts = cls(tag, 1 + secrets.randbelow(250), secrets.token_hex(24), f"/tmp/em{tag}",
+                    f"/proc/{os.getpid()}/ns/mnt")
+        hosts._ip("netns", "add", hosts.bridge)
+        hosts._ip("-n", hosts.bridge, "link", "set", "lo", "up")
+        hosts._ip("-n", hosts.bridge, "link", "add", "br0", "type", "bridge")
+        hosts._ip("-n", hosts.bridge, "link", "set", "br0", "up")
         return hosts
 
     @classmethod
@@ -68,7 +76,8 @@ class Hosts:
         return cls(**json.loads(os.environ["EXPERTMESH_HOSTS"]))
 
     def spec(self) -> str:
-        return json.dumps({"tag": self.tag, "subnet": self.subnet, "token": self.token, "root": str(self.root)})
+        return json.dumps({"tag": self.tag, "subnet": self.subnet, "token": self.token, "root": str(self.root),
+                           "mounts": self.mounts})
 
     @property
     def bridge(self) -> str:
@@ -92,25 +101,26 @@ class Hosts:
         """Host i (0: the head) joins the cluster with these Ray resources; seconds it took."""
         t0 = time.monotonic()
         ns = self.name(i)
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", self.bridge)
-        _ip("-n", self.bridge, "link", "set", f"p{i}", "master", "br0")
-        _ip("-n", self.bridge, "link", "set", f"p{i}", "up")
-        _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
-        _ip("-n", ns, "link", "set", "eth0", "up")
+        self._ip("netns", "add", ns)
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", self.bridge)
+        self._ip("-n", self.bridge, "link", "set", f"p{i}", "master", "br0")
+        self._ip("-n", self.bridge, "link", "set", f"p{i}", "up")
+        self._ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+        self._ip("-n", ns, "link", "set", "eth0", "up")
         where = ["--head", "--port", "6379", "--include-dashboard=false"] if i == 0 else ["--address", self.head]
         temp = self.root / f"h{i}"
         temp.mkdir(parents=True, exist_ok=True)
-        cmd = ["ip", "netns", "exec", ns, RAY, "start", *where, "--node-ip-address", self.address(i),
-               "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--disable-usage-stats", "--object-store-memory", str(200 << 20), "--temp-dir", str(temp)]
+        cmd = self._cmd("ip", "netns", "exec", ns, RAY, "start", *where, "--node-ip-address", self.address(i),
+                        "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--disable-usage-stats",
+                        "--object-store-memory", str(200 << 20), "--temp-dir", str(temp))
         done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"ray start on host {i} failed: {done.stderr[-2000:]}")
         return time.monotonic() - t0
 
     def pids(self, i: int) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", self.name(i)], capture_output=True, text=True)
+        out = subprocess.run(self._cmd("ip", "netns", "pids", self.name(i)), capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 
     def kill(self, i: int) -> None:
@@ -131,11 +141,17 @@ class Hosts:
 
     def close(self) -> None:
         """Kill every process in this tag's namespaces and delete them (hosts the driver added too)."""
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        listed = subprocess.run(self._cmd("ip", "netns", "list"), capture_output=True, text=True).stdout.split("\n")
         names = [line.split()[0] for line in listed if line.startswith(f"em{self.tag}-")]
         for ns in names:
             if ns != self.bridge:
                 self.kill(int(ns.rsplit("-h", 1)[1]))
         for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(self._cmd("ip", "netns", "del", ns), capture_output=True)
+        for proc in Path("/proc").iterdir():  # anything of this tag still running (a host missed above)
+            try:
+                if proc.name.isdigit() and str(self.root).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
         shutil.rmtree(self.root, ignore_errors=True)
