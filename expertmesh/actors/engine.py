@@ -93,8 +93,9 @@ class Engine:
         if plan.groups and len(self.group_serving) < len(absent_groups):
             raise Unavailable(f"expert groups {sorted(absent_groups)} are not running (Ray reports "
                               f"{sorted(set(absent_groups.values()))}) and no expert group is; retry later")
-        self.adopted.update((h, it.context_id) for lp in plan.layers for h, items in lp.attend.items()
-                            for it in items if h != it.owner)
+        if self.serving:
+            self.adopted.update((h, it.context_id) for lp in plan.layers for h, items in lp.attend.items()
+                                for it in items if h != it.owner)
         device = self.model.embed.weight.device
         exchange = self.exchange.begin(plan)
         step = _Step(plan, exchange, list(batch), spans, positions.to(device))
@@ -244,7 +245,9 @@ class Engine:
     def _stand_in(self, absent: dict[int, str]) -> None:
         """Who serves the segments of shards Ray does not report alive (with a store); aliases on
         shards no longer standing in are dropped there (the owner is back, or another took over)."""
-        serving = serving_map(self.num_shards, absent, self.load() if self.load else None) if self.durable else {}
+        serving = {}  # the load is counted only while a shard is lost (not on every step)
+        if self.durable and absent:
+            serving = serving_map(self.num_shards, absent, self.load() if self.load else None)
         if serving != self.serving:
             for host, name in list(self.adopted):
                 _, owner = alias_of(name)
