@@ -4,7 +4,7 @@ The router asks Ray's control store (the GCS actor table, about half a milliseco
 instead of waiting out a timeout: an actor whose process or host is gone is RESTARTING (or
 PENDING_CREATION while no host has room for it) as soon as Ray has noticed, and DEAD once Ray
 gives up on it. How fast Ray notices a lost host is Ray's node health check (the chart's
-`healthCheck` settings); a lost process is noticed at once.
+`head.nodeFailureDetection`); a lost process is noticed at once.
 
 Actors the router leaves out of the data plane because Ray does not report them alive come
 back in when Ray does (`RECHECK_S`). In-process objects (tests, the single-process mesh) are
