@@ -8,18 +8,7 @@ actor's step loop, step_worker.py) and everything outside steps (registration wr
 Each step, the router sends every participating actor its slice of the plan (`PeerPlan`:
 int64 length, then the plan in wire.py's data-only encoding) just before the first message of the step that actor
 gets; then both sides walk the plan in order and exchange point-to-point messages (rank 0 is
-the router):
-
-  attend  router -> shard   fp32 [n_items + rows*Hq*D]: an active flag per planned item, then
-                            the items' query rows (rows of inactive items are zeros)
-          shard -> router   fp32 [1 + active rows*Hq*(D+1) + 3*active items]: status; per active
-                            item its partial output [t*Hq*D] then its LSE [t*Hq]; pages read
-                            per active item (all, from memory, from the store)
-  experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H] rows and int64 [n]
-                            expert ids (small steps over gloo/NCCL, where a message costs more:
-                            one fp32 message, the count then rows + expert id [n, H+1] padded
-                            to the most the group can get)
-          group -> router   fp32 [1 + n*H]: status, expert outputs
+the router; the messages' layouts are in wire.py).
 
 Membership: only the mesh's actors join a group (a new key per generation, handed out through
 Ray; the socket transport's handshake.py; gloo/NCCL meet through Ray, rendezvous.py). Nothing
@@ -35,6 +24,7 @@ forming a new group that the restarted actor joins (a dead one ends the formatio
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import threading
@@ -187,6 +177,14 @@ class CollectiveExchange(Exchange):
         self.rank_of_group = {self.peers[i][2]: r for i, r in self.ranks.items() if self.peers[i][2] is not None}
         self.left_shards = {self.peers[i][1]: st for i, st in left.items() if self.peers[i][1] is not None}
         self.left_groups = {self.peers[i][2]: st for i, st in left.items() if self.peers[i][2] is not None}
+
+    def add_shards(self, handles: list[Any]) -> None:
+        """Context shards added to the mesh: the next step forms a new generation with them."""
+        with self._lock:
+            first = 1 + max(s for _, s, _ in self.peers if s is not None)
+            self.peers += [(h, first + k, None) for k, h in enumerate(handles)]
+            self.limits = dataclasses.replace(self.limits, shards=first + len(handles))
+            self._drop_group()
 
     def shard_handle(self, shard: int) -> Any:
         return next(h for h, s, _ in self.peers if s == shard)

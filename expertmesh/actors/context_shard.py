@@ -103,6 +103,8 @@ def _remove_dead_scratch() -> None:
 
 
 class ContextShard(StepWorker):
+    BACKEND = "torch"  # what `Mesh.add_shards` starts more of
+
     def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
                  page_size: int = 64, num_threads: int | None = None, store: str | None = None,
                  memory_bytes: int | None = None, kv_dtype: str = "float32", device: str = "cpu",
@@ -113,6 +115,8 @@ class ContextShard(StepWorker):
         device: where the page pool lives and attention computes (pages are read from the store
         into it); partial outputs and the LSE stay fp32.
         gpu_share: the GPUs this actor asked Ray for (bounds the default budget on a GPU)."""
+        self.args = (index, specs, capacity_tokens, page_size, num_threads, store, memory_bytes, kv_dtype, device,
+                     gpu_share)  # a shard added later is made alike (`spec`)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = self.pool_device = self.data_device = resolve_device(device)  # a JAX shard sets its own .device
@@ -145,6 +149,10 @@ class ContextShard(StepWorker):
 
     def ping(self) -> int:
         return self.index
+
+    def spec(self) -> tuple[str, tuple]:
+        """(backend, constructor arguments): how to start another shard like this one."""
+        return self.BACKEND, self.args
 
     def used_tokens(self) -> int:
         with self._lock:

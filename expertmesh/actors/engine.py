@@ -155,12 +155,12 @@ class Engine:
         results = replies()
         self.waits["shards"] += time.perf_counter() - t0
         parts = [(own_out, own_lse)]
-        by_owner: dict[int, list] = {}  # one partial per segment owner (a stand-in shard serves two)
-        for shard, answers in results.items():
+        by_place: dict[int, list] = {}  # one partial per segment place in a context, merged in context order
+        for shard, answers in results.items():  # (wherever a segment lives: moved, or a stand-in serving two)
             for (j, _), (o, l) in zip(requests.get(shard, []), answers):  # a shard not chosen: none
-                by_owner.setdefault(lp.attend[shard][j].owner, []).append((lp.attend[shard][j].rows, o, l))
-        for owner in sorted(by_owner):  # rows an owner did not serve stay neutral (lse = -inf)
-            got = by_owner[owner]
+                by_place.setdefault(lp.attend[shard][j].order, []).append((lp.attend[shard][j].rows, o, l))
+        for place in sorted(by_place):  # rows without a segment at this place stay neutral (lse = -inf)
+            got = by_place[place]
             if len(got) == 1 and len(got[0][0]) == q.shape[0]:
                 parts.append((got[0][1].to(own_out.device), got[0][2].to(own_lse.device)))
                 continue

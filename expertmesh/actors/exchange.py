@@ -94,6 +94,10 @@ class Exchange:
     def group_handle(self, group: int) -> Any:
         raise NotImplementedError
 
+    def add_shards(self, handles: list[Any]) -> None:
+        """Context shards added to the mesh (indices from the current count on)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -174,6 +178,9 @@ class TaskExchange(Exchange):
 
     def shard_handle(self, shard: int) -> Any:
         return self.shards[shard]
+
+    def add_shards(self, handles: list[Any]) -> None:
+        self.shards = [*self.shards, *handles]  # a step in flight keeps the list it began with
 
     def group_handle(self, group: int) -> Any:
         return self.groups[group]

@@ -30,6 +30,8 @@ POOL_START = 1024  # page slots of the first pool (it doubles, up to the table's
 
 
 class JaxContextShard(ContextShard):
+    BACKEND = "jax"
+
     def __init__(self, *args, **kwargs) -> None:
         self.jax = configure_jax(kwargs.get("num_threads") or (args[4] if len(args) > 4 else None))  # first: fail early
         super().__init__(*args, **kwargs)

@@ -10,8 +10,37 @@ from __future__ import annotations
 import ray
 
 NAMESPACE = "expertmesh"  # where a mesh's named actors live (Mesh.attach, restarts)
+CONTEXT_SHARD = "context_shard"
+EXPERT_GROUP = "expert_group"
+WORKER = "worker"  # a colocated actor: a context shard and an expert group
+ROUTER = "router"  # hosts that may run routers, where a cluster declares it (else anywhere)
+
+
+def actor_name(mesh: str, kind: str | None, index: int = 0) -> str:
+    """The name of one actor of a mesh: `<mesh>.router`, `<mesh>.context_shard3`, ...
+
+    A restarted actor runs its constructor again with the arguments it was created with; an
+    argument holding actor handles lives in its creator's object store and is gone with it (a
+    Serve replica that started a detached mesh). The router is therefore given its shards' and
+    groups' names and looks them up."""
+    return f"{mesh}.router" if kind is None else f"{mesh}.{kind}{index}"
 
 
 def lookup(targets: list) -> list:
     """Actor handles (or in-process objects) as given; names looked up in the mesh namespace."""
     return [ray.get_actor(t, namespace=NAMESPACE) if isinstance(t, str) else t for t in targets]
+
+
+def added_shards(router_name: str | None, first: int) -> list[str]:
+    """Names of context shards added to a running mesh (`Mesh.add_shards`), from index `first`
+    on: a restarted router finds them by name (its constructor names only the first ones)."""
+    if not router_name or not router_name.endswith(".router"):
+        return []
+    mesh, names = router_name[:-len(".router")], []
+    while True:
+        name = actor_name(mesh, CONTEXT_SHARD, first + len(names))
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return names
+        names.append(name)

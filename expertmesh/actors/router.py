@@ -24,7 +24,8 @@ from expertmesh.actors.directory import Directory
 from expertmesh.actors.engine import Engine
 from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
 from expertmesh.actors.liveness import down
-from expertmesh.actors.names import lookup
+from expertmesh.actors.names import added_shards, lookup
+from expertmesh.actors.placement import Placement
 from expertmesh.actors.registration import Registration
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
@@ -38,7 +39,7 @@ from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.registry import ContextInfo, ContextRecord
 
 
-class Router(Registration, Directory):
+class Router(Registration, Directory, Placement):
     def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
                  num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
                  data_plane: str = "collective", store: str | None = None, kv_dtype: str = "float32",
@@ -59,7 +60,8 @@ class Router(Registration, Directory):
         self.model = load_model(checkpoint, with_experts=False, dtype=self.dtype,
                                 device=self.device).requires_grad_(False)
         self.cfg = self.model.cfg
-        self.shards, self.groups = lookup(shards), lookup(groups)  # names: see cluster.actor_name
+        # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
+        self.shards, self.groups = lookup(shards + added_shards(_own_name(), len(shards))), lookup(groups)
         shards, groups = self.shards, self.groups
         self.capacity_tokens = capacity_tokens
         self.kv_dtype, self.page_size = kv_dtype, page_size
@@ -74,6 +76,8 @@ class Router(Registration, Directory):
         self.contexts: dict[str, ContextRecord] = {}
         self.lost: dict[str, str] = {}  # context id -> why it was lost (a shard restarted without a store)
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
+        self._retiring: dict[str, set[int]] = {}  # context id -> shards letting go of a moved segment (placement.py)
+        self._placing, self._letting_go = asyncio.Lock(), set()
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         if remote and check_data_plane(data_plane) == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
@@ -153,6 +157,7 @@ class Router(Registration, Directory):
         await self._prepare(context_id)
         seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id, top_pages)
         seq.stream = asyncio.Queue()
+        self._by_id[seq.request_id] = seq  # before _run starts: a segment move waits for it (placement.py)
         task = asyncio.ensure_future(self._run(seq))
         finished = False
         while not finished:
@@ -412,6 +417,13 @@ class Router(Registration, Directory):
             "context_tokens": seq.start_pos if seq.context_id else 0, "pathway": pathway,
             "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None, "total_s": now - seq.t_submit,
         }
+
+
+def _own_name() -> str | None:
+    try:
+        return ray.get_runtime_context().get_actor_name()
+    except Exception:  # noqa: BLE001 - not an actor (an in-process router)
+        return None
 
 
 def _cuda_memory(device: torch.device) -> dict:

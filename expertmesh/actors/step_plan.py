@@ -48,6 +48,7 @@ class ItemPlan:
     seqs: tuple[int, ...]  # the requests (indices into the layer's live batch)
     chooser: int | None = None  # a request whose shards are chosen at this layer from its queries
     owner: int = -1  # the shard whose segment this is (another shard stands in for a lost one: takeover.py)
+    order: int = 0  # the segment's place in its context: partials merge in context order, wherever it lives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,7 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
         live = tuple(i for i, seq in enumerate(batch) if index < last or seq.kind != "segment")
         plan: dict[int, dict[tuple, list[int]]] = {}  # shard -> item key -> positions in `live`
         choosers: dict[tuple, int] = {}
-        owners: dict[tuple, int] = {}  # (shard, item key) -> the shard whose segment it reads
+        owners: dict[tuple, tuple[int, int]] = {}  # (shard, item key) -> (segment's shard, its place)
         for j, i in enumerate(live):
             seq, (a, b) = batch[i], spans[i]
             if not seq.segments:
@@ -149,17 +150,18 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
                     seq.layer_shards[index] = fixed
             q_lo, q_hi = int(pos[0]), int(pos[-1])
             chunks = set((pos // spec.chunk_size).tolist()) if spec.chunk_size else None
-            by_shard = {s.shard: s for s in seq.segments}
+            by_shard = {s.shard: (i, s) for i, s in enumerate(seq.segments)}
             candidates = [s.shard for s in seq.segments] if dynamic else seq.layer_shards[index]
             # requests choosing pages or shards get their own item; exact ones share one per context
             own = seq.top_pages is not None or dynamic
             key = (seq.context_id, seq.top_pages, seq.request_id if own else None)
             for shard in candidates:
-                if segment_visible(by_shard[shard], q_lo, q_hi, chunks, spec):
+                order, segment = by_shard[shard]
+                if segment_visible(segment, q_lo, q_hi, chunks, spec):
                     host = serving.get(shard, shard)
                     k = key if host == shard else (alias(key[0], shard), *key[1:])
                     plan.setdefault(host, {}).setdefault(k, []).append(j)
-                    owners[host, k] = shard
+                    owners[host, k] = shard, order
                     if dynamic:
                         choosers[k] = j
         # the layer's row layout: live sequences' spans, back to back
@@ -175,11 +177,11 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
                                        for j in js])
                 first = batch[live[js[0]]]
                 q_pos = np.concatenate([positions[spans[live[j]][0]:spans[live[j]][1]].numpy() for j in js])
-                owner = owners[shard, key]
+                owner, order = owners[shard, key]
                 items.append(ItemPlan(key[0], rows, q_pos, {batch[live[j]].request_id: spans[live[j]][1] -
                                                             spans[live[j]][0] for j in js},
                                       first.top_pages, first.segment_files.get(owner), tuple(js), choosers.get(key),
-                                      owner))
+                                      owner, order))
             attend[shard] = tuple(items)
         layers.append(LayerPlan(index, live, attend, bool(layer.is_moe and live), n * model.cfg.top_k))
     running = tuple(range(num_groups)) if running_groups is None else running_groups

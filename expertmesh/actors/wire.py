@@ -16,6 +16,19 @@ must exist, rows and expert pairs stay within the step's declared rows.
     error  ["emerr", 1, kind, message]   kind: one of ERROR_KINDS (the router raises that class;
            all are the project's: expertmesh.errors and the store's StoreCorrupted)
 
+The messages of a step (rank 0 is the router; collective.py):
+
+  attend  router -> shard   fp32 [n_items + rows*Hq*D]: an active flag per planned item, then
+                            the items' query rows (rows of inactive items are zeros)
+          shard -> router   fp32 [1 + active rows*Hq*(D+1) + 3*active items]: status; per active
+                            item its partial output [t*Hq*D] then its LSE [t*Hq]; pages read
+                            per active item (all, from memory, from the store)
+  experts router -> group   int64 [1]: rows n;  then, when n > 0, fp32 [n, H] rows and int64 [n]
+                            expert ids (small steps over gloo/NCCL, where a message costs more:
+                            one fp32 message, the count then rows + expert id [n, H+1] padded
+                            to the most the group can get)
+          group -> router   fp32 [1 + n*H]: status, expert outputs
+
 A message that fails any check raises `WireError`; the receiving side ends that connection.
 """
 

@@ -13,12 +13,8 @@ import os
 
 import ray
 
-from expertmesh.actors.names import NAMESPACE, lookup  # noqa: F401 - re-exported for callers
-
-CONTEXT_SHARD = "context_shard"
-EXPERT_GROUP = "expert_group"
-WORKER = "worker"  # a colocated actor: a context shard and an expert group
-ROUTER = "router"  # hosts that may run routers, where a cluster declares it (else anywhere)
+from expertmesh.actors.names import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, ROUTER, WORKER,  # noqa: F401
+                                     actor_name, lookup)  # re-exported for callers
 
 
 def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
@@ -55,16 +51,6 @@ def actor_options(kind: str | None, threads: int | None = None, also: str | None
     if res:
         opts["resources"] = res
     return opts
-
-
-def actor_name(mesh: str, kind: str | None, index: int = 0) -> str:
-    """The name of one actor of a mesh: `<mesh>.router`, `<mesh>.context_shard3`, ...
-
-    A restarted actor runs its constructor again with the arguments it was created with; an
-    argument holding actor handles lives in its creator's object store and is gone with it (a
-    Serve replica that started a detached mesh). The router is therefore given its shards' and
-    groups' names and looks them up."""
-    return f"{mesh}.router" if kind is None else f"{mesh}.{kind}{index}"
 
 
 def missing_resources(context_shards: int, expert_groups: int) -> str | None:

@@ -27,6 +27,7 @@ from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.errors import DeviceError, PlacementError, Unavailable
 from expertmesh.model.device import check_device_dtype
+from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
                                          connect, missing_resources, threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
@@ -329,6 +330,31 @@ class Mesh:
         meshes' interrupted registrations left and the files of contexts dropped more than the
         grace period ago that nothing names. Safe while other meshes use the store."""
         return self._call("clean_store")
+
+    # -- placement ------------------------------------------------------------------------
+    def add_shards(self, n: int = 1, timeout_s: float = 120.0) -> list[int]:
+        """Start n more context shards like the running ones (same backend, budget, store, GPU
+        share; on hosts declaring `context_shard` where the cluster declares it) and add them to
+        the mesh: new contexts use them at once; `rebalance()` moves existing segments onto them.
+        They stay part of the mesh through router restarts. Returns their indices."""
+        new = start_shards(self.router, self.shards, n, timeout_s)
+        try:
+            added = self._call("add_shards", [name for name, _ in new])
+        except BaseException:
+            for _, actor in new:  # a failed add leaves nothing behind
+                ray.kill(actor)
+            raise
+        self.shards = [*self.shards, *(actor for _, actor in new)]
+        return added
+
+    @_unwrap
+    def rebalance(self) -> dict:
+        """Move stored contexts' segments off shards Ray does not report alive and onto the least
+        loaded running shards (after `add_shards`, or a shard host lost for good); requests keep
+        running and logits stay bit-equal. Returns what moved, tokens per shard before and after,
+        and the seconds it took. Contexts without a store are not moved (they live in their
+        shard's memory)."""
+        return self._call("rebalance")
 
     # -- requests -------------------------------------------------------------------------
     @_unwrap

@@ -19,6 +19,7 @@ A store may be shared by several meshes at once. What makes that safe:
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 import time
 
@@ -169,6 +170,16 @@ class Catalog:
         """Publish a context: its manifest is the last file written."""
         self.location.write_bytes(f"contexts/{manifest.id}.json", manifest.to_json())
         self.manifests[manifest.id] = manifest
+
+    def relocate(self, context_id: str, shards: list[int]) -> bool:
+        """Record where a context's segments live now (a placement hint: any shard can open a
+        segment file). Only while the context is published and not dropped anywhere; False if not."""
+        m = self.load(context_id)
+        if m is None or self.location.read_bytes(f"dropped/{context_id}.json") is not None:
+            return False
+        self.add(dataclasses.replace(m, segments=tuple(dataclasses.replace(e, shard=s)
+                                                       for e, s in zip(m.segments, shards))))
+        return True
 
     def remove(self, context_id: str) -> list[str]:
         """Drop a context: `withdraw` then `release`. Returns the files deleted now."""

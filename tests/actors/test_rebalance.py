@@ -1,0 +1,136 @@
+"""Context shards added to a running mesh, and segments moved between shards (placement.py):
+new contexts use new shards at once, `rebalance` evens the tokens per shard and evacuates a
+shard lost for good, requests keep running and logits stay bit-equal, the layout survives a
+router restart."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+import expertmesh as em
+from expertmesh.actors.placement import plan_moves
+from tests.actors.test_takeover import held
+
+pytestmark = pytest.mark.ray
+PROMPT = [5, 17, 42, 99, 7, 3]
+
+
+def test_plan_moves_evens_load_and_never_doubles_a_context_on_a_shard():
+    # two shards full, two new and empty
+    layout = {f"c{k}": [(0, 100), (1, 100)] for k in range(4)}
+    moves = plan_moves(layout, [True] * 4)
+    where = {cid: [s for s, _ in segs] for cid, segs in layout.items()}
+    for cid, i, dst in moves:
+        where[cid][i] = dst
+    load = [0] * 4
+    for cid, shards in where.items():
+        assert len(set(shards)) == len(shards)  # one segment of a context per shard
+        for s in shards:
+            load[s] += 100
+    assert load == [200, 200, 200, 200], (moves, load)
+    # a shard that is not running: its segments go first, never onto a shard already holding the context
+    layout = {"a": [(0, 50), (1, 50)], "b": [(1, 30)]}
+    moves = plan_moves(layout, [True, False, True])
+    assert moves == [("a", 1, 2), ("b", 0, 0)]
+    # busy: a shard still letting go of a context's old segment takes none of it
+    assert plan_moves({"a": [(0, 100)]}, [True, True], busy={"a": {1}}) == []
+    # base load that cannot move counts; nothing to gain: no move
+    assert plan_moves({"a": [(0, 10)]}, [True, True], base=[0, 20]) == []
+    assert plan_moves({}, [True]) == []
+
+
+def test_add_shards_then_rebalance_moves_segments_while_requests_run(ray_cluster, tiny_checkpoint, tmp_path):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                         store=str(tmp_path / "store"))
+    try:
+        ctxs = [mesh.register_context(list(range(4 + k, 260 + k)), mode="exact") for k in range(3)]
+        want = {c.id: mesh.forward_logits(PROMPT, context_id=c.id) for c in ctxs}
+        tokens = mesh.generate(PROMPT, context_id=ctxs[0].id, max_new_tokens=40).token_ids
+        assert mesh.add_shards(2) == [2, 3]
+        assert len(mesh.shards) == 4
+        fresh = mesh.register_context(list(range(30, 90)), mode="exact", shards=1)
+        assert fresh.shards[0] in (2, 3)  # new contexts use the new capacity at once
+        mesh.drop_context(fresh.id)
+
+        out = {}  # a long generation runs through the rebalance
+        worker = threading.Thread(target=lambda: out.setdefault("res", mesh.generate(
+            PROMPT, context_id=ctxs[0].id, max_new_tokens=40)))
+        worker.start()
+        time.sleep(0.3)
+        res = mesh.rebalance()
+        worker.join(120)
+        print(f"\nREBALANCE moved {len(res['moved'])} segments in {res['seconds']:.3f} s: "
+              f"{res['tokens_before']} -> {res['tokens_after']}")
+        assert out["res"].token_ids == tokens
+        assert res["moved"] and {m["to"] for m in res["moved"]} <= {2, 3}
+        assert max(res["tokens_after"]) - min(res["tokens_after"]) < max(res["tokens_before"]) - \
+            min(res["tokens_before"])
+        assert min(res["tokens_after"]) > 0
+        for c in ctxs:  # bit-equal wherever the segments live
+            np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=c.id), want[c.id])
+        layout = {c.id: c.shards for c in mesh.contexts()}
+        deadline = time.monotonic() + 20  # the old shards let moved segments go
+        while time.monotonic() < deadline:
+            h = held(mesh)
+            if all(cid in h[s] for cid, shards in layout.items() for s in shards) and \
+                    all(cid not in h[s] for cid, shards in layout.items() for s in range(4) if s not in shards):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"shards hold {held(mesh)}; layout {layout}")
+
+        ray.kill(mesh.router, no_restart=False)  # a restarted router finds the added shards and the layout
+        got = mesh.forward_logits(PROMPT, context_id=ctxs[1].id)
+        np.testing.assert_array_equal(got, want[ctxs[1].id])
+        assert {c.id: c.shards for c in mesh.contexts()} == layout
+        assert len(ray.get(mesh.router.describe.remote())["shards"]) == 4
+        assert mesh.rebalance()["moved"] == []  # balanced already
+    finally:
+        mesh.shutdown()
+
+
+def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint, tmp_path):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=3, expert_groups=2, page_size=16,
+                         store=str(tmp_path / "store"))
+    try:
+        ctx = mesh.register_context(list(range(4, 300)), mode="exact")
+        want = mesh.forward_logits(PROMPT, context_id=ctx.id)
+        ray.kill(mesh.shards[1], no_restart=True)
+        np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=ctx.id), want)  # a stand-in
+        assert any(h and f"{ctx.id}@1" in h for h in held(mesh))
+        mesh.add_shards(1)
+        res = mesh.rebalance()
+        assert res["running"] == [True, False, True, True]
+        assert [(m["from"], m["to"]) for m in res["moved"]][0] == (1, 3)  # the lost shard's segment first
+        assert res["tokens_after"][1] == 0
+        np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=ctx.id), want)
+        info = next(c for c in mesh.contexts() if c.id == ctx.id)
+        assert 1 not in info.shards
+        deadline = time.monotonic() + 20  # the stand-in's alias is let go
+        while any(h and f"{ctx.id}@1" in h for h in held(mesh)):
+            assert time.monotonic() < deadline, held(mesh)
+            time.sleep(0.2)
+    finally:
+        mesh.shutdown()
+
+
+def test_rebalance_without_a_store_says_what_it_cannot_move(ray_cluster, tiny_checkpoint):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16)
+    try:
+        ctx = mesh.register_context(list(range(4, 200)), mode="exact")
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            mesh.add_shards(0)
+        mesh.add_shards(1)
+        res = mesh.rebalance()
+        assert res["moved"] == [] and res["not_moved"]["contexts"] == 1
+        assert "store" in res["not_moved"]["why"]
+        assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=4).completion_tokens == 4
+        fresh = mesh.register_context(list(range(30, 90)), mode="exact", shards=1)
+        assert fresh.shards == (2,)
+        np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=fresh.id),
+                                   mesh.forward_logits(list(range(30, 90)) + PROMPT)[-len(PROMPT):], atol=1e-4)
+    finally:
+        mesh.shutdown()
