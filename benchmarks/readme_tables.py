@@ -387,11 +387,54 @@ def multi_host() -> str:
               f"{r['new_context_while_down']}. A replacement host joined {_s(rep['host_joined_s'])} after `ray start`; "
               f"the shard restarted on it ({rep['shard_on']}) and served its segment again "
               f"{_s(rep['handed_back_s'])} after the host was started (max abs logit diff {rep['max_abs_diff']:.1e})."]
+    n = r["added_shard_host"]
+    lines += ["", f"A shard host added to the running mesh: it joined the cluster in {_s(n['host_joined_s'])}, "
+              f"`add_shards(1)` started shard {n['indices'][0]} on it ({n['shard_on']}) in {_s(n['shard_started_s'])}, "
+              f"and `rebalance()` moved {len(n['moved'])} segment(s) ({sum(m[0] for m in n['moved'])} tokens) in "
+              f"{_s(n['rebalance_s'])}: tokens per shard {n['tokens_before']} -> {n['tokens_after']} (max abs logit "
+              f"diff after {n['max_abs_diff']:.1e})."]
+    v = r["serve_through_shard_host_kill"]
+    lines += ["", f"Serve (its replica on the head) through the loss of a shard host, no replacement: the HTTP "
+              f"stream in flight ended with status {v['status']} {_s(v['stream_done_s'])} after the kill, "
+              f"{'the same text' if v['same_text'] else 'OTHER text'}; the next request: status {v['after_status']} "
+              f"in {_s(v['after_s'])}, {'the same text' if v['after_same_text'] else 'OTHER text'}."]
+    k = r["router_host_killed"]
+    lines += ["", f"The router's host killed with a request in flight through `Mesh.generate` and a replacement "
+              f"host declaring `router` joining ({_s(k['replacement_joined_s'])}): Ray reported the router not "
+              f"alive after {_s(k['ray_reported_s'])}; it restarted on the new host ({k['router_on']}) and the "
+              f"request, run again, finished {_s(k['served_again_s'])} after the kill: {k['result']} (max abs "
+              f"logit diff after {k['max_abs_diff']:.1e})."]
     return "\n".join(lines)
 
 
+def elastic() -> str:
+    r = _load("elastic.json")
+    b, t, rb = r["baseline"], r["takeover"], r["rebalance"]
+    seg = r["segments"][1]["tokens"]
+    return "\n".join([
+        f"{r['tokens']:,}-token context (blockwise, {r['kv_dtype']} KV, the built-in model), "
+        f"{r['context_shards']} context shards + {r['expert_groups']} expert groups, store on local disk; "
+        f"shard 1 ({seg:,} tokens) killed for good; {r['machine']}:", "",
+        "| | seconds | answer |", "|---|---|---|",
+        f"| baseline: register the context again + first answer | {b['register_plus_answer_s']:.1f} "
+        f"| {b['answer']['answer'].strip()!r} |",
+        f"| exact answer, all pages hot (before the kill) | {r['hot_answer']['wall_s']:.2f} "
+        f"| {r['hot_answer']['answer'].strip()!r} |",
+        f"| kill -> Ray reports the shard not alive | {t['ray_reported_s']:.2f} | |",
+        f"| kill -> answered again (a running shard opens the segment, reads its pages from the store) "
+        f"| {t['served_again_s']:.2f} | {t['answer']['answer'].strip()!r} (same: {t['same_answer']}) |",
+        f"| next answer (pages hot on the stand-in) | {t['next_answer_s']:.2f} | {t['next_answer']['answer'].strip()!r} |",
+        f"| `add_shards(1)` | {rb['add_shards_s']:.2f} | |",
+        f"| `rebalance()`: {len(rb['moved'])} segment(s) moved, tokens per shard {rb['tokens_before']} -> "
+        f"{rb['tokens_after']} | {rb['rebalance_s']:.2f} | |",
+        f"| first answer after the rebalance | {rb['first_answer_s']:.2f} | {rb['answer']['answer'].strip()!r} "
+        f"(same: {rb['same_answer']}) |", "",
+        f"Serving the lost shard's segment again took {r['ratios']['register_plus_answer_vs_takeover']:.0f}x less "
+        f"time than registering the context again."])
+
+
 TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
-          "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host}
+          "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic}
 
 
 def render(text: str) -> str:

@@ -336,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_eval)
 
     from expertmesh.platform.k8s_status import add_parser as add_k8s_parser
+    from expertmesh.pool_command import add_parser as add_pool_parser
 
     add_k8s_parser(sub)
+    add_pool_parser(sub)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []

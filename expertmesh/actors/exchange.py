@@ -35,7 +35,7 @@ import torch
 
 from expertmesh.actors.liveness import RECHECK_S, down
 from expertmesh.actors.step_plan import AttendItem, StepPlan
-from expertmesh.errors import Unavailable
+from expertmesh.errors import ExpertMeshError, Unavailable
 
 DATA_PLANES = ("collective", "ray")
 TRANSPORTS = ("auto", "socket", "gloo", "nccl")  # the collective plane's (collective.py)
@@ -118,6 +118,10 @@ def ask(target: Any, method: str, *args: Any, timeout_s: float = CONTROL_TIMEOUT
         return ray.get(getattr(target, method).remote(*args), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise Unavailable(f"a mesh actor did not answer {method!r} within {timeout_s:g} s; retry later") from None
+    except ray.exceptions.RayTaskError as exc:  # the actor's own error (e.g. CapacityError) says what went wrong
+        if isinstance(getattr(exc, "cause", None), ExpertMeshError):
+            raise exc.cause from None
+        raise
 
 
 async def _bounded(ref, target: Any, method: str, timeout_s: float):

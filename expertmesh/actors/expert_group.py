@@ -9,6 +9,7 @@ The class is plain Python; `RemoteExpertGroup` is the Ray actor of it.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 
@@ -18,6 +19,7 @@ import torch
 
 from expertmesh.jax_backend import check_backend, configure_jax
 from expertmesh.actors.step_worker import StepWorker
+from expertmesh.errors import CapacityError
 from expertmesh.model.checkpoint import load_experts
 from expertmesh.model.device import resolve_device, resolve_dtype
 
@@ -58,8 +60,21 @@ class ExpertGroup(StepWorker):
         `release_experts`: the router sends their rows here meanwhile. Returns the experts held."""
         held = range(start, stop)
         if held not in self.adopted and held != self.experts:
+            self._check_room(held)
             self.adopted[held] = self._load(held)
         return len(self.experts) + sum(len(r) for r in self.adopted)
+
+    def _check_room(self, held: range) -> None:
+        """Refuse experts that would not fit where this group's live (its own are the measure:
+        same shapes per expert), with the numbers, instead of loading them into an OOM kill."""
+        per_expert = sum(int(a.nbytes) for bank in self.banks.values() for a in _arrays(bank)) / len(self.experts)
+        need, free = int(per_expert * len(held)), free_memory_bytes(self.device)
+        if need > ROOM * free:
+            raise CapacityError(
+                f"expert group {self.index} cannot take over experts {held.start}..{held.stop - 1} of a lost group: "
+                f"they need {need / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB is free on its {self.device} "
+                f"(at most {ROOM:.0%} may be used); give expert hosts room for another group's experts, or "
+                "bring the lost group's host back")
 
     def release_experts(self, start: int, stop: int) -> bool:
         return self.adopted.pop(range(start, stop), None) is not None
@@ -112,6 +127,35 @@ class ExpertGroup(StepWorker):
 
             out["jax"] = {"compilations": compilations()}
         return out
+
+
+ROOM = 0.8  # of the free memory an adoption may take
+
+
+def _arrays(bank) -> list:
+    """A bank's weight arrays (torch parameters or JAX arrays)."""
+    if isinstance(bank, torch.nn.Module):
+        return list(bank.parameters())
+    return [a for a in vars(bank).values() if hasattr(a, "nbytes") and hasattr(a, "shape")]
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for more weights: on a GPU what CUDA reports free; else the host's available
+    memory (MemAvailable), within the container's limit where one is set."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit, used = (open(f"/sys/fs/cgroup/{f}").read().strip() for f in ("memory.max", "memory.current"))
+        if limit.isdigit():
+            avail = min(avail, int(limit) - int(used))
+    except OSError:
+        pass
+    return avail
 
 
 RemoteExpertGroup = ray.remote(ExpertGroup)

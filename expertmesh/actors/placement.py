@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import time
 from expertmesh.actors.exchange import call, tell
+from expertmesh.actors.liveness import down
 from expertmesh.actors.names import lookup
 from expertmesh.actors.takeover import alias
 from expertmesh.store.registry import ContextRecord, Segment
@@ -89,6 +90,13 @@ class Placement:
         self.shards = [*self.shards, *handles]
         self.engine.num_shards = len(self.shards)
         return list(range(first, len(self.shards)))
+
+    def pool(self) -> dict:
+        """Each context shard: Ray's state of its actor and the context tokens it holds."""
+        used = self._used_tokens()
+        return {"shards": [{"index": i, "state": down(h) or "ALIVE", "tokens": used[i]}
+                           for i, h in enumerate(self.shards)],
+                "contexts": sum(r.ready for r in self.contexts.values())}
 
     async def rebalance(self) -> dict:
         """Move stored contexts' segments off shards Ray does not report alive and from the most

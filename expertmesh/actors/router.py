@@ -284,6 +284,8 @@ class Router(Registration, Directory, Placement):
         """Ready contexts with a segment that its shard no longer holds (the shard restarted, or
         Ray reports it not alive: its memory is gone, and there is no store to reload it from):
         drop them; return id -> why, for their requests."""
+        if all(r.info.stored or not r.ready for r in self.contexts.values()):
+            return {}  # stored contexts are reopened from the store: no shard need be asked (a lost one may hang)
         states = [down(s) for s in self.shards]
         # a shard that is back answers in seconds; one that cannot be placed holds nothing we can serve
         held = await asyncio.gather(*(asyncio.sleep(0) if st else call(s, "contexts", timeout_s=10.0)

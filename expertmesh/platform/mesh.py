@@ -348,6 +348,11 @@ class Mesh:
         return added
 
     @_unwrap
+    def pool(self) -> dict:
+        """Each context shard: Ray's state of its actor ("ALIVE", "RESTARTING", ...) and its tokens."""
+        return self._call("pool")
+
+    @_unwrap
     def rebalance(self) -> dict:
         """Move stored contexts' segments off shards Ray does not report alive and onto the least
         loaded running shards (after `add_shards`, or a shard host lost for good); requests keep

@@ -3,6 +3,7 @@ new contexts use new shards at once, `rebalance` evens the tokens per shard and 
 shard lost for good, requests keep running and logits stay bit-equal, the layout survives a
 router restart."""
 
+import json
 import threading
 import time
 
@@ -12,6 +13,7 @@ import ray
 
 import expertmesh as em
 from expertmesh.actors.placement import plan_moves
+from expertmesh.cli import main
 from tests.actors.test_takeover import held
 
 pytestmark = pytest.mark.ray
@@ -117,13 +119,21 @@ def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint,
         mesh.shutdown()
 
 
-def test_rebalance_without_a_store_says_what_it_cannot_move(ray_cluster, tiny_checkpoint):
-    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16)
+def test_rebalance_without_a_store_says_what_it_cannot_move(ray_cluster, tiny_checkpoint, capsys):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                         name="pooltest")
     try:
         ctx = mesh.register_context(list(range(4, 200)), mode="exact")
         with pytest.raises(ValueError, match="n must be an integer >= 1"):
             mesh.add_shards(0)
-        mesh.add_shards(1)
+        assert main(["pool", "add-shards", "1", "--mesh", "pooltest"]) == 0  # the operator's command
+        assert json.loads(capsys.readouterr().out) == {"added": [2]}
+        assert main(["pool", "status", "--mesh", "pooltest"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert [(s["index"], s["state"]) for s in status["shards"]] == [(0, "ALIVE"), (1, "ALIVE"), (2, "ALIVE")]
+        assert status["shards"][2]["tokens"] == 0 and status["contexts"] == 1
+        mesh = em.Mesh.attach("pooltest")
+        mesh._owned = True
         res = mesh.rebalance()
         assert res["moved"] == [] and res["not_moved"]["contexts"] == 1
         assert "store" in res["not_moved"]["why"]
@@ -134,3 +144,18 @@ def test_rebalance_without_a_store_says_what_it_cannot_move(ray_cluster, tiny_ch
                                    mesh.forward_logits(list(range(30, 90)) + PROMPT)[-len(PROMPT):], atol=1e-4)
     finally:
         mesh.shutdown()
+
+
+def test_an_expert_group_refuses_a_lost_groups_experts_that_would_not_fit(tiny_checkpoint, monkeypatch):
+    from expertmesh.actors import expert_group
+    from expertmesh.errors import CapacityError
+
+    group = expert_group.ExpertGroup(tiny_checkpoint("mixtral"), 0, range(0, 2))
+    assert group.adopt_experts(2, 4) == 4  # room: loaded
+    group.release_experts(2, 4)
+    monkeypatch.setattr(expert_group, "free_memory_bytes", lambda device: 1024)
+    with pytest.raises(CapacityError, match=r"cannot take over experts 2\.\.3 of a lost group: they need .* MiB "
+                                            r"and 0\.0 MiB is free on its cpu"):
+        group.adopt_experts(2, 4)
+    assert group.adopted == {}
+    assert expert_group.free_memory_bytes(group.device) > 0
