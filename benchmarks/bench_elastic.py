@@ -77,7 +77,7 @@ def run(args) -> dict:
         first = ask(mesh, ctx.id, KEY, None)
         took = time.perf_counter() - t0
         w.join()
-        stats = mesh.stats()["router"]
+        stats = ray.get(mesh.router.stats.remote())
         t1 = time.perf_counter()
         second = ask(mesh, ctx.id, KEY, None)
         out["takeover"] = {"ray_reported_s": seen["ray_reported_s"], "served_again_s": took,

@@ -376,12 +376,15 @@ def multi_host() -> str:
              f"expert groups on {', '.join(p['groups'])}; data plane `{r['transport']}` over TCP between hosts; "
              f"max |logits - single process| {r['exact_over_tcp']:.1e}.", "",
              "| host killed mid-stream (SIGKILL of every process, no replacement) | stream | served again after "
-             "| Ray reported the actor not alive after | max abs logit diff after (vs single process) |", "|---|---|---|---|---|"]
+             "| of which: forming the data plane without it | Ray reported the actor not alive after "
+             "| max abs logit diff after (vs single process) |", "|---|---|---|---|---|---|"]
+    loaded = r["expert_host_killed"]["experts_loaded_s"]
     for key, what in (("shard_host_killed", "context shard host (its segment served from the store by the other shard)"),
-                      ("expert_host_killed", "expert group host (its experts loaded by the other group)")):
+                      ("expert_host_killed", f"expert group host (its experts loaded from the checkpoint by the other "
+                                             f"group, in {loaded * 1000:.0f} ms)")):
         k = r[key]
-        lines.append(f"| {what} | {k['stream']} | {_s(k['served_again_s'])} | {_s(k['ray_reported_s'])} "
-                     f"| {k['max_abs_diff']:.1e} |")
+        lines.append(f"| {what} | {k['stream']} | {_s(k['served_again_s'])} | {_s(k['group_formation_s'])} "
+                     f"| {_s(k['ray_reported_s'])} | {k['max_abs_diff']:.1e} |")
     rep = r["replacement"]
     lines += ["", f"A new context registered while the shard host was down went to shard(s) "
               f"{r['new_context_while_down']}. A replacement host joined {_s(rep['host_joined_s'])} after `ray start`; "

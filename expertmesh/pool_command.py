@@ -33,6 +33,12 @@ def cmd_pool(args: argparse.Namespace) -> int:
         ray.init(address=args.address, log_to_driver=False)
     mesh = Mesh.attach(args.mesh)
     if args.action == "add-shards":
+        from expertmesh.platform.more_shards import is_detached
+
+        if not is_detached(mesh.router):
+            raise ValueError(f"mesh {args.mesh!r} was started by a driver, not detached: shards added from this "
+                             "command would end with it; call mesh.add_shards(n) in that driver (meshes of "
+                             "`expertmesh serve` and the Helm chart are detached)")
         out = {"added": mesh.add_shards(args.count, timeout_s=args.timeout_s)}
     elif args.action == "rebalance":
         out = mesh.rebalance()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -45,6 +46,7 @@ class ExpertGroup(StepWorker):
         self.tokens = {layer: np.zeros(len(experts), dtype=np.int64) for layer in self.banks}
         self.checkpoint = checkpoint
         self.adopted: dict[range, dict] = {}  # a lost group's experts held here too: range -> {layer: bank}
+        self.adopt_seconds: dict[str, float] = {}  # "first..last" -> seconds its last adoption took to load
         self._lock = threading.Lock()
 
     def ping(self) -> tuple[int, int, int]:
@@ -61,7 +63,9 @@ class ExpertGroup(StepWorker):
         held = range(start, stop)
         if held not in self.adopted and held != self.experts:
             self._check_room(held)
+            t0 = time.perf_counter()
             self.adopted[held] = self._load(held)
+            self.adopt_seconds[f"{start}..{stop - 1}"] = time.perf_counter() - t0
         return len(self.experts) + sum(len(r) for r in self.adopted)
 
     def _check_room(self, held: range) -> None:
@@ -120,6 +124,7 @@ class ExpertGroup(StepWorker):
         with self._lock:
             out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
                    "adopted_experts": sorted([r.start, r.stop] for r in self.adopted),
+                   "adopt_seconds": dict(self.adopt_seconds),
                    "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}
         if self.backend == "jax":

@@ -13,6 +13,7 @@ import os
 
 import ray
 
+from expertmesh.errors import DeviceError
 from expertmesh.actors.names import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, ROUTER, WORKER,  # noqa: F401
                                      actor_name, lookup)  # re-exported for callers
 
@@ -67,3 +68,22 @@ def missing_resources(context_shards: int, expert_groups: int) -> str | None:
 def threads_per_actor(actors: int) -> int:
     """A CPU share for torch threads in each actor of this host."""
     return max(1, (os.cpu_count() or 1) // max(1, actors))
+
+
+def gpus_per_mesh_actor(device: str, gpus_per_actor: float | None, n_actors: int) -> float:
+    """GPUs each actor asks Ray for (0: none); fails at once where "cuda" meets no GPU."""
+    total = ray.cluster_resources().get("GPU", 0)
+    if device.startswith("cuda") and total == 0:
+        raise DeviceError(f"device={device!r}, but the Ray cluster has no GPUs "
+                          f"({describe_resources(ray.cluster_resources())}); start Ray on GPU hosts, or pass "
+                          "device='cpu' (or 'auto')")
+    if device == "cpu" or total == 0:
+        return 0
+    if gpus_per_actor is not None:
+        return gpus_per_actor
+    return min(1.0, int(total / n_actors * 10_000) / 10_000)
+
+
+def describe_resources(res: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())
+                           if not k.startswith(("node:", "memory", "object_store"))) + "}"

@@ -25,11 +25,12 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
-from expertmesh.errors import DeviceError, PlacementError, Unavailable
+from expertmesh.errors import PlacementError, Unavailable
 from expertmesh.model.device import check_device_dtype
 from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
-                                         connect, missing_resources, threads_per_actor)
+                                         connect, describe_resources, gpus_per_mesh_actor, missing_resources,
+                                         threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.pages import KV_DTYPES
@@ -77,8 +78,8 @@ def _await_pings(router, shards: list, groups: list, timeout_s: float) -> None:
     if pending:
         names = ", ".join(refs[r] for r in pending)
         raise PlacementError(f"cannot start the mesh: {names} did not start within {timeout_s:g} s; the cluster "
-                             f"has {_resources(ray.available_resources())} free of "
-                             f"{_resources(ray.cluster_resources())}")
+                             f"has {describe_resources(ray.available_resources())} free of "
+                             f"{describe_resources(ray.cluster_resources())}")
 
 
 def wait_until_back(actor, what: str, timeout_s: float) -> float:
@@ -100,24 +101,6 @@ def wait_until_back(actor, what: str, timeout_s: float) -> float:
         if left <= 0:
             raise Unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry later")
         time.sleep(0.05)
-
-
-def _gpus(device: str, gpus_per_actor: float | None, n_actors: int) -> float:
-    """GPUs each actor asks Ray for (0: none); fails at once where "cuda" meets no GPU."""
-    total = ray.cluster_resources().get("GPU", 0)
-    if device.startswith("cuda") and total == 0:
-        raise DeviceError(f"device={device!r}, but the Ray cluster has no GPUs ({_resources(ray.cluster_resources())}); "
-                          f"start Ray on GPU hosts, or pass device='cpu' (or 'auto')")
-    if device == "cpu" or total == 0:
-        return 0
-    if gpus_per_actor is not None:
-        return gpus_per_actor
-    return min(1.0, int(total / n_actors * 10_000) / 10_000)
-
-
-def _resources(res: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())
-                           if not k.startswith(("node:", "memory", "object_store"))) + "}"
 
 
 class Mesh:
@@ -215,7 +198,7 @@ class Mesh:
                 raise PlacementError(f"cannot start the mesh: {missing}")
             n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) + 1
             threads = threads_per_actor(n_actors)
-            gpus = _gpus(device, gpus_per_actor, n_actors)
+            gpus = gpus_per_mesh_actor(device, gpus_per_actor, n_actors)
             specs = [config.attention_spec(i) for i in range(config.num_layers)]
             base = name or f"mesh-{uuid.uuid4().hex[:12]}"
             life = {"lifetime": "detached"} if detached else {}
@@ -388,22 +371,32 @@ class Mesh:
             ttft_s=res["ttft_s"], total_s=res["total_s"])
 
     def stats(self) -> dict:
-        return {
-            "router": ray.get(self.router.stats.remote()),
-            "shards": ray.get([s.stats.remote() for s in self.shards]),
-            "expert_groups": ray.get([(g.group_stats if self.colocated else g.stats).remote() for g in self.groups]),
-        }
+        """The router's, each shard's and each expert group's stats; an actor that does not
+        answer within 10 s (lost, restarting) appears as {"unavailable": why}."""
+        refs = [self.router.stats.remote(), *(s.stats.remote() for s in self.shards),
+                *((g.group_stats if self.colocated else g.stats).remote() for g in self.groups)]
+        ray.wait(refs, num_returns=len(refs), timeout=10)
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=0.1))
+            except Exception as exc:  # noqa: BLE001 - reported, not raised: the rest of the mesh serves on
+                out.append({"unavailable": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
+        n = len(self.shards)
+        return {"router": out[0], "shards": out[1:1 + n], "expert_groups": out[1 + n:]}
 
     def shutdown(self, stop_actors: bool | None = None) -> None:
         """Stop this mesh's actors (and Ray, if this mesh started it); an attached handle only lets
         go unless stop_actors=True (e.g. `expertmesh serve` stopping the mesh its replicas share)."""
         if not (self._owned if stop_actors is None else stop_actors):
             return
-        try:  # compiled graphs first: killing their actors under them hangs for 30 s
+        shards = self.shards
+        try:  # the data plane first; and every shard, those added by other drivers too
+            shards = ray.get(self.router.describe.remote(), timeout=10)["shards"]
             ray.get(self.router.close.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - a dead router has no graphs left to tear down
+        except Exception:  # noqa: BLE001 - a dead router has no group left to leave
             pass
-        for actor in [self.router, *self.shards, *self.groups]:
+        for actor in [self.router, *{s._actor_id: s for s in [*self.shards, *shards]}.values(), *self.groups]:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone

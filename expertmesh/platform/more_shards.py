@@ -52,6 +52,11 @@ def _spec(shards: list) -> tuple[str, tuple]:
     raise Unavailable("cannot add context shards: none of the mesh's shards answers to say how it was made")
 
 
+def is_detached(router) -> bool:
+    """Was the mesh started detached (its actors outlive the driver that started them)?"""
+    return bool(_actor_row(router).get("IsDetached"))
+
+
 def _actor_row(handle) -> dict:
     """Ray's record of an actor: its name, whether it is detached."""
     from ray._private.state import state

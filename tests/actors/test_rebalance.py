@@ -12,6 +12,7 @@ import pytest
 import ray
 
 import expertmesh as em
+from expertmesh.actors.liveness import actor_state
 from expertmesh.actors.placement import plan_moves
 from expertmesh.cli import main
 from tests.actors.test_takeover import held
@@ -102,6 +103,9 @@ def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint,
         want = mesh.forward_logits(PROMPT, context_id=ctx.id)
         ray.kill(mesh.shards[1], no_restart=True)
         np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=ctx.id), want)  # a stand-in
+        stats = mesh.stats()  # a lost shard is reported, not raised
+        assert "ActorDiedError" in stats["shards"][1]["unavailable"] and stats["shards"][0]["index"] == 0
+        assert mesh.pool()["shards"][1]["state"] == "DEAD"
         assert any(h and f"{ctx.id}@1" in h for h in held(mesh))
         mesh.add_shards(1)
         res = mesh.rebalance()
@@ -121,19 +125,18 @@ def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint,
 
 def test_rebalance_without_a_store_says_what_it_cannot_move(ray_cluster, tiny_checkpoint, capsys):
     mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
-                         name="pooltest")
+                         name="pooltest", detached=True)
     try:
         ctx = mesh.register_context(list(range(4, 200)), mode="exact")
         with pytest.raises(ValueError, match="n must be an integer >= 1"):
             mesh.add_shards(0)
         assert main(["pool", "add-shards", "1", "--mesh", "pooltest"]) == 0  # the operator's command
         assert json.loads(capsys.readouterr().out) == {"added": [2]}
+        time.sleep(1)  # the command's driver state is gone: the shard it added lives on (detached, as the mesh)
         assert main(["pool", "status", "--mesh", "pooltest"]) == 0
         status = json.loads(capsys.readouterr().out)
         assert [(s["index"], s["state"]) for s in status["shards"]] == [(0, "ALIVE"), (1, "ALIVE"), (2, "ALIVE")]
         assert status["shards"][2]["tokens"] == 0 and status["contexts"] == 1
-        mesh = em.Mesh.attach("pooltest")
-        mesh._owned = True
         res = mesh.rebalance()
         assert res["moved"] == [] and res["not_moved"]["contexts"] == 1
         assert "store" in res["not_moved"]["why"]
@@ -142,6 +145,21 @@ def test_rebalance_without_a_store_says_what_it_cannot_move(ray_cluster, tiny_ch
         assert fresh.shards == (2,)
         np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=fresh.id),
                                    mesh.forward_logits(list(range(30, 90)) + PROMPT)[-len(PROMPT):], atol=1e-4)
+        added = ray.get_actor("pooltest.context_shard2", namespace="expertmesh")
+    finally:
+        mesh.shutdown(stop_actors=True)
+    deadline = time.monotonic() + 10  # the shard the command added goes with the mesh
+    while actor_state(added) != "DEAD":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_the_pool_command_adds_shards_only_to_a_detached_mesh(ray_cluster, tiny_checkpoint, capsys):
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=1, expert_groups=1, name="pooldriver")
+    try:
+        assert main(["pool", "add-shards", "1", "--mesh", "pooldriver"]) == 2
+        assert "was started by a driver, not detached" in capsys.readouterr().err
+        assert len(mesh.pool()["shards"]) == 1
     finally:
         mesh.shutdown()
 

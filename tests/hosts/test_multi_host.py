@@ -88,7 +88,9 @@ wait_until_served_by(mesh, k, ctx.id, lambda: mesh.forward_logits(prompt, contex
 out["replacement"] = {"host_joined_s": joined, "handed_back_s": time.monotonic() - t0, "shard_on": where(mesh.shards[k]),
                       "max_abs_diff": float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())}
 out["expert_host_killed"] = kill_mid_stream(3, mesh.groups[g])
-out["adopted"] = ray.get(mesh.groups[1 - g].stats.remote())["adopted_experts"]
+st = ray.get(mesh.groups[1 - g].stats.remote())
+out["adopted"] = st["adopted_experts"]
+out["expert_host_killed"]["experts_loaded_s"] = sum(st["adopt_seconds"].values())
 
 # a shard host added to the running mesh, and the segments rebalanced onto it
 t0 = time.monotonic()
