@@ -60,3 +60,21 @@ def test_jax_missing_names_the_extra(tiny_checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "jax", None)  # `import jax` now fails as if not installed
     with pytest.raises(ImportError, match=r"pip install 'expertmesh\[jax\]'"):
         em.Mesh.start(tiny_checkpoint("mixtral"), expert_backend="jax")
+
+
+def test_jax_shards_added_and_rebalanced_stay_exact(ray_cluster, tiny_checkpoint, tmp_path):
+    """`add_shards` starts shards of the running ones' backend; a moved segment answers the same."""
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=1, page_size=16,
+                         shard_backend="jax", store=str(tmp_path / "store"))
+    try:
+        ctxs = [mesh.register_context(ids(CONTEXT_LEN, 5 + k), mode="exact") for k in range(2)]
+        prompt = ids(6, 7)
+        want = [mesh.forward_logits(prompt, context_id=c.id) for c in ctxs]
+        assert mesh.add_shards(1) == [2]
+        assert mesh.stats()["shards"][2]["backend"] == "jax"
+        res = mesh.rebalance()
+        assert [m["to"] for m in res["moved"]] == [2]
+        for c, w in zip(ctxs, want):
+            np.testing.assert_allclose(mesh.forward_logits(prompt, context_id=c.id), w, rtol=0, atol=1e-6)
+    finally:
+        mesh.shutdown()
