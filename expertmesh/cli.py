@@ -34,6 +34,8 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
                    help="one context shard and one expert group per actor (per accelerator)")
     p.add_argument("--data-plane", choices=("collective", "ray"), default="collective",
                    help="per-layer tensors over torch.distributed collectives (NCCL/gloo) or Ray calls")
+    p.add_argument("--routers", type=int, default=1,
+                   help="router actors: requests spread over them, one that dies fails over (default 1)")
 
 
 def _device(value: str) -> str:
@@ -45,7 +47,7 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-PLACEMENT = ("device", "dtype", "colocate", "data_plane")
+PLACEMENT = ("device", "dtype", "colocate", "data_plane", "routers")
 
 
 def _store_kwargs(args: argparse.Namespace) -> dict:
@@ -145,7 +147,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo.run(context_tokens=args.context_tokens, context_shards=args.context_shards,
              expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode,
              store=args.store, shard_backend=args.shard_backend, expert_backend=args.expert_backend,
-             device=args.device, dtype=args.dtype, colocate=args.colocate, data_plane=args.data_plane)
+             device=args.device, dtype=args.dtype, colocate=args.colocate, data_plane=args.data_plane,
+             routers=args.routers)
     return 0
 
 

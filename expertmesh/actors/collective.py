@@ -70,8 +70,8 @@ class CollectiveExchange(Exchange):
 
     def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
                  num_layers: int, device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
-                 transport: str = "auto") -> None:
-        self.peers = peer_list(shards, groups)
+                 transport: str = "auto", router: str = "") -> None:
+        self.peers, self.router = peer_list(shards, groups), router  # router: which of the mesh's routers this is
         self.ranks: dict[int, int] = {}  # peer index -> its rank in the current generation (members only)
         self.rank_of_shard: dict[int, int] = {}
         self.rank_of_group: dict[int, int] = {}
@@ -133,7 +133,7 @@ class CollectiveExchange(Exchange):
         self._set_members([i for i in range(len(self.peers)) if i not in left], left)
         world = len(self.ranks) + 1
         refs = {r: self.peers[i][0].join_group.remote(address, self.generation, r, world, self.backend,
-                                                      self.join_timeout_s, key, self.limits)
+                                                      self.join_timeout_s, key, self.limits, self.router)
                 for i, r in self.ranks.items()}
         try:
             if self.backend == "socket":

@@ -9,7 +9,13 @@ A mixin of the Router. With a store, what a context is lives in the store's mani
   contexts dropped elsewhere are refused from then on (their files outlive the drop by GRACE_S
   while other meshes are live, so a request never reads deleted files), its member lease is
   renewed and due clean-up runs.
-Without a store there is no directory to share: the router's memory and its shards are all.
+Without a store the shards are the directory: each keeps the router's description of the
+segments it holds (`held`), so a router of the same mesh that does not know a context id (one
+registered through another router) adopts it from there at its first lookup or listing.
+
+A mesh may have several routers. A context registered through one is listed by the others, and
+a drop through one refused by the others, before the call returns (`learn_context`,
+`forget_context`: told to each running sibling router; they find each other by name).
 """
 
 from __future__ import annotations
@@ -18,19 +24,61 @@ import asyncio
 import logging
 
 from expertmesh.actors.exchange import call
+from expertmesh.actors.liveness import down
+from expertmesh.actors.names import lookup, mesh_of, own_name, routers_of
 from expertmesh.store.catalog import SYNC_S
 
 log = logging.getLogger("expertmesh.directory")
+TELL_TIMEOUT_S = 5.0
 
 
 class Directory:
     def _lookup_stored(self, context_id: str) -> None:
-        """An id this router does not know: adopt it if the store has its manifest now."""
-        if self.catalog is None or context_id in self.contexts:
+        """An id this router does not know: adopt it if the store has its manifest now (without
+        a store: if the shards hold it, registered through another router of this mesh)."""
+        if context_id in self.contexts or context_id in self.lost:
+            return
+        if self.catalog is None:
+            self._adopt_registered_elsewhere()
             return
         m = self.catalog.load(context_id)
         if m is not None:
             self._adopt(m)
+
+    def _adopt_registered_elsewhere(self) -> None:
+        """Without a store, in a mesh of several routers: the contexts the shards hold that this
+        router does not know (registered through another router)."""
+        if self.catalog is None and self._siblings():
+            self._adopt_from_shards()
+
+    def _siblings(self) -> list:
+        """This mesh's other routers (handles), found by name now."""
+        own = own_name()
+        mesh = mesh_of(own)
+        return lookup([n for n in routers_of(mesh) if n != own]) if mesh is not None else []
+
+    async def _tell_elsewhere(self, method: str, context_id: str) -> None:
+        """Tell this mesh's other running routers of a context registered (`learn_context`) or
+        dropped (`forget_context`) here. Bounded: one that does not answer within TELL_TIMEOUT_S
+        is restarting, and finds it in the store or the shards when it is back."""
+        routers = [r for r in self._siblings() if not down(r)]
+        await asyncio.gather(*(call(r, method, context_id, timeout_s=TELL_TIMEOUT_S) for r in routers),
+                             return_exceptions=True)
+
+    def learn_context(self, context_id: str) -> bool:
+        """Another router of this mesh registered a context: list and serve it from now on."""
+        self._lookup_stored(context_id)
+        return context_id in self.contexts
+
+    def forget_context(self, context_id: str) -> bool:
+        """Another router of this mesh dropped a context: refuse it from now on (its segments are
+        that router's to drop). Returns whether this router knew it."""
+        record = self.contexts.pop(context_id, None)
+        self._remember_lost({context_id: f"context {context_id!r} was dropped (through another router)"})
+        self.engine.summaries.pop(context_id, None)
+        if record is not None:
+            record.dropped = True
+        return record is not None
 
     def _sync_directory(self, after_s: float = SYNC_S) -> None:
         """Re-read the store's directory here when this router's view is older than `after_s`

@@ -82,11 +82,13 @@ class Exchange:
     def release(self, shard: int, context_id: str) -> None:
         tell(self.shard_handle(shard), "drop", context_id)
 
+    router = ""  # which of the mesh's routers this exchange is (an adopting group counts its routers)
+
     def adopt(self, group: int, experts: range) -> None:
-        ask(self.group_handle(group), "adopt_experts", experts.start, experts.stop)
+        ask(self.group_handle(group), "adopt_experts", experts.start, experts.stop, self.router)
 
     def release_experts(self, group: int, experts: range) -> None:
-        tell(self.group_handle(group), "release_experts", experts.start, experts.stop)
+        tell(self.group_handle(group), "release_experts", experts.start, experts.stop, self.router)
 
     def shard_handle(self, shard: int) -> Any:
         raise NotImplementedError
@@ -164,8 +166,8 @@ class TaskExchange(Exchange):
     """One call per actor per layer: a method call in-process, or a Ray task. Steps may run
     concurrently (router lanes): each gets its own `_TaskStep`."""
 
-    def __init__(self, shards: list[Any], groups: list[Any]) -> None:
-        self.shards, self.groups = shards, groups
+    def __init__(self, shards: list[Any], groups: list[Any], router: str = "") -> None:
+        self.shards, self.groups, self.router = shards, groups, router
         self._absent: tuple[dict[int, str], dict[int, str]] = ({}, {})
         self._checked = -RECHECK_S
 

@@ -47,6 +47,7 @@ class ExpertGroup(StepWorker):
         self.checkpoint = checkpoint
         self.adopted: dict[range, dict] = {}  # a lost group's experts held here too: range -> {layer: bank}
         self.adopt_seconds: dict[str, float] = {}  # "first..last" -> seconds its last adoption took to load
+        self.adopters: dict[range, set[str]] = {}  # the routers sending an adopted range's rows here
         self._lock = threading.Lock()
 
     def ping(self) -> tuple[int, int, int]:
@@ -57,15 +58,17 @@ class ExpertGroup(StepWorker):
         y = self.compute_tensors(layer, torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(experts)).long())
         return y.cpu().numpy()
 
-    def adopt_experts(self, start: int, stop: int) -> int:
-        """Hold experts [start, stop) too (a lost group's, loaded from the checkpoint) until
-        `release_experts`: the router sends their rows here meanwhile. Returns the experts held."""
+    def adopt_experts(self, start: int, stop: int, router: str = "") -> int:
+        """Hold experts [start, stop) too (a lost group's, loaded from the checkpoint) until every
+        router that asked (`router`: its name) has called `release_experts`: the routers send
+        their rows here meanwhile. Returns the experts held."""
         held = range(start, stop)
         if held not in self.adopted and held != self.experts:
             self._check_room(held)
             t0 = time.perf_counter()
             self.adopted[held] = self._load(held)
             self.adopt_seconds[f"{start}..{stop - 1}"] = time.perf_counter() - t0
+        self.adopters.setdefault(held, set()).add(router)
         return len(self.experts) + sum(len(r) for r in self.adopted)
 
     def _check_room(self, held: range) -> None:
@@ -80,8 +83,14 @@ class ExpertGroup(StepWorker):
                 f"(at most {ROOM:.0%} may be used); give expert hosts room for another group's experts, or "
                 "bring the lost group's host back")
 
-    def release_experts(self, start: int, stop: int) -> bool:
-        return self.adopted.pop(range(start, stop), None) is not None
+    def release_experts(self, start: int, stop: int, router: str = "") -> bool:
+        """One router no longer sends these experts' rows here; the last one lets them go."""
+        held = range(start, stop)
+        self.adopters.get(held, set()).discard(router)
+        if self.adopters.get(held):
+            return False
+        self.adopters.pop(held, None)
+        return self.adopted.pop(held, None) is not None
 
     def _load(self, held: range) -> dict:
         if self.backend == "jax":

@@ -23,7 +23,29 @@ def actor_name(mesh: str, kind: str | None, index: int = 0) -> str:
     argument holding actor handles lives in its creator's object store and is gone with it (a
     Serve replica that started a detached mesh). The router is therefore given its shards' and
     groups' names and looks them up."""
-    return f"{mesh}.router" if kind is None else f"{mesh}.{kind}{index}"
+    if kind is None:  # routers: `<mesh>.router`, `<mesh>.router1`, ...
+        return f"{mesh}.router" if index == 0 else f"{mesh}.router{index}"
+    return f"{mesh}.{kind}{index}"
+
+
+def mesh_of(router_name: str | None) -> str | None:
+    """The mesh a router's actor name belongs to (`<mesh>.router<i>` -> `<mesh>`)."""
+    if not router_name:
+        return None
+    mesh, sep, tail = router_name.rpartition(".router")
+    return mesh if sep and (tail == "" or tail.isdigit()) else None
+
+
+def routers_of(mesh: str) -> list[str]:
+    """The names of a running mesh's routers, in order."""
+    names = []
+    while True:
+        name = actor_name(mesh, None, len(names))
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return names
+        names.append(name)
 
 
 def lookup(targets: list) -> list:
@@ -34,9 +56,9 @@ def lookup(targets: list) -> list:
 def added_shards(router_name: str | None, first: int) -> list[str]:
     """Names of context shards added to a running mesh (`Mesh.add_shards`), from index `first`
     on: a restarted router finds them by name (its constructor names only the first ones)."""
-    if not router_name or not router_name.endswith(".router"):
+    mesh, names = mesh_of(router_name), []
+    if mesh is None:
         return []
-    mesh, names = router_name[:-len(".router")], []
     while True:
         name = actor_name(mesh, CONTEXT_SHARD, first + len(names))
         try:
@@ -44,3 +66,11 @@ def added_shards(router_name: str | None, first: int) -> list[str]:
         except ValueError:
             return names
         names.append(name)
+
+
+def own_name() -> str | None:
+    """This actor's name (None outside an actor, e.g. an in-process router)."""
+    try:
+        return ray.get_runtime_context().get_actor_name()
+    except Exception:  # noqa: BLE001 - not an actor
+        return None

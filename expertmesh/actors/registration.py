@@ -90,6 +90,7 @@ class Registration:
         record.ready = True
         record.opened = True
         self.lost.pop(cid, None)
+        await self._tell_elsewhere("learn_context", cid)  # listed by this mesh's other routers once this returns
         return info
 
     async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
@@ -202,15 +203,18 @@ class Registration:
         holds are served again (the shards keep the router's description of each)."""
         if not self.shards or not all(isinstance(s, ray.actor.ActorHandle) for s in self.shards):
             return
-        refs = [s.held.remote() for s in self.shards]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        refs = [None if down(s) else s.held.remote() for s in self.shards]  # a lost shard holds nothing
+        live = [r for r in refs if r is not None]
+        ready, _ = ray.wait(live, num_returns=len(live), timeout=timeout_s)
         held: list[dict] = []
         for ref in refs:
             try:
-                held.append(ray.get(ref) if ref in ready else {})
+                held.append(ray.get(ref) if ref is not None and ref in ready else {})
             except Exception:  # noqa: BLE001 - a shard that is down holds nothing we can serve
                 held.append({})
         for cid, meta in {c: m for h in held for c, m in h.items()}.items():
+            if cid in self.contexts or cid in self.lost:  # known here, or dropped (another router's copy may lag)
+                continue
             segments = [Segment(*x) for x in meta["segments"]]
             if any(s.shard >= len(held) or cid not in held[s.shard] for s in segments):
                 continue  # a segment is gone: the context was lost with its shard

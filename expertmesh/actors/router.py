@@ -24,7 +24,7 @@ from expertmesh.actors.directory import Directory
 from expertmesh.actors.engine import Engine
 from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
 from expertmesh.actors.liveness import down
-from expertmesh.actors.names import added_shards, lookup
+from expertmesh.actors.names import added_shards, lookup, own_name
 from expertmesh.actors.placement import Placement
 from expertmesh.actors.registration import Registration
 from expertmesh.actors.scheduler import Scheduler
@@ -61,7 +61,7 @@ class Router(Registration, Directory, Placement):
                                 device=self.device).requires_grad_(False)
         self.cfg = self.model.cfg
         # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
-        self.shards, self.groups = lookup(shards + added_shards(_own_name(), len(shards))), lookup(groups)
+        self.shards, self.groups = lookup(shards + added_shards(own_name(), len(shards))), lookup(groups)
         shards, groups = self.shards, self.groups
         self.capacity_tokens = capacity_tokens
         self.kv_dtype, self.page_size = kv_dtype, page_size
@@ -81,10 +81,10 @@ class Router(Registration, Directory, Placement):
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         if remote and check_data_plane(data_plane) == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
-                                          self.cfg.num_layers, self.device, transport=transport)
+                                          self.cfg.num_layers, self.device, transport=transport, router=own_name() or "")
             lanes = 1  # one step at a time over the group
         else:
-            exchange = TaskExchange(shards, groups)
+            exchange = TaskExchange(shards, groups, own_name() or "")
         self.data_plane = data_plane if remote else "in-process"
         self.engine = Engine(self.model, exchange, self.partition, {}, len(shards), self.catalog is not None,
                              self._used_tokens)
@@ -118,11 +118,13 @@ class Router(Registration, Directory, Placement):
         self.engine.summaries.pop(context_id, None)
         if self.catalog is not None:  # tombstone + manifest first: gone for every mesh even if a delete fails
             self.catalog.withdraw(context_id)
+        await self._tell_elsewhere("forget_context", context_id)  # refused by the mesh's other routers on return
         if record.active == 0:
             await self._drop_segments(record)
 
     def list_contexts(self) -> list[ContextInfo]:
         self._sync_directory()
+        self._adopt_registered_elsewhere()
         return [r.info for r in self.contexts.values() if r.ready]
 
     def get_context(self, context_id: str) -> ContextInfo:
@@ -419,13 +421,6 @@ class Router(Registration, Directory, Placement):
             "context_tokens": seq.start_pos if seq.context_id else 0, "pathway": pathway,
             "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None, "total_s": now - seq.t_submit,
         }
-
-
-def _own_name() -> str | None:
-    try:
-        return ray.get_runtime_context().get_actor_name()
-    except Exception:  # noqa: BLE001 - not an actor (an in-process router)
-        return None
 
 
 def _cuda_memory(device: torch.device) -> dict:

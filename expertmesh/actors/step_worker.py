@@ -24,41 +24,40 @@ log = logging.getLogger("expertmesh.dataplane")
 
 
 class StepWorker:
-    _pg = None
-    _generation = -1
-    _limits: WireLimits | None = None
-    _store = None  # the gloo/NCCL rendezvous client (kept while its group lives)
     malformed = 0  # connections this actor ended for a malformed message
-    _loop: threading.Thread | None = None
     steps_served = 0  # steps this actor took part in
     data_device = torch.device("cpu")  # where the exchanged tensors live (cuda with NCCL)
     _ok = torch.zeros(1)  # status 0 (the socket transport moves host tensors only)
 
+    @property
+    def _groups(self) -> dict:
+        """router -> (its current group, the gloo/NCCL rendezvous client kept while it lives)."""
+        return self.__dict__.setdefault("_groups_by_router", {})
+
     def join_group(self, address, generation: int, rank: int, world: int, backend: str, timeout_s: float,
-                   key: bytes, limits: WireLimits) -> int:
-        """Join generation `generation` of the mesh's process group as `rank` (proving it holds
-        the generation's `key`; see collective.make_group) and serve its steps; plans are
-        checked against `limits`."""
-        old = self._pg
+                   key: bytes, limits: WireLimits, router: str = "") -> int:
+        """Join generation `generation` of router `router`'s process group as `rank` (proving it
+        holds the generation's `key`; see collective.make_group) and serve its steps; plans are
+        checked against `limits`. Each router of the mesh has its own group and step loop here;
+        a new generation of one router's group replaces only that router's."""
         address = tuple(address) if backend == "socket" else address
-        self._pg, self._store = make_group(backend, address, generation, rank, world, timeout_s, key)
-        self._generation, self._limits = generation, limits
+        pg, store = make_group(backend, address, generation, rank, world, timeout_s, key)
+        old = self._groups.get(router)
+        self._groups[router] = (pg, store)
         if old is not None:  # its loop got STOP from the router or an error; anything left times out
             try:
-                old.abort()
+                old[0].abort()
             except Exception:  # noqa: BLE001 - already broken
                 pass
-        self._loop = threading.Thread(target=self._serve, args=(self._pg,), daemon=True,
-                                      name=f"expertmesh-steps-g{generation}")
-        self._loop.start()
+        threading.Thread(target=self._serve, args=(pg, generation, limits, router), daemon=True,
+                         name=f"expertmesh-steps-{router or 'router'}-g{generation}").start()
         return rank
 
     @torch.no_grad()
-    def _serve(self, pg) -> None:
+    def _serve(self, pg, generation: int, limits: WireLimits, router: str = "") -> None:
         """The step loop: plan length (int64; STOP ends the loop), the encoded plan (wire.py),
         the exchanges. A malformed message ends this connection (the router forms a new group)."""
         head = torch.empty(1, dtype=torch.int64, device=self.data_device)
-        generation, limits = self._generation, self._limits
         while True:
             try:
                 pg.recv([head], 0, 0).wait()
@@ -79,7 +78,7 @@ class StepWorker:
                 pg.abort()
                 return
             except Exception as exc:  # noqa: BLE001 - work errors were answered in band; a broken group ends
-                if is_transport_error(exc) or pg is not self._pg:
+                if is_transport_error(exc) or pg is not self._groups.get(router, (None,))[0]:
                     return
 
     def run_step(self, pg, plan: PeerPlan) -> None:

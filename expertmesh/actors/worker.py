@@ -38,13 +38,13 @@ def colocated_worker(shard_cls: type = ContextShard) -> type:
                 raise ValueError(f"worker {self.index} holds no experts")
             return self.group.compute_tensors(layer, x, experts)
 
-        def adopt_experts(self, start: int, stop: int) -> int:
+        def adopt_experts(self, start: int, stop: int, router: str = "") -> int:
             if self.group is None:
                 raise ValueError(f"worker {self.index} holds no experts")
-            return self.group.adopt_experts(start, stop)
+            return self.group.adopt_experts(start, stop, router)
 
-        def release_experts(self, start: int, stop: int) -> bool:
-            return self.group is not None and self.group.release_experts(start, stop)
+        def release_experts(self, start: int, stop: int, router: str = "") -> bool:
+            return self.group is not None and self.group.release_experts(start, stop, router)
 
         def group_stats(self) -> dict:
             return self.group.stats() if self.group is not None else {}

@@ -44,7 +44,8 @@ def _free_port() -> int:
 def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int = 2,
         checkpoint: str | None = None, address: str | None = None, mode: str = "exact",
         store: str | None = None, shard_backend: str = "torch", expert_backend: str = "torch",
-        device: str = "auto", dtype: str = "auto", colocate: bool = False, data_plane: str = "collective") -> None:
+        device: str = "auto", dtype: str = "auto", colocate: bool = False, data_plane: str = "collective",
+        routers: int = 1) -> None:
     import httpx
     import openai
     import ray
@@ -64,7 +65,8 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
     serve.run(build_app({"checkpoint": checkpoint, "context_shards": context_shards,
                          "expert_groups": expert_groups, "tenants": tenants, "store": store,
                          "shard_backend": shard_backend, "expert_backend": expert_backend, "device": device,
-                         "dtype": dtype, "colocate": colocate, "data_plane": data_plane}), name="expertmesh",
+                         "dtype": dtype, "colocate": colocate, "data_plane": data_plane, "routers": routers}),
+              name="expertmesh",
               route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     print(f"server up in {time.perf_counter() - t0:.1f}s at {url}/v1 "

@@ -37,6 +37,7 @@ from expertmesh.pipelines.api_errors import ApiError, _cause, _error, _unavailab
 from expertmesh.pipelines.detokenize import TextStream
 from expertmesh.pipelines.serve_settings import ServeSettings
 from expertmesh.pipelines.tenant_limits import TenantLimits
+from expertmesh.platform.router_set import RouterSet
 from expertmesh.platform.tenancy import RateLimited, Tenants, load_tenants
 
 
@@ -129,7 +130,7 @@ class ExpertMeshServer:
             expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
             shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
             shard_backend=s.shard_backend, expert_backend=s.expert_backend, **s.placement_kwargs())
-        self.router = self.mesh.router
+        self.routers = RouterSet(self.mesh.routers)  # requests spread over the mesh's routers
         api.openapi_schema = None
         api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)
         self.holder = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
@@ -150,20 +151,32 @@ class ExpertMeshServer:
         return tenant
 
     async def _router(self, method: str, *args: Any, param: str | None = None) -> Any:
-        """A router call; if the router restarts under it, wait until it is back and run it once more.
-        The mesh's errors become API errors (404, 400, 413, 503 with Retry-After)."""
+        """A router call on the least busy router; if it dies under the call, the call runs once
+        more on another router (or, with one router, on it once it is back). The mesh's errors
+        become API errors (404, 400, 413, 503 with Retry-After)."""
+        i = self.routers.pick()
         for attempt in (0, 1):
             try:
-                return await getattr(self.router, method).remote(*args)
+                with self.routers.busy(i) as router:
+                    return await getattr(router, method).remote(*args)
             except ray.exceptions.RayActorError:
                 if attempt:
                     raise _unavailable("the router failed twice under this request; retry shortly") from None
-                await _until_back(self.router, "the router")
+                i = await self._after_router_failure(i)
             except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is
                 mapped = api_error(exc, param)
                 if mapped is None:
                     raise
                 raise mapped from None
+
+    async def _after_router_failure(self, i: int) -> int:
+        """Router i died under a request: another running router to run it on, else router i
+        once it is back (bounded: 503)."""
+        others = await asyncio.to_thread(self.routers.fallbacks, i)
+        if others:
+            return others[0]
+        await _until_back(self.routers.routers[i], "the router")
+        return i
 
     async def _visible(self, tenant: str, context_id: str):
         try:
@@ -238,35 +251,36 @@ class ExpertMeshServer:
         # a request whose router restarts under it runs once more; tokens already sent are
         # skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
         replayable = body.temperature == 0 or body.seed is not None
-        sent = 0
+        sent, i = 0, self.routers.pick()
         try:
             for attempt in (0, 1):
                 skip = sent
                 try:
-                    rid = f"{request_id}-{attempt}" if attempt else request_id
-                    gen = self.router.stream.options(num_returns="streaming").remote(
-                        ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed,
-                        body.top_shards, (), tenant, rid, body.top_pages)
-                    async for ref in gen:
-                        item = await ref
-                        if "tokens" not in item:
-                            result = item
-                            continue
-                        tokens = item["tokens"][skip:]
-                        skip = max(0, skip - len(item["tokens"]))
-                        sent += len(tokens)
-                        if text.stopped or not tokens:
-                            continue
-                        delta = "".join(text.push(t) for t in tokens if not text.stopped)
-                        if text.stopped:
-                            await self.router.cancel.remote(rid)
-                        if delta:
-                            yield delta, None
+                    with self.routers.busy(i) as router:  # counted while it streams: who is least busy
+                        rid = f"{request_id}-{attempt}" if attempt else request_id
+                        gen = router.stream.options(num_returns="streaming").remote(
+                            ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed,
+                            body.top_shards, (), tenant, rid, body.top_pages)
+                        async for ref in gen:
+                            item = await ref
+                            if "tokens" not in item:
+                                result = item
+                                continue
+                            tokens = item["tokens"][skip:]
+                            skip = max(0, skip - len(item["tokens"]))
+                            sent += len(tokens)
+                            if text.stopped or not tokens:
+                                continue
+                            delta = "".join(text.push(t) for t in tokens if not text.stopped)
+                            if text.stopped:
+                                await router.cancel.remote(rid)
+                            if delta:
+                                yield delta, None
                     break
                 except ray.exceptions.RayActorError:
                     if attempt or (sent and not replayable):
                         raise _unavailable("the router restarted under this request; retry it") from None
-                    await _until_back(self.router, "the router")
+                    i = await self._after_router_failure(i)
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is

@@ -42,10 +42,12 @@ class ServeSettings(BaseModel):
     data_plane: Literal["collective", "ray"] = Field(
         "collective", description="per-layer tensors point to point between the router and the actors (NCCL on "
                                   "GPUs, authenticated TCP/Unix sockets on CPUs) or over Ray calls")
+    routers: int = Field(1, ge=1, description="router actors of the mesh: requests spread over them (least busy), "
+                                              "one that dies fails over to another")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
 
     def placement_kwargs(self) -> dict[str, Any]:
-        """device, dtype, colocate, data_plane for Mesh.start."""
-        return {k: getattr(self, k) for k in ("device", "dtype", "colocate", "data_plane")}
+        """device, dtype, colocate, data_plane, routers for Mesh.start."""
+        return {k: getattr(self, k) for k in ("device", "dtype", "colocate", "data_plane", "routers")}

@@ -13,6 +13,8 @@ import numpy as np
 import ray
 from torch import device as torch_device
 
+from expertmesh.actors.liveness import down
+from expertmesh.actors.names import lookup, routers_of
 from expertmesh.actors.transport import backend_for
 from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
@@ -25,9 +27,10 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
-from expertmesh.errors import PlacementError, Unavailable
+from expertmesh.errors import PlacementError
 from expertmesh.model.device import check_device_dtype
 from expertmesh.platform.more_shards import start_shards
+from expertmesh.platform.router_set import RouterSet
 from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
                                          connect, describe_resources, gpus_per_mesh_actor, missing_resources,
                                          threads_per_actor)
@@ -65,12 +68,9 @@ def _unwrap(fn):
     return wrapper
 
 
-RECOVER_TIMEOUT_S = 60.0  # how long a call waits for a restarting router before it gives up
-
-
-def _await_pings(router, shards: list, groups: list, timeout_s: float) -> None:
+def _await_pings(routers: list, shards: list, groups: list, timeout_s: float) -> None:
     """Wait until every actor answers, or raise PlacementError naming those that did not."""
-    refs = {router.ping.remote(): "the router"}
+    refs = {r.ping.remote(): f"router {i}" if len(routers) > 1 else "the router" for i, r in enumerate(routers)}
     refs |= {s.ping.remote(): f"context shard {i}" for i, s in enumerate(shards)}
     refs |= {g.ping.remote(): f"expert group {i}" for i, g in enumerate(groups)}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -82,33 +82,14 @@ def _await_pings(router, shards: list, groups: list, timeout_s: float) -> None:
                              f"{describe_resources(ray.cluster_resources())}")
 
 
-def wait_until_back(actor, what: str, timeout_s: float) -> float:
-    """Block until a restarting actor answers again; return the seconds waited, or raise
-    Unavailable (retryable) after timeout_s, or once it is clearly not coming back."""
-    t0 = time.monotonic()
-    while True:
-        left = timeout_s - (time.monotonic() - t0)
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, min(left, 5.0)))
-            return time.monotonic() - t0
-        except ray.exceptions.ActorDiedError as exc:
-            # calls to a restarting actor wait for it; "died" after a short grace (the handle
-            # learning of the restart) means it will not restart (killed for good, node gone)
-            if time.monotonic() - t0 > 2.0:
-                raise Unavailable(f"{what} died and is not coming back: {exc}") from None
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            pass
-        if left <= 0:
-            raise Unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry later")
-        time.sleep(0.05)
-
-
 class Mesh:
     """Context shards + expert groups + a router, as Ray actors."""
 
-    def __init__(self, router, shards: list, groups: list, config: ModelConfig, tokenizer: Tokenizer,
+    def __init__(self, routers: list, shards: list, groups: list, config: ModelConfig, tokenizer: Tokenizer,
                  checkpoint: Path, started_ray: bool, owned: bool = True) -> None:
-        self.router, self.shards, self.groups = router, shards, groups
+        self.routers, self.shards, self.groups = list(routers), shards, groups
+        self.router = self.routers[0]  # the first (a mesh of one router: the router)
+        self._set = RouterSet(self.routers)
         self.config, self.tokenizer, self.checkpoint = config, tokenizer, checkpoint
         self._started_ray, self._owned = started_ray, owned
         shard_ids = {s._actor_id for s in shards}
@@ -122,7 +103,7 @@ class Mesh:
               shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
               start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch",
               device: str = "auto", dtype: str = "auto", gpus_per_actor: float | None = None,
-              transport: str = "auto") -> "Mesh":
+              transport: str = "auto", routers: int = 1) -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
@@ -144,6 +125,10 @@ class Mesh:
         group) when the router computes on a GPU and TCP sockets on CPU hosts; "gloo" forces a
         torch.distributed gloo group on CPU hosts (slower per message; same results).
         "ray": one Ray task per actor per layer (the reference path; same results).
+        routers: router actors (each its own batch and data-plane group with every shard and
+        expert group; calls go to the least busy, `router=i` pins one, and a router that dies
+        under a call fails over to another; `mesh.routers` holds them). They go to hosts
+        declaring a `router` resource where the cluster declares one.
         colocate: one actor per index holds context shard i and expert group i (how attention
         and experts share every accelerator): max(context_shards, expert_groups) actors.
         lanes: router step loops that overlap one batch's compute with another's remote calls
@@ -164,6 +149,8 @@ class Mesh:
         """
         if context_shards < 1:
             raise ValueError(f"context_shards must be >= 1, got {context_shards}")
+        if isinstance(routers, bool) or not isinstance(routers, int) or routers < 1:
+            raise ValueError(f"routers must be an integer >= 1, got {routers!r}")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
         check_data_plane(data_plane)
@@ -196,7 +183,7 @@ class Mesh:
             missing = missing_resources(context_shards, len(partition))
             if missing:
                 raise PlacementError(f"cannot start the mesh: {missing}")
-            n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) + 1
+            n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) + routers
             threads = threads_per_actor(n_actors)
             gpus = gpus_per_mesh_actor(device, gpus_per_actor, n_actors)
             specs = [config.attention_spec(i) for i in range(config.num_layers)]
@@ -235,11 +222,11 @@ class Mesh:
                 actors += shards + groups
                 shard_names = [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))]
                 group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
-            router = RemoteRouter.options(**options(None)).remote(
+            routers_ = [RemoteRouter.options(**options(None, r)).remote(
                 str(path), shard_names, group_names, shard_capacity_tokens, None, max_batch_tokens, lanes,
-                data_plane, store, kv_dtype, page_size, fingerprint, device, dtype, transport)
-            actors.append(router)
-            _await_pings(router, shards, groups, start_timeout_s)
+                data_plane, store, kv_dtype, page_size, fingerprint, device, dtype, transport) for r in range(routers)]
+            actors += routers_
+            _await_pings(routers_, shards, groups, start_timeout_s)
         except BaseException as exc:
             for actor in actors:  # a failed start leaves nothing behind
                 ray.kill(actor)
@@ -249,20 +236,19 @@ class Mesh:
                 line = next(x for x in str(exc).splitlines() if "expertmesh[jax]" in x)  # JAX missing on a host
                 raise ImportError(line.split("ImportError: ", 1)[-1].strip()) from None
             raise
-        return cls(router, shards, groups, config, tokenizer, path, started)
+        return cls(routers_, shards, groups, config, tokenizer, path, started)
 
     @classmethod
     def attach(cls, name: str) -> "Mesh":
         """A handle on a running mesh started with `Mesh.start(name=...)` (Ray must be initialised)."""
-        try:
-            router = ray.get_actor(actor_name(name, None), namespace=NAMESPACE)
-        except ValueError:
+        routers = lookup(routers_of(name))
+        if not routers:
             raise ValueError(f"no running mesh named {name!r} in this Ray cluster (start one with "
-                             f"Mesh.start(name={name!r}) or `expertmesh serve`)") from None
-        desc = ray.get(router.describe.remote())
+                             f"Mesh.start(name={name!r}) or `expertmesh serve`)")
+        desc = RouterSet(routers).call("describe")
         path = resolve_checkpoint(desc["checkpoint"])
         config = ModelConfig.from_file(path / "config.json")
-        return cls(router, desc["shards"], desc["groups"], config, load_tokenizer(path, config.vocab_size), path,
+        return cls(routers, desc["shards"], desc["groups"], config, load_tokenizer(path, config.vocab_size), path,
                    started_ray=False, owned=False)
 
     @classmethod
@@ -294,14 +280,17 @@ class Mesh:
     # -- contexts -------------------------------------------------------------------------
     @_unwrap
     def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
-                         owner: str = "default", visibility: str = "private", name: str | None = None) -> ContextInfo:
-        """Register a context once; its KV is kept sharded over the context shards."""
+                         owner: str = "default", visibility: str = "private", name: str | None = None,
+                         router: int | None = None) -> ContextInfo:
+        """Register a context once; its KV is kept sharded over the context shards. Every router
+        of the mesh answers over it once this returns. router=i: through router i."""
         return self._call("register_context", self._ids(token_ids, "context"), mode, shards, None, owner,
-                          visibility, name)
+                          visibility, name, router=router)
 
     @_unwrap
-    def drop_context(self, context_id: str) -> None:
-        self._call("drop_context", context_id)
+    def drop_context(self, context_id: str, router: int | None = None) -> None:
+        """Drop a context: every router of the mesh refuses it once this returns."""
+        self._call("drop_context", context_id, router=router)
 
     @_unwrap
     def contexts(self) -> list[ContextInfo]:
@@ -322,7 +311,8 @@ class Mesh:
         They stay part of the mesh through router restarts. Returns their indices."""
         new = start_shards(self.router, self.shards, n, timeout_s)
         try:
-            added = self._call("add_shards", [name for name, _ in new])
+            names = [name for name, _ in new]
+            added = ray.get([r.add_shards.remote(names) for r in self.routers if not down(r)])[0]
         except BaseException:
             for _, actor in new:  # a failed add leaves nothing behind
                 ray.kill(actor)
@@ -347,22 +337,25 @@ class Mesh:
     # -- requests -------------------------------------------------------------------------
     @_unwrap
     def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
-                       top_shards: int | None = None, top_pages: int | None = None) -> np.ndarray:
+                       top_shards: int | None = None, top_pages: int | None = None,
+                       router: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
         return self._call("forward_logits", self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards,
-                          top_pages)
+                          top_pages, router=router)
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                 top_pages: int | None = None) -> GenerationResult:
-        """Generate after context + prompt; safe to call from many threads (requests batch).
+                 top_pages: int | None = None, router: int | None = None) -> GenerationResult:
+        """Generate after context + prompt; safe to call from many threads (requests batch, and
+        spread over the mesh's routers: the least busy; router=i pins one).
 
         top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
         top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact."""
         res = self._call("generate", self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens,
-                         temperature, top_p, seed, top_shards, tuple(stop_token_ids), "default", None, top_pages)
+                         temperature, top_p, seed, top_shards, tuple(stop_token_ids), "default", None, top_pages,
+                         router=router)
         return GenerationResult(
             request_id=res["request_id"], token_ids=res["token_ids"], text=self._decode(res["token_ids"]),
             pathway=res["pathway"],
@@ -371,9 +364,9 @@ class Mesh:
             ttft_s=res["ttft_s"], total_s=res["total_s"])
 
     def stats(self) -> dict:
-        """The router's, each shard's and each expert group's stats; an actor that does not
-        answer within 10 s (lost, restarting) appears as {"unavailable": why}."""
-        refs = [self.router.stats.remote(), *(s.stats.remote() for s in self.shards),
+        """The routers', each shard's and each expert group's stats ("router": the first router's);
+        an actor that does not answer within 10 s (lost, restarting) is {"unavailable": why}."""
+        refs = [*(r.stats.remote() for r in self.routers), *(s.stats.remote() for s in self.shards),
                 *((g.group_stats if self.colocated else g.stats).remote() for g in self.groups)]
         ray.wait(refs, num_returns=len(refs), timeout=10)
         out = []
@@ -382,8 +375,8 @@ class Mesh:
                 out.append(ray.get(ref, timeout=0.1))
             except Exception as exc:  # noqa: BLE001 - reported, not raised: the rest of the mesh serves on
                 out.append({"unavailable": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"})
-        n = len(self.shards)
-        return {"router": out[0], "shards": out[1:1 + n], "expert_groups": out[1 + n:]}
+        r, n = len(self.routers), len(self.shards)
+        return {"router": out[0], "routers": out[:r], "shards": out[r:r + n], "expert_groups": out[r + n:]}
 
     def shutdown(self, stop_actors: bool | None = None) -> None:
         """Stop this mesh's actors (and Ray, if this mesh started it); an attached handle only lets
@@ -391,12 +384,16 @@ class Mesh:
         if not (self._owned if stop_actors is None else stop_actors):
             return
         shards = self.shards
-        try:  # the data plane first; and every shard, those added by other drivers too
+        try:  # every shard, those added by other drivers too
             shards = ray.get(self.router.describe.remote(), timeout=10)["shards"]
-            ray.get(self.router.close.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - a dead router has no group left to leave
+        except Exception:  # noqa: BLE001 - a dead router: the shards this handle knows
             pass
-        for actor in [self.router, *{s._actor_id: s for s in [*self.shards, *shards]}.values(), *self.groups]:
+        for router in self.routers:  # the data plane first (each router's group)
+            try:
+                ray.get(router.close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a dead router has no group left to leave
+                pass
+        for actor in [*self.routers, *{s._actor_id: s for s in [*self.shards, *shards]}.values(), *self.groups]:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
@@ -404,17 +401,10 @@ class Mesh:
         if self._started_ray:
             ray.shutdown()
 
-    def _call(self, method: str, *args):
-        """A router call; if the router dies under it, wait until it is back and run it once more."""
-        try:
-            return ray.get(getattr(self.router, method).remote(*args))
-        except ray.exceptions.RayActorError:
-            wait_until_back(self.router, "the router", RECOVER_TIMEOUT_S)
-        try:
-            return ray.get(getattr(self.router, method).remote(*args))
-        except ray.exceptions.RayActorError as exc:
-            raise Unavailable(f"the router failed twice under this request ({exc.__class__.__name__}); "
-                              "retry later") from None
+    def _call(self, method: str, *args, router: int | None = None):
+        """A router call: the least busy router (or `router`); one that dies under it fails over
+        (router_set.py)."""
+        return self._set.call(method, *args, pin=router)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if getattr(self.tokenizer, "available", True) else ""

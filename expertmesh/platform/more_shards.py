@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from expertmesh.actors.context_shard import RemoteContextShard
+from expertmesh.actors.names import mesh_of
 from expertmesh.errors import PlacementError, Unavailable
 from expertmesh.platform.cluster import CONTEXT_SHARD, NAMESPACE, actor_name, actor_options
 
@@ -20,7 +21,7 @@ def start_shards(router, shards: list, n: int, timeout_s: float) -> list[tuple[s
     if backend == "jax":
         from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as cls
     row = _actor_row(router)
-    base, first, gpu_share = row["Name"].removesuffix(".router"), len(shards), args[-1]
+    base, first, gpu_share = mesh_of(row["Name"]), len(shards), args[-1]
     life = ({"lifetime": "detached"} if row.get("IsDetached") else {}) | ({"num_gpus": gpu_share} if gpu_share else {})
     names = [actor_name(base, CONTEXT_SHARD, i) for i in range(first, first + n)]
     new = []

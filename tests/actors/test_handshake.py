@@ -210,8 +210,8 @@ class Worker(StepWorker):
 def loop_pair():
     router, peers, _ = form(Listener("127.0.0.1"), b"k" * 32, 1, 2, delay=0)
     w = Worker()
-    w._pg, w._generation, w._limits = peers[1], 1, LIMITS
-    t = threading.Thread(target=w._serve, args=(peers[1],), daemon=True)
+    w._groups[""] = (peers[1], None)
+    t = threading.Thread(target=w._serve, args=(peers[1], 1, LIMITS), daemon=True)
     t.start()
     return router, w, t
 
