@@ -37,6 +37,7 @@ bench: setup
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_dataplane.py
 	$(PY) benchmarks/bench_elastic.py
+	$(PY) benchmarks/bench_routers.py
 	$(PY) benchmarks/kv_sizes.py
 	$(PY) benchmarks/readme_tables.py
 

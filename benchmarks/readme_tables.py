@@ -436,8 +436,26 @@ def elastic() -> str:
         f"time than registering the context again."])
 
 
+def routers() -> str:
+    r = _load("routers.json")
+    lines = ["| routers | decode: 32 requests x 32 tokens, tokens/s | steps per router (mean step) | one request of 64 "
+             "tokens: undisturbed | its router killed under it | extra | same tokens |", "|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        t, f = run["throughput"], run["failover"]
+        steps = ", ".join(f"{p['steps']} ({p['mean_step_s'] * 1000:.0f} ms)" for p in t["per_router"])
+        lines.append(f"| {run['routers']} | {t['tokens_per_s']:.0f} | {steps} | {_s(f['undisturbed_s'])} "
+                     f"| {_s(f['with_kill_s'])} | {_s(f['extra_s'])} | {f['same_tokens']} |")
+    x = r["ratios"]
+    lines += ["", f"Throughput with 2 routers is {x['tokens_per_s_r2_vs_r1']:.2f}x that with 1 on this {r['machine']} "
+              f"machine (every actor shares its cores: no scaling can show here); the extra latency of a request "
+              f"whose router dies is {x['failover_extra_r2_vs_r1']:.2f}x as long with 2 routers (it runs again on the "
+              f"other at once) as with 1 (it waits for the restart)."]
+    return "\n".join(lines)
+
+
 TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
-          "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic}
+          "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic,
+          "routers": routers}
 
 
 def render(text: str) -> str:

@@ -81,7 +81,8 @@ class Router(Registration, Directory, Placement):
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         if remote and check_data_plane(data_plane) == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
-                                          self.cfg.num_layers, self.device, transport=transport, router=own_name() or "")
+                                          self.cfg.num_layers, self.device, transport=transport,
+                                          router=own_name() or "")
             lanes = 1  # one step at a time over the group
         else:
             exchange = TaskExchange(shards, groups, own_name() or "")

@@ -84,15 +84,18 @@ class RouterSet:
 
     def call(self, method: str, *args: Any, pin: int | None = None) -> Any:
         """Run a router method (see the module docstring for which router and what on failure)."""
-        first = self.pick(pin)
-        order = [first] if pin is not None else [first, *self.fallbacks(first)]
-        for i in order:
+        first = i = self.pick(pin)
+        tried = []
+        while True:
             try:
                 with self.busy(i) as router:
                     return ray.get(getattr(router, method).remote(*args))
             except ray.exceptions.RayActorError:
-                if i == order[-1] and pin is None and len(order) < len(self.routers):
-                    order += [j for j in self.fallbacks(i) if j not in order]  # one came back meanwhile
+                tried.append(i)
+                others = [] if pin is not None else [j for j in self.fallbacks(i) if j not in tried]
+                if not others:
+                    break
+                i = others[0]
         what = f"router {first}" if len(self.routers) > 1 else "the router"
         wait_until_back(self.routers[first], what, RECOVER_TIMEOUT_S)
         try:

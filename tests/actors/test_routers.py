@@ -84,3 +84,19 @@ def test_requests_spread_over_routers_and_fail_over_when_one_dies(ray_cluster, t
         assert got == want
     finally:
         mesh.shutdown()
+
+
+def test_calls_go_to_the_least_busy_router_ties_in_turn():
+    from expertmesh.platform.router_set import RouterSet
+
+    routers = RouterSet(["r0", "r1", "r2"])
+    assert sorted(routers.pick() for _ in range(3)) == [0, 1, 2]  # idle: in turn
+    with routers.busy(0), routers.busy(1), routers.busy(1):
+        assert {routers.pick() for _ in range(4)} == {2}
+        with routers.busy(2), routers.busy(2):
+            assert {routers.pick() for _ in range(4)} == {0}
+    assert routers.pick(pin=1) == 1
+    for bad in (3, -1, True, "0"):
+        with pytest.raises(ValueError, match=r"router must be an integer in 0\.\.2 \(the mesh has 3 router\(s\)\)"):
+            routers.pick(pin=bad)
+    assert routers.fallbacks(0) == [1, 2]

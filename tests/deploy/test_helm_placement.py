@@ -23,7 +23,12 @@ def test_defaults_render_auto_and_the_collective_plane(chart):  # noqa: F811
     assert "colocate" not in args
     settings = ServeSettings(**args)
     assert settings.placement_kwargs() == {"device": "auto", "dtype": "auto", "colocate": False,
-                                           "data_plane": "collective"}
+                                           "data_plane": "collective", "routers": 1}
+
+
+def test_routers_reach_the_serving_app(chart):  # noqa: F811
+    args = _args(render(chart, "routers")[1])
+    assert args["routers"] == 2 and ServeSettings(**args).placement_kwargs()["routers"] == 2
 
 
 def test_gpu_values_reach_the_serving_app(chart):  # noqa: F811
@@ -34,7 +39,7 @@ def test_gpu_values_reach_the_serving_app(chart):  # noqa: F811
     args = _args(docs)
     assert (args["device"], args["dtype"], args["colocate"], args["data_plane"]) == ("cuda", "bfloat16", True, "ray")
     assert ServeSettings(**args).placement_kwargs() == {"device": "cuda", "dtype": "bfloat16", "colocate": True,
-                                                        "data_plane": "ray"}
+                                                        "data_plane": "ray", "routers": 1}
 
 
 @pytest.mark.parametrize("key, value, what", [("device", "gpu", "pattern"), ("dtype", "fp8", "must be one of"),
@@ -52,11 +57,11 @@ def test_cli_placement_flags_parse_and_go_to_the_mesh():
     p = argparse.ArgumentParser()
     cli._mesh_args(p)
     kw = cli._store_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
-                                         "--data-plane", "ray"]))
+                                         "--data-plane", "ray", "--routers", "3"]))
     assert {k: kw[k] for k in cli.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
-                                                 "data_plane": "ray"}
+                                                 "data_plane": "ray", "routers": 3}
     assert {k: cli._store_kwargs(p.parse_args([]))[k] for k in cli.PLACEMENT} == {
-        "device": "auto", "dtype": "auto", "colocate": False, "data_plane": "collective"}
+        "device": "auto", "dtype": "auto", "colocate": False, "data_plane": "collective", "routers": 1}
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])
     ServeSettings(**kw)  # the serving app takes the same keywords
