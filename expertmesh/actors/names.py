@@ -38,9 +38,14 @@ def mesh_of(router_name: str | None) -> str | None:
 
 def routers_of(mesh: str) -> list[str]:
     """The names of a running mesh's routers, in order."""
-    names = []
+    return _running(lambda i: actor_name(mesh, None, i))
+
+
+def _running(name_of) -> list[str]:
+    """name_of(0), name_of(1), ... while an actor of that name exists."""
+    names: list[str] = []
     while True:
-        name = actor_name(mesh, None, len(names))
+        name = name_of(len(names))
         try:
             ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
@@ -56,16 +61,8 @@ def lookup(targets: list) -> list:
 def added_shards(router_name: str | None, first: int) -> list[str]:
     """Names of context shards added to a running mesh (`Mesh.add_shards`), from index `first`
     on: a restarted router finds them by name (its constructor names only the first ones)."""
-    mesh, names = mesh_of(router_name), []
-    if mesh is None:
-        return []
-    while True:
-        name = actor_name(mesh, CONTEXT_SHARD, first + len(names))
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            return names
-        names.append(name)
+    mesh = mesh_of(router_name)
+    return [] if mesh is None else _running(lambda i: actor_name(mesh, CONTEXT_SHARD, first + i))
 
 
 def own_name() -> str | None:
