@@ -6,7 +6,7 @@ For each R, same run:
   throughput  32 concurrent `Mesh.generate` calls of 32 new tokens each (spread over the
               routers): generated tokens / wall time; per router the steps it ran and their
               mean time (where a step's time goes, per router)
-  failover    one request of 64 new tokens; its router is killed (Ray restarts it) after 1 s:
+  failover    one request of 384 new tokens; its router is killed (Ray restarts it) after 1 s:
               the request's latency against the same request undisturbed. R = 1: it waits for
               the router's restart and runs again; R = 2: it runs again on the other router.
 This 2-core machine cannot show throughput scaling with routers (every actor shares the two
@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FAILOVER_TOKENS = 384  # long enough to be in flight when its router is killed
 
 
 def run_one(routers: int, args) -> dict:
@@ -57,15 +58,16 @@ def run_one(routers: int, args) -> dict:
                                                   "tokens_per_s": tokens / wall, "per_router": per_router}}
 
         t0 = time.perf_counter()
-        want = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=64)
+        want = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=FAILOVER_TOKENS)
         normal = time.perf_counter() - t0
         got, t0 = {}, time.perf_counter()
         worker = threading.Thread(target=lambda: got.setdefault("res", mesh.generate(
-            prompt, context_id=ctx.id, max_new_tokens=64)))
+            prompt, context_id=ctx.id, max_new_tokens=FAILOVER_TOKENS)))
         worker.start()
         time.sleep(1.0)
         busy = [ray.get(r.stats.remote())["running"] for r in mesh.routers]
         victim = max(range(routers), key=lambda i: busy[i])
+        assert busy[victim] > 0, "the request ended before its router was killed: raise FAILOVER_TOKENS"
         ray.kill(mesh.routers[victim], no_restart=False)
         worker.join(180)
         took = time.perf_counter() - t0

@@ -438,7 +438,7 @@ def elastic() -> str:
 
 def routers() -> str:
     r = _load("routers.json")
-    lines = ["| routers | decode: 32 requests x 32 tokens, tokens/s | steps per router (mean step) | one request of 64 "
+    lines = ["| routers | decode: 32 requests x 32 tokens, tokens/s | steps per router (mean step) | one request of 384 "
              "tokens: undisturbed | its router killed under it | extra | same tokens |", "|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
         t, f = run["throughput"], run["failover"]
@@ -446,10 +446,10 @@ def routers() -> str:
         lines.append(f"| {run['routers']} | {t['tokens_per_s']:.0f} | {steps} | {_s(f['undisturbed_s'])} "
                      f"| {_s(f['with_kill_s'])} | {_s(f['extra_s'])} | {f['same_tokens']} |")
     x = r["ratios"]
-    lines += ["", f"Throughput with 2 routers is {x['tokens_per_s_r2_vs_r1']:.2f}x that with 1 on this {r['machine']} "
-              f"machine (every actor shares its cores: no scaling can show here); the extra latency of a request "
+    lines += ["", f"Throughput with 2 routers is {x['tokens_per_s_r2_vs_r1']:.2f}x that with 1 on this machine "
+              f"({r['machine']}, shared by every actor: no scaling can show here); the extra latency of a request "
               f"whose router dies is {x['failover_extra_r2_vs_r1']:.2f}x as long with 2 routers (it runs again on the "
-              f"other at once) as with 1 (it waits for the restart)."]
+              f"other at once, while the killed one restarts on the same cores) as with 1 (it waits for the restart)."]
     return "\n".join(lines)
 
 
