@@ -131,6 +131,8 @@ with httpx.Client(timeout=120) as http:
     served["same_text"] = text == want_text
     t1 = time.monotonic()
     before_stats = ray.get(mesh.router.stats.remote())
+    served["router_stats_s"] = time.monotonic() - t1  # the router's event loop answering at all
+    t1 = time.monotonic()
     after = http.post(url, json=body)
     served["after_status"], served["after_s"] = after.status_code, time.monotonic() - t1
     st = ray.get(mesh.router.stats.remote())
