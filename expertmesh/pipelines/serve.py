@@ -89,6 +89,9 @@ async def _until_back(actor, what: str, timeout_s: float = RECOVER_TIMEOUT_S) ->
     raise _unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry shortly")
 
 
+HEAD = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
+
+
 def chat_prompt(messages: list[oa.ChatMessage]) -> str:
     """A plain chat layout for checkpoints without a chat template."""
     return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
@@ -134,8 +137,11 @@ class ExpertMeshServer:
         api.openapi_schema = None
         api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)
         self.holder = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
+        # the admission state every replica shares lives on the head, with Serve's controller: on a
+        # preemptible worker, every admission would wait on it until Ray declared that host dead
         self.limits = TenantLimits.options(name=f"{s.mesh_name}.tenants", namespace=NAMESPACE, lifetime="detached",
-                                           get_if_exists=True).remote(tenants.model_dump() if tenants else None)
+                                           get_if_exists=True, resources=HEAD).remote(
+            tenants.model_dump() if tenants else None)
         ray.get(self.limits.update.remote(tenants.model_dump() if tenants else None, self.holder,
                                           ray.get_runtime_context().current_actor))
         self.metrics = ServeMetrics()

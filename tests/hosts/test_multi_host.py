@@ -147,7 +147,8 @@ with httpx.Client(timeout=120) as http:
         times.append(time.monotonic() - t2)
     served["later_s"] = times
     served["after_same_text"] = after.status_code == 200 and after.json()["choices"][0]["text"] == want_text
-out["serve_through_shard_host_kill"] = served | {"lost_shard": lost, "host": lost_host}
+limits = ray.get_actor("mh.tenants", namespace="expertmesh")  # the replicas' shared admission state
+out["serve_through_shard_host_kill"] = served | {"lost_shard": lost, "host": lost_host, "limits_on": where(limits)}
 serve.shutdown()
 
 # the router's host, with a replacement host declaring `router`; a request in flight through Mesh.generate
@@ -213,6 +214,7 @@ def test_four_hosts_tcp_exact_and_hosts_killed_mid_stream(hosts, tiny_checkpoint
     assert n["tokens_after"][2] > 0 and n["max_abs_diff"] <= 1e-5
     s = out["serve_through_shard_host_kill"]
     assert s["status"] == 200 and s["same_text"] and s["after_status"] == 200 and s["after_same_text"], s
+    assert s["limits_on"] == a[0] and s["after_s"] < 5, s  # on the head: a lost worker host does not stall admission
     r = out["router_host_killed"]  # restarted on the replacement host; the request in flight replayed
     assert r["result"] == "same tokens" and r["served_again_s"] < 45 and r["router_on"] == a[7], r
     assert r["max_abs_diff"] <= 1e-5
