@@ -1,0 +1,90 @@
+"""The README's "Faults and recovery" tables: hosts lost and added (multi_host.json), a shard
+lost under a 1M-token context (elastic.json), several routers (routers.json)."""
+
+from __future__ import annotations
+
+from table_format import _load, _s
+
+
+def multi_host() -> str:
+    r = _load("multi_host.json")
+    p = r["placement"]
+    lines = [f"Placement (Ray resources): router on {p['router']}, context shards on {', '.join(p['shards'])}, "
+             f"expert groups on {', '.join(p['groups'])}; data plane `{r['transport']}` over TCP between hosts; "
+             f"max |logits - single process| {r['exact_over_tcp']:.1e}.", "",
+             "| host killed mid-stream (SIGKILL of every process, no replacement) | stream | served again after "
+             "| of which: forming the data plane without it | Ray reported the actor not alive after "
+             "| max abs logit diff after (vs single process) |", "|---|---|---|---|---|---|"]
+    loaded = r["expert_host_killed"]["experts_loaded_s"]
+    for key, what in (("shard_host_killed", "context shard host (its segment served from the store by the other shard)"),
+                      ("expert_host_killed", f"expert group host (its experts loaded from the checkpoint by the other "
+                                             f"group, in {loaded * 1000:.0f} ms)")):
+        k = r[key]
+        lines.append(f"| {what} | {k['stream']} | {_s(k['served_again_s'])} | {_s(k['group_formation_s'])} "
+                     f"| {_s(k['ray_reported_s'])} | {k['max_abs_diff']:.1e} |")
+    rep = r["replacement"]
+    lines += ["", f"A new context registered while the shard host was down went to shard(s) "
+              f"{r['new_context_while_down']}. A replacement host joined {_s(rep['host_joined_s'])} after `ray start`; "
+              f"the shard restarted on it ({rep['shard_on']}) and served its segment again "
+              f"{_s(rep['handed_back_s'])} after the host was started (max abs logit diff {rep['max_abs_diff']:.1e})."]
+    n = r["added_shard_host"]
+    lines += ["", f"A shard host added to the running mesh: it joined the cluster in {_s(n['host_joined_s'])}, "
+              f"`add_shards(1)` started shard {n['indices'][0]} on it ({n['shard_on']}) in {_s(n['shard_started_s'])}, "
+              f"and `rebalance()` moved {len(n['moved'])} segment(s) ({sum(m[0] for m in n['moved'])} tokens) in "
+              f"{_s(n['rebalance_s'])}: tokens per shard {n['tokens_before']} -> {n['tokens_after']} (max abs logit "
+              f"diff after {n['max_abs_diff']:.1e})."]
+    v = r["serve_through_shard_host_kill"]
+    lines += ["", f"Serve (its replica on the head) through the loss of a shard host, no replacement: the HTTP "
+              f"stream in flight ended with status {v['status']} {_s(v['stream_done_s'])} after the kill, "
+              f"{'the same text' if v['same_text'] else 'OTHER text'}; the next request: status {v['after_status']} "
+              f"in {_s(v['after_s'])}, {'the same text' if v['after_same_text'] else 'OTHER text'}."]
+    k = r["router_host_killed"]
+    lines += ["", f"The router's host killed with a request in flight through `Mesh.generate` and a replacement "
+              f"host declaring `router` joining ({_s(k['replacement_joined_s'])}): Ray reported the router not "
+              f"alive after {_s(k['ray_reported_s'])}; it restarted on the new host ({k['router_on']}) and the "
+              f"request, run again, finished {_s(k['served_again_s'])} after the kill: {k['result']} (max abs "
+              f"logit diff after {k['max_abs_diff']:.1e})."]
+    return "\n".join(lines)
+
+
+def elastic() -> str:
+    r = _load("elastic.json")
+    b, t, rb = r["baseline"], r["takeover"], r["rebalance"]
+    seg = r["segments"][1]["tokens"]
+    return "\n".join([
+        f"{r['tokens']:,}-token context (blockwise, {r['kv_dtype']} KV, the built-in model), "
+        f"{r['context_shards']} context shards + {r['expert_groups']} expert groups, store on local disk; "
+        f"shard 1 ({seg:,} tokens) killed for good; {r['machine']}:", "",
+        "| | seconds | answer |", "|---|---|---|",
+        f"| baseline: register the context again + first answer | {b['register_plus_answer_s']:.1f} "
+        f"| {b['answer']['answer'].strip()!r} |",
+        f"| exact answer, all pages hot (before the kill) | {r['hot_answer']['wall_s']:.2f} "
+        f"| {r['hot_answer']['answer'].strip()!r} |",
+        f"| kill -> Ray reports the shard not alive | {t['ray_reported_s']:.2f} | |",
+        f"| kill -> answered again (a running shard opens the segment, reads its pages from the store) "
+        f"| {t['served_again_s']:.2f} | {t['answer']['answer'].strip()!r} (same: {t['same_answer']}) |",
+        f"| next answer (pages hot on the stand-in) | {t['next_answer_s']:.2f} | {t['next_answer']['answer'].strip()!r} |",
+        f"| `add_shards(1)` | {rb['add_shards_s']:.2f} | |",
+        f"| `rebalance()`: {len(rb['moved'])} segment(s) moved, tokens per shard {rb['tokens_before']} -> "
+        f"{rb['tokens_after']} | {rb['rebalance_s']:.2f} | |",
+        f"| first answer after the rebalance | {rb['first_answer_s']:.2f} | {rb['answer']['answer'].strip()!r} "
+        f"(same: {rb['same_answer']}) |", "",
+        f"Serving the lost shard's segment again took {r['ratios']['register_plus_answer_vs_takeover']:.0f}x less "
+        f"time than registering the context again."])
+
+
+def routers() -> str:
+    r = _load("routers.json")
+    lines = ["| routers | decode: 32 requests x 32 tokens, tokens/s | steps per router (mean step) | one request of 384 "
+             "tokens: undisturbed | its router killed under it | extra | same tokens |", "|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        t, f = run["throughput"], run["failover"]
+        steps = ", ".join(f"{p['steps']} ({p['mean_step_s'] * 1000:.0f} ms)" for p in t["per_router"])
+        lines.append(f"| {run['routers']} | {t['tokens_per_s']:.0f} | {steps} | {_s(f['undisturbed_s'])} "
+                     f"| {_s(f['with_kill_s'])} | {_s(f['extra_s'])} | {f['same_tokens']} |")
+    x = r["ratios"]
+    lines += ["", f"Throughput with 2 routers is {x['tokens_per_s_r2_vs_r1']:.2f}x that with 1 on this machine "
+              f"({r['machine']}, shared by every actor: no scaling can show here); the extra latency of a request "
+              f"whose router dies is {x['failover_extra_r2_vs_r1']:.2f}x as long with 2 routers (it runs again on the "
+              f"other at once, while the killed one restarts on the same cores) as with 1 (it waits for the restart)."]
+    return "\n".join(lines)
