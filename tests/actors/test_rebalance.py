@@ -15,7 +15,7 @@ import expertmesh as em
 from expertmesh.actors.liveness import actor_state
 from expertmesh.actors.placement import plan_moves
 from expertmesh.cli import main
-from tests.actors.test_takeover import held
+from tests.actors.test_takeover import held, kill_for_good
 
 pytestmark = pytest.mark.ray
 PROMPT = [5, 17, 42, 99, 7, 3]
@@ -101,7 +101,7 @@ def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint,
     try:
         ctx = mesh.register_context(list(range(4, 300)), mode="exact")
         want = mesh.forward_logits(PROMPT, context_id=ctx.id)
-        ray.kill(mesh.shards[1], no_restart=True)
+        kill_for_good(mesh.shards[1])
         np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=ctx.id), want)  # a stand-in
         stats = mesh.stats()  # a lost shard is reported, not raised
         assert "ActorDiedError" in stats["shards"][1]["unavailable"] and stats["shards"][0]["index"] == 0

@@ -8,6 +8,7 @@ import pytest
 import ray
 
 import expertmesh as em
+from expertmesh.actors.liveness import actor_state
 
 pytestmark = pytest.mark.ray
 PROMPT = [5, 17, 42, 99, 7, 3]
@@ -23,6 +24,16 @@ def held(mesh):
         except Exception:  # noqa: BLE001 - dead
             out.append(None)
     return out
+
+
+def kill_for_good(handle, within=20.0):
+    """Kill an actor without restart and wait until Ray reports it DEAD: `ray.kill` only sends the
+    kill, so a request right after it may still be served by the old process."""
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + within
+    while actor_state(handle) != "DEAD":
+        assert time.monotonic() < deadline, f"actor still {actor_state(handle)} {within} s after its kill"
+        time.sleep(0.05)
 
 
 def stream_killing(mesh, context_id, victim):
@@ -45,7 +56,7 @@ def test_a_dead_shards_segments_are_served_by_the_others_exactly(ray_cluster, ti
         assert ctx.shards == (0, 1, 2)
         want = mesh.forward_logits(PROMPT, context_id=ctx.id)
         tokens = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
-        ray.kill(mesh.shards[1], no_restart=True)  # its host gone for good
+        kill_for_good(mesh.shards[1])  # its host gone for good
         t0 = time.monotonic()
         got = mesh.forward_logits(PROMPT, context_id=ctx.id)
         took = time.monotonic() - t0
