@@ -12,6 +12,7 @@ import pytest
 import ray
 
 import expertmesh as em
+from tests.actors.test_takeover import kill_for_good
 
 pytestmark = pytest.mark.ray
 PROMPT = [5, 17, 42, 99, 7, 3]
@@ -123,7 +124,7 @@ def test_a_dead_actor_fails_requests_at_once_naming_it(ray_cluster, tiny_checkpo
     try:
         ctx = m.register_context(list(range(4, 200)), mode="exact")
         free = m.generate(PROMPT, max_new_tokens=4).token_ids
-        ray.kill(m.shards[1], no_restart=True)
+        kill_for_good(m.shards[1])
         t0 = time.monotonic()
         with pytest.raises(em.ContextNotFound, match=r"was lost with context shard 1: Ray reports its actor DEAD "
                                                      r"and the mesh has no store"):

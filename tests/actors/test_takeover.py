@@ -122,7 +122,7 @@ def test_a_lost_expert_groups_experts_are_loaded_by_another_then_handed_back(ray
             time.sleep(0.5)
         else:
             raise AssertionError(f"the stand-in group still holds the experts: {adopted}")
-        ray.kill(mesh.groups[1], no_restart=True)  # gone for good: group 0 or 2 holds its experts from now on
+        kill_for_good(mesh.groups[1])  # gone for good: group 0 or 2 holds its experts from now on
         t0 = time.perf_counter()
         np.testing.assert_allclose(mesh.forward_logits(PROMPT, context_id=ctx.id), want, rtol=0, atol=1e-5)
         print(f"TAKEOVER dead expert group: answered again after {time.perf_counter() - t0:.2f} s")
