@@ -12,8 +12,10 @@ from expertmesh.serve_command import cmd_serve
 
 def _mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="Hugging Face model directory or URI (default: built-in model)")
-    p.add_argument("--context-shards", type=int, default=4, help="context shard actors (default 4)")
-    p.add_argument("--expert-groups", type=int, default=2, help="expert group actors (default 2)")
+    p.add_argument("--context-shards", type=int, default=None,
+                   help="context shard actors (default: picked from the hardware, see --colocate)")
+    p.add_argument("--expert-groups", type=int, default=None,
+                   help="expert group actors (default: picked from the hardware, see --colocate)")
     p.add_argument("--address", default=None, help="Ray address to join ('auto' or URL); default: start locally")
     p.add_argument("--store", default=None, help="context store: directory or URI (s3://, gs://, file://); "
                                                  "contexts survive restarts")
@@ -30,8 +32,10 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU); softmax "
                         "statistics and the merge of partial attention stay float32")
-    p.add_argument("--colocate", action="store_true",
-                   help="one context shard and one expert group per actor (per accelerator)")
+    p.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
+                   help="one context shard and one expert group per actor (per accelerator). Default: with "
+                        "no counts given, one colocated worker per GPU, or per 4 CPUs on CPU hosts; with "
+                        "counts, separate actors")
     p.add_argument("--data-plane", choices=("collective", "ray"), default="collective",
                    help="per-layer tensors over torch.distributed collectives (NCCL/gloo) or Ray calls")
     p.add_argument("--routers", type=int, default=1,
@@ -215,10 +219,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if split == text_sources.TRAIN:
             print(f"note: {text.name} is a training source of the demo model, not held out", file=sys.stderr)
         haystack = text_sources.Haystack([text], mix_share=0.0)
-    capacity = max(1 << 20, -(-(max(lengths) + 4096) // args.context_shards) + 4096)
+    capacity = max(1 << 20, -(-(max(lengths) + 4096) // (args.context_shards or 1)) + 4096)
     mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
                          expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity,
                          **_store_kwargs(args))
+    layout = {"context_shards": len(mesh.shards), "expert_groups": len(mesh.groups), "colocate": mesh.colocated}
     try:
         cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,
                          log=lambda s: print(s, flush=True), haystack=haystack, offsets=offsets,
@@ -231,8 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"task": args.task, "checkpoint": args.checkpoint or "default",
                                                "source": source, "source_split": split,
                                                "offsets": "random" if args.random_offsets and not offsets else offsets,
-                                               "context_shards": args.context_shards,
-                                               "expert_groups": args.expert_groups, "results": rows}, indent=1))
+                                               **layout, "results": rows}, indent=1))
     print(f"{'task':8s} {'length':>9s} {'mode':9s} {'offset':>6s} {'accuracy':>8s} {'stops':>6s}  source")
     for r in rows:
         off = "" if r["offset"] is None else str(r["offset"])  # an offset, or "random"

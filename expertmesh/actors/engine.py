@@ -112,16 +112,21 @@ class Engine:
             raise
         self._account(batch, plan, reads)
         by_seq = {id(seq): span for seq, span in zip(step.batch, step.spans)}
-        out: list[torch.Tensor | None] = []
-        for seq in batch:
+        out: list[torch.Tensor | None] = [None] * len(batch)
+        last = []  # sampled sequences: their last rows' logits in one LM-head call
+        for i, seq in enumerate(batch):
             seq.num_computed = len(seq.token_ids)
             span = by_seq.get(id(seq))
             if span is None or seq.kind == "segment":
-                out.append(None)
-            elif seq.kind == "logits":
-                out.append(self.model.logits(x[span[0]:span[1]]).cpu())
+                continue
+            if seq.kind == "logits":
+                out[i] = self.model.logits(x[span[0]:span[1]]).cpu()
             else:
-                out.append(self.model.logits(x[span[1] - 1:span[1]])[0].cpu())
+                last.append((i, span[1] - 1))
+        if last:
+            rows = self.model.logits(x[torch.tensor([r for _, r in last], device=x.device)]).cpu()
+            for (i, _), row in zip(last, rows):
+                out[i] = row
         return out
 
     # -- attention ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from expertmesh.model.attention import AttentionSpec
@@ -71,7 +72,7 @@ def quest_bound_rows(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
 
 
 def choose_shards(
-    segments: list[Segment], q: torch.Tensor | None, q_pos: torch.Tensor, spec: AttentionSpec,
+    segments: list[Segment], q: torch.Tensor | None, q_pos: torch.Tensor | np.ndarray, spec: AttentionSpec,
     top_shards: int | None, summaries: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
     q_needed: bool = True,
 ) -> tuple[int, ...] | None:

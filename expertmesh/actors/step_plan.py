@@ -129,6 +129,7 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
     running_groups: the expert groups taking part (others' experts stand in on them)."""
     serving = serving or {}
     layers, last = [], len(model.layers) - 1
+    pos_all = positions.cpu().numpy()  # per-sequence slices below: numpy, not one tensor op per slice
     for layer in model.layers:
         index, spec = layer.index, layer.spec
         live = tuple(i for i, seq in enumerate(batch) if index < last or seq.kind != "segment")
@@ -139,10 +140,11 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
             seq, (a, b) = batch[i], spans[i]
             if not seq.segments:
                 continue
-            pos = positions[a:b]
+            pos = pos_all[a:b]
             dynamic = False
             if seq.layer_shards[index] is None:
-                ctx_summ = {s: m[index] for s, m in summaries.get(seq.context_id, {}).items()}
+                ctx_summ = {s: m[index] for s, m in summaries.get(seq.context_id, {}).items()} \
+                    if seq.top_shards is not None else None  # exact: every visible segment, no summaries
                 fixed = choose_shards(seq.segments, None, pos, spec, seq.top_shards, ctx_summ, q_needed=False)
                 if fixed is None:  # chosen from this layer's queries, at the layer
                     dynamic = True
@@ -176,7 +178,7 @@ def build_plan(batch: list[Sequence], spans: list[tuple[int, int]], positions: t
                 rows = np.concatenate([np.arange(offsets[j], offsets[j] + spans[live[j]][1] - spans[live[j]][0])
                                        for j in js])
                 first = batch[live[js[0]]]
-                q_pos = np.concatenate([positions[spans[live[j]][0]:spans[live[j]][1]].numpy() for j in js])
+                q_pos = np.concatenate([pos_all[spans[live[j]][0]:spans[live[j]][1]] for j in js])
                 owner, order = owners[shard, key]
                 items.append(ItemPlan(key[0], rows, q_pos, {batch[live[j]].request_id: spans[live[j]][1] -
                                                             spans[live[j]][0] for j in js},

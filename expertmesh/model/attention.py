@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 _QUERY_BLOCK = 2048  # rows per masked block: bounds the [tq, Tk] mask in memory
 
@@ -209,13 +210,9 @@ def batched_decode_attention(
     """
     b, hq, d = q.shape
     hkv = ks[0].shape[1]
-    longest = max(len(p) for p in k_pos)
-    k = q.new_zeros(b, longest, hkv, d)
-    v = q.new_zeros(b, longest, hkv, d)
-    pos = torch.full((b, longest), torch.iinfo(torch.int64).max, dtype=torch.int64,
-                     device=q.device)  # padding: never visible
-    for i, (ki, vi, pi) in enumerate(zip(ks, vs, k_pos)):
-        k[i, :len(pi)], v[i, :len(pi)], pos[i, :len(pi)] = ki, vi, pi
+    k = pad_sequence(ks, batch_first=True)  # [B, L, Hkv, D], zeros after each sequence's keys
+    v = pad_sequence(vs, batch_first=True)
+    pos = pad_sequence(k_pos, batch_first=True, padding_value=float(1 << 62))  # never visible (exact as a double)
     qp = q_pos.to(q.device)[:, None]
     mask = pos <= qp  # [B, L]
     if spec.chunk_size:

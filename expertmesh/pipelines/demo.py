@@ -41,10 +41,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int = 2,
+def _layout() -> str:
+    """The serving mesh's layout, as its replicas started it."""
+    from expertmesh.pipelines.serve_settings import ServeSettings
+    from expertmesh.platform.mesh import Mesh
+
+    mesh = Mesh.attach(ServeSettings().mesh_name)
+    return (f"{len(mesh.shards)} context shards, {len(mesh.groups)} expert groups"
+            + (", colocated" if mesh.colocated else ""))
+
+
+def run(context_tokens: int = 16384, context_shards: int | None = None, expert_groups: int | None = None,
         checkpoint: str | None = None, address: str | None = None, mode: str = "exact",
         store: str | None = None, shard_backend: str = "torch", expert_backend: str = "torch",
-        device: str = "auto", dtype: str = "auto", colocate: bool = False, data_plane: str = "collective",
+        device: str = "auto", dtype: str = "auto", colocate: bool | None = None, data_plane: str = "collective",
         routers: int = 1) -> None:
     import httpx
     import openai
@@ -70,7 +80,7 @@ def run(context_tokens: int = 16384, context_shards: int = 4, expert_groups: int
               route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     print(f"server up in {time.perf_counter() - t0:.1f}s at {url}/v1 "
-          f"({context_shards} context shards, {expert_groups} expert groups)")
+          f"({_layout()})")
     try:
         acme, globex = ({"Authorization": f"Bearer {keys[n]}"} for n in ("acme", "globex"))
         # sized as RULER counts: context + question + answer = the stated length

@@ -12,8 +12,9 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     checkpoint: str | None = Field(None, description="HF model directory or URI; None: the built-in model")
-    context_shards: int = Field(4, ge=1, description="context shard actors")
-    expert_groups: int = Field(2, ge=1, description="expert group actors")
+    context_shards: int | None = Field(None, ge=1, description="context shard actors; None: picked from the "
+                                       "hardware (with colocate, one worker per GPU or per 4 CPUs)")
+    expert_groups: int | None = Field(None, ge=1, description="expert group actors; None: picked as context_shards")
     tenants_file: str | None = Field(None, description="tenants YAML; None: one anonymous tenant, no keys")
     tenants: TenantsFile | None = Field(None, description="tenants inline (instead of tenants_file)")
     model_name: str = Field("expertmesh", description="the model id clients pass as `model`")
@@ -38,7 +39,8 @@ class ServeSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations (auto: bfloat16 on CUDA, float32 on CPU); softmax "
                             "statistics and the merge of partial attention stay float32")
-    colocate: bool = Field(False, description="one context shard and one expert group per actor (per accelerator)")
+    colocate: bool | None = Field(None, description="one context shard and one expert group per actor (per "
+                                  "accelerator); None: colocated when no count is given, else separate actors")
     data_plane: Literal["collective", "ray"] = Field(
         "collective", description="per-layer tensors point to point between the router and the actors (NCCL on "
                                   "GPUs, authenticated TCP/Unix sockets on CPUs) or over Ray calls")

@@ -18,12 +18,18 @@ from expertmesh.actors.names import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, ROU
                                      actor_name, lookup)  # re-exported for callers
 
 
-def connect(address: str | None, context_shards: int, expert_groups: int, env: dict[str, str] | None = None) -> bool:
+def connect(address: str | None, context_shards: int | None, expert_groups: int | None,
+            env: dict[str, str] | None = None) -> bool:
     """Make sure Ray is initialised; return True if this call started it. env: environment
-    variables of this job's workers (and of the actors it creates)."""
+    variables of this job's workers (and of the actors it creates). A local cluster declares
+    the actors' units; counts None: those of the layout picked for this host (layout.py)."""
     if ray.is_initialized():
         return False
     if address is None:
+        from expertmesh.platform.layout import local_resources, pick_layout
+
+        picked = pick_layout(context_shards, expert_groups, None, local_resources())
+        context_shards, expert_groups = picked.context_shards, picked.expert_groups
         ray.init(
             address="local",  # a new local cluster even where a `ray start` cluster runs on this machine
             resources={CONTEXT_SHARD: context_shards, EXPERT_GROUP: expert_groups},

@@ -31,6 +31,7 @@ from expertmesh.errors import PlacementError
 from expertmesh.model.device import check_device_dtype
 from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.router_set import RouterSet
+from expertmesh.platform.layout import local_resources, pick_layout
 from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
                                          connect, describe_resources, gpus_per_mesh_actor, missing_resources,
                                          threads_per_actor)
@@ -96,16 +97,20 @@ class Mesh:
         self.colocated = any(g._actor_id in shard_ids for g in groups)
 
     @classmethod
-    def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int = 4, expert_groups: int = 2,
+    def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int | None = None,
+              expert_groups: int | None = None,
               address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
               max_batch_tokens: int = 16384, lanes: int = 2, data_plane: str = "collective",
-              colocate: bool = False, name: str | None = None, store: str | os.PathLike | None = None,
+              colocate: bool | None = None, name: str | None = None, store: str | os.PathLike | None = None,
               shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
               start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch",
               device: str = "auto", dtype: str = "auto", gpus_per_actor: float | None = None,
               transport: str = "auto", routers: int = 1) -> "Mesh":
         """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
+        context_shards, expert_groups, colocate: None picks them from the hardware (layout.py):
+        with no count given, one colocated worker per GPU, or per 4 CPUs on CPU hosts (the
+        router and one worker on 2 cores); counts given: separate actors unless colocate=True.
         store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
         and manifests: contexts survive restarts and may be larger than memory. None: each
         shard keeps its pages in a scratch directory of its host, lost with the shard.
@@ -147,8 +152,7 @@ class Mesh:
         bound (PlacementError, naming the missing resources) instead of hanging; a failed start
         kills what it started.
         """
-        if context_shards < 1:
-            raise ValueError(f"context_shards must be >= 1, got {context_shards}")
+        pick_layout(context_shards, expert_groups, colocate, {})  # the counts' checks, before anything starts
         if isinstance(routers, bool) or not isinstance(routers, int) or routers < 1:
             raise ValueError(f"routers must be an integer >= 1, got {routers!r}")
         if kv_dtype not in KV_DTYPES:
@@ -170,16 +174,25 @@ class Mesh:
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
         tokenizer = load_tokenizer(path, config.vocab_size)  # before anything starts
-        partition = expert_partition(config.num_experts, expert_groups) if any(config.moe_layers) else []
         fingerprint = None
         if store is not None:  # refuse a store of other weights before any actor starts
             fingerprint = model_fingerprint(path)
             StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
         if address is None and "jax" in (shard_backend, expert_backend):
             check_jax_installed()  # a local cluster's actors import what this process can import
-        started = connect(address, context_shards, expert_groups)
+        experts = config.num_experts if any(config.moe_layers) else 0
+        local = address is None and not ray.is_initialized()
+        cpu_only = device == "cpu"  # a GPU host's GPUs do not count then
+        layout = pick_layout(context_shards, expert_groups, colocate, local_resources(cpu_only) if local else {},
+                             experts)
+        started = connect(address, layout.context_shards, layout.expert_groups)
         actors: list = []
         try:
+            if not local:  # a running cluster: its own resources decide what is left to pick
+                have = {k: v for k, v in ray.cluster_resources().items() if not (cpu_only and k == "GPU")}
+                layout = pick_layout(context_shards, expert_groups, colocate, have, experts)
+            context_shards, colocate = layout.context_shards, layout.colocate
+            partition = expert_partition(config.num_experts, layout.expert_groups) if experts else []
             missing = missing_resources(context_shards, len(partition))
             if missing:
                 raise PlacementError(f"cannot start the mesh: {missing}")

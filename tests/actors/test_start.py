@@ -50,3 +50,38 @@ def test_checkpoint_without_tokenizer_serves_token_ids(ray_cluster, tmp_path):
         assert len(res.token_ids) == res.completion_tokens and res.text == ""
         with pytest.raises(em.NoTokenizer, match="no tokenizer is available.*vocabulary of 200"):
             mesh.tokenizer.encode("hello")
+
+
+def test_the_layout_is_picked_from_the_hardware_where_none_is_named():
+    from expertmesh.platform.layout import pick_layout
+
+    cpu2 = pick_layout(None, None, None, {"CPU": 2})
+    assert (cpu2.context_shards, cpu2.expert_groups, cpu2.colocate) == (1, 1, True)  # the router + one worker
+    assert pick_layout(None, None, None, {"CPU": 16}).context_shards == 4  # one worker per 4 CPUs
+    gpu = pick_layout(None, None, None, {"CPU": 96, "GPU": 8}, num_experts=64)
+    assert (gpu.context_shards, gpu.expert_groups, gpu.colocate) == (8, 8, True)  # one worker per GPU
+    assert pick_layout(None, None, None, {"CPU": 96, "GPU": 8}, num_experts=4).context_shards == 4
+    # declared units bound it: a colocated worker takes one of each
+    assert pick_layout(None, None, None, {"CPU": 64, "context_shard": 2, "expert_group": 3}).context_shards == 2
+    named = pick_layout(3, None, None, {"CPU": 2})  # counts named: separate actors, the rest picked
+    assert (named.context_shards, named.expert_groups, named.colocate) == (3, 1, False)
+    assert pick_layout(2, 2, True, {"CPU": 2}).colocate
+    with pytest.raises(ValueError, match=r"context_shards must be an integer >= 1 or None .*got 0"):
+        pick_layout(0, None, None, {"CPU": 2})
+    with pytest.raises(ValueError, match=r"expert_groups must be an integer >= 1 or None .*got 1.5"):
+        pick_layout(None, 1.5, None, {"CPU": 2})
+
+
+def test_a_mesh_started_with_no_layout_is_colocated_and_exact(ray_cluster, tiny_checkpoint):
+    ckpt = tiny_checkpoint("mixtral")
+    prompt = [5, 17, 42, 99, 7, 3]
+    cpus = int(ray.cluster_resources()["CPU"])
+    with em.Mesh.start(ckpt) as mesh:  # this cluster: no GPU
+        assert mesh.colocated and len(mesh.shards) == len(mesh.groups) == max(1, cpus // 4)
+        ctx = mesh.register_context(list(range(4, 300)), mode="exact")
+        got = mesh.forward_logits(prompt, context_id=ctx.id)
+    with em.Mesh.start(ckpt, context_shards=2, expert_groups=2) as mesh:
+        assert not mesh.colocated and len(mesh.shards) == 2
+        ctx = mesh.register_context(list(range(4, 300)), mode="exact")
+        want = mesh.forward_logits(prompt, context_id=ctx.id)
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=0, atol=1e-5)

@@ -22,8 +22,10 @@ def test_defaults_render_auto_and_the_collective_plane(chart):  # noqa: F811
     assert (args["device"], args["dtype"], args["data_plane"]) == ("auto", "auto", "collective")
     assert "colocate" not in args
     settings = ServeSettings(**args)
-    assert settings.placement_kwargs() == {"device": "auto", "dtype": "auto", "colocate": False,
+    assert settings.placement_kwargs() == {"device": "auto", "dtype": "auto", "colocate": None,
                                            "data_plane": "collective", "routers": 1}
+    # the chart names the counts (its worker groups declare the units): separate shard and group actors
+    assert (settings.context_shards, settings.expert_groups) == (4, 2)
 
 
 def test_routers_reach_the_serving_app(chart):  # noqa: F811
@@ -60,8 +62,10 @@ def test_cli_placement_flags_parse_and_go_to_the_mesh():
                                          "--data-plane", "ray", "--routers", "3"]))
     assert {k: kw[k] for k in cli.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
                                                  "data_plane": "ray", "routers": 3}
-    assert {k: cli._store_kwargs(p.parse_args([]))[k] for k in cli.PLACEMENT} == {
-        "device": "auto", "dtype": "auto", "colocate": False, "data_plane": "collective", "routers": 1}
+    assert {k: cli._store_kwargs(p.parse_args([]))[k] for k in cli.PLACEMENT} == {  # None: picked (layout.py)
+        "device": "auto", "dtype": "auto", "colocate": None, "data_plane": "collective", "routers": 1}
+    assert cli._store_kwargs(p.parse_args(["--no-colocate"]))["colocate"] is False
+    assert p.parse_args([]).context_shards is None and p.parse_args([]).expert_groups is None
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])
     ServeSettings(**kw)  # the serving app takes the same keywords
