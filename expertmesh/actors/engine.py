@@ -27,7 +27,9 @@ from expertmesh.actors.sequence import Sequence
 from expertmesh.actors.step_plan import StepPlan, build_plan
 from expertmesh.actors.takeover import alias_of, serving_map
 from expertmesh.errors import ContextNotFound, Unavailable
-from expertmesh.model.attention import batched_decode_attention, merge_partials, partial_attention
+from expertmesh.model.attention import (batched_decode_attention, merge_partials, padded_decode_attention,
+                                        partial_attention)
+from expertmesh.model.kv_pool import KVPool, SeqKV
 from expertmesh.model.transformer import MoETransformer
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
@@ -47,6 +49,7 @@ class _Step:
     batch: list[Sequence]
     spans: list[tuple[int, int]]
     positions: torch.Tensor
+    group_counts: list = dataclasses.field(default_factory=list)  # (batch, [B, groups] pairs) per MoE layer
 
 
 class Engine:
@@ -56,6 +59,7 @@ class Engine:
         """durable: the segments are store files (a lost shard's are served by the others,
         takeover.py); load(): tokens held per shard (who stands in for a lost one)."""
         self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
+        self.kv_pool = KVPool(dense.cfg.num_layers)  # requests' own KV (registration pieces keep their own)
         self.num_shards, self.durable, self.load = num_shards, durable, load
         self.serving: dict[int, int] = {}  # lost shard -> the shard standing in for it
         self.group_serving: dict[int, int] = {}  # lost expert group -> the group holding its experts too
@@ -111,6 +115,7 @@ class Engine:
                 raise better from exc
             raise
         self._account(batch, plan, reads)
+        self._count_groups(step)
         by_seq = {id(seq): span for seq, span in zip(step.batch, step.spans)}
         out: list[torch.Tensor | None] = [None] * len(batch)
         last = []  # sampled sequences: their last rows' logits in one LM-head call
@@ -134,8 +139,12 @@ class Engine:
         """Attention of the layer's new queries: context shards (via the exchange) + each
         sequence's own KV (here), merged. Returns (attn [T', Hq, D], lse [T', Hq], kept rows or None)."""
         index = layer.index
-        for seq, (a, b) in zip(step.batch, step.spans):
-            seq.kv.append(index, k[a:b], v[a:b], step.positions[a:b])
+        if self._pooled(step.batch):  # every request's new rows in one write
+            self.kv_pool.append(index, [s.kv for s in step.batch], [b - a for a, b in step.spans], k, v,
+                                step.positions)
+        else:
+            for seq, (a, b) in zip(step.batch, step.spans):
+                seq.kv.append(index, k[a:b], v[a:b], step.positions[a:b])
         lp = step.plan.layers[index]
         kept = None
         if len(lp.live) < len(step.batch):  # context segments need only this layer's K/V
@@ -177,6 +186,9 @@ class Engine:
         out, lse = merge_partials(parts)
         return out.to(q.dtype), lse, kept  # [T, Hq, D], [T, Hq]
 
+    def _pooled(self, seqs: list[Sequence]) -> bool:
+        return all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in seqs)
+
     def _chosen(self, step: _Step, layer, j: int, q: torch.Tensor, shard: int) -> bool:
         """A request choosing its shards from this layer's queries: is `shard` among them?"""
         seq, (a, b) = step.batch[j], step.spans[j]
@@ -195,9 +207,14 @@ class Engine:
         decode = [i for i, (a, b) in enumerate(spans) if b - a == 1]
         if len(decode) > 1:  # one padded batch for all single-token steps
             rows = torch.tensor([spans[i][0] for i in decode], device=q.device)
-            cache = [step.batch[i].kv.get(index) for i in decode]
-            o, l = batched_decode_attention(q[rows], step.positions[rows], [c[0] for c in cache],
-                                            [c[1] for c in cache], [c[2] for c in cache], layer.spec)
+            seqs = [step.batch[i] for i in decode]
+            if self._pooled(seqs):  # one gather from the pool
+                k, v, kpos = self.kv_pool.padded(index, [s.kv for s in seqs])
+                o, l = padded_decode_attention(q[rows], step.positions[rows], k, v, kpos, layer.spec)
+            else:
+                cache = [s.kv.get(index) for s in seqs]
+                o, l = batched_decode_attention(q[rows], step.positions[rows], [c[0] for c in cache],
+                                                [c[1] for c in cache], [c[2] for c in cache], layer.spec)
             out[rows], lse[rows] = o, l
         for i, (seq, (a, b)) in enumerate(zip(step.batch, spans)):
             if len(decode) > 1 and b - a == 1:
@@ -223,8 +240,7 @@ class Engine:
         n_groups, lengths = len(self.partition), torch.tensor([b - a for a, b in step.spans])
         seq_of_pair = torch.repeat_interleave(torch.arange(len(step.spans)), lengths * layer.cfg.top_k)
         counts = torch.bincount(seq_of_pair * n_groups + group, minlength=len(step.spans) * n_groups)
-        for seq, per in zip(step.batch, counts.view(-1, n_groups).tolist()):
-            seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
+        step.group_counts.append((step.batch, counts.view(-1, n_groups)))  # onto the requests once, at the end
 
         def combine() -> torch.Tensor:
             t0 = time.perf_counter()
@@ -235,6 +251,17 @@ class Engine:
                 y[pick] = done[g].to(y.device)
             return y
         return combine
+
+    @staticmethod
+    def _count_groups(step: _Step) -> None:
+        """Tokens each request sent to each expert group this step, summed over its layers."""
+        sums: dict[int, tuple[list, torch.Tensor]] = {}
+        for batch, counts in step.group_counts:  # one batch list until the last layer narrows it
+            held = sums.get(id(batch))
+            sums[id(batch)] = (batch, counts if held is None else held[1] + counts)
+        for batch, counts in sums.values():
+            for seq, per in zip(batch, counts.tolist()):
+                seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
 
     def _account(self, batch: list[Sequence], plan: StepPlan, reads: list) -> None:
         """Pages read per shard and tier, and shards visited, onto the requests."""

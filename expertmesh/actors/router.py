@@ -357,7 +357,7 @@ class Router(Registration, Directory, Placement):
                              f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
         seq = Sequence(request_id or f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments,
-                       context_id, params, self.cfg.num_layers, top_shards, tenant)
+                       context_id, params, self.cfg.num_layers, top_shards, tenant, pool=self.engine.kv_pool)
         seq.top_pages, seq.segment_files = top_pages, files
         return seq
 

@@ -13,6 +13,7 @@ import torch
 
 from expertmesh.actors.pathway import Pathway, Segment
 from expertmesh.model.kv_cache import KVCache
+from expertmesh.model.kv_pool import KVPool, SeqKV
 from expertmesh.model.sampling import SamplingParams
 
 Kind = Literal["generate", "logits", "segment"]
@@ -39,7 +40,7 @@ class Sequence:
     tenant: str = "default"
     num_computed: int = 0
     prompt_len: int = 0
-    kv: KVCache = dataclasses.field(init=False)
+    kv: KVCache | SeqKV = dataclasses.field(init=False)
     layer_shards: list[tuple[int, ...] | None] = dataclasses.field(init=False)
     pathway: Pathway | None = None
     output: list[int] = dataclasses.field(default_factory=list)
@@ -57,10 +58,11 @@ class Sequence:
     segment_files: dict[int, tuple[str, int, int]] = dataclasses.field(default_factory=dict)  # shard -> file
     page_reads: dict[int, Counter] = dataclasses.field(default_factory=dict)  # shard -> pages read per tier
     retries: int = 0  # steps run again after an actor failed under them (at most 1)
+    pool: dataclasses.InitVar[KVPool | None] = None  # the router's paged pool for `kv`; None: a KVCache of its own
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, pool: KVPool | None) -> None:
         self.prompt_len = len(self.token_ids)
-        self.kv = KVCache(self.num_layers)
+        self.kv = pool.handle() if pool is not None else KVCache(self.num_layers)
         self.layer_shards = [None] * self.num_layers
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)

@@ -208,11 +208,18 @@ def batched_decode_attention(
 
     q [B, Hq, D], q_pos [B]; ks/vs[b] [L_b, Hkv, D], k_pos[b] [L_b] -> out [B, Hq, D], lse [B, Hq].
     """
-    b, hq, d = q.shape
-    hkv = ks[0].shape[1]
     k = pad_sequence(ks, batch_first=True)  # [B, L, Hkv, D], zeros after each sequence's keys
     v = pad_sequence(vs, batch_first=True)
     pos = pad_sequence(k_pos, batch_first=True, padding_value=float(1 << 62))  # never visible (exact as a double)
+    return padded_decode_attention(q, q_pos, k, v, pos, spec)
+
+
+def padded_decode_attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            pos: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """batched_decode_attention over keys already padded: k/v [B, L, Hkv, D], positions [B, L]
+    (padding: positions above every query's, so never visible)."""
+    b, hq, d = q.shape
+    hkv = k.shape[2]
     qp = q_pos.to(q.device)[:, None]
     mask = pos <= qp  # [B, L]
     if spec.chunk_size:

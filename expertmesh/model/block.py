@@ -26,7 +26,7 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.mla import LatentAttention
 from expertmesh.model.moe import DenseMLP, dispatch_pairs, expert_bank, route
 from expertmesh.model.norm import RMSNorm, rms
-from expertmesh.model.rope import apply_rope, rope_frequencies
+from expertmesh.model.rope import rope_frequencies, rope_tables, rotate
 
 
 class DecoderLayer(nn.Module):
@@ -103,8 +103,8 @@ class DecoderLayer(nn.Module):
         if cfg.qk_norm == "head":  # Qwen3-MoE: per-head norm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q = apply_rope(q, pos, self.freqs, cfg.rope_style, self.rope_scale)
-            k = apply_rope(k, pos, self.freqs, cfg.rope_style, self.rope_scale)
+            cos, sin = rope_tables(pos, self.freqs, self.rope_scale, q.device)  # once for q and k
+            q, k = rotate(q, cos, sin, cfg.rope_style), rotate(k, cos, sin, cfg.rope_style)
             if cfg.qk_norm == "l2":  # Llama-4: weightless RMS norm after RoPE, RoPE layers only
                 q, k = rms(q, cfg.rms_norm_eps), rms(k, cfg.rms_norm_eps)
         elif cfg.attn_temperature_tuning:  # Llama-4 NoPE layers: position-dependent temperature

@@ -139,17 +139,28 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, style: s
                scale: float = 1.0) -> torch.Tensor:
     """x [T, H, D], pos [T] -> x rotated by its position (cos and sin times `scale`, YaRN's
     attention factor), same shape and dtype."""
-    angles = pos[:, None].float() * freqs[None, :].to(x.device)  # [T, D/2], as Hugging Face computes them
+    return rotate(x, *rope_tables(pos, freqs, scale, x.device), style)
+
+
+def rope_tables(pos: torch.Tensor, freqs: torch.Tensor, scale: float = 1.0,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, 1, D/2] of positions [T] (times `scale`): computed once for q and k."""
+    device = pos.device if device is None else device
+    angles = pos[:, None].float() * freqs[None, :].to(device)  # [T, D/2], as Hugging Face computes them
     cos, sin = angles.cos(), angles.sin()
     far = pos >= EXACT_ANGLES_FROM
     if bool(far.any()):
         # a float32 product pos * freq is off by up to ~pos * 6e-8 radians (0.6 rad at position
         # 10M), which garbles rotations in multi-million-token contexts: float64 there
-        a64 = pos[far, None].to(torch.float64) * freqs[None, :].to(x.device, torch.float64)
+        a64 = pos[far, None].to(torch.float64) * freqs[None, :].to(device, torch.float64)
         cos[far], sin[far] = a64.cos().float(), a64.sin().float()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
+    return cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """x [T, H, D] rotated by rope_tables' cos and sin, same shape and dtype."""
     xf = x.float()
     if style == "interleaved":
         pairs = xf.reshape(*x.shape[:-1], -1, 2)  # [T, H, D/2, 2]
