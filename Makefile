@@ -32,6 +32,7 @@ test-fast: setup
 # every benchmark (~15 min here), then the README's tables from their results files
 bench: setup
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_user_path.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_store.py

@@ -36,7 +36,6 @@ LAYOUTS = {
     "default": {},
     "4+2": {"context_shards": 4, "expert_groups": 2, "colocate": False},
     "colocated-2": {"context_shards": 2, "expert_groups": 2, "colocate": True},
-    "colocated-1": {"context_shards": 1, "expert_groups": 1, "colocate": True},
 }
 
 

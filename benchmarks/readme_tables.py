@@ -352,7 +352,36 @@ def kv_sizes() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"core": core, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
+def user_path() -> str:
+    r = _load("user_path.json")
+    t = r["targets"]
+    rows = ["| layout (`Mesh.start` arguments) | actors | HF + prefix cache, batch 1 / 16 | mesh, batch 1 | "
+            "mesh, batch 16 |", "|---|---|---|---|---|"]
+    for name, x in r["layouts"].items():
+        lay, hf, mesh, ratio = x["mesh"]["layout"], x["hf_prefix_cache"], x["mesh"], x["ratios"]
+        args = ", ".join(f"{k}={v}" for k, v in x["args"].items()) or "none: picked for this machine"
+        workers = lay["context_shards"] if lay["colocate"] else lay["context_shards"] + lay["expert_groups"]
+        rows.append(f"| {name} ({args}) | router + {workers} worker{'s' * (workers > 1)}"
+                    f"{' (colocated)' if lay['colocate'] else ''} | {_ms(hf['decode_b1_s'])} / "
+                    f"{_ms(hf['decode_b16_s'])} | {_ms(mesh['decode_b1_s'])} "
+                    f"({_x(ratio['decode_b1_mesh_over_hf'])}) | {_ms(mesh['decode_b16_s'])} "
+                    f"({_x(ratio['decode_b16_mesh_over_hf'])}) |")
+    d = r["layouts"].get("default")
+    lines = rows + ["", f"In brackets: mesh / Hugging Face. Decode step = {r['step']}; {r['decode_steps']} tokens, "
+                    f"{r['context_tokens'] // 1024}K-token context, {r['model']} model; {r['statistic']}."]
+    if d:
+        got, b1, b16 = d["ratios"], "decode_b1_mesh_over_hf", "decode_b16_mesh_over_hf"
+        lines.append(f"Targets, default layout: batch 1 <= {t[b1]}x: {_x(got[b1])} ({_met(got[b1] <= t[b1])}); "
+                     f"batch 16 <= {t[b16]}x: {_x(got[b16])} ({_met(got[b16] <= t[b16])}). Every "
+                     "repeat of the default layout over the fastest Hugging Face figure: " + "; ".join(
+                         f"batch {b}: " + ", ".join(_x(m / d['hf_prefix_cache'][f'decode_b{b}_s'])
+                                                    for m in d["mesh"]["runs"][f"decode_b{b}_s"]) for b in (1, 16))
+                     + ".")
+    lines += ["", f"Run of {r.get('date', '?')} ({_load_note(r)}); `results/user_path.json`." + _load_warning(r)]
+    return "\n".join(lines)
+
+
+TABLES = {"core": core, "user_path": user_path, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
           "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic,
           "routers": routers}
 
