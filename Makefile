@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/bench_dataplane.py
 	$(PY) benchmarks/bench_elastic.py
 	$(PY) benchmarks/bench_routers.py
+	$(PY) benchmarks/bench_shared_store.py
 	$(PY) benchmarks/kv_sizes.py
 	$(PY) benchmarks/readme_tables.py
 

@@ -88,3 +88,24 @@ def routers() -> str:
               f"whose router dies is {x['failover_extra_r2_vs_r1']:.2f}x as long with 2 routers (it runs again on the "
               f"other at once, while the killed one restarts on the same cores) as with 1 (it waits for the restart)."]
     return "\n".join(lines)
+
+
+def shared_store() -> str:
+    r = _load("shared_store.json")
+    s, names = r["summary"], {
+        "register_s": "A registers a context",
+        "own_answer_s": "A's first answer over it (baseline)",
+        "other_first_answer_s": "B's first answer over it, right after A's registration returned (logits equal "
+                                "A's: the benchmark checks it)",
+        "other_lists_it_after_s": "until B's `contexts()` lists a context B was never asked about",
+        "other_refuses_drop_after_s": "after A drops a context: until B refuses it (`ContextNotFound`)"}
+    lines = ["| two meshes, one store | median | max |", "|---|---|---|"]
+    lines += [f"| {what} | {_s(s[k]['median'])} | {_s(s[k]['max'])} |" for k, what in names.items()]
+    lines += ["", f"{len(r['trials'])} trials, {r['context_tokens']:,}-token contexts, {r['model']} model, "
+              f"{r['layout']}, one Ray cluster; run of {r['date']}. B's first answer takes "
+              f"{r['ratios']['other_first_answer_over_own']:.2f}x A's own (it reads the manifest on the miss). "
+              f"Listing and drops travel through the store: each mesh re-reads the directory every "
+              f"{r['sync_s']:g} s, so the bound is two periods ({2 * r['sync_s']:g} s: a re-read in flight when the "
+              f"change lands, then the next); a dropped context's files outlive the drop by {r['grace_s']:g} s while "
+              f"another mesh is live, so none answers over deleted files meanwhile."]
+    return "\n".join(lines)

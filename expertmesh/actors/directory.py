@@ -86,11 +86,15 @@ class Directory:
         if self.catalog is None or not self.catalog.stale(after_s):
             return
         try:
-            added, removed = self.catalog.sync()
+            added, removed = self.catalog.sync(self._served_stored())
         except OSError as exc:  # the store is unreachable for a moment: serve what is known, retry
             log.warning("context directory: sync with %s failed (%s); retrying", self.catalog.location.uri, exc)
             return
         self._apply_directory(added, removed)
+
+    def _served_stored(self) -> frozenset[str]:
+        """Ids of the stored contexts this router answers (a snapshot, taken on the event loop)."""
+        return frozenset(cid for cid, r in list(self.contexts.items()) if r.ready and r.info.stored)
 
     def _apply_directory(self, added: list, removed: set[str]) -> None:
         """Adopt contexts published elsewhere; refuse from now on those dropped elsewhere."""
@@ -128,7 +132,7 @@ class Directory:
         while True:
             await asyncio.sleep(SYNC_S)
             try:  # the store's I/O in a thread; the router's state changes here, on the event loop
-                added, removed = await asyncio.to_thread(self.catalog.sync)
+                added, removed = await asyncio.to_thread(self.catalog.sync, self._served_stored())
                 self._apply_directory(added, removed)
             except Exception as exc:  # noqa: BLE001 - never let the loop die; the next round retries
                 log.warning("context directory: sync failed: %s", exc)

@@ -100,8 +100,11 @@ class Catalog:
         self.manifests[got.id] = got
         return got
 
-    def sync(self) -> tuple[list[Manifest], set[str]]:
+    def sync(self, served: set[str] | frozenset = frozenset()) -> tuple[list[Manifest], set[str]]:
         """Renew this member's lease, re-read the manifests; (new manifests, ids no longer stored).
+        served: the ids the caller answers: one missing from `manifests` without a drop seen here
+        (a `load` racing a `reload` in another thread loses its entry) is read again: back if its
+        manifest is in the store, else reported removed, so a drop elsewhere is never missed.
         Also deletes what drops and dead members left, when due."""
         self.member.renew()
         before = dict(self.manifests)
@@ -110,7 +113,14 @@ class Catalog:
         if time.monotonic() - self.cleaned >= CLEAN_S:
             self.clean_orphans()
         added = [m for cid, m in self.manifests.items() if cid not in before]
-        return added, set(before) - set(self.manifests)
+        removed = set(before) - set(self.manifests)
+        for cid in set(served) - set(self.manifests) - removed:
+            got = self._read(f"{cid}.json")
+            if not isinstance(got, str):
+                self.manifests[cid] = got
+            elif "is not registered" in got:
+                removed.add(cid)
+        return added, removed
 
     def stale(self, after_s: float = SYNC_S) -> bool:
         return time.monotonic() - self.synced >= after_s

@@ -97,6 +97,24 @@ def test_contexts_of_one_mesh_appear_and_drops_wait_for_the_others(shared):
     assert not list((tmp_path / "segments").iterdir())
 
 
+def test_a_drop_is_seen_even_where_a_lookup_lost_its_entry_to_a_concurrent_reload(shared):
+    """A lookup (`load`) writing into `manifests` while a reload in another thread replaces the
+    dict loses its entry; the next sync then saw no drop. What the caller serves is checked."""
+    store, tmp_path, _ = shared
+    a = Catalog.open(store, "fp-a", {})
+    b = Catalog.open(store, "fp-a", {})
+    (tmp_path / "segments" / "a.0.kv").write_bytes(b"x")
+    a.add(manifest("ctx-a", ["a.0.kv"]))
+    a.add(manifest("ctx-c", ["a.0.kv"]))
+    assert b.load("ctx-a") is not None and b.load("ctx-c") is not None
+    b.manifests = {}  # the lost update (as a reload that listed the store before ctx-a's manifest)
+    a.remove("ctx-a")
+    added, removed = b.sync(served={"ctx-a", "ctx-c"})
+    assert removed == {"ctx-a"}  # dropped elsewhere: reported
+    assert "ctx-c" in b.manifests and "ctx-c" not in removed  # still stored: taken back, not dropped
+    assert b.sync(served={"ctx-c"}) == ([], set())
+
+
 def test_unreadable_manifest_is_reported_by_name_others_load(tmp_path):
     cat = Catalog.open(str(tmp_path), "fp-a", {})
     cat.add(manifest("good", ["g.0.kv"]))
