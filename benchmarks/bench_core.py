@@ -65,6 +65,7 @@ class SingleProcess:
         from expertmesh.actors.context_shard import ContextShard
         from expertmesh.actors.expert_group import ExpertGroup
         from expertmesh.actors.router import Router
+        from expertmesh.mesh_spec import MeshSpec
         from expertmesh.model import load_model
         from expertmesh.model.config import ModelConfig
 
@@ -73,8 +74,8 @@ class SingleProcess:
         self.context, self.prompts, self.steps = context, prompts, steps
         specs = [cfg.attention_spec(i) for i in range(cfg.num_layers)]
         cap = 1 << 22
-        self.router = Router(str(ckpt), [ContextShard(0, specs, cap)],
-                             [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))], cap, lanes=1)
+        self.router = Router(MeshSpec(checkpoint=str(ckpt), shard_capacity_tokens=cap, lanes=1, device="cpu"),
+                             [ContextShard(0, specs, cap)], [ExpertGroup(str(ckpt), 0, range(cfg.num_experts))])
         self.loop = asyncio.new_event_loop()
         self.ctx = None
         self.model(torch.tensor(context[:512]))  # warm up

@@ -115,6 +115,7 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
     from expertmesh.actors.context_shard import ContextShard
     from expertmesh.actors.expert_group import ExpertGroup
     from expertmesh.actors.router import Router
+    from expertmesh.mesh_spec import MeshSpec
     from expertmesh.model.config import ModelConfig
 
     placed = {"Router": {"device": device, "dtype": dtype}, "ContextShard": {"device": device},
@@ -124,9 +125,9 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
     cap = 1 << 22
     kvd = _kv_dtype(dtype)
     pool = int(kv_bytes(ckpt, len(context) + 8192, kvd) * 1.1)  # the whole context hot, on the device
-    router = Router(str(ckpt), [ContextShard(0, specs, cap, 64, None, None, pool, kvd, **placed["ContextShard"])],
-                    [ExpertGroup(str(ckpt), 0, range(cfg.num_experts), **placed["ExpertGroup"])], cap, lanes=1,
-                    **placed["Router"])
+    router = Router(MeshSpec(checkpoint=str(ckpt), shard_capacity_tokens=cap, lanes=1, **placed["Router"]),
+                    [ContextShard(0, specs, cap, 64, None, None, pool, kvd, **placed["ContextShard"])],
+                    [ExpertGroup(str(ckpt), 0, range(cfg.num_experts), **placed["ExpertGroup"])])
 
     async def run() -> dict:
         runs: dict[str, list[float]] = {"register_s": []}

@@ -54,6 +54,14 @@ def _device(value: str) -> str:
 PLACEMENT = ("device", "dtype", "colocate", "data_plane", "routers")
 
 
+def _spec(args: argparse.Namespace, **more):
+    """The MeshSpec the flags describe (validated: a bad value fails before anything starts)."""
+    from expertmesh.mesh_spec import MeshSpec
+
+    return MeshSpec(checkpoint=args.checkpoint, context_shards=args.context_shards, expert_groups=args.expert_groups,
+                    **_store_kwargs(args), **more)
+
+
 def _store_kwargs(args: argparse.Namespace) -> dict:
     """The store, backend and placement settings of a mesh (Mesh.start / ServeSettings keywords)."""
     placement = {k: getattr(args, k) for k in PLACEMENT}
@@ -64,8 +72,7 @@ def _store_kwargs(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     import expertmesh as em
 
-    mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
-                         expert_groups=args.expert_groups, address=args.address, **_store_kwargs(args))
+    mesh = em.Mesh.start(spec=_spec(args), address=args.address)
     try:
         ctx = None
         if args.context_file:  # on a store, the same file again reuses its stored KV
@@ -220,9 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"note: {text.name} is a training source of the demo model, not held out", file=sys.stderr)
         haystack = text_sources.Haystack([text], mix_share=0.0)
     capacity = max(1 << 20, -(-(max(lengths) + 4096) // (args.context_shards or 1)) + 4096)
-    mesh = em.Mesh.start(checkpoint=args.checkpoint, context_shards=args.context_shards,
-                         expert_groups=args.expert_groups, address=args.address, shard_capacity_tokens=capacity,
-                         **_store_kwargs(args))
+    mesh = em.Mesh.start(spec=_spec(args, shard_capacity_tokens=capacity), address=args.address)
     layout = {"context_shards": len(mesh.shards), "expert_groups": len(mesh.groups), "colocate": mesh.colocated}
     try:
         cells = evaluate(mesh, args.task, lengths, modes, args.samples, seed=args.seed, keys=args.keys,

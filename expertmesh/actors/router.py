@@ -22,7 +22,7 @@ import torch
 from expertmesh.actors.collective import CollectiveExchange
 from expertmesh.actors.directory import Directory
 from expertmesh.actors.engine import Engine
-from expertmesh.actors.exchange import TaskExchange, call, check_data_plane
+from expertmesh.actors.exchange import TaskExchange, call
 from expertmesh.actors.liveness import down
 from expertmesh.actors.names import added_shards, lookup, own_name
 from expertmesh.actors.placement import Placement
@@ -30,6 +30,7 @@ from expertmesh.actors.registration import Registration
 from expertmesh.actors.scheduler import Scheduler
 from expertmesh.actors.sequence import Sequence
 from expertmesh.errors import ContextNotFound, DataPlaneError, Unavailable
+from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import expert_partition
@@ -40,33 +41,30 @@ from expertmesh.store.registry import ContextInfo, ContextRecord
 
 
 class Router(Registration, Directory, Placement):
-    def __init__(self, checkpoint: str, shards: list[Any], groups: list[Any], capacity_tokens: int | None,
-                 num_threads: int | None = None, max_batch_tokens: int = 16384, lanes: int = 2,
-                 data_plane: str = "collective", store: str | None = None, kv_dtype: str = "float32",
-                 page_size: int = 64, fingerprint: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", transport: str = "auto") -> None:
-        """data_plane: "collective" (per-layer tensors move point to point between the router
-        and the actors, no Ray call per step or layer; steps run one at a time) or "ray" (a Ray task per actor per layer;
-        `lanes` step loops overlap). In-process shards and groups are called directly.
-        transport: the collective plane's ("auto": NCCL on a GPU, TCP sockets on CPU; see
-        collective.py).
-        store: the mesh's context store (a directory or URI); its contexts are listed at once.
-        device / dtype: where and in what the dense layers compute (see model/device.py)."""
+    def __init__(self, spec: MeshSpec, shards: list[Any], groups: list[Any], fingerprint: str | None = None,
+                 num_threads: int | None = None) -> None:
+        """spec: the mesh (mesh_spec.py) with its checkpoint resolved to a local path; shards and
+        groups: actor names (names.actor_name), or in-process objects (called directly).
+        data_plane "collective": per-layer tensors point to point between the router and the
+        actors, no Ray call per step or layer, steps one at a time; "ray": a Ray task per actor
+        per layer, `lanes` step loops overlapping. A store's contexts are listed at once."""
         # the router runs every dense layer of every step: all of its host's cores by default
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        self.spec = spec
+        checkpoint, store, page_size = spec.checkpoint, spec.store, spec.page_size
         self.checkpoint = checkpoint
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
         self.model = load_model(checkpoint, with_experts=False, dtype=self.dtype,
                                 device=self.device).requires_grad_(False)
         self.cfg = self.model.cfg
         # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
         self.shards, self.groups = lookup(shards + added_shards(own_name(), len(shards))), lookup(groups)
         shards, groups = self.shards, self.groups
-        self.capacity_tokens = capacity_tokens
-        self.kv_dtype, self.page_size = kv_dtype, page_size
+        self.capacity_tokens = spec.shard_capacity_tokens
+        self.kv_dtype, self.page_size = spec.kv_dtype, page_size
         unit = math.lcm(self.cfg.alignment, page_size)
-        self.piece_tokens = max(unit, max_batch_tokens // unit * unit)  # registration runs in pieces this long
+        self.piece_tokens = max(unit, spec.max_batch_tokens // unit * unit)  # registration runs in pieces this long
         self.catalog: Catalog | None = None
         if store is not None:
             self.fingerprint = fingerprint or model_fingerprint(checkpoint)
@@ -79,17 +77,18 @@ class Router(Registration, Directory, Placement):
         self._retiring: dict[str, set[int]] = {}  # context id -> shards letting go of a moved segment (placement.py)
         self._placing, self._letting_go = asyncio.Lock(), set()
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
-        if remote and check_data_plane(data_plane) == "collective":
+        lanes = spec.lanes
+        if remote and spec.data_plane == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
-                                          self.cfg.num_layers, self.device, transport=transport,
+                                          self.cfg.num_layers, self.device, transport=spec.transport,
                                           router=own_name() or "")
             lanes = 1  # one step at a time over the group
         else:
             exchange = TaskExchange(shards, groups, own_name() or "")
-        self.data_plane = data_plane if remote else "in-process"
+        self.data_plane = spec.data_plane if remote else "in-process"
         self.engine = Engine(self.model, exchange, self.partition, {}, len(shards), self.catalog is not None,
                              self._used_tokens)
-        self.scheduler = Scheduler(max_batch_tokens=max_batch_tokens, lanes=lanes)
+        self.scheduler = Scheduler(max_batch_tokens=spec.max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
         self._directory_task: asyncio.Task | None = None

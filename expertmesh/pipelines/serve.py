@@ -128,11 +128,7 @@ class ExpertMeshServer:
         s = self.settings
         tenants = s.tenants or (load_tenants(s.tenants_file) if s.tenants_file else None)
         self.tenants = Tenants(tenants)  # authentication and specs; admission state is in self.limits
-        self.mesh = Mesh.attach_or_start(
-            s.mesh_name, s.start_timeout_s, checkpoint=s.checkpoint, context_shards=s.context_shards,
-            expert_groups=s.expert_groups, shard_capacity_tokens=s.shard_capacity_tokens, store=s.store,
-            shard_memory_bytes=s.shard_memory_bytes, kv_dtype=s.kv_dtype,
-            shard_backend=s.shard_backend, expert_backend=s.expert_backend, **s.placement_kwargs())
+        self.mesh = Mesh.attach_or_start(s.mesh_name, s.start_timeout_s, spec=s.mesh_spec())
         self.routers = RouterSet(self.mesh.routers)  # requests spread over the mesh's routers
         api.openapi_schema = None
         api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)

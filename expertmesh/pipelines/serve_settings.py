@@ -50,6 +50,16 @@ class ServeSettings(BaseModel):
                            "ingestion jobs attach to (Mesh.attach)")
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")
 
+    def mesh_spec(self):
+        """The MeshSpec of the mesh every replica shares (mesh_spec.py)."""
+        from expertmesh.mesh_spec import MeshSpec
+
+        return MeshSpec(checkpoint=self.checkpoint, context_shards=self.context_shards,
+                        expert_groups=self.expert_groups, shard_capacity_tokens=self.shard_capacity_tokens,
+                        store=self.store, shard_memory_bytes=self.shard_memory_bytes, kv_dtype=self.kv_dtype,
+                        shard_backend=self.shard_backend, expert_backend=self.expert_backend,
+                        **self.placement_kwargs())
+
     def placement_kwargs(self) -> dict[str, Any]:
         """device, dtype, colocate, data_plane, routers for Mesh.start."""
         return {k: getattr(self, k) for k in ("device", "dtype", "colocate", "data_plane", "routers")}

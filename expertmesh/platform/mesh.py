@@ -11,24 +11,21 @@ from typing import Any
 
 import numpy as np
 import ray
-from torch import device as torch_device
 
 from expertmesh.actors.liveness import down
 from expertmesh.actors.names import lookup, routers_of
-from expertmesh.actors.transport import backend_for
 from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
-from expertmesh.actors.exchange import check_data_plane, check_transport
 from expertmesh.actors.router import RemoteRouter
 from expertmesh.actors.worker import remote_worker
-from expertmesh.jax_backend import check_backend, check_jax_installed
+from expertmesh.jax_backend import check_jax_installed
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.errors import PlacementError
-from expertmesh.model.device import check_device_dtype
+from expertmesh.mesh_spec import MeshSpec
 from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.router_set import RouterSet
 from expertmesh.platform.layout import local_resources, pick_layout
@@ -37,7 +34,6 @@ from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE,
                                          threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.location import StoreLocation
-from expertmesh.store.pages import KV_DTYPES
 from expertmesh.store.registry import ContextInfo
 
 
@@ -97,53 +93,16 @@ class Mesh:
         self.colocated = any(g._actor_id in shard_ids for g in groups)
 
     @classmethod
-    def start(cls, checkpoint: str | os.PathLike | None = None, context_shards: int | None = None,
-              expert_groups: int | None = None,
-              address: str | None = None, shard_capacity_tokens: int | None = None, page_size: int = 64,
-              max_batch_tokens: int = 16384, lanes: int = 2, data_plane: str = "collective",
-              colocate: bool | None = None, name: str | None = None, store: str | os.PathLike | None = None,
-              shard_memory_bytes: int | None = None, kv_dtype: str = "float32", detached: bool = False,
-              start_timeout_s: float = 120.0, shard_backend: str = "torch", expert_backend: str = "torch",
-              device: str = "auto", dtype: str = "auto", gpus_per_actor: float | None = None,
-              transport: str = "auto", routers: int = 1) -> "Mesh":
-        """Start the actors on a local Ray cluster (address=None) or join one ("auto" or a URL).
+    def start(cls, checkpoint: str | os.PathLike | None = None, spec: MeshSpec | None = None, *,
+              address: str | None = None, name: str | None = None, detached: bool = False,
+              start_timeout_s: float = 120.0, **fields: Any) -> "Mesh":
+        """Start a mesh on a local Ray cluster (address=None) or join one ("auto" or a URL).
 
-        context_shards, expert_groups, colocate: None picks them from the hardware (layout.py):
-        with no count given, one colocated worker per GPU, or per 4 CPUs on CPU hosts (the
-        router and one worker on 2 cores); counts given: separate actors unless colocate=True.
-        store: a directory or URI (`file://`, `s3://`, `gs://`) holding the contexts' KV pages
-        and manifests: contexts survive restarts and may be larger than memory. None: each
-        shard keeps its pages in a scratch directory of its host, lost with the shard.
-        shard_memory_bytes: each shard's budget of hot pages in memory (None: an eighth of
-        its host's memory for a pool in host memory; on a GPU, 90% of what is free of the
-        shard's share of its GPU when its first context arrives); the rest are read from the
-        store on demand.
-        kv_dtype: "float32" or "bfloat16", how KV pages are stored (attention accumulates in fp32).
-        shard_capacity_tokens: a cap on the tokens each shard holds (None: bounded by the store).
-        shard_backend / expert_backend: "torch" or "jax", what the context shards / expert groups
-        compute with ("jax": KV pages and experts as JAX arrays on each actor's JAX device, e.g.
-        a TPU host; `pip install 'expertmesh[jax]'`). Either mix gives the same answers.
-
-        data_plane: "collective" (default): each router step makes one Ray call per actor taking
-        part, and the per-layer tensors (queries, partial outputs, token rows) move directly
-        between the router and the actors: `transport` "auto" picks NCCL (a torch.distributed
-        group) when the router computes on a GPU and TCP sockets on CPU hosts; "gloo" forces a
-        torch.distributed gloo group on CPU hosts (slower per message; same results).
-        "ray": one Ray task per actor per layer (the reference path; same results).
-        routers: router actors (each its own batch and data-plane group with every shard and
-        expert group; calls go to the least busy, `router=i` pins one, and a router that dies
-        under a call fails over to another; `mesh.routers` holds them). They go to hosts
-        declaring a `router` resource where the cluster declares one.
-        colocate: one actor per index holds context shard i and expert group i (how attention
-        and experts share every accelerator): max(context_shards, expert_groups) actors.
-        lanes: router step loops that overlap one batch's compute with another's remote calls
-        (the "ray" data plane; the collective one runs one step at a time).
-        device: "auto" (each actor uses the GPU Ray gives it, else its CPU), "cpu", "cuda" or
-        "cuda:N"; dtype: "auto" (bfloat16 on GPUs, float32 on CPUs), "float32", "bfloat16" or
-        "float16": weights, KV and activations; attention accumulation and LSE merges stay fp32.
-        On a cluster with GPUs every actor asks Ray for `gpus_per_actor` GPUs (None: the
-        cluster's GPUs shared evenly by the mesh's actors, router included: fractional, so
-        several shards and groups share one GPU).
+        The mesh is `spec` (a `MeshSpec`), or the spec made of `checkpoint` and `fields` (every
+        `MeshSpec` field by name: context_shards, expert_groups, colocate, routers, store,
+        shard_capacity_tokens, shard_memory_bytes, page_size, kv_dtype, max_batch_tokens, lanes,
+        data_plane, transport, shard_backend, expert_backend, device, dtype, gpus_per_actor; the
+        `MeshSpec` docstring says what each does), validated before anything starts.
         name: register the router under this name so other drivers and jobs can
         `Mesh.attach(name)` (e.g. an ingestion job adding contexts to a serving mesh).
         detached: the actors outlive this driver (a Serve replica's mesh outlives the replica);
@@ -152,25 +111,11 @@ class Mesh:
         bound (PlacementError, naming the missing resources) instead of hanging; a failed start
         kills what it started.
         """
-        pick_layout(context_shards, expert_groups, colocate, {})  # the counts' checks, before anything starts
-        if isinstance(routers, bool) or not isinstance(routers, int) or routers < 1:
-            raise ValueError(f"routers must be an integer >= 1, got {routers!r}")
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
-        check_data_plane(data_plane)
-        check_transport(transport)
-        if transport == "nccl" and device == "cpu":
-            backend_for(torch_device("cpu"), transport)  # raises: says why
-        device, dtype = check_device_dtype(device, dtype)
-        if gpus_per_actor is not None and not (0 < gpus_per_actor <= 1 or gpus_per_actor == int(gpus_per_actor) > 0):
-            raise ValueError(f"gpus_per_actor must be in (0, 1] or a whole number, got {gpus_per_actor}")
-        check_backend("shard_backend", shard_backend)
-        check_backend("expert_backend", expert_backend)
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
-        if shard_memory_bytes is not None and shard_memory_bytes < 1:
-            raise ValueError(f"shard_memory_bytes must be >= 1 or None, got {shard_memory_bytes}")
-        store = None if store is None else str(store)
+        if spec is None:
+            spec = MeshSpec(checkpoint=None if checkpoint is None else str(checkpoint), **fields)
+        elif checkpoint is not None or fields:
+            raise ValueError("pass a MeshSpec or its fields, not both (MeshSpec.replace(...) changes one)")
+        checkpoint, store, device = spec.checkpoint, spec.store, spec.device
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
         tokenizer = load_tokenizer(path, config.vocab_size)  # before anything starts
@@ -178,27 +123,28 @@ class Mesh:
         if store is not None:  # refuse a store of other weights before any actor starts
             fingerprint = model_fingerprint(path)
             StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
-        if address is None and "jax" in (shard_backend, expert_backend):
+        if address is None and "jax" in (spec.shard_backend, spec.expert_backend):
             check_jax_installed()  # a local cluster's actors import what this process can import
         experts = config.num_experts if any(config.moe_layers) else 0
         local = address is None and not ray.is_initialized()
         cpu_only = device == "cpu"  # a GPU host's GPUs do not count then
-        layout = pick_layout(context_shards, expert_groups, colocate, local_resources(cpu_only) if local else {},
-                             experts)
+        layout = pick_layout(spec.context_shards, spec.expert_groups, spec.colocate,
+                             local_resources(cpu_only) if local else {}, experts)
         started = connect(address, layout.context_shards, layout.expert_groups)
         actors: list = []
         try:
             if not local:  # a running cluster: its own resources decide what is left to pick
                 have = {k: v for k, v in ray.cluster_resources().items() if not (cpu_only and k == "GPU")}
-                layout = pick_layout(context_shards, expert_groups, colocate, have, experts)
+                layout = pick_layout(spec.context_shards, spec.expert_groups, spec.colocate, have, experts)
             context_shards, colocate = layout.context_shards, layout.colocate
             partition = expert_partition(config.num_experts, layout.expert_groups) if experts else []
             missing = missing_resources(context_shards, len(partition))
             if missing:
                 raise PlacementError(f"cannot start the mesh: {missing}")
-            n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) + routers
+            n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) \
+                + spec.routers
             threads = threads_per_actor(n_actors)
-            gpus = gpus_per_mesh_actor(device, gpus_per_actor, n_actors)
+            gpus = gpus_per_mesh_actor(device, spec.gpus_per_actor, n_actors)
             specs = [config.attention_spec(i) for i in range(config.num_layers)]
             base = name or f"mesh-{uuid.uuid4().hex[:12]}"
             life = {"lifetime": "detached"} if detached else {}
@@ -209,12 +155,13 @@ class Mesh:
                 return actor_options(kind) | life | {"name": actor_name(base, kind, index), "namespace": NAMESPACE}
 
             shard_cls, shard_plain = RemoteContextShard, ContextShard
-            if shard_backend == "jax":  # imports JAX in the shard actors only
+            if spec.shard_backend == "jax":  # imports JAX in the shard actors only
                 from expertmesh.actors.jax_context_shard import JaxContextShard as shard_plain
                 from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
-            shard_args = [(i, specs, shard_capacity_tokens, page_size, threads, store, shard_memory_bytes, kv_dtype,
-                           device, gpus or None) for i in range(max(context_shards, len(partition)))]
-            group_args = [(str(path), g, experts, threads, expert_backend, device, dtype)
+            shard_args = [(i, specs, spec.shard_capacity_tokens, spec.page_size, threads, store,
+                           spec.shard_memory_bytes, spec.kv_dtype, device, gpus or None)
+                          for i in range(max(context_shards, len(partition)))]
+            group_args = [(str(path), g, experts, threads, spec.expert_backend, device, spec.dtype)
                           for g, experts in enumerate(partition)]
             if colocate:  # worker i: shard i and group i (a worker past the last shard only computes experts)
                 worker_cls = remote_worker(shard_plain)
@@ -235,9 +182,10 @@ class Mesh:
                 actors += shards + groups
                 shard_names = [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))]
                 group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
-            routers_ = [RemoteRouter.options(**options(None, r)).remote(
-                str(path), shard_names, group_names, shard_capacity_tokens, None, max_batch_tokens, lanes,
-                data_plane, store, kv_dtype, page_size, fingerprint, device, dtype, transport) for r in range(routers)]
+            placed = spec.replace(checkpoint=str(path), context_shards=context_shards,  # what was picked
+                                  expert_groups=layout.expert_groups, colocate=colocate)
+            routers_ = [RemoteRouter.options(**options(None, r)).remote(placed, shard_names, group_names, fingerprint)
+                        for r in range(spec.routers)]
             actors += routers_
             _await_pings(routers_, shards, groups, start_timeout_s)
         except BaseException as exc:

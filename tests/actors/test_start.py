@@ -2,6 +2,7 @@
 bound, name what is missing and leave nothing behind; a checkpoint with no tokenizer starts."""
 
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -85,3 +86,22 @@ def test_a_mesh_started_with_no_layout_is_colocated_and_exact(ray_cluster, tiny_
         ctx = mesh.register_context(list(range(4, 300)), mode="exact")
         want = mesh.forward_logits(prompt, context_id=ctx.id)
         torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=0, atol=1e-5)
+
+
+def test_a_mesh_spec_is_validated_once_with_the_numbers_in_its_messages():
+    spec = em.MeshSpec(context_shards=2, expert_groups=2, page_size=16, device="cuda:0", store=Path("/x"))
+    assert (spec.device, spec.store) == ("cuda:0", "/x")  # normalised once
+    assert spec.replace(routers=2).routers == 2 and spec.routers == 1  # frozen: a changed copy
+    for bad, match in (({"context_shards": 0}, "context_shards must be an integer >= 1 or None, got 0"),
+                       ({"routers": True}, "routers must be an integer >= 1, got True"),
+                       ({"kv_dtype": "fp8"}, "kv_dtype must be one of"), ({"data_plane": "nccl"}, "data_plane"),
+                       ({"transport": "nccl", "device": "cpu"}, "does not fit device 'cpu'"),
+                       ({"gpus_per_actor": 1.5}, "gpus_per_actor must be in"),
+                       ({"shard_backend": "tpu"}, "shard_backend must be one of"),
+                       ({"colocate": "yes"}, "colocate must be True, False or None")):
+        with pytest.raises(ValueError, match=match):
+            em.MeshSpec(**bad)
+    with pytest.raises(TypeError, match="page_sizes"):  # an unknown field is refused by name
+        em.Mesh.start(page_sizes=16)
+    with pytest.raises(ValueError, match="not both"):
+        em.Mesh.start(spec=spec, routers=2)
