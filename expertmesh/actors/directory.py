@@ -25,7 +25,7 @@ import logging
 
 from expertmesh.actors.exchange import call
 from expertmesh.actors.liveness import down
-from expertmesh.actors.names import lookup, mesh_of, own_name, routers_of
+from expertmesh.actors.names import actor_name, lookup, mesh_of, own_name, routers_of
 from expertmesh.store.catalog import SYNC_S
 
 log = logging.getLogger("expertmesh.directory")
@@ -52,10 +52,22 @@ class Directory:
             self._adopt_from_shards()
 
     def _siblings(self) -> list:
-        """This mesh's other routers (handles), found by name now."""
+        """This mesh's other routers (handles). A mesh has `spec.routers` routers for its whole
+        life and a restarted one keeps its handle, so they are looked up by name once, when all
+        are up (not on every register and drop: each lookup is a GCS round trip)."""
+        cached = getattr(self, "_sibling_handles", None)
+        if cached is not None:
+            return cached
         own = own_name()
         mesh = mesh_of(own)
-        return lookup([n for n in routers_of(mesh) if n != own]) if mesh is not None else []
+        if mesh is None or self.spec.routers == 1:
+            self._sibling_handles = []
+            return []
+        names = [actor_name(mesh, None, i) for i in range(self.spec.routers)]
+        found = lookup([n for n in routers_of(mesh) if n != own])
+        if len(found) == len(names) - 1:
+            self._sibling_handles = found
+        return found
 
     async def _tell_elsewhere(self, method: str, context_id: str) -> None:
         """Tell this mesh's other running routers of a context registered (`learn_context`) or
