@@ -28,6 +28,7 @@ class KVPool:
         self.num_layers = num_layers
         self._lock = threading.Lock()  # allocation, growth and writes (step loops may run in threads)
         self._returned: list[int] = []  # pages of collected sequences, taken back at the next append
+        self._last_padded: tuple | None = None  # (sequences, their lengths, the padded slot index)
         self._reset(FIRST_PAGES)
 
     def _reset(self, pages: int) -> None:
@@ -101,7 +102,14 @@ class KVPool:
     def padded(self, layer: int, seqs: list["SeqKV"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every sequence's k/v [B, L, Hkv, D] and positions [B, L] at this layer, padded with
         the null page (zeros, never visible) to the longest."""
-        index = torch.nn.utils.rnn.pad_sequence([s._slots[:s.lens[layer]] for s in seqs], batch_first=True)
+        lens = tuple(s.lens[layer] for s in seqs)
+        last = self._last_padded  # a decode step's layers read the same slots: the index once per step
+        if last is not None and last[1] == lens and len(last[0]) == len(seqs) and \
+                all(ref() is s for ref, s in zip(last[0], seqs)):
+            index = last[2]
+        else:
+            index = torch.nn.utils.rnn.pad_sequence([s._slots[:n] for s, n in zip(seqs, lens)], batch_first=True)
+            self._last_padded = (tuple(weakref.ref(s) for s in seqs), lens, index)  # keeps no request alive
         with self._lock:
             k, v, pos = self._k[layer], self._v[layer], self._pos[layer]
         index = index.to(k.device)
