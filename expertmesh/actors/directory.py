@@ -25,7 +25,7 @@ import logging
 
 from expertmesh.actors.exchange import call
 from expertmesh.actors.liveness import down
-from expertmesh.actors.names import actor_name, lookup, mesh_of, own_name, routers_of
+from expertmesh.actors.names import lookup, mesh_of, own_name, routers_of
 from expertmesh.store.catalog import SYNC_S
 
 log = logging.getLogger("expertmesh.directory")
@@ -55,17 +55,12 @@ class Directory:
         """This mesh's other routers (handles). A mesh has `spec.routers` routers for its whole
         life and a restarted one keeps its handle, so they are looked up by name once, when all
         are up (not on every register and drop: each lookup is a GCS round trip)."""
-        cached = getattr(self, "_sibling_handles", None)
-        if cached is not None:
-            return cached
+        if self._sibling_handles is not None:
+            return self._sibling_handles
         own = own_name()
         mesh = mesh_of(own)
-        if mesh is None or self.spec.routers == 1:
-            self._sibling_handles = []
-            return []
-        names = [actor_name(mesh, None, i) for i in range(self.spec.routers)]
-        found = lookup([n for n in routers_of(mesh) if n != own])
-        if len(found) == len(names) - 1:
+        found = lookup([n for n in routers_of(mesh) if n != own]) if mesh is not None and self.spec.routers > 1 else []
+        if len(found) == self.spec.routers - 1 or mesh is None:
             self._sibling_handles = found
         return found
 

@@ -49,6 +49,7 @@ class _Step:
     batch: list[Sequence]
     spans: list[tuple[int, int]]
     positions: torch.Tensor
+    pooled: bool = False  # every sequence's own KV lives in the engine's pool (one write and read per layer)
     group_counts: list = dataclasses.field(default_factory=list)  # (batch, [B, groups] pairs) per MoE layer
 
 
@@ -102,7 +103,8 @@ class Engine:
                                 for it in items if h != it.owner)
         device = self.model.embed.weight.device
         exchange = self.exchange.begin(plan)
-        step = _Step(plan, exchange, list(batch), spans, positions.to(device))
+        step = _Step(plan, exchange, list(batch), spans, positions.to(device),
+                     all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in batch))
         try:
             x = self.model.embed(torch.tensor(ids, device=device))  # [T, H]
             for layer in self.model.layers:
@@ -139,7 +141,7 @@ class Engine:
         """Attention of the layer's new queries: context shards (via the exchange) + each
         sequence's own KV (here), merged. Returns (attn [T', Hq, D], lse [T', Hq], kept rows or None)."""
         index = layer.index
-        if self._pooled(step.batch):  # every request's new rows in one write
+        if step.pooled:  # every request's new rows in one write
             self.kv_pool.append(index, [s.kv for s in step.batch], [b - a for a, b in step.spans], k, v,
                                 step.positions)
         else:
@@ -186,9 +188,6 @@ class Engine:
         out, lse = merge_partials(parts)
         return out.to(q.dtype), lse, kept  # [T, Hq, D], [T, Hq]
 
-    def _pooled(self, seqs: list[Sequence]) -> bool:
-        return all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in seqs)
-
     def _chosen(self, step: _Step, layer, j: int, q: torch.Tensor, shard: int) -> bool:
         """A request choosing its shards from this layer's queries: is `shard` among them?"""
         seq, (a, b) = step.batch[j], step.spans[j]
@@ -208,7 +207,7 @@ class Engine:
         if len(decode) > 1:  # one padded batch for all single-token steps
             rows = torch.tensor([spans[i][0] for i in decode], device=q.device)
             seqs = [step.batch[i] for i in decode]
-            if self._pooled(seqs):  # one gather from the pool
+            if step.pooled:  # one gather from the pool
                 k, v, kpos = self.kv_pool.padded(index, [s.kv for s in seqs])
                 o, l = padded_decode_attention(q[rows], step.positions[rows], k, v, kpos, layer.spec)
             else:

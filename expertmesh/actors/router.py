@@ -76,6 +76,7 @@ class Router(Registration, Directory, Placement):
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
         self._retiring: dict[str, set[int]] = {}  # context id -> shards letting go of a moved segment (placement.py)
         self._placing, self._letting_go = asyncio.Lock(), set()
+        self._sibling_handles: list | None = None  # this mesh's other routers, once all are up (directory.py)
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         lanes = spec.lanes
         if remote and spec.data_plane == "collective":

@@ -79,12 +79,10 @@ class KVPool:
             return torch.full((slots,), NEVER, dtype=torch.int64, device=like.device)
         return torch.zeros((slots, *like.shape[1:]), dtype=like.dtype, device=like.device)
 
-    def _layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         if self._k[layer] is None:
             slots = self.pages * PAGE
-            self._k[layer] = torch.zeros((slots, *k.shape[1:]), dtype=k.dtype, device=k.device)
-            self._v[layer] = torch.zeros((slots, *v.shape[1:]), dtype=v.dtype, device=v.device)
-            self._pos[layer] = torch.full((slots,), NEVER, dtype=torch.int64, device=k.device)
+            self._k[layer], self._v[layer], self._pos[layer] = (self._blank(t, slots) for t in (k, v, pos))
 
     # -- rows -------------------------------------------------------------------------------
     def append(self, layer: int, seqs: list["SeqKV"], counts: list[int], k: torch.Tensor, v: torch.Tensor,
@@ -93,7 +91,7 @@ class KVPool:
         seqs[i], back to back, written after what each holds at this layer."""
         with self._lock:
             self._collect()
-            self._layer(layer, k, v)
+            self._layer(layer, k, v, pos.to(device=k.device, dtype=torch.int64))
             index = torch.cat([s._reserve(layer, n) for s, n in zip(seqs, counts)]).to(k.device)
             self._k[layer].index_copy_(0, index, k.to(self._k[layer].dtype))
             self._v[layer].index_copy_(0, index, v.to(self._v[layer].dtype))

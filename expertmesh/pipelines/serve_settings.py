@@ -52,13 +52,12 @@ class ServeSettings(BaseModel):
 
     def mesh_spec(self):
         """The MeshSpec of the mesh every replica shares (mesh_spec.py)."""
+        import dataclasses
+
         from expertmesh.mesh_spec import MeshSpec
 
-        return MeshSpec(checkpoint=self.checkpoint, context_shards=self.context_shards,
-                        expert_groups=self.expert_groups, shard_capacity_tokens=self.shard_capacity_tokens,
-                        store=self.store, shard_memory_bytes=self.shard_memory_bytes, kv_dtype=self.kv_dtype,
-                        shard_backend=self.shard_backend, expert_backend=self.expert_backend,
-                        **self.placement_kwargs())
+        mine = type(self).model_fields  # every field the two share, by name
+        return MeshSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MeshSpec) if f.name in mine})
 
     def placement_kwargs(self) -> dict[str, Any]:
         """device, dtype, colocate, data_plane, routers for Mesh.start."""
