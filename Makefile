@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 
 .PHONY: setup demo test test-fast bench bench-train bench-store-10m eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
-        train-demo-model train-demo-model-v2 clean
+        train-demo-model train-demo-model-v2 train-demo-model-cpu clean
 
 setup: $(VENV)/.ready
 
@@ -80,6 +80,12 @@ data-demo-v2: data-text
 # the recorded commands that train the built-in model v2 (on a GPU host; data/text fetched first)
 train-demo-model-v2: setup
 	for s in data 1 2 3 install; do PY=$(PY) scripts/train_demo_model_v2.sh $$s; done
+
+# one round of the built-in model's CPU training (issue 22): ROUND_S seconds of training from the state
+# committed under training/demo-model-cpu/, then a held-out point of its learning curve
+ROUND_S ?= 1200
+train-demo-model-cpu: setup data-text
+	PY=$(PY) scripts/train_demo_model_cpu.sh round $(ROUND_S)
 
 # the recorded command that trained expertmesh/assets/default-model (on a GPU host)
 train-demo-model: setup

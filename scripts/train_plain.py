@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
     core = ts.build_model(cfg).to(device)
     optimizer = ts.make_optimizer(core, cfg)
     model = ts.BatchedModel(core)

@@ -26,6 +26,7 @@ import torch
 from expertmesh.pipelines.train_config import TrainConfig
 
 MODEL_FILES = ("config.json", "model.safetensors")
+STATE_FILES = ("optimizer.safetensors", "trainer_state.json")  # with the model: what resume_from needs
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -42,16 +43,20 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
     core = ts.build_model(cfg).to(device)
     optimizer = ts.make_optimizer(core, cfg)
     start = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # this run's own (a restarted worker): it wins over resume_from
         with checkpoint.as_directory() as d:
             start = ts.load_state(core, optimizer, d, device)
         if rank == 0:
             _log_line(f"[expertmesh.train] resumed from step {start} ({checkpoint.path})")
+    elif cfg.resume_from:
+        start = ts.load_state(core, optimizer, cfg.resume_from, device)
+        if rank == 0:
+            _log_line(f"[expertmesh.train] continued from step {start} ({cfg.resume_from})")
     model = ts.BatchedModel(core)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False,
@@ -202,12 +207,20 @@ def run(cfg: TrainConfig, address: str | None = None):
             ray.init(address=address or "auto")  # a job's runtime_env is the job's
         else:
             ray.init(address="local", runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    _check_cpus_left_for_data(cfg, ray.cluster_resources().get("CPU", 0.0))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the terminal shows one bar: training steps
     ctx.print_on_execution_start = False
     data = ray.data.read_parquet(_data_path(cfg.data)).select_columns(["input_ids", "answer_start", "answer_len"])
-    if cfg.init_from and "://" not in cfg.init_from:  # workers run elsewhere: absolute paths
-        cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
+    for key in ("init_from", "resume_from"):  # workers run elsewhere: absolute paths
+        value = getattr(cfg, key)
+        if value and "://" not in value:
+            setattr(cfg, key, str(Path(value).expanduser().resolve()))
+    if cfg.resume_from and "://" not in cfg.resume_from:
+        missing = [n for n in STATE_FILES if not (Path(cfg.resume_from) / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"resume_from {cfg.resume_from} lacks {missing}: it must be a "
+                                    "state_output of an earlier run")
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).expanduser().resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -227,7 +240,24 @@ def run(cfg: TrainConfig, address: str | None = None):
     result = trainer.fit()
     if cfg.output and result.checkpoint is not None:
         export(result.checkpoint, cfg.output)
+    if cfg.state_output and result.checkpoint is not None:
+        export(result.checkpoint, cfg.state_output, names=MODEL_FILES + STATE_FILES)
     return result
+
+
+def _check_cpus_left_for_data(cfg: TrainConfig, cluster_cpus: float) -> None:
+    """CPU workers that reserve every CPU leave none for Ray Data's read tasks: the run would
+    wait for its first batch forever. Refuse it at once, saying what to set."""
+    if cfg.use_gpu:
+        return
+    reserved = cfg.num_workers * cfg.cpus_per_worker
+    if reserved >= cluster_cpus:
+        raise ValueError(
+            f"the training workers would reserve {reserved:g} of the cluster's {cluster_cpus:g} CPUs "
+            f"(num_workers {cfg.num_workers} x cpus_per_worker {cfg.cpus_per_worker:g}), leaving none for "
+            "Ray Data's reads: the run would never get its first batch. Reserve fewer "
+            "(num_workers x cpus_per_worker < the cluster's CPUs) and set threads_per_worker to give "
+            "each worker more torch threads than the CPUs it reserves")
 
 
 def _data_path(path: str) -> str:
@@ -239,13 +269,14 @@ def _data_path(path: str) -> str:
     return str(p)
 
 
-def export(checkpoint, output: str) -> str:
+def export(checkpoint, output: str, names: tuple[str, ...] = MODEL_FILES) -> str:
     """Copy the model files of a Ray Train checkpoint to `output`: a directory, or a URI
-    (`s3://`, `gs://`, ... through pyarrow.fs) that `Mesh.start(checkpoint=...)` reads back."""
+    (`s3://`, `gs://`, ... through pyarrow.fs) that `Mesh.start(checkpoint=...)` reads back.
+    With `names=MODEL_FILES + STATE_FILES`, the optimizer state and step too (a `resume_from`)."""
     with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "trainer_state.json").read_text())
         summary = json.dumps({"step": state["step"], "metrics": state.get("metrics")}, indent=1).encode()
-        files = {name: (Path(d) / name).read_bytes() for name in MODEL_FILES}
+        files = {name: (Path(d) / name).read_bytes() for name in names}
     files["training.json"] = summary
     if "://" in output and not output.startswith("file://"):
         from expertmesh.model import checkpoint as ckpt
@@ -268,8 +299,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="override the config's data path")
     p.add_argument("--output", help="override where the final checkpoint goes")
     p.add_argument("--init-from", dest="init_from", help="fine-tune from this checkpoint")
+    p.add_argument("--resume-from", dest="resume_from",
+                   help="continue a run (weights, optimizer state, step) from an earlier --state-output")
+    p.add_argument("--state-output", dest="state_output",
+                   help="also copy the final training state (model, optimizer, step) here, to continue later")
     p.add_argument("--num-workers", dest="num_workers", type=int, help="override the config's num_workers")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="override the config's batch_size")
     p.add_argument("--storage-path", dest="storage_path", help="override Ray Train's storage path")
     p.add_argument("--time-limit-s", dest="time_limit_s", type=float, help="stop after this many seconds of training")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None, help="train on GPUs")
@@ -284,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("data", "output", "init_from", "num_workers", "max_steps",
-                                               "storage_path", "use_gpu", "time_limit_s")}
+    overrides = {k: getattr(args, k) for k in ("data", "output", "init_from", "resume_from", "state_output",
+                                               "num_workers", "max_steps", "batch_size", "storage_path",
+                                               "use_gpu", "time_limit_s")}
     cfg = TrainConfig.from_yaml(args.config, **overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
     t0 = time.time()

@@ -16,10 +16,13 @@ class TrainConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # HF config keys over the default model's
     init_from: str | None = None  # start from this checkpoint (fine-tuning) instead of a random init
     output: str | None = None  # where the final Hugging Face checkpoint is written
+    resume_from: str | None = None  # continue a run: weights, optimizer moments and step of a `state_output`
+    state_output: str | None = None  # where the final training state (model + optimizer + step) is copied
     storage_path: str = "~/expertmesh-runs"  # Ray Train run storage (path or URI): checkpoints, results
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs each worker reserves (CPU training); Ray Data's reads need some left
+    threads_per_worker: int | None = None  # torch threads of a CPU worker; None: max(1, cpus_per_worker)
     batch_size: int = 8  # sequences per worker per step
     max_steps: int = 1000
     lr: float = 1e-3
@@ -58,10 +61,16 @@ class TrainConfig:
             value = getattr(cfg, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+        threads = cfg.threads_per_worker
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"{where}: threads_per_worker must be an integer >= 1 or null, got {threads!r}")
         for key in ("lr", "weight_decay", "grad_clip", "lm_weight", "router_z_loss_coef"):
             value = getattr(cfg, key)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{where}: {key} must be a number >= 0, got {value!r}")
+        if cfg.resume_from and (cfg.init_from or cfg.model):
+            raise ValueError(f"{where}: resume_from continues a run with its own weights; "
+                             "give it without init_from and model")
         if not isinstance(cfg.model, dict):
             raise ValueError(f"{where}: model must be a mapping of Hugging Face config keys")
         return cfg

@@ -54,8 +54,8 @@ def collate(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def build_model(cfg: TrainConfig) -> MoETransformer:
-    if cfg.init_from:
-        model = load_model(cfg.init_from)
+    if cfg.init_from or cfg.resume_from:  # resume_from: load_state then restores optimizer and step too
+        model = load_model(cfg.init_from or cfg.resume_from)
         if cfg.model:
             raise ValueError("give either init_from (fine-tuning) or model overrides, not both")
         model = model.float().train().requires_grad_(True)
@@ -129,7 +129,8 @@ def step(model: nn.Module, core: MoETransformer, optimizer: torch.optim.Optimize
         acc = float((hit * answer_w).sum() / answer_w.sum().clamp(min=1))
         load = expert_load(router_logits, mcfg.num_experts, mcfg.top_k).cpu().numpy() if router_logits \
             else np.zeros(0, dtype=np.int64)
-    return StepResult(float(loss), float(answer_loss), float(lm_loss), float(aux), float(z), acc,
+    return StepResult(float(loss.detach()), float(answer_loss.detach()), float(lm_loss.detach()), float(aux.detach()),
+                      float(z.detach()), acc,
                       int(b["mask"].sum()), load)
 
 

@@ -156,6 +156,22 @@ def test_trained_checkpoint_serves_in_the_mesh_and_loads_in_transformers(two_wor
     assert np.abs(got - want[200:].numpy()).max() <= 1e-4
 
 
+def test_a_run_continues_from_the_state_an_earlier_run_left(ray_cluster, data, tmp_path):
+    """Training across sessions: run 1 leaves its state (model, optimizer, step), run 2 goes on."""
+    state = tmp_path / "state"
+    first = run(_config(data, tmp_path, max_steps=8, state_output=str(state)))
+    assert first.error is None
+    assert sorted(p.name for p in state.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors",
+                                                      "trainer_state.json", "training.json"]
+    second = run(_config(data, tmp_path, model={}, max_steps=16, resume_from=str(state), state_output=str(state),
+                         output=str(tmp_path / "out2")))
+    assert second.error is None
+    assert second.metrics["resumed_from"] == 8 and second.metrics["step"] == 16
+    assert json.loads((state / "trainer_state.json").read_text())["step"] == 16
+    with pytest.raises(FileNotFoundError, match="state_output of an earlier run"):
+        run(_config(data, tmp_path, model={}, resume_from=str(tmp_path / "out2")))  # a model without its state
+
+
 def test_bad_config_is_refused_with_the_key_named(tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         TrainConfig.from_dict({"data": "x", "learning_rate": 1})
@@ -165,6 +181,19 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path):
         TrainConfig.from_dict({})
     with pytest.raises(FileNotFoundError, match="expertmesh data"):
         run(TrainConfig.from_dict({"data": str(tmp_path / "missing")}))
+    with pytest.raises(ValueError, match="threads_per_worker must be an integer >= 1"):
+        TrainConfig.from_dict({"data": "x", "threads_per_worker": 0})
+    with pytest.raises(ValueError, match="resume_from continues a run"):
+        TrainConfig.from_dict({"data": "x", "resume_from": "s", "init_from": "m"})
+
+
+def test_cpu_workers_that_reserve_every_cpu_are_refused_before_they_wait_forever():
+    from expertmesh.pipelines.train import _check_cpus_left_for_data
+
+    with pytest.raises(ValueError, match=r"reserve 2 of the cluster's 2 CPUs .* threads_per_worker"):
+        _check_cpus_left_for_data(TrainConfig.from_dict({"data": "x", "cpus_per_worker": 2}), 2.0)
+    _check_cpus_left_for_data(TrainConfig.from_dict({"data": "x", "cpus_per_worker": 1, "threads_per_worker": 2}), 2.0)
+    _check_cpus_left_for_data(TrainConfig.from_dict({"data": "x", "num_workers": 4, "use_gpu": True}), 2.0)
 
 
 def test_time_limit_stops_all_workers_at_the_same_step(ray_cluster, data, tmp_path):
