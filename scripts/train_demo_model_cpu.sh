@@ -49,7 +49,9 @@ case "$STEP" in
     if [ -f "$STATE/trainer_state.json" ]; then FROM=(--resume-from "$STATE"); else
       FROM=(--init-from expertmesh/assets/default-model); fi
     start=$(date +%s)
-    cli train --config configs/demo-model-cpu.yaml --data "$DATA" "${FROM[@]}" --state-output "$STATE" \
+    # a run name per round: Ray Train would otherwise resume the last round's run from its own storage
+    cli train --config configs/demo-model-cpu.yaml --name "demo-model-cpu-round$ROUND" --data "$DATA" "${FROM[@]}" \
+        --state-output "$STATE" \
         --batch-size "$BATCH" --time-limit-s "$SECONDS_" 2>&1 | tr '\r' '\n' | tee "$RES/logs/round$ROUND.full.log" \
         | grep --line-buffered -o '\[expertmesh.train\] .*' > "$RES/logs/round$ROUND.log" || true
     wall=$(( $(date +%s) - start ))

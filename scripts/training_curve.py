@@ -21,7 +21,10 @@ def main(results: str, round_: str, wall_s: str, recipe: str = "") -> None:
     tokens = seconds = 0
     step = None
     for line in (root / "logs" / f"round{round_}.log").read_text().splitlines():
-        m = json.loads(line.split("] ", 1)[1])
+        text = line.split("] ", 1)[1]
+        if not text.startswith("{"):  # "continued from step ..."
+            continue
+        m = json.loads(text)
         tokens += m["tokens"]
         seconds += m["window_s"]
         step = m["step"]
@@ -29,7 +32,7 @@ def main(results: str, round_: str, wall_s: str, recipe: str = "") -> None:
         raise SystemExit(f"round {round_}: no training metrics in {root / 'logs'} (did the run fail?)")
     before = points[-1] if points else {"tokens": 0, "train_s": 0.0}
     point = {"round": int(round_), "step": step, "tokens": before["tokens"] + tokens,
-             "train_s": round(before["train_s"] + seconds, 1), "round_wall_s": int(wall_s), "recipe": recipe}
+             "train_s": round(before["train_s"] + seconds, 1), "round_wall_s": int(wall_s) if wall_s else None, "recipe": recipe}
     with curve.open("a") as f:
         f.write(json.dumps(point) + "\n")
     print(json.dumps(point))

@@ -297,6 +297,8 @@ def export(checkpoint, output: str, names: tuple[str, ...] = MODEL_FILES) -> str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training YAML (see configs/)")
     p.add_argument("--data", help="override the config's data path")
+    p.add_argument("--name", help="override the config's run name (Ray Train resumes a run of the same name "
+                                  "and storage path from its last checkpoint)")
     p.add_argument("--output", help="override where the final checkpoint goes")
     p.add_argument("--init-from", dest="init_from", help="fine-tune from this checkpoint")
     p.add_argument("--resume-from", dest="resume_from",
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("data", "output", "init_from", "resume_from", "state_output",
+    overrides = {k: getattr(args, k) for k in ("data", "name", "output", "init_from", "resume_from", "state_output",
                                                "num_workers", "max_steps", "batch_size", "storage_path",
                                                "use_gpu", "time_limit_s")}
     cfg = TrainConfig.from_yaml(args.config, **overrides)
