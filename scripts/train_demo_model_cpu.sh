@@ -53,7 +53,8 @@ case "$STEP" in
     cli train --config configs/demo-model-cpu.yaml --name "demo-model-cpu-round$ROUND" --data "$DATA" "${FROM[@]}" \
         --state-output "$STATE" \
         --batch-size "$BATCH" --time-limit-s "$SECONDS_" 2>&1 | tr '\r' '\n' | tee "$RES/logs/round$ROUND.full.log" \
-        | grep --line-buffered -o '\[expertmesh.train\] .*' > "$RES/logs/round$ROUND.log" || true
+        | grep --line-buffered -o '\[expertmesh.train\] .*' > "$RES/logs/round$ROUND.log"
+    # (a failed run stops here, with pipefail: no evaluation of an older state, no curve point)
     wall=$(( $(date +%s) - start ))
     rm -f "$RES/logs/round$ROUND.full.log"
     heldout_eval "round$ROUND"
