@@ -40,6 +40,9 @@ def _mesh_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer tensors over torch.distributed collectives (NCCL/gloo) or Ray calls")
     p.add_argument("--routers", type=int, default=1,
                    help="router actors: requests spread over them, one that dies fails over (default 1)")
+    p.add_argument("--micro-batches", type=int, choices=(1, 2), default=1,
+                   help="2: a router step runs its requests as two halves in ping-pong, one computing while the "
+                        "other's rows are at the shards and expert groups (same logits; default 1)")
 
 
 def _device(value: str) -> str:
@@ -51,7 +54,7 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-PLACEMENT = ("device", "dtype", "colocate", "data_plane", "routers")
+PLACEMENT = ("device", "dtype", "colocate", "data_plane", "routers", "micro_batches")
 
 
 def _spec(args: argparse.Namespace, **more):

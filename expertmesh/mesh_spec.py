@@ -47,6 +47,9 @@ class MeshSpec:
     max_batch_tokens: tokens a router step takes at most (registration runs in pieces this long).
     lanes: router step loops overlapping one batch's compute with another's remote calls (the
     "ray" data plane; the collective one runs one step at a time).
+    micro_batches: 1, or 2: a router step runs its requests as two halves in ping-pong (one
+    computes its dense layers while the other's rows are at the shards and expert groups;
+    actors/ping_pong.py); the same logits either way.
     data_plane: "collective" (per-layer tensors point to point; `transport` "auto": NCCL when
     the router computes on a GPU, TCP sockets on CPU hosts; "gloo" or "socket" forced) or "ray"
     (a Ray task per actor per layer, the reference path; same results).
@@ -69,6 +72,7 @@ class MeshSpec:
     kv_dtype: str = "float32"
     max_batch_tokens: int = 16384
     lanes: int = 2
+    micro_batches: int = 1
     data_plane: str = "collective"
     transport: str = "auto"
     shard_backend: str = "torch"
@@ -82,6 +86,8 @@ class MeshSpec:
             _count(what, getattr(self, what), none_ok=True)
         for what in ("routers", "page_size", "max_batch_tokens", "lanes"):
             _count(what, getattr(self, what))
+        if self.micro_batches not in (1, 2) or isinstance(self.micro_batches, bool):
+            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches!r}")
         if self.colocate is not None and not isinstance(self.colocate, bool):
             raise ValueError(f"colocate must be True, False or None (picked), got {self.colocate!r}")
         if self.kv_dtype not in KV_DTYPES:

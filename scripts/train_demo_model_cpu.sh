@@ -41,7 +41,9 @@ case "$STEP" in
     # rounds 1-2 ran LENGTHS=1100-6143 BATCH=8 ROWS=2400; 32K/128K did not follow (see the curve),
     # so later rounds train up to 16K tokens (4 rows a step: about as many tokens a step)
     LENGTHS=${LENGTHS:-1100-16383} BATCH=${BATCH:-4} ROWS=${ROWS:-1600}
-    DATA_ARGS=(--text train --text-cache "$TEXT" --eos --lengths "$LENGTHS" --max-keys 6 --multikey-share 0.6
+    # rounds 1-4 ran a multi-key share of 0.6; multi-key lagged passkey (key confusion), so later rounds 0.75
+    MK_SHARE=${MK_SHARE:-0.75}
+    DATA_ARGS=(--text train --text-cache "$TEXT" --eos --lengths "$LENGTHS" --max-keys 6 --multikey-share "$MK_SHARE"
                --synthetic-share 0.1 --mix-share 0.3 --rows "$ROWS" --files 4 --group-rows "$BATCH"
                --seed $((100 + ROUND)))
     cli data --fetch-text --text train,heldout --text-cache "$TEXT" >/dev/null

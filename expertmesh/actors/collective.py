@@ -8,7 +8,7 @@ actor's step loop, step_worker.py) and everything outside steps (registration wr
 Each step, the router sends every participating actor its slice of the plan (`PeerPlan`:
 int64 length, then the plan in wire.py's data-only encoding) just before the first message of the step that actor
 gets; then both sides walk the plan in order and exchange point-to-point messages (rank 0 is
-the router; the messages' layouts are in wire.py).
+the router; the messages' layouts are in wire.py; the router's side of a step is collective_step.py).
 
 Membership: only the mesh's actors join a group (a new key per generation, handed out through
 Ray; the socket transport's handshake.py; gloo/NCCL meet through Ray, rendezvous.py). Nothing
@@ -35,6 +35,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from expertmesh.actors.collective_step import CollectiveStep, start_step
 from expertmesh.actors.exchange import STEP_TIMEOUT_S, Exchange
 from expertmesh.actors.handshake import new_key
 from expertmesh.actors.join_watch import join_check
@@ -42,12 +43,11 @@ from expertmesh.actors.liveness import RECHECK_S, LeftOut
 from expertmesh.actors.plane_metrics import DataPlaneMetrics
 from expertmesh.actors.rendezvous import RendezvousStore
 from expertmesh.actors.socket_group import Listener, SocketGroup
-from expertmesh.actors.step_plan import StepPlan, packed_rows
-from expertmesh.actors.transport import GROUP_TIMEOUT, backend_for, is_transport_error, make_group, peer_list
-from expertmesh.actors.wire import MAX_ERROR_BYTES, WireError, WireLimits, decode_error, encode_plan
-from expertmesh.errors import DataPlaneError, Unavailable
+from expertmesh.actors.step_plan import StepPlan
+from expertmesh.actors.transport import GROUP_TIMEOUT, backend_for, make_group, peer_list
+from expertmesh.actors.wire import WireLimits
+from expertmesh.errors import Unavailable
 
-STEP_WAIT = datetime.timedelta(seconds=STEP_TIMEOUT_S)  # one operation of a step; past it the pair closes
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
 STOP = -2  # a plan length that ends an actor's step loop
 log = logging.getLogger("expertmesh.dataplane")
@@ -55,14 +55,6 @@ log = logging.getLogger("expertmesh.dataplane")
 
 class StepAborted(RuntimeError):
     """The router ended the step early (another actor or the router itself failed)."""
-
-
-class PeerFailed(RuntimeError):
-    """An actor answered an exchange with an error (the router raises the actor's own)."""
-
-
-def _cause(exc: BaseException) -> BaseException:
-    return getattr(exc, "cause", None) or exc
 
 
 class CollectiveExchange(Exchange):
@@ -94,15 +86,7 @@ class CollectiveExchange(Exchange):
         self._store = None  # this process's client of it
         self._listener = None  # the socket transport's listening socket
         self._lock = threading.Lock()
-        self._errors: dict[int, BaseException] = {}  # rank -> its error in this step
-        self._plan: StepPlan | None = None
-        self._reads: list = []
-        self._parts: dict[int, tuple] = {}  # rank -> its parts in this step
-        self._sent: dict[int, int] = {}  # rank -> parts the router has started
-        self._unsent: dict[int, Any] = {}  # rank -> its PeerPlan, until its first message of the step
-        self._held: dict[int, list[torch.Tensor]] = {}  # rank -> messages to go out with its next one
-        self._left: set[int] = set()  # ranks that left the step with an error
-        self._works: list = []  # operations not waited for yet
+        self._held: dict[int, list[torch.Tensor]] = {}  # rank -> messages to go out with its next one (any step)
 
     @property
     def address(self) -> tuple:  # where actors connect (socket transport): (host, port, unix name)
@@ -230,205 +214,24 @@ class CollectiveExchange(Exchange):
         self._pg = None
 
     # -- a step -----------------------------------------------------------------------------
-    def begin(self, plan: StepPlan) -> "CollectiveExchange":
-        """Slice the plan for each participating actor (one step at a time)."""
+    def begin(self, plan: StepPlan) -> CollectiveStep:
+        """The step's exchange (one step at a time: the lock spans begin .. end/abort)."""
+        return self.begin_micro([plan])[0]
+
+    def begin_micro(self, plans: list[StepPlan]) -> list[CollectiveStep]:
+        """One step of micro-batches (ping_pong.py): each actor's slices of the plans, interleaved."""
         self._lock.acquire()
         try:
             if self._pg is None:
                 self._form_group()
+            if self._metrics is None or self._metrics.stale():  # keep the gauges live while serving
+                self._count()
+            views = start_step(self, plans)
         except BaseException:
             self._lock.release()
             raise
-        if self._metrics is None or self._metrics.stale():  # keep the gauges live while serving
-            self._count()
-        self._plan, self._reads, self._works, self._errors = plan, [], [], {}
-        self._parts, self._sent, self._left, self._unsent = {}, {}, set(), {}
-        for i, rank in self.ranks.items():
-            _, shard, group = self.peers[i]
-            part = plan.peer(self.generation, shard, group, self.heads, self.head_dim, self.hidden, self.pack)
-            if part is not None:
-                self._parts[rank], self._sent[rank], self._unsent[rank] = part.parts, 0, part
         self.steps += 1
-        return self
-
-    def _send(self, rank: int, *msgs: torch.Tensor, hold: bool = False) -> None:
-        """Messages of the step to `rank`. An actor's slice of the plan travels with its first
-        message of the step (an actor wakes when it has work, not at every step's start).
-        hold: keep them to go out with the next message to this actor, in this step or a later
-        one (a group without rows at a layer has nothing to do: it need not wake for that)."""
-        tensors = self._held.pop(rank, [])
-        part = self._unsent.pop(rank, None)
-        if part is not None:
-            data = encode_plan(part, self._plan.rows)
-            tensors += [torch.tensor([len(data)], dtype=torch.int64, device=self.device),
-                        torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)]
-        tensors += msgs
-        if hold:
-            self._held[rank] = tensors
-        elif self.backend == "socket":  # back to back in one write
-            self._post(self._pg.send(tensors, rank, 0))
-        else:
-            for t in tensors:
-                self._post(self._pg.send([t], rank, 0))
-
-    def _one(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A message made of pieces: as they are on a socket (written back to back), one
-        tensor for a process group."""
-        return pieces if self.backend == "socket" else [torch.cat(pieces)]
-
-    def _post(self, work) -> None:
-        self._works.append(work)
-
-    def _wait(self) -> None:
-        works, self._works = self._works, []
-        for w in works:
-            w.wait(STEP_WAIT)
-
-    def _failed(self, rank: int) -> None:
-        """An actor answered status 1: its encoded error follows (int64 length, bytes; wire.py).
-        A length out of bounds or a message that does not decode ends that connection."""
-        self._left.add(rank)
-        head = torch.empty(1, dtype=torch.int64, device=self.device)
-        self._pg.recv([head], rank, 0).wait(STEP_WAIT)
-        n = int(head[0])
-        try:
-            if not 0 < n <= MAX_ERROR_BYTES:
-                raise WireError(f"an error of {n} bytes announced; at most {MAX_ERROR_BYTES}")
-            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
-            self._pg.recv([buf], rank, 0).wait(STEP_WAIT)
-            self._errors[rank] = decode_error(buf.cpu().numpy().tobytes(), rank)
-        except WireError as exc:
-            log.error("data plane: rank %d sent a malformed error message (%s); closing its connection", rank, exc)
-            self.malformed += 1
-            self._count()
-            close_peer = getattr(self._pg, "close_peer", None)  # a process group cannot close one pair
-            close_peer(rank) if close_peer is not None else self._pg.abort()
-            raise RuntimeError(f"Connection closed: rank {rank} sent a malformed message ({exc})") from None
-
-    def attend(self, layer, requests):
-        hq_d, width = self.heads * self.head_dim, self.heads * (self.head_dim + 1)
-        pending = []
-        for shard, items in self._plan.layers[layer].attend.items():
-            active = dict(requests.get(shard, []))
-            flags = torch.tensor([1.0 if j in active else 0.0 for j in range(len(items))], device=self.device)
-            pieces, got = [flags], 0
-            for j, it in enumerate(items):
-                if j in active:
-                    pieces.append(active[j].reshape(-1).float().to(self.device))
-                    got += len(it.rows)
-                else:
-                    pieces.append(torch.zeros(len(it.rows) * hq_d, dtype=torch.float32, device=self.device))
-            rank = self.rank_of_shard[shard]
-            self._sent[rank] += 1
-            self._send(rank, *self._one(pieces))
-            order = [j for j in range(len(items)) if j in active]
-            reply = torch.empty(1 + got * width + 3 * len(order), dtype=torch.float32, device=self.device)
-            if got:
-                self._post(self._pg.recv([reply], rank, 0))
-            pending.append((shard, rank, order, got, reply))
-
-        def wait():
-            self._wait()
-            out = {}
-            for shard, rank, order, got, reply in pending:
-                if got and reply[0].item() != 0:
-                    self._failed(rank)
-                    continue
-                parts, at = [], 1
-                reads = reply[1 + got * width:].view(-1, 3).tolist()
-                for j, (pages, memory, store) in zip(order, reads):
-                    t = len(self._plan.layers[layer].attend[shard][j].rows)
-                    o = reply[at:at + t * hq_d].view(t, self.heads, self.head_dim)
-                    parts.append((o, reply[at + t * hq_d:at + t * width].view(t, self.heads)))
-                    self._reads.append((layer, shard, j, {"pages": int(pages), "memory": int(memory),
-                                                          "store": int(store)}))
-                    at += t * width
-                out[shard] = parts
-            if self._left:
-                raise PeerFailed(f"context shard(s) at ranks {sorted(self._left)} failed at layer {layer}")
-            return out
-        return wait
-
-    def experts(self, layer, requests):
-        pending = []
-        packed = packed_rows(self._plan.layers[layer].pairs, self.hidden) if self.pack else 0
-        for g in self._plan.groups:
-            rows, ids = requests.get(g, (None, None))
-            n = 0 if rows is None else rows.shape[0]
-            rank = self.rank_of_group[g]
-            self._sent[rank] += 1
-            if packed:  # count, rows and expert ids in one fp32 message
-                msg = torch.zeros(1 + packed * (self.hidden + 1), dtype=torch.float32, device=self.device)
-                msg[0] = n
-                if n:
-                    msg[1:1 + n * (self.hidden + 1)] = torch.cat([rows.float(), ids.to(torch.float32)[:, None]],
-                                                                 dim=1).reshape(-1)
-                self._send(rank, msg)
-            elif n:
-                self._send(rank, torch.tensor([n], dtype=torch.int64, device=self.device),
-                           rows.float().contiguous().to(self.device), ids.to(torch.int64).contiguous().to(self.device))
-            else:
-                self._send(rank, self._zero, hold=True)
-            if n:
-                reply = torch.empty(1 + n * self.hidden, dtype=torch.float32, device=self.device)
-                self._post(self._pg.recv([reply], rank, 0))
-                pending.append((g, rank, n, reply))
-
-        def wait():
-            self._wait()
-            out = {}
-            for g, rank, n, reply in pending:
-                if reply[0].item() != 0:
-                    self._failed(rank)
-                else:
-                    out[g] = reply[1:].view(n, self.hidden)
-            if self._left:
-                raise PeerFailed(f"expert group(s) at ranks {sorted(self._left)} failed at layer {layer}")
-            return out
-        return wait
-
-    def end(self):
-        """The actors' page reads (they came with the replies); on an error the caller runs
-        abort() instead (either releases the step)."""
-        self._lock.release()
-        return self._reads
-
-    def abort(self, exc: BaseException) -> BaseException:
-        """After a failed step: finish the operations in flight, send every actor still in the
-        step an abort where it waits next; return the error the step fails with. A broken group
-        (an actor died, an operation timed out) is dropped; the next step forms a new one."""
-        try:
-            broken = self._pg is None or is_transport_error(_cause(exc))
-            for w in self._works:
-                try:
-                    w.wait(STEP_WAIT)
-                except Exception:  # noqa: BLE001 - a dead actor's connection
-                    broken = True
-            self._works = []
-            for rank, parts in self._parts.items():  # a live actor's connection works even in a broken group
-                if self._pg is None or rank in self._left or rank in self._unsent or self._sent[rank] >= len(parts):
-                    continue  # (an actor whose plan was not sent never heard of this step)
-                size = parts[self._sent[rank]].request_floats(self.heads, self.head_dim, self.hidden)
-                if size:
-                    msg = torch.zeros(size, dtype=torch.float32, device=self.device)
-                    msg[0] = -1.0
-                else:
-                    msg = torch.tensor([-1], dtype=torch.int64, device=self.device)
-                try:
-                    for t in [*self._held.pop(rank, []), msg]:  # what it still has to hear first
-                        self._pg.send([t], rank, 0).wait(datetime.timedelta(seconds=5))
-                except Exception:  # noqa: BLE001 - this actor died
-                    broken = True
-            if broken:
-                self._drop_group()
-            if self._errors:
-                return next(iter(self._errors.values()))
-            if broken:
-                return DataPlaneError(f"the mesh's process group broke under this step ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]}); it is formed again at the next step")
-            return exc
-        finally:
-            self._lock.release()
+        return views
 
     def close(self) -> None:
         """Leave the group: after the step in flight, if any (bounded by the step timeout)."""

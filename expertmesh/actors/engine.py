@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
 from expertmesh.actors.exchange import Exchange
 from expertmesh.actors.pathway import choose_shards
+from expertmesh.actors.ping_pong import PingPong, TakingTurns
 from expertmesh.actors.sequence import Sequence
 from expertmesh.actors.step_plan import StepPlan, build_plan
 from expertmesh.actors.takeover import alias_of, serving_map
@@ -56,9 +59,10 @@ class _Step:
 class Engine:
     def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range],
                  summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]], num_shards: int = 0,
-                 durable: bool = False, load: Callable[[], list[int]] | None = None) -> None:
+                 durable: bool = False, load: Callable[[], list[int]] | None = None, micro_batches: int = 1) -> None:
         """durable: the segments are store files (a lost shard's are served by the others,
-        takeover.py); load(): tokens held per shard (who stands in for a lost one)."""
+        takeover.py); load(): tokens held per shard (who stands in for a lost one);
+        micro_batches: 2 runs a step's requests as two halves in ping-pong (ping_pong.py)."""
         self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
         self.kv_pool = KVPool(dense.cfg.num_layers)  # requests' own KV (registration pieces keep their own)
         self.num_shards, self.durable, self.load = num_shards, durable, load
@@ -68,6 +72,8 @@ class Engine:
         self.adopted: set[tuple[int, str]] = set()  # (stand-in shard, alias) opened there
         self.threads = torch.get_num_threads()
         self.partition = partition
+        self.micro_batches, self.micro_steps = micro_batches, 0  # steps run as two halves
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-micro") if micro_batches > 1 else None
         self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
         self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
         bounds = torch.tensor([r.stop for r in partition])
@@ -75,65 +81,103 @@ class Engine:
 
     def forward(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
         """Run the new tokens of every sequence; return the logits rows each sequence needs."""
-        ids, pos, spans = [], [], []
-        for seq in batch:
-            t_ids, t_pos = seq.new_tokens()
-            spans.append((len(ids), len(ids) + len(t_ids)))
-            ids.extend(t_ids)
-            pos.append(t_pos)
-        positions = torch.cat(pos)  # [T]
+        halves = self._split(batch)
+        inputs = []  # per micro-batch: token ids, row spans, positions
+        for part in halves:
+            ids, pos, spans = [], [], []
+            for seq in part:
+                t_ids, t_pos = seq.new_tokens()
+                spans.append((len(ids), len(ids) + len(t_ids)))
+                ids.extend(t_ids)
+                pos.append(t_pos)
+            inputs.append((ids, spans, torch.cat(pos)))
         # small steps (decode) on one thread: spare cores serve the shards and groups waiting
         # in this step, where an idle thread pool would spin against them
-        torch.set_num_threads(1 if len(ids) < SMALL_STEP else self.threads)
+        torch.set_num_threads(1 if sum(len(i[0]) for i in inputs) < SMALL_STEP else self.threads)
         absent, absent_groups = self.exchange.absent()
         self._stand_in(absent)
         self._stand_in_experts(absent_groups)
-        plan = build_plan(batch, spans, positions, self.model, self.summaries, len(self.partition), self.serving,
-                          tuple(g for g in range(len(self.partition)) if g not in absent_groups))
-        lost = sorted({s for lp in plan.layers for s in lp.attend if s in absent})
+        running = tuple(g for g in range(len(self.partition)) if g not in absent_groups)
+        plans = [build_plan(part, spans, positions, self.model, self.summaries, len(self.partition), self.serving,
+                            running) for part, (_, spans, positions) in zip(halves, inputs)]
+        lost = sorted({s for plan in plans for lp in plan.layers for s in lp.attend if s in absent})
         if lost:  # without a store its segments died with it (the router drops their contexts)
             error = Unavailable if self.durable else ContextNotFound
             raise error(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and no "
                         f"other shard can serve its segments ({'no shard is running' if self.durable else 'the mesh has no store'})")
-        if plan.groups and len(self.group_serving) < len(absent_groups):
+        if any(plan.groups for plan in plans) and len(self.group_serving) < len(absent_groups):
             raise Unavailable(f"expert groups {sorted(absent_groups)} are not running (Ray reports "
                               f"{sorted(set(absent_groups.values()))}) and no expert group is; retry later")
         if self.serving:
-            self.adopted.update((h, it.context_id) for lp in plan.layers for h, items in lp.attend.items()
-                                for it in items if h != it.owner)
+            self.adopted.update((h, it.context_id) for plan in plans for lp in plan.layers
+                                for h, items in lp.attend.items() for it in items if h != it.owner)
         device = self.model.embed.weight.device
-        exchange = self.exchange.begin(plan)
-        step = _Step(plan, exchange, list(batch), spans, positions.to(device),
-                     all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in batch))
+        exchanges = self.exchange.begin_micro(plans) if len(plans) > 1 else [self.exchange.begin(plans[0])]
+        steps = [_Step(plan, ex, list(part), spans, positions.to(device),
+                       all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in part))
+                 for plan, ex, part, (_, spans, positions) in zip(plans, exchanges, halves, inputs)]
         try:
-            x = self.model.embed(torch.tensor(ids, device=device))  # [T, H]
-            for layer in self.model.layers:
-                x, _, _ = layer(x, step.positions, lambda lyr, q, k, v: self._attention(step, lyr, q, k, v),
-                                lambda lyr, rows, experts: self._dispatch(step, lyr, rows, experts))
-            reads = exchange.end()
+            if len(steps) == 1:
+                xs = [self._layers(steps[0], inputs[0][0])]
+            else:  # ping-pong: one half computes while the other's rows are away
+                self.micro_steps += 1
+                turns = PingPong(len(steps))
+                for i, step in enumerate(steps):
+                    step.exchange = TakingTurns(step.exchange, turns, i)
+                xs = turns.run(self._pool, [functools.partial(self._layers, step, ids)
+                                            for step, (ids, _, _) in zip(steps, inputs)])
+            reads = [ex.end() for ex in exchanges]
         except BaseException as exc:
-            better = exchange.abort(exc)  # the actors' own error says more than a broken pipe
+            better = exchanges[0].abort(exc)  # the actors' own error says more than a broken pipe
             if better is not exc:
                 raise better from exc
             raise
-        self._account(batch, plan, reads)
-        self._count_groups(step)
+        out: dict[int, torch.Tensor] = {}
+        for part, plan, step, r, x in zip(halves, plans, steps, reads, xs):
+            self._account(part, plan, r)
+            self._count_groups(step)
+            out.update(self._logits(part, step, x))
+        return [out.get(id(seq)) for seq in batch]
+
+    def _split(self, batch: list[Sequence]) -> list[list[Sequence]]:
+        """The step's micro-batches: two halves of about as many tokens each (requests' own
+        steps only: a registration's pieces run whole), or the batch as one."""
+        if self.micro_batches < 2 or len(batch) < 2 or any(seq.kind == "segment" for seq in batch):
+            return [batch]
+        sizes = [len(seq.token_ids) - seq.num_computed for seq in batch]
+        total, run = sum(sizes), 0
+        for cut, n in enumerate(sizes[:-1], start=1):
+            run += n
+            if run * 2 >= total:
+                break
+        return [batch[:cut], batch[cut:]]
+
+    def _layers(self, step: _Step, ids: list[int]) -> torch.Tensor:
+        """The layer loop of one (micro-)batch: its hidden states after the last layer."""
+        x = self.model.embed(torch.tensor(ids, device=step.positions.device))  # [T, H]
+        for layer in self.model.layers:
+            x, _, _ = layer(x, step.positions, lambda lyr, q, k, v: self._attention(step, lyr, q, k, v),
+                            lambda lyr, rows, experts: self._dispatch(step, lyr, rows, experts))
+        return x
+
+    def _logits(self, batch: list[Sequence], step: _Step, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The logits rows each sequence needs (by id), after its step."""
         by_seq = {id(seq): span for seq, span in zip(step.batch, step.spans)}
-        out: list[torch.Tensor | None] = [None] * len(batch)
+        out: dict[int, torch.Tensor] = {}
         last = []  # sampled sequences: their last rows' logits in one LM-head call
-        for i, seq in enumerate(batch):
+        for seq in batch:
             seq.num_computed = len(seq.token_ids)
             span = by_seq.get(id(seq))
             if span is None or seq.kind == "segment":
                 continue
             if seq.kind == "logits":
-                out[i] = self.model.logits(x[span[0]:span[1]]).cpu()
+                out[id(seq)] = self.model.logits(x[span[0]:span[1]]).cpu()
             else:
-                last.append((i, span[1] - 1))
+                last.append((id(seq), span[1] - 1))
         if last:
             rows = self.model.logits(x[torch.tensor([r for _, r in last], device=x.device)]).cpu()
-            for (i, _), row in zip(last, rows):
-                out[i] = row
+            for (key, _), row in zip(last, rows):
+                out[key] = row
         return out
 
     # -- attention ------------------------------------------------------------------------
@@ -227,6 +271,7 @@ class Engine:
         """Send (row, expert) pairs to the groups holding the experts; a function combining
         their outputs [P, H] in pair order."""
         if not step.plan.layers[layer.index].experts:  # no rows left at this layer (segments only)
+            step.exchange.experts(layer.index, {})()  # nothing goes out (a micro-batch still takes its turns)
             return lambda: torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         group = self._group_of(experts.cpu())  # [P]
         host = self._host_of[group]  # a lost group's rows go to the group standing in for it
@@ -310,3 +355,5 @@ class Engine:
 
     def close(self) -> None:
         self.exchange.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -3,6 +3,7 @@
     begin(plan) -> the step's exchange  a step starts (the collective transport sends each
                                         participating actor its slice of the plan here); the
                                         calls below go to what begin returned
+    begin_micro(plans) -> [exchange]    a step of micro-batches (ping_pong.py), one exchange each
     attend(layer, {shard: [(item, q)]}) -> wait() -> {shard: [(out, lse)]}
                                         scatter queries to context shards, gather partials
     experts(layer, {group: (rows, ids)}) -> wait() -> {group: y}
@@ -60,6 +61,10 @@ class Exchange:
 
     def begin(self, plan: StepPlan) -> "Exchange":
         raise NotImplementedError
+
+    def begin_micro(self, plans: list[StepPlan]) -> list["Exchange"]:
+        """One step of micro-batches (ping_pong.py): an exchange each, in one step."""
+        return [self.begin(p) for p in plans]
 
     def attend(self, layer: int, requests: dict[int, list[tuple[int, torch.Tensor]]]
                ) -> Callable[[], dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]:

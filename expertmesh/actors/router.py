@@ -88,7 +88,7 @@ class Router(Registration, Directory, Placement):
             exchange = TaskExchange(shards, groups, own_name() or "")
         self.data_plane = spec.data_plane if remote else "in-process"
         self.engine = Engine(self.model, exchange, self.partition, {}, len(shards), self.catalog is not None,
-                             self._used_tokens)
+                             self._used_tokens, spec.micro_batches)
         self.scheduler = Scheduler(max_batch_tokens=spec.max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
@@ -204,7 +204,8 @@ class Router(Registration, Directory, Placement):
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
                 "data_plane": self.data_plane, **plane,
-                "wait_seconds": dict(self.engine.waits), "waiting": len(self.scheduler.waiting),
+                "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
+                "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
 
     # -- the step loop --------------------------------------------------------------------

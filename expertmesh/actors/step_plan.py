@@ -112,6 +112,17 @@ class StepPlan:
         return PeerPlan(generation, tuple(parts), heads, head_dim, hidden) if parts else None
 
 
+def interleave(peers: list[PeerPlan | None]) -> PeerPlan | None:
+    """One actor's slice of a step of micro-batches (ping_pong.py): their parts in the order the
+    router runs them, layer by layer: every micro-batch's attention, then every one's experts."""
+    got = [p for p in peers if p is not None]
+    if len(got) <= 1:
+        return got[0] if got else None
+    order = sorted(((part.layer, part.kind != "attend", m, k), part) for m, p in enumerate(peers) if p is not None
+                   for k, part in enumerate(p.parts))
+    return dataclasses.replace(got[0], parts=tuple(part for _, part in order))
+
+
 PACK_LIMIT = 1 << 16  # floats: below this, a group's rows travel padded to the most it can get, in one message
 
 

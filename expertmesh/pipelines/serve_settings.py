@@ -46,6 +46,9 @@ class ServeSettings(BaseModel):
                                   "GPUs, authenticated TCP/Unix sockets on CPUs) or over Ray calls")
     routers: int = Field(1, ge=1, description="router actors of the mesh: requests spread over them (least busy), "
                                               "one that dies fails over to another")
+    micro_batches: int = Field(1, ge=1, le=2, description="2: each router step runs its requests as two halves in "
+                               "ping-pong (one computes while the other's rows are at the shards and expert groups); "
+                               "the same logits either way")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")

@@ -30,6 +30,8 @@ def meshes(request, ray_cluster, tiny_checkpoint):
         "ray": em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16, data_plane="ray"),
         "collective": em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16),
         "colocated": em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16, colocate=True),
+        "micro": em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16, colocate=True,
+                               micro_batches=2),  # a step's requests as two halves in ping-pong
     }
     if arch in ("mixtral", "llama4"):  # the torch.distributed transport on CPU (NCCL shares its code)
         started["gloo"] = em.Mesh.start(ckpt, context_shards=3, expert_groups=GROUPS[arch], page_size=16,
@@ -53,14 +55,19 @@ def test_collective_and_colocated_equal_the_ray_task_path(meshes):
             batch = [mesh.router.generate.remote(ids(5, 20 + i), ctx.id, 6, 0.0, 1.0, None, 2 if i % 2 else None,
                                                  (), "default", None, 2 if i % 3 == 0 else None) for i in range(6)]
             tokens[name + "/batch"] = [r["token_ids"] for r in ray.get(batch)]
+            together = [mesh.router.forward_logits.remote(ids(3 + i, 40 + i), ctx.id) for i in range(4)]
+            logits[name + "/batch"] = [np.asarray(r) for r in ray.get(together)]
         finally:
             mesh.drop_context(ctx.id)
     for name in set(m) - {"ray"}:
         assert np.array_equal(logits[name], logits["ray"]), (arch, name, np.abs(logits[name] - logits["ray"]).max())
         assert tokens[name] == tokens["ray"] and tokens[name + "/batch"] == tokens["ray/batch"]
+        for got, want in zip(logits[name + "/batch"], logits["ray/batch"]):  # batched as the requests met:
+            assert np.abs(got - want).max() <= 1e-5, (arch, name, np.abs(got - want).max())  # last bits differ
         assert pathways[name]["shards_per_layer"] == pathways["ray"]["shards_per_layer"]
         assert pathways[name]["pages"] == pathways["ray"]["pages"]
         assert pathways[name]["expert_group_tokens"] == pathways["ray"]["expert_group_tokens"]
+    assert ray.get(m["micro"].router.stats.remote())["micro_batched_steps"] > 0  # the halves ran
 
 
 def test_no_ray_call_per_step_or_layer(meshes):
@@ -111,6 +118,29 @@ def test_killed_worker_restarts_and_the_mesh_serves_again(ray_cluster, tiny_chec
         assert time.monotonic() - t0 < 60
         assert ray.get(mesh.router.stats.remote())["process_groups_formed"] > formed
         assert mesh.generate(prompt, max_new_tokens=8).token_ids == want  # and keeps serving
+    finally:
+        mesh.shutdown()
+
+
+def test_worker_killed_under_micro_batched_steps(ray_cluster, tiny_checkpoint):
+    """Two halves in ping-pong when a worker dies mid-step: the failing half stops the other, the
+    step's actors are released, the group forms again and every request completes unchanged."""
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                         colocate=True, micro_batches=2)
+    try:
+        prompts = [ids(5, 60 + i) for i in range(6)]
+        want = [r["token_ids"] for r in ray.get([mesh.router.generate.remote(p, None, 40) for p in prompts])]
+        before = ray.get(mesh.router.stats.remote())
+        assert before["micro_batched_steps"] > 0
+        refs = [mesh.router.generate.remote(p, None, 40) for p in prompts]
+        time.sleep(0.3)
+        assert len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs)  # mid-stream
+        ray.kill(mesh.groups[1], no_restart=False)
+        got = [r["token_ids"] for r in ray.get(refs, timeout=120)]
+        assert got == want
+        after = ray.get(mesh.router.stats.remote())
+        assert after["process_groups_formed"] > before["process_groups_formed"]
+        assert [r["token_ids"] for r in ray.get([mesh.router.generate.remote(p, None, 40) for p in prompts])] == want
     finally:
         mesh.shutdown()
 
