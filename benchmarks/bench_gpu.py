@@ -183,13 +183,14 @@ def nvidia_smi_per_process() -> dict | str:
 
 def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], batches: list[int], steps: int,
              repeats: int, device: str, dtype: str, colocate: bool, shards: int, groups: int,
-             routers: int = 1) -> dict:
+             routers: int = 1, micro_batches: int = 1) -> dict:
     import ray
 
     import expertmesh as em
 
     kwargs = dict(context_shards=shards, expert_groups=groups, device=device, dtype=dtype,
                   data_plane="collective", colocate=colocate, kv_dtype=_kv_dtype(dtype), routers=routers,
+                  micro_batches=micro_batches,
                   shard_memory_bytes=int(kv_bytes(ckpt, -(-len(context) // shards) + 8192, _kv_dtype(dtype)) * 1.1),
                   shard_capacity_tokens=-(-len(context) // shards) + 8192)
     mesh = em.Mesh.start(str(ckpt), **kwargs)
@@ -273,6 +274,8 @@ def main() -> None:
     ap.add_argument("--hf-contexts", default=None, help="HF generate context lengths (default 8192,32768; smoke 256)")
     ap.add_argument("--colocate", action="store_true", help="mesh: one shard + one expert group per actor")
     ap.add_argument("--routers", type=int, default=1, help="mesh: router actors (requests spread over them)")
+    ap.add_argument("--micro-batches", type=int, choices=(1, 2), default=1,
+                    help="mesh: 2 runs each router step as two halves in ping-pong")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: mesh, single, hf")
     ap.add_argument("--checkpoint", default=None, help="reuse a checkpoint directory built by an earlier run")
     ap.add_argument("--out", default=None, help="default results/gpu.json (smoke: a temporary file)")
@@ -313,7 +316,7 @@ def main() -> None:
               "smoke": smoke, "model": "OLMoE-1B-7B shape, random weights" if not smoke else "tiny OLMoE",
               "model_config": values, "device": device, "dtype": dtype, "context_tokens": context_n,
               "batches": batches, "decode_steps": steps, "repeats": repeats, "colocate": args.colocate,
-              "routers": args.routers,
+              "routers": args.routers, "micro_batches": args.micro_batches,
               "statistic": "fastest of the repeats; decode tokens/s = batch / median seconds between tokens",
               "target": "mesh/single decode throughput >= 0.7 at the largest batch"}
 
@@ -334,7 +337,7 @@ def main() -> None:
     report["single_process"] = part("single", lambda: single_process(ckpt, context, prompts, batches, steps,
                                                                      repeats, device, dtype))
     report["mesh"] = part("mesh", lambda: mesh_run(ckpt, context, prompts, batches, steps, repeats, device, dtype,
-                                                   args.colocate, 4, 4, args.routers))
+                                                   args.colocate, 4, 4, args.routers, args.micro_batches))
     report["hf_generate"] = part("hf", lambda: hf_run(ckpt, hf_lengths, batches, steps, repeats, tdev, tdtype,
                                                       vocab))
     single, mesh = report["single_process"], report["mesh"]

@@ -109,3 +109,22 @@ def shared_store() -> str:
               f"change lands, then the next); a dropped context's files outlive the drop by {r['grace_s']:g} s while "
               f"another mesh is live, so none answers over deleted files meanwhile."]
     return "\n".join(lines)
+
+
+def micro_batches() -> str:
+    r = _load("micro_batches.json")
+    lines = ["| layout | batch | micro_batches | decode tokens/s | mean step | waiting for shards / groups per step "
+             "| on/off | same tokens |", "|---|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        for b, m in run["batches"].items():
+            w = m["wait_per_step_s"]
+            ratio = r["ratios"][f"{run['layout']} batch {b}: tokens/s on/off"] if run["micro_batches"] == 2 else None
+            same = r["same_tokens_on_and_off"][f"{run['layout']} batch {b}"] if run["micro_batches"] == 2 else ""
+            lines.append(f"| {run['layout']} ({run['shards']}+{run['groups']}) | {b} | {run['micro_batches']} "
+                         f"| {m['tokens_per_s']:.0f} | {m['mean_step_s'] * 1000:.1f} ms "
+                         f"| {w['shards'] * 1000:.1f} / {w['expert_groups'] * 1000:.1f} ms "
+                         f"| {'' if ratio is None else f'{ratio:.2f}x'} | {same} |")
+    lines += ["", f"{r['context_tokens']:,}-token shared context, {r['new_tokens']} new tokens per request, "
+              f"{r['statistic']} of {r['repeats']}; {r['machine']}, 1-minute load average {r['loadavg'][0]:.1f} "
+              f"after the run."]
+    return "\n".join(lines)

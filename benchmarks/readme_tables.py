@@ -16,7 +16,7 @@ import random
 import re
 import sys
 
-from fault_tables import elastic, multi_host, routers, shared_store
+from fault_tables import elastic, micro_batches, multi_host, routers, shared_store
 from table_format import RESULTS, ROOT, _load, _ms, _s, _x
 from training_tables import cpu_curve
 
@@ -384,7 +384,7 @@ def user_path() -> str:
 
 TABLES = {"core": core, "user_path": user_path, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
           "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic,
-          "routers": routers, "shared_store": shared_store, "cpu_curve": cpu_curve}
+          "routers": routers, "micro_batches": micro_batches, "shared_store": shared_store, "cpu_curve": cpu_curve}
 
 
 def render(text: str) -> str:

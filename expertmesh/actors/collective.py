@@ -167,8 +167,16 @@ class CollectiveExchange(Exchange):
         with self._lock:
             first = 1 + max(s for _, s, _ in self.peers if s is not None)
             self.peers += [(h, first + k, None) for k, h in enumerate(handles)]
-            self.limits = dataclasses.replace(self.limits, shards=first + len(handles))
+            self.limits = dataclasses.replace(self.limits, shards=max(self.limits.shards, first + len(handles)))
             self._drop_group()
+
+    def allow_segments(self, n: int) -> None:
+        """Plans may name n shards' segments (contexts stored by a mesh with more shards, served by
+        this mesh's): the actors' bound on a step's attention rows grows, from the next group."""
+        with self._lock:
+            if n > self.limits.shards:
+                self.limits = dataclasses.replace(self.limits, shards=n)
+                self._drop_group()
 
     def shard_handle(self, shard: int) -> Any:
         return next(h for h, s, _ in self.peers if s == shard)

@@ -126,7 +126,8 @@ class Directory:
         except RuntimeError:
             return
         loop.create_task(asyncio.gather(*(call(self.shards[s.shard], "drop", record.info.id)
-                                          for s in record.segments), return_exceptions=True))
+                                          for s in record.segments if s.shard < len(self.shards)),
+                                        return_exceptions=True))
 
     def clean_store(self) -> dict:
         """Remove dead members' leftovers and collect dropped contexts' files (Mesh.clean_store)."""

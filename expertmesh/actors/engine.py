@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 SMALL_STEP = 256  # tokens: below, the router's own compute runs on one thread
+FOREIGN = "not in this mesh (a context stored by a mesh with more context shards)"  # such a shard's "state"
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class Engine:
         self.group_serving: dict[int, int] = {}  # lost expert group -> the group holding its experts too
         self._host_of = torch.arange(len(partition))  # expert group -> the group its rows go to
         self.adopted: set[tuple[int, str]] = set()  # (stand-in shard, alias) opened there
+        self.foreign: set[int] = set()  # shard indices past this mesh's, named by contexts stored by a bigger mesh
         self.threads = torch.get_num_threads()
         self.partition = partition
         self.micro_batches, self.micro_steps = micro_batches, 0  # steps run as two halves
@@ -94,7 +96,10 @@ class Engine:
         # small steps (decode) on one thread: spare cores serve the shards and groups waiting
         # in this step, where an idle thread pool would spin against them
         torch.set_num_threads(1 if sum(len(i[0]) for i in inputs) < SMALL_STEP else self.threads)
+        if self.foreign:  # before the group forms: its actors check plans against the bound
+            self.exchange.allow_segments(max(self.foreign) + 1)
         absent, absent_groups = self.exchange.absent()
+        absent.update({k: FOREIGN for k in self.foreign if k >= self.num_shards})
         self._stand_in(absent)
         self._stand_in_experts(absent_groups)
         running = tuple(g for g in range(len(self.partition)) if g not in absent_groups)
@@ -323,7 +328,9 @@ class Engine:
         shards no longer standing in are dropped there (the owner is back, or another took over)."""
         serving = {}  # the load is counted only while a shard is lost (not on every step)
         if self.durable and absent:
-            serving = serving_map(self.num_shards, absent, self.load() if self.load else None)
+            n = max(self.num_shards, max(absent) + 1)  # with the shards only a bigger mesh has
+            load = list(self.load()) if self.load else [0] * self.num_shards
+            serving = serving_map(n, absent, load + [0] * (n - len(load)))
         if serving != self.serving:
             for host, name in list(self.adopted):
                 _, owner = alias_of(name)

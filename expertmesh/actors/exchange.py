@@ -105,6 +105,9 @@ class Exchange:
         """Context shards added to the mesh (indices from the current count on)."""
         raise NotImplementedError
 
+    def allow_segments(self, n: int) -> None:
+        """Plans may name the segments of n shards (more than the mesh has: collective.py)."""
+
     def close(self) -> None:
         pass
 

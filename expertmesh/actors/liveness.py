@@ -24,15 +24,20 @@ RECHECK_S = 1.0  # while an actor is left out, how often the router asks whether
 RETRY_S = 30.0  # one left out while Ray called it alive is tried again after this long
 
 
+def actor_row(handle: Any) -> dict:
+    """Ray's record of an actor in the GCS actor table (State, NumRestarts, Name, IsDetached, ...)."""
+    from ray._private.state import state
+
+    return state.actor_table(handle._actor_id.hex())
+
+
 def actor_info(handle: Any) -> tuple[str, int]:
     """Ray's state of an actor (ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD,
     or UNKNOWN) and how many times Ray has restarted it."""
     if not isinstance(handle, ray.actor.ActorHandle):
         return ALIVE, 0
     try:
-        from ray._private.state import state
-
-        row = state.actor_table(handle._actor_id.hex())
+        row = actor_row(handle)
         return row.get("State") or UNKNOWN, int(row.get("NumRestarts") or 0)
     except Exception:  # noqa: BLE001 - a control store that does not answer: say nothing new
         return UNKNOWN, 0

@@ -27,7 +27,7 @@ from expertmesh.actors.takeover import alias
 from expertmesh.store.registry import ContextRecord, Segment
 
 MOVE_TIMEOUT_S = 60.0  # a target shard opening one segment file (its summaries from the store)
-LET_GO_POLL_S = 0.05  # how often a move's clean-up looks whether earlier requests are done
+LET_GO_POLL_S = 0.05  # a move's clean-up waiting for a request admitted but not started yet looks again after this
 
 
 def plan_moves(layout: dict[str, list[tuple[int, int]]], running: list[bool], base: list[int] | None = None,
@@ -105,7 +105,9 @@ class Placement:
         async with self._placing:
             t0 = time.perf_counter()
             running = [h is not None for h in self._running()]
-            base, layout, kept, lost = [0] * len(self.shards), {}, 0, []
+            n = max([len(running)] + [s.shard + 1 for r in self.contexts.values() for s in r.segments])
+            running += [False] * (n - len(running))  # shards only a bigger mesh on the store has: moved off
+            base, layout, kept, lost = [0] * n, {}, 0, []
             for cid, record in list(self.contexts.items()):
                 if not record.ready or record.dropped:
                     continue
@@ -128,7 +130,7 @@ class Placement:
                                   record.segments[i].start, "from": src, "to": dst,
                                   "seconds": time.perf_counter() - t1})
             return {"moved": moved, "tokens_before": before, "tokens_after": self._used_tokens(),
-                    "running": running, "seconds": time.perf_counter() - t0,
+                    "running": running[:len(self.shards)], "seconds": time.perf_counter() - t0,
                     "not_moved": {"contexts": kept, "lost": sorted(set(lost)),
                                   "why": "not in a store: a segment lives in its shard's memory"} if kept else {}}
 
@@ -155,12 +157,20 @@ class Placement:
         """Once no request begun before a move reads the segment on its old shard, that shard
         (and any shard standing in for it) lets it go."""
         cid = record.info.id
-        while any(s.context_id == cid and any(g.shard == shard for g in s.segments) for s in self._by_id.values()):
-            await asyncio.sleep(LET_GO_POLL_S)
+        while True:  # woken as those requests end (one not started yet: looked at again shortly)
+            before = [s for s in self._by_id.values()
+                      if s.context_id == cid and any(g.shard == shard for g in s.segments)]
+            if not before:
+                break
+            running = [s.done for s in before if s.done is not None and not s.done.done()]
+            if len(running) < len(before):  # ended (leaving the table next) or not started yet
+                await asyncio.sleep(0 if all(s.done is not None for s in before) else LET_GO_POLL_S)
+            else:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         try:
             if all(s.shard != shard for s in record.segments):
                 record.summaries.pop(shard, None)
-                if self._running()[shard] is not None:
+                if shard < len(self.shards) and self._running()[shard] is not None:
                     await call(self.shards[shard], "drop", cid, timeout_s=10.0)
             name = alias(cid, shard)
             for host, adopted in [x for x in self.engine.adopted if x[1] == name]:

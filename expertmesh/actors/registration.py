@@ -159,7 +159,8 @@ class Registration:
         cid = record.info.id
         which = list(range(len(record.segments))) if which is None else which
         # a shard that is not running: whoever stands in opens its file at the first item (takeover.py)
-        up = [i for i in which if not down(self.shards[record.segments[i].shard])]
+        up = [i for i in which if record.segments[i].shard < len(self.shards)
+              and not down(self.shards[record.segments[i].shard])]
         summ = await asyncio.gather(*(call(self.shards[record.segments[i].shard], "open", cid, record.files[i],
                                            record.segments[i].start, record.segments[i].end) for i in up))
         self._keep_summaries(record, up, summ)
@@ -224,12 +225,11 @@ class Registration:
             self.contexts[cid] = record
 
     def _adopt(self, m: Manifest) -> None:
-        """A stored context, listed at once; its shards open its files at first use."""
-        if any(e.shard >= len(self.shards) for e in m.segments):
-            self.catalog.unavailable[m.id] = (f"context {m.id} was stored by a mesh with more context shards "
-                                              f"(segment on shard {max(e.shard for e in m.segments)}; this mesh "
-                                              f"has {len(self.shards)})")
-            return
+        """A stored context, listed at once; its shards open its files at first use. A segment on a
+        shard this mesh does not have (stored by a mesh with more shards) is served like a lost
+        shard's, by the least loaded shard from the store (takeover.py), until `rebalance`
+        moves it onto one of this mesh's shards."""
+        self.engine.foreign.update(e.shard for e in m.segments if e.shard >= len(self.shards))
         info = ContextInfo(m.id, m.num_tokens, tuple(e.shard for e in m.segments), m.mode, m.owner, m.visibility,
                            m.name, m.created, m.kv_dtype, True)
         record = ContextRecord(info, [Segment(e.shard, e.start, e.end) for e in m.segments])

@@ -396,7 +396,8 @@ class Router(Registration, Directory, Placement):
         used = [0] * len(self.shards)
         for record in list(self.contexts.values()):
             for s in record.segments:
-                used[s.shard] += s.end - s.start
+                if s.shard < len(used):  # (not a shard only a bigger mesh on the store has)
+                    used[s.shard] += s.end - s.start
         return used
 
     def _free_tokens(self) -> list[int]:
@@ -407,7 +408,7 @@ class Router(Registration, Directory, Placement):
         where = [(s.shard, record.info.id) for s in record.segments] + self.engine.forget(record.info.id)
         running = self._running()  # one Ray does not report alive holds nothing (it comes back empty)
         await asyncio.gather(*(call(running[shard], "drop", name, timeout_s=10.0) for shard, name in where
-                               if running[shard] is not None), return_exceptions=True)
+                               if shard < len(running) and running[shard] is not None), return_exceptions=True)
         if self.catalog is not None:
             self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ray
 
 from expertmesh.actors.context_shard import RemoteContextShard
+from expertmesh.actors.liveness import actor_row
 from expertmesh.actors.names import mesh_of
 from expertmesh.errors import PlacementError, Unavailable
 from expertmesh.platform.cluster import CONTEXT_SHARD, NAMESPACE, actor_name, actor_options
@@ -20,7 +21,7 @@ def start_shards(router, shards: list, n: int, timeout_s: float) -> list[tuple[s
     cls = RemoteContextShard
     if backend == "jax":
         from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as cls
-    row = _actor_row(router)
+    row = actor_row(router)
     base, first, gpu_share = mesh_of(row["Name"]), len(shards), args[-1]
     life = ({"lifetime": "detached"} if row.get("IsDetached") else {}) | ({"num_gpus": gpu_share} if gpu_share else {})
     names = [actor_name(base, CONTEXT_SHARD, i) for i in range(first, first + n)]
@@ -55,11 +56,5 @@ def _spec(shards: list) -> tuple[str, tuple]:
 
 def is_detached(router) -> bool:
     """Was the mesh started detached (its actors outlive the driver that started them)?"""
-    return bool(_actor_row(router).get("IsDetached"))
+    return bool(actor_row(router).get("IsDetached"))
 
-
-def _actor_row(handle) -> dict:
-    """Ray's record of an actor: its name, whether it is detached."""
-    from ray._private.state import state
-
-    return state.actor_table(handle._actor_id.hex())

@@ -124,3 +124,39 @@ def test_a_mesh_killed_mid_registration_leaves_the_others_contexts(ray_cluster, 
             again.shutdown()
     finally:
         keep.shutdown()
+
+
+def test_a_smaller_mesh_serves_and_takes_over_a_bigger_ones_contexts(ray_cluster, tiny_checkpoint, tmp_path):
+    """A RayService upgrade that shrinks the pool: contexts stored by a mesh with 4 shards are
+    answered, exactly, by a mesh with 2 (its shards serve the missing shards' segments from the
+    store, as for a lost shard), and its `rebalance` moves them onto its own shards."""
+    ckpt, store = tiny_checkpoint(ARCH), str(tmp_path / "store")
+    prompt = ids(6, 40)
+    big = em.Mesh.start(ckpt, context_shards=4, expert_groups=2, page_size=16, store=store)
+    small = None
+    try:
+        singles = [big.register_context(ids(400, 41 + i), mode="exact", shards=1) for i in range(4)]
+        spread = big.register_context(ids(900, 45), mode="exact")  # over all 4 shards
+        assert len(spread.shards) == 4
+        beyond = [c for c in singles if c.shards[0] >= 2]  # on shards the smaller mesh does not have
+        assert beyond, [c.shards for c in singles]
+        want = {c.id: big.forward_logits(prompt, context_id=c.id) for c in (*singles, spread)}
+        small = start(ckpt, store)  # 2 context shards
+        assert set(want) <= {c.id for c in small.contexts()}
+        for cid, logits in want.items():
+            assert np.array_equal(small.forward_logits(prompt, context_id=cid), logits), cid
+        report = small.rebalance()
+        moved = {m["context"]: (m["from"], m["to"]) for m in report["moved"]}
+        for c in beyond:  # onto its own shards
+            assert moved[c.id][0] == c.shards[0] and moved[c.id][1] in (0, 1), report
+            assert next(x for x in small.contexts() if x.id == c.id).shards[0] in (0, 1)
+        for cid, logits in want.items():  # the same answers after the move (both meshes)
+            assert np.array_equal(small.forward_logits(prompt, context_id=cid), logits), cid
+            assert np.array_equal(big.forward_logits(prompt, context_id=cid), logits), cid
+        high = beyond[0]
+        small.drop_context(high.id)
+        eventually(lambda: assert_refused(big, prompt, high.id), within_s=SYNC_S + 3)
+    finally:
+        big.shutdown()
+        if small is not None:
+            small.shutdown()
