@@ -15,7 +15,9 @@ registered through another router) adopts it from there at its first lookup or l
 
 A mesh may have several routers. A context registered through one is listed by the others, and
 a drop through one refused by the others, before the call returns (`learn_context`,
-`forget_context`: told to each running sibling router; they find each other by name).
+`forget_context`: told to each running sibling router; they find each other by name); a
+segment moved by `rebalance` through one is read from its new shard by the others from then on
+(`learn_move`, placement.py).
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ class Directory:
             self._sibling_handles = found
         return found
 
-    async def _tell_elsewhere(self, method: str, context_id: str) -> None:
-        """Tell this mesh's other running routers of a context registered (`learn_context`) or
-        dropped (`forget_context`) here. Bounded: one that does not answer within TELL_TIMEOUT_S
-        is restarting, and finds it in the store or the shards when it is back."""
+    async def _tell_elsewhere(self, method: str, context_id: str, *args) -> None:
+        """Tell this mesh's other running routers of a context registered (`learn_context`),
+        dropped (`forget_context`) or a segment of it moved (`learn_move`) here. Bounded: one that
+        does not answer within TELL_TIMEOUT_S is restarting, and finds it in the store or the
+        shards when it is back."""
         routers = [r for r in self._siblings() if not down(r)]
-        await asyncio.gather(*(call(r, method, context_id, timeout_s=TELL_TIMEOUT_S) for r in routers),
+        await asyncio.gather(*(call(r, method, context_id, *args, timeout_s=TELL_TIMEOUT_S) for r in routers),
                              return_exceptions=True)
 
     def learn_context(self, context_id: str) -> bool:

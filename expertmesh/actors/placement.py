@@ -145,13 +145,33 @@ class Placement:
         record.segments = [*record.segments[:i], Segment(dst, seg.start, seg.end), *record.segments[i + 1:]]
         record.info = dataclasses.replace(record.info, shards=tuple(s.shard for s in record.segments))
         self._keep_summaries(record, [i], [summaries])  # requests begun before keep the old shard's
-        self._retiring.setdefault(cid, set()).add(seg.shard)
-        task = asyncio.get_running_loop().create_task(self._let_go(record, seg.shard))
-        self._letting_go.add(task)
-        task.add_done_callback(self._letting_go.discard)
+        self._retire(record, seg.shard)
         if self.catalog is not None:
             await asyncio.to_thread(self.catalog.relocate, cid, list(record.info.shards))
+        await self._tell_elsewhere("learn_move", cid, i, seg.shard, dst)  # the mesh's other routers
         return True
+
+    async def learn_move(self, context_id: str, i: int, src: int, dst: int) -> bool:
+        """Another router of this mesh moved segment i of a context from shard src to dst (it is
+        open there, for every router): new requests read it there; this router's requests begun
+        before keep the old shard until they end, then that shard lets it go here too."""
+        record = self.contexts.get(context_id)
+        if record is None or record.dropped or not 0 <= i < len(record.segments) or \
+                record.segments[i].shard != src or not 0 <= dst < len(self.shards):
+            return False
+        seg = record.segments[i]
+        record.segments = [*record.segments[:i], Segment(dst, seg.start, seg.end), *record.segments[i + 1:]]
+        record.info = dataclasses.replace(record.info, shards=tuple(s.shard for s in record.segments))
+        if src in record.summaries:  # the same pages: the same summaries
+            record.summaries[dst] = record.summaries[src]
+        self._retire(record, src)
+        return True
+
+    def _retire(self, record: ContextRecord, shard: int) -> None:
+        self._retiring.setdefault(record.info.id, set()).add(shard)
+        task = asyncio.get_running_loop().create_task(self._let_go(record, shard))
+        self._letting_go.add(task)
+        task.add_done_callback(self._letting_go.discard)
 
     async def _let_go(self, record: ContextRecord, shard: int) -> None:
         """Once no request begun before a move reads the segment on its old shard, that shard

@@ -95,6 +95,39 @@ def test_add_shards_then_rebalance_moves_segments_while_requests_run(ray_cluster
         mesh.shutdown()
 
 
+def test_every_router_reads_a_moved_segment_from_its_new_shard(ray_cluster, tiny_checkpoint, tmp_path):
+    """A rebalance through one router: the mesh's other routers learn the new layout at once,
+    answer bit-equal from the new shards, and the old shards let the segments go for good (no
+    router reopens them there)."""
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16, routers=2,
+                         store=str(tmp_path / "store"))
+    try:
+        ctxs = [mesh.register_context(list(range(4 + k, 260 + k)), mode="exact", router=0) for k in range(3)]
+        want = {c.id: mesh.forward_logits(PROMPT, context_id=c.id, router=1) for c in ctxs}  # router 1 opened them
+        mesh.add_shards(2)
+        res = mesh._set.call("rebalance", pin=0)
+        assert res["moved"]
+        layouts = [{c.id: c.shards for c in mesh._set.call("list_contexts", pin=r)} for r in (0, 1)]
+        assert layouts[0] == layouts[1]  # told before rebalance returned
+        for c in ctxs:
+            for r in (1, 0):
+                np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=c.id, router=r), want[c.id])
+        deadline = time.monotonic() + 20  # the old shards let moved segments go, for both routers
+        while time.monotonic() < deadline:
+            h = held(mesh)
+            if all(cid not in h[s] for cid, shards in layouts[0].items() for s in range(4) if s not in shards):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"shards hold {held(mesh)}; layout {layouts[0]}")
+        for c in ctxs:  # and router 1 does not open them there again
+            np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=c.id, router=1), want[c.id])
+        h = held(mesh)
+        assert all(cid not in h[s] for cid, shards in layouts[0].items() for s in range(4) if s not in shards), h
+    finally:
+        mesh.shutdown()
+
+
 def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint, tmp_path):
     mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=3, expert_groups=2, page_size=16,
                          store=str(tmp_path / "store"))
