@@ -70,10 +70,10 @@ def run_one(layout: str, micro: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context-tokens", type=int, default=16384)
-    ap.add_argument("--batches", default="16,32")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", default="16,32", help="concurrent requests, comma-separated")
+    ap.add_argument("--context-tokens", type=int, default=16384, help="the shared context's length")
+    ap.add_argument("--repeats", type=int, default=2, help="each measure this often (the fastest is kept)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/micro_batches.json")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
