@@ -122,6 +122,24 @@ def test_killed_worker_restarts_and_the_mesh_serves_again(ray_cluster, tiny_chec
         mesh.shutdown()
 
 
+def test_micro_batched_steps_with_messages_larger_than_socket_buffers(ray_cluster, tiny_checkpoint):
+    """Halves of thousands of rows, separate shards and expert groups: each connection carries
+    one request at a time (two outstanding would each wait on the other's full buffer: a
+    deadlock until the step timeout), and the logits equal one request at a time."""
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
+                         micro_batches=2)
+    try:
+        prompts = [ids(600, 80 + i) for i in range(8)]  # a half: ~2,400 rows, >1 MB of expert rows a layer
+        want = [mesh.forward_logits(p) for p in prompts]
+        before = ray.get(mesh.router.stats.remote())["micro_batched_steps"]
+        got = ray.get([mesh.router.forward_logits.remote(p) for p in prompts], timeout=60)
+        assert ray.get(mesh.router.stats.remote())["micro_batched_steps"] > before
+        for g, w in zip(got, want):
+            assert np.abs(np.asarray(g) - w).max() <= 1e-5
+    finally:
+        mesh.shutdown()
+
+
 def test_worker_killed_under_micro_batched_steps(ray_cluster, tiny_checkpoint):
     """Two halves in ping-pong when a worker dies mid-step: the failing half stops the other, the
     step's actors are released, the group forms again and every request completes unchanged."""

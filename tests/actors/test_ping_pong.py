@@ -19,28 +19,36 @@ def pool():
         yield p
 
 
+def _exchange(turns, i, log, what, wait_s=0.0):
+    """One exchange of half i as TakingTurns runs it: its turn from the send to the replies."""
+    turns.take(i)
+    log.append((i, *what, "send"))
+
+    def replies():
+        log.append((i, *what, "replies"))
+        time.sleep(wait_s)  # the answers travel: the other half may compute
+    turns.finish(i, replies)
+
+
 def _half(turns, i, log, layers=3, fail_at=None, wait_s=0.0):
     def run():
         for layer in range(layers):
-            for op in ("send-attn", "wait-attn", "send-experts", "wait-experts"):
-                if fail_at == (layer, op):
-                    raise RuntimeError(f"half {i} failed at {layer} {op}")
-
-                def act(op=op, layer=layer):
-                    log.append((i, layer, op))
-                    if op.startswith("wait"):
-                        time.sleep(wait_s)  # the answers travel: the other half may compute
-                turns.turn(i, act)
+            for kind in ("attention", "experts"):
+                if fail_at == (layer, kind):
+                    raise RuntimeError(f"half {i} failed at {layer} {kind}")
+                _exchange(turns, i, log, (layer, kind), wait_s)
         return f"x{i}"
     return run
 
 
 def test_halves_take_turns_in_a_fixed_order(pool):
+    """Per layer: A's attention (sent, answers read), B's, A's experts, B's: every connection
+    carries one request at a time, in the order of each actor's interleaved plan."""
     log = []
     turns = PingPong(2)
     assert turns.run(pool, [_half(turns, 0, log), _half(turns, 1, log)]) == ["x0", "x1"]
-    expected = [(h, layer, op) for layer in range(3) for op in ("send-attn", "wait-attn", "send-experts", "wait-experts")
-                for h in (0, 1)]
+    expected = [(h, layer, kind, op) for layer in range(3) for kind in ("attention", "experts") for h in (0, 1)
+                for op in ("send", "replies")]
     assert log == expected
 
 
@@ -53,32 +61,32 @@ def test_one_half_waits_while_the_other_computes(pool):
         def run():
             for layer in range(4):
                 time.sleep(0.02)  # dense layers (the half holds the compute lock)
-                turns.turn(i, lambda: None)  # send
-                turns.turn(i, lambda: time.sleep(0.02))  # wait for the answers
+                _exchange(turns, i, [], (layer, "attention"), wait_s=0.02)
             return i
         return run
     t0 = time.perf_counter()
     assert turns.run(pool, [half(0), half(1)]) == [0, 1]
     wall = time.perf_counter() - t0
+    print(f"ping-pong wall {wall:.3f} s")
     assert wall < 0.29, wall  # one after the other: 2 halves x 4 layers x (20 ms compute + 20 ms wait) = 0.32 s
 
 
 def test_a_failing_half_stops_the_other_and_its_error_is_raised(pool):
     log = []
     turns = PingPong(2)
-    with pytest.raises(RuntimeError, match="half 1 failed at 1 send-experts"):
-        turns.run(pool, [_half(turns, 0, log), _half(turns, 1, log, fail_at=(1, "send-experts"))])
-    assert (0, 2, "send-attn") not in log  # half 0 went no further than its next turn
+    with pytest.raises(RuntimeError, match="half 1 failed at 1 experts"):
+        turns.run(pool, [_half(turns, 0, log), _half(turns, 1, log, fail_at=(1, "experts"))])
+    assert (0, 2, "attention", "send") not in log  # half 0 went no further than its next turn
     turns = PingPong(2)
-    with pytest.raises(RuntimeError, match="half 0 failed at 0 wait-attn"):
-        turns.run(pool, [_half(turns, 0, log, fail_at=(0, "wait-attn")), _half(turns, 1, log)])
+    with pytest.raises(RuntimeError, match="half 0 failed at 0 attention"):
+        turns.run(pool, [_half(turns, 0, log, fail_at=(0, "attention")), _half(turns, 1, log)])
 
 
 def test_a_half_that_ends_first_lets_the_other_go_on(pool):
     log = []
     turns = PingPong(2)
     assert turns.run(pool, [_half(turns, 0, log, layers=1), _half(turns, 1, log, layers=3)]) == ["x0", "x1"]
-    assert [e for e in log if e[0] == 1][-1] == (1, 2, "wait-experts")
+    assert log[-1] == (1, 2, "experts", "replies")
 
 
 def _peer(layers, tag):
