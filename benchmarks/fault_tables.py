@@ -126,5 +126,6 @@ def micro_batches() -> str:
                          f"| {'' if ratio is None else f'{ratio:.2f}x'} | {same} |")
     lines += ["", f"{r['context_tokens']:,}-token shared context, {r['new_tokens']} new tokens per request, "
               f"{r['statistic']} of {r['repeats']}; {r['machine']}, 1-minute load average {r['loadavg'][0]:.1f} "
-              f"after the run."]
+              f"after the run. With 2 micro-batches the waits are both halves' and include a half waiting for "
+              f"its turn while the other's exchange is out."]
     return "\n".join(lines)
