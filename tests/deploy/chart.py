@@ -35,7 +35,7 @@ SMALL = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memo
 CASES: dict[str, dict] = {
     "defaults": {},
     "ray-node-failure-detection": {"head": {"nodeFailureDetection": None}},
-    "routers": {"serve": {"routers": 2}},
+    "routers": {"serve": {"routers": 2, "microBatches": 2}},
     "gpu": {
         "serve": {"checkpoint": "s3://models/mixtral-8x7b", "contextShards": 8, "expertGroups": 4,
                   "modelName": "mixtral", "maxPromptTokens": 1000000, "shardCapacityTokens": 262144,

@@ -31,6 +31,7 @@ def test_defaults_render_auto_and_the_collective_plane(chart):  # noqa: F811
 def test_routers_reach_the_serving_app(chart):  # noqa: F811
     args = _args(render(chart, "routers")[1])
     assert args["routers"] == 2 and ServeSettings(**args).placement_kwargs()["routers"] == 2
+    assert args["micro_batches"] == 2 and ServeSettings(**args).mesh_spec().micro_batches == 2
 
 
 def test_gpu_values_reach_the_serving_app(chart):  # noqa: F811
@@ -59,13 +60,14 @@ def test_cli_placement_flags_parse_and_go_to_the_mesh():
     p = argparse.ArgumentParser()
     cli._mesh_args(p)
     kw = cli._store_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
-                                         "--data-plane", "ray", "--routers", "3"]))
+                                         "--data-plane", "ray", "--routers", "3", "--micro-batches", "2"]))
     assert {k: kw[k] for k in cli.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
-                                                 "data_plane": "ray", "routers": 3}
+                                                 "data_plane": "ray", "routers": 3, "micro_batches": 2}
     assert {k: cli._store_kwargs(p.parse_args([]))[k] for k in cli.PLACEMENT} == {  # None: picked (layout.py)
-        "device": "auto", "dtype": "auto", "colocate": None, "data_plane": "collective", "routers": 1}
+        "device": "auto", "dtype": "auto", "colocate": None, "data_plane": "collective", "routers": 1,
+        "micro_batches": 1}
     assert cli._store_kwargs(p.parse_args(["--no-colocate"]))["colocate"] is False
     assert p.parse_args([]).context_shards is None and p.parse_args([]).expert_groups is None
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])
-    ServeSettings(**kw)  # the serving app takes the same keywords
+    assert ServeSettings(**kw).mesh_spec().micro_batches == 2  # the serving app takes the same keywords
