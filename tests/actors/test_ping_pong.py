@@ -3,6 +3,7 @@ every exchange operation in a fixed order, compute one at a time, overlap one's 
 other's compute, and a failing half stops the other; each actor's slice interleaves the
 halves' parts in that same order (step_plan.interleave)."""
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,22 +54,43 @@ def test_halves_take_turns_in_a_fixed_order(pool):
 
 
 def test_one_half_waits_while_the_other_computes(pool):
-    """One half's compute overlaps the other's wait for answers: the step takes about the
-    computes' sum plus one wait, not every compute and wait added up."""
+    """One half's compute overlaps the other's wait for answers: every wait of a half sees the
+    other half start a compute, but the step's last and, when half 1 happened to compute its
+    first layer before half 0 sent, half 0's first. Each wait blocks until that happens (up to
+    2 s), so a schedule that kept the compute lock through a wait fails here instead of merely
+    running slower (no wall-clock bound: the test holds on a loaded machine)."""
     turns = PingPong(2)
+    layers = 4
+    cond = threading.Condition()
+    computes = [0, 0]
+    overlapped = {0: [], 1: []}
 
     def half(i):
+        other = 1 - i
+
         def run():
-            for layer in range(4):
-                time.sleep(0.02)  # dense layers (the half holds the compute lock)
-                _exchange(turns, i, [], (layer, "attention"), wait_s=0.02)
+            for layer in range(layers):
+                with cond:  # dense layers (the half holds the compute lock)
+                    computes[i] += 1
+                    cond.notify_all()
+                time.sleep(0.002)
+                turns.take(i)
+                seen = computes[other]  # the other half cannot compute before this one lets go
+
+                def replies():
+                    with cond:
+                        if computes[other] < layers:
+                            overlapped[i].append(cond.wait_for(lambda: computes[other] > seen, timeout=2))
+                turns.finish(i, replies)
             return i
         return run
     t0 = time.perf_counter()
     assert turns.run(pool, [half(0), half(1)]) == [0, 1]
-    wall = time.perf_counter() - t0
-    print(f"ping-pong wall {wall:.3f} s")
-    assert wall < 0.29, wall  # one after the other: 2 halves x 4 layers x (20 ms compute + 20 ms wait) = 0.32 s
+    print(f"ping-pong wall {time.perf_counter() - t0:.3f} s, overlapped waits {overlapped}")
+    # half 1: its first 3 waits overlap half 0's next layers (none left during its last); half 0:
+    # each wait overlaps one of half 1's computes, but the first if half 1 computed before it sent
+    assert overlapped[1] == [True] * (layers - 1), overlapped
+    assert overlapped[0][1:] == [True] * (layers - 1) and len(overlapped[0]) == layers, overlapped
 
 
 def test_a_failing_half_stops_the_other_and_its_error_is_raised(pool):
