@@ -17,7 +17,6 @@ it stops; under `serve run`/`serve deploy` stop it with
 """
 
 
-import asyncio
 import json
 import re
 import time
@@ -75,18 +74,6 @@ def _allowed(schema: dict, path: str) -> list[str]:
         if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
             return sorted(m.upper() for m in ops)
     return []
-
-
-async def _until_back(actor, what: str, timeout_s: float = RECOVER_TIMEOUT_S) -> None:
-    """Wait until a restarting actor answers again, or raise a 503 ApiError."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            return
-        except (asyncio.TimeoutError, ray.exceptions.RayActorError):
-            await asyncio.sleep(0.1)
-    raise _unavailable(f"{what} is restarting and did not answer within {timeout_s:g} s; retry shortly")
 
 
 HEAD = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
@@ -153,32 +140,24 @@ class ExpertMeshServer:
         return tenant
 
     async def _router(self, method: str, *args: Any, param: str | None = None) -> Any:
-        """A router call on the least busy router; if it dies under the call, the call runs once
-        more on another router (or, with one router, on it once it is back). The mesh's errors
-        become API errors (404, 400, 413, 503 with Retry-After)."""
-        i = self.routers.pick()
-        for attempt in (0, 1):
-            try:
-                with self.routers.busy(i) as router:
-                    return await getattr(router, method).remote(*args)
-            except ray.exceptions.RayActorError:
-                if attempt:
-                    raise _unavailable("the router failed twice under this request; retry shortly") from None
-                i = await self._after_router_failure(i)
-            except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is
-                mapped = api_error(exc, param)
-                if mapped is None:
-                    raise
-                raise mapped from None
-
-    async def _after_router_failure(self, i: int) -> int:
-        """Router i died under a request: another running router to run it on, else router i
-        once it is back (bounded: 503)."""
-        others = await asyncio.to_thread(self.routers.fallbacks, i)
-        if others:
-            return others[0]
-        await _until_back(self.routers.routers[i], "the router")
-        return i
+        """A router call on the least busy router; if it dies under the call, the call runs on
+        the mesh's other routers, then on the first once it is back (RouterSet's failover). The
+        mesh's errors become API errors (404, 400, 413, 503 with Retry-After)."""
+        try:
+            async for i in self.routers.attempts_async(RECOVER_TIMEOUT_S):
+                try:
+                    with self.routers.busy(i) as router:
+                        return await getattr(router, method).remote(*args)
+                except ray.exceptions.RayActorError:
+                    continue
+            raise _unavailable("every router this request ran on failed under it; retry shortly")
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is
+            mapped = api_error(exc, param)
+            if mapped is None:
+                raise
+            raise mapped from None
 
     async def _visible(self, tenant: str, context_id: str):
         try:
@@ -253,9 +232,9 @@ class ExpertMeshServer:
         # a request whose router restarts under it runs once more; tokens already sent are
         # skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
         replayable = body.temperature == 0 or body.seed is not None
-        sent, i = 0, self.routers.pick()
+        sent, attempt = 0, 0
         try:
-            for attempt in (0, 1):
+            async for i in self.routers.attempts_async(RECOVER_TIMEOUT_S):
                 skip = sent
                 try:
                     with self.routers.busy(i) as router:  # counted while it streams: who is least busy
@@ -280,9 +259,11 @@ class ExpertMeshServer:
                                 yield delta, None
                     break
                 except ray.exceptions.RayActorError:
-                    if attempt or (sent and not replayable):
+                    if sent and not replayable:
                         raise _unavailable("the router restarted under this request; retry it") from None
-                    i = await self._after_router_failure(i)
+                    attempt += 1
+            else:
+                raise _unavailable("every router this request ran on failed under it; retry shortly")
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is

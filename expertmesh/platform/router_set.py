@@ -2,19 +2,21 @@
 
 Each call goes to the router with the fewest calls in flight from this process (ties in turn),
 or to the one a caller pins (`router=i`: tests, debugging). A router that dies under a call
-(its process or host lost) fails over: the call runs again on another router at once (same
-tokens when greedy or seeded: nothing of a request's output has reached the caller of a
-non-streaming call); only when every router failed does the call wait for the first one to
-come back (Ray restarts it), within RECOVER_TIMEOUT_S, and run once more.
+(its process or host lost) fails over: the call runs again at once on each other router Ray
+reports alive, least busy first (same tokens when greedy or seeded); only when every router
+failed under it does the call wait for its first router to come back (Ray restarts it), within
+a bound, and run there once more. `attempts` (driver threads: `RouterSet.call`, `Mesh`) and
+`attempts_async` (Serve's replicas, over calls and streams) are that one policy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import ray
 
@@ -82,25 +84,48 @@ class RouterSet:
             with self._lock:
                 self._in_flight[i] -= 1
 
+    def next_after(self, failed: int, tried: list[int], pinned: bool) -> int | None:
+        """Where a call goes now that router `failed` died under it: the least busy other router
+        that Ray reports alive and the call has not tried, or None (a pinned call, or every
+        router tried): the call waits for its first router to come back."""
+        if pinned:
+            return None
+        return next((j for j in self.fallbacks(failed) if j not in tried), None)
+
+    def attempts(self, pin: int | None = None, timeout_s: float = RECOVER_TIMEOUT_S) -> Iterator[int]:
+        """The routers one call runs on, in turn, each after the one before died under it (the
+        module docstring's policy); ends when the last try failed too. Raises Unavailable when
+        the first router does not come back within timeout_s."""
+        first = i = self.pick(pin)
+        tried: list[int] = []
+        while i is not None:
+            yield i
+            tried.append(i)
+            i = self.next_after(i, tried, pin is not None)
+        wait_until_back(self.routers[first], self.name(first), timeout_s)
+        yield first
+
+    async def attempts_async(self, timeout_s: float = RECOVER_TIMEOUT_S) -> AsyncIterator[int]:
+        """`attempts` for an event loop (Ray's GCS reads and the wait for a restart off the loop)."""
+        first = i = self.pick()
+        tried: list[int] = []
+        while i is not None:
+            yield i
+            tried.append(i)
+            i = await asyncio.to_thread(self.next_after, i, tried, False)
+        await asyncio.to_thread(wait_until_back, self.routers[first], self.name(first), timeout_s)
+        yield first
+
+    def name(self, i: int) -> str:
+        return f"router {i}" if len(self.routers) > 1 else "the router"
+
     def call(self, method: str, *args: Any, pin: int | None = None) -> Any:
         """Run a router method (see the module docstring for which router and what on failure)."""
-        first = i = self.pick(pin)
-        tried = []
-        while True:
+        for i in self.attempts(pin):
             try:
                 with self.busy(i) as router:
                     return ray.get(getattr(router, method).remote(*args))
-            except ray.exceptions.RayActorError:
-                tried.append(i)
-                others = [] if pin is not None else [j for j in self.fallbacks(i) if j not in tried]
-                if not others:
-                    break
-                i = others[0]
-        what = f"router {first}" if len(self.routers) > 1 else "the router"
-        wait_until_back(self.routers[first], what, RECOVER_TIMEOUT_S)
-        try:
-            with self.busy(first) as router:
-                return ray.get(getattr(router, method).remote(*args))
-        except ray.exceptions.RayActorError as exc:
-            raise Unavailable(f"{what} failed twice under this request ({exc.__class__.__name__}); "
-                              "retry later") from None
+            except ray.exceptions.RayActorError as exc:
+                failure = exc
+        raise Unavailable(f"every router the call ran on failed under it ({failure.__class__.__name__}); "
+                          "retry later") from None

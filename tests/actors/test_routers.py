@@ -100,3 +100,27 @@ def test_calls_go_to_the_least_busy_router_ties_in_turn():
         with pytest.raises(ValueError, match=r"router must be an integer in 0\.\.2 \(the mesh has 3 router\(s\)\)"):
             routers.pick(pin=bad)
     assert routers.fallbacks(0) == [1, 2]
+
+
+def test_a_failed_call_runs_on_every_other_router_then_on_the_first_once_back(monkeypatch):
+    """The one failover policy of `RouterSet.call` (driver) and Serve (calls and streams): the
+    picked router, each other one (least busy first), then the first after it came back; a
+    pinned call only its router, twice."""
+    import asyncio
+
+    import expertmesh.platform.router_set as rs
+
+    waited = []
+    monkeypatch.setattr(rs, "wait_until_back", lambda actor, what, timeout_s: waited.append((actor, what)))
+    routers = rs.RouterSet(["r0", "r1", "r2"])
+    with routers.busy(1), routers.busy(2), routers.busy(2):
+        assert list(routers.attempts()) == [0, 1, 2, 0]  # the least busy first, each once, then back
+    assert waited == [("r0", "router 0")]
+
+    async def collect():
+        return [i async for i in routers.attempts_async(timeout_s=1.0)]
+    with routers.busy(0), routers.busy(0), routers.busy(2):
+        assert asyncio.run(collect()) == [1, 2, 0, 1]
+    assert list(routers.attempts(pin=2)) == [2, 2]
+    assert waited[1:] == [("r1", "router 1"), ("r2", "router 2")]
+    assert list(rs.RouterSet(["only"]).attempts()) == [0, 0] and waited[-1] == ("only", "the router")
