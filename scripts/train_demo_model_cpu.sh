@@ -43,8 +43,11 @@ case "$STEP" in
     LENGTHS=${LENGTHS:-1100-16383} BATCH=${BATCH:-4} ROWS=${ROWS:-1600}
     # rounds 1-4 ran a multi-key share of 0.6; multi-key lagged passkey (key confusion), so later rounds 0.75
     MK_SHARE=${MK_SHARE:-0.75}
+    # round 7's offset sweep: 0/20 where the answer starts a chunk or straddles its start (random
+    # lengths put it there in a few percent of the groups), so from round 8 a share of the groups end there
+    BOUNDARY=${BOUNDARY:-0.3}
     DATA_ARGS=(--text train --text-cache "$TEXT" --eos --lengths "$LENGTHS" --max-keys 6 --multikey-share "$MK_SHARE"
-               --synthetic-share 0.1 --mix-share 0.3 --rows "$ROWS" --files 4 --group-rows "$BATCH"
+               --synthetic-share 0.1 --mix-share 0.3 --boundary-share "$BOUNDARY" --rows "$ROWS" --files 4 --group-rows "$BATCH"
                --seed $((100 + ROUND)))
     cli data --fetch-text --text train,heldout --text-cache "$TEXT" >/dev/null
     if [ ! -f "$DATA/part-00000.parquet" ]; then cli data --out "$DATA" "${DATA_ARGS[@]}" --workers 2; fi

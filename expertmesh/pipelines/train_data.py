@@ -14,7 +14,8 @@ source, or of two or three sources one after another), or the synthetic fillers 
 passkey filler, or generated English-like prose) for `synthetic_share` of the rows.
 Lengths: a fixed list, or random in a range (`length_range`, log-uniform, never a multiple of
 the model's 2048-token attention chunk), so that across groups the question and the answer
-fall at every offset within a chunk, at and across chunk boundaries.
+fall at every offset within a chunk, at and across chunk boundaries; `boundary_share` of the
+groups end just past a boundary, where the question or the answer starts at or straddles it.
 """
 
 from __future__ import annotations
@@ -122,13 +123,18 @@ class DataSpec:
     intro_share: float = 0.8  # real-text passkey rows that open with the standard passkey intro
     max_keys: int = 4  # multikey rows have 1..max_keys lines
     eos: bool = False  # the eos token right after the answer (trained as an answer token)
+    # with length_range: groups whose sequences end just past a chunk boundary (1..BOUNDARY_TAIL
+    # tokens into a chunk), so the question or the answer starts at or straddles the boundary:
+    # random lengths alone put it there in a few percent of the groups
+    boundary_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.length_range is not None:
             lo, hi = self.length_range
             if not MIN_LENGTH <= lo <= hi:
                 raise ValueError(f"length range {lo}-{hi}: need {MIN_LENGTH} <= lo <= hi")
-        for share in ("multikey_share", "prose_share", "synthetic_share", "mix_share", "intro_share"):
+        for share in ("multikey_share", "prose_share", "synthetic_share", "mix_share", "intro_share",
+                      "boundary_share"):
             if not 0 <= getattr(self, share) <= 1:
                 raise ValueError(f"{share} must be within 0..1, got {getattr(self, share)}")
         if self.max_keys < 1:
@@ -136,6 +142,7 @@ class DataSpec:
 
 
 MIN_LENGTH = 600  # a question + answer (<= 200 tokens) and some haystack
+BOUNDARY_TAIL = 160  # a multi-key question + answer + eos is ~140 tokens, a passkey one ~48
 
 
 def pick_length(rng: random.Random, spec: DataSpec) -> int:
@@ -144,8 +151,13 @@ def pick_length(rng: random.Random, spec: DataSpec) -> int:
     if spec.length_range is None:
         return rng.choice(spec.lengths)
     lo, hi = spec.length_range
+    boundary = spec.boundary_share and rng.random() < spec.boundary_share
     while True:
         n = int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))
+        if boundary:  # the end of the sequence just past a chunk boundary
+            n = (n // CHUNK) * CHUNK + rng.randint(1, BOUNDARY_TAIL)
+            if not lo <= n <= hi:
+                continue
         n = min(hi, max(lo, n))
         if n % CHUNK or lo == hi:
             return n
