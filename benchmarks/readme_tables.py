@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import random
-import re
 import sys
 
 from fault_tables import elastic, micro_batches, multi_host, routers, shared_store
-from table_format import RESULTS, ROOT, _load, _ms, _s, _x
-from training_tables import cpu_curve
+from table_format import ROOT, _load, _ms, _s, _x
+from training_tables import builtin_heldout, cpu_curve
 
 README = ROOT / "README.md"
 
 # targets the project set itself (README "Benchmarks"); the figures come from the files
 TARGETS = {"mesh_decode": 1.5, "mesh_register": 1.3, "ttft_speedup": 50.0, "streams_32_over_1": 8.0,
-           "train_ratio": 0.9, "passkey": 0.95, "multikey_32k": 0.90}
+           "train_ratio": 0.9}
 
 
 def _met(ok: bool) -> str:
@@ -163,64 +161,6 @@ def train() -> str:
              f"steps on both sides. Expert load at the end of the run: mean {ray_['expert_load_mean']:,.0f} / "
              f"max {ray_['expert_load_max']:,.0f} tokens per expert over its last {r['warmup']} steps. "
              f"Run of {r.get('date', '?')} ({_load_note(r)}); `results/train.json`." + _load_warning(r)]
-    return "\n".join(lines)
-
-
-# -- retrieval ----------------------------------------------------------------------------------
-def _pct(row: dict) -> str:
-    return f"{row['correct']}/{row['samples']} ({row['accuracy']:.0%})"
-
-
-def multikey_misses(report: dict) -> tuple[int, int, int]:
-    """(misses, answers equal to another key's number, misses the tasks could be rebuilt for)."""
-    from expertmesh.pipelines.evaluate import make_task
-
-    misses = copied = rebuilt = 0
-    for row in report["results"]:
-        rng = random.Random(f"0-{row['task']}-{row['length']}")  # evaluate(): same needles every run
-        failures = {f["depth"]: f for f in row["failures"]}
-        misses += row["samples"] - row["correct"]
-        for i in range(row["samples"]):
-            task = make_task(row["task"], row["length"], i, row["samples"], rng, report.get("keys", 4))
-            f = failures.get(round(i / max(1, row["samples"] - 1), 3))
-            if f is None or task.answer.strip(" .") != f["want"]:
-                continue
-            rebuilt += 1
-            got = (re.match(r"\s*(\d+)", f["got"]) or [None, None])[1]
-            copied += got in re.findall(r" is: (\d+)\.", task.context) and got != f["want"]
-    return misses, copied, rebuilt
-
-
-def retrieval() -> str:
-    pk, mk = _load("eval_passkey.json"), _load("eval_multikey.json")
-    one_m = _load("eval_passkey_1m.json") if (RESULTS / "eval_passkey_1m.json").is_file() else None
-    cells: dict = {}
-    for rep in (pk, mk) + ((one_m,) if one_m else ()):
-        for row in rep["results"]:
-            cells.setdefault((row["task"], row["length"]), {})[row["mode"]] = row
-    lines = ["| task | length | exact | blockwise | target | registration (mean, exact / blockwise) |",
-             "|---|---|---|---|---|---|"]
-    for (task, length), modes in sorted(cells.items(), key=lambda kv: (kv[0][0] != "passkey", kv[0][1])):
-        target = (f">= {TARGETS['passkey']:.0%}" if task == "passkey" and length <= 131072
-                  else "(asked: works)" if task == "passkey"
-                  else f">= {TARGETS['multikey_32k']:.0%}" if length == 32768 else "-")
-        if task == "multikey" and length == 32768:
-            target += f" ({_met(modes['exact']['accuracy'] >= TARGETS['multikey_32k'])})"
-        name = "passkey" if task == "passkey" else f"multi-key ({mk.get('keys', 4)} lines)"
-        reg = " / ".join(f"{modes[m]['register_s_mean']:.1f} s" for m in ("exact", "blockwise") if m in modes)
-        lines.append(f"| {name} | {length:,} | {_pct(modes['exact']) if 'exact' in modes else '-'} | "
-                     f"{_pct(modes['blockwise']) if 'blockwise' in modes else '-'} | {target} | {reg} |")
-    misses, copied, rebuilt = multikey_misses(mk)
-    lines += ["", f"Multi-key misses: {misses}; in {copied} of them the answer is the number of another key's "
-              f"line, copied whole (the question's key was confused with another)"
-              + (f"; the other {rebuilt - copied} are numbers that appear in no line" if rebuilt == misses else
-                 f" ({rebuilt} of the {misses} contexts rebuilt from the seed)") + "."]
-    if one_m:
-        row = one_m["results"][0]
-        lines += ["", f"At {row['length']:,} tokens the KV of the context is {row['kv_gib']:.1f} GiB (fp32) over the "
-                  f"{one_m['context_shards']} shards; {row['samples']} samples ({row['mode']})."]
-    lines += ["", "`results/eval_passkey.json`, `results/eval_multikey.json`"
-              + (", `results/eval_passkey_1m.json`" if one_m else "") + "."]
     return "\n".join(lines)
 
 
@@ -382,9 +322,10 @@ def user_path() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"core": core, "user_path": user_path, "serve": serve, "train": train, "retrieval": retrieval, "store": store,
+TABLES = {"core": core, "user_path": user_path, "serve": serve, "train": train, "store": store,
           "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic,
-          "routers": routers, "micro_batches": micro_batches, "shared_store": shared_store, "cpu_curve": cpu_curve}
+          "routers": routers, "micro_batches": micro_batches, "shared_store": shared_store, "cpu_curve": cpu_curve,
+          "builtin_heldout": builtin_heldout}
 
 
 def render(text: str) -> str:

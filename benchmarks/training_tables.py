@@ -57,3 +57,65 @@ def cpu_curve() -> str:
     recipes = sorted({p["recipe"] for p in points if p.get("recipe")})
     lines += ["", "Rounds' data: " + ("; ".join(f"`{r}`" for r in recipes) if recipes else "-") + "."]
     return "\n".join(lines)
+
+
+# -- the built-in model on held-out text (README "The built-in model": `make eval`) ---------------
+NAME = "builtin"  # scripts/eval_realtext.sh record builtin
+TARGET = {"passkey": 0.95, "multikey": 0.90, "offset": 0.90, "stops": 0.95}
+
+
+def _report(suffix: str) -> dict | None:
+    path = RESULTS / f"eval_realtext_{NAME}_{suffix}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cell(r: dict) -> str:
+    return f"{r['correct']}/{r['samples']} ({r['accuracy']:.0%})"
+
+
+def _target(ok: bool, what: str) -> str:
+    return f"{what} ({'met' if ok else '**not met**'})"
+
+
+def builtin_heldout() -> str:
+    lines = ["| task | text (held out) | length | mode | correct | target | stops after the answer |",
+             "|---|---|---|---|---|---|---|"]
+    stops = answered = stops_right = right = 0
+    for task, suffix in (("passkey", "passkey_kjv"), ("passkey", "passkey_debian-reference"),
+                         ("multi-key (4 lines)", "multikey_kjv"), ("passkey", "passkey_1m_kjv")):
+        rep = _report(suffix)
+        for r in (rep or {}).get("results", []):
+            if r["length"] > 131072:
+                target = _target(r["correct"] == r["samples"], "still answers")
+            elif task == "passkey" or r["length"] == 32768:
+                goal = TARGET["passkey" if task == "passkey" else "multikey"]
+                target = _target(r["accuracy"] >= goal, f">= {goal:.0%}")
+            else:
+                target = "-"
+            lines.append(f"| {task} | {r['source']} | ~{r['length']:,} (mean {r['length_mean']:,}) | {r['mode']} | "
+                         f"{_cell(r)} | {target} | {r['stops']}/{r['samples']} |")
+            stops, answered = stops + r["stops"], answered + r["samples"]
+            stops_right, right = stops_right + r["stops_when_correct"], right + r["correct"]
+    offsets = {src: _report(f"offsets_{src}") for src in ("kjv", "synthetic")}
+    rows = {}
+    for src, rep in offsets.items():
+        for r in (rep or {}).get("results", []):
+            rows.setdefault((r["offset"], r["answer_offset"]), {})[src] = r
+            stops, answered = stops + r["stops"], answered + r["samples"]
+            stops_right, right = stops_right + r["stops_when_correct"], right + r["correct"]
+    if rows:
+        worst = min(r["accuracy"] for cells in rows.values() for r in cells.values())
+        lines += ["", "Offset of the question's first token within a 2048-token chunk (passkey, ~4K tokens; "
+                  + _target(worst >= TARGET["offset"], f"every offset >= {TARGET['offset']:.0%}") + "):", "",
+                  "| question offset (answer offset) | kjv (held out) | synthetic filler |", "|---|---|---|"]
+        for (off, ans), cells in sorted(rows.items()):
+            lines.append(f"| {off} ({ans}) | " + " | ".join(_cell(cells[s]) if s in cells else "-"
+                                                            for s in ("kjv", "synthetic")) + " |")
+    if right:
+        lines += ["", f"Correct answers followed by eos within 2 tokens, every cell above: {stops_right}/{right} "
+                  f"({stops_right / right:.1%}; " + _target(stops_right / right >= TARGET["stops"],
+                                                            f"target >= {TARGET['stops']:.0%}")
+                  + f"); over every sample, right or wrong: {stops}/{answered} ({stops / answered:.1%})."]
+    files = sorted(p.name for p in RESULTS.glob(f"eval_realtext_{NAME}_*.json"))
+    lines += ["", "Files: " + (", ".join(f"`results/{f}`" for f in files) if files else "-") + "."]
+    return "\n".join(lines)

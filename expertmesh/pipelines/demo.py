@@ -85,7 +85,7 @@ def run(context_tokens: int = 16384, context_shards: int | None = None, expert_g
         acme, globex = ({"Authorization": f"Bearer {keys[n]}"} for n in ("acme", "globex"))
         # sized as RULER counts: context + question + answer = the stated length
         task = make_task("passkey", context_tokens, 3, 10, random.Random(0))
-        private = make_task("multikey", context_tokens // 4, 5, 10, random.Random(1))
+        private = make_task("passkey", context_tokens // 4, 5, 10, random.Random(1))
         t0 = time.perf_counter()
         shared = httpx.post(f"{url}/v1/contexts", headers=acme, timeout=600, json={
             "text": task.context, "mode": mode, "visibility": "shared", "name": "haystack"}).json()

@@ -65,11 +65,11 @@ def test_shipped_model_answers_a_passkey_question(depth):
 
 
 def test_shipped_model_answers_the_demo_questions():
-    """`make demo`'s two questions (pipelines/demo.py): the passkey in its 16K shared context and
-    the multi-key question over the 4K private context."""
+    """`make demo`'s two questions (pipelines/demo.py): the passkeys in its 16K shared context and
+    in the 4K private one."""
     model = load_model(SHIPPED).requires_grad_(False)
     tok = ByteTokenizer()
     shared = make_task("passkey", 16384, 3, 10, random.Random(0))
-    private = make_task("multikey", 16384 // 4, 5, 10, random.Random(1))
+    private = make_task("passkey", 16384 // 4, 5, 10, random.Random(1))
     assert _greedy_answers(model, tok, shared), shared.answer
     assert _greedy_answers(model, tok, private), private.answer
