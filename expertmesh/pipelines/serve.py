@@ -229,8 +229,8 @@ class ExpertMeshServer:
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         text = TextStream(self.mesh.tokenizer.decode, body.stop_list())
         result: dict | None = None
-        # a request whose router restarts under it runs once more; tokens already sent are
-        # skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
+        # a request whose router dies under it runs again (RouterSet's failover); tokens already
+        # sent are skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
         replayable = body.temperature == 0 or body.seed is not None
         sent, attempt = 0, 0
         try:
