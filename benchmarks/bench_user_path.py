@@ -90,8 +90,9 @@ def mesh_measure(ckpt: Path, context: list[int], prompts: list[list[int]], steps
             t0 = time.perf_counter()
             res = mesh.generate(p, context_id=ctx.id, max_new_tokens=steps)
             wall = time.perf_counter() - t0
-            assert res.completion_tokens == steps, res.finish_reason
-            return step_time(wall, res.ttft_s, steps)
+            # the built-in model may end a random prompt's output with eos: time the tokens it made
+            assert res.completion_tokens >= 2, (res.completion_tokens, res.finish_reason)
+            return step_time(wall, res.ttft_s, res.completion_tokens)
 
         runs: dict[str, list[float]] = {"decode_b1_s": [], "decode_b16_s": []}
         with ThreadPoolExecutor(len(prompts)) as pool:
