@@ -17,6 +17,10 @@ CKPT=()
 if [ -n "${CHECKPOINT:-}" ]; then CKPT=(--checkpoint "$CHECKPOINT"); fi
 $PY -m expertmesh.cli data --fetch-text --text heldout --text-cache "$CACHE" >/dev/null
 run() { $PY -m expertmesh.cli eval "${CKPT[@]}" --text-cache "$CACHE" --samples 20 "$@"; }
+one_million() {  # SAMPLES: passkey in ~1M tokens of kjv, blockwise
+  $PY -m expertmesh.cli eval "${CKPT[@]}" passkey --text-cache "$CACHE" --source kjv --lengths 1048576 \
+      --modes blockwise --samples "$1" --random-offsets --json "$OUT/eval_realtext_${NAME}_passkey_1m_kjv.json"
+}
 # the length cells put each sample's question at a random offset within a chunk (--random-offsets):
 # lengths within half a chunk of the stated ones, not multiples of 2048
 # the question at offsets within a 2048-token chunk: it starts the chunk (0), mid-chunk (1024), the
@@ -37,8 +41,7 @@ if [ "$LEVEL" = quick ] || [ "$LEVEL" = record ]; then
   run passkey --source synthetic --lengths 4096 --modes exact --offsets "$OFFSETS" \
       --json "$OUT/eval_realtext_${NAME}_offsets_synthetic.json"
   if [ "$LEVEL" = record ]; then
-    $PY -m expertmesh.cli eval "${CKPT[@]}" passkey --text-cache "$CACHE" --source kjv --lengths 1048576 \
-        --modes blockwise --samples "${SAMPLES_1M:-1}" --random-offsets --json "$OUT/eval_realtext_${NAME}_passkey_1m_kjv.json"
+    one_million "${SAMPLES_1M:-1}"
   fi
 elif [ "$LEVEL" = full ]; then
   for SRC in kjv debian-reference; do
@@ -49,8 +52,7 @@ elif [ "$LEVEL" = full ]; then
     run passkey --source $SRC --lengths 4096,32768 --modes exact --offsets "$OFFSETS" \
         --json "$OUT/eval_realtext_${NAME}_offsets_$SRC.json"
   done
-  $PY -m expertmesh.cli eval "${CKPT[@]}" passkey --text-cache "$CACHE" --source kjv --lengths 1048576 \
-      --modes blockwise --samples 3 --random-offsets --json "$OUT/eval_realtext_${NAME}_passkey_1m_kjv.json"
+  one_million 3
 else
   echo "level must be quick, full or record" >&2; exit 2
 fi
