@@ -205,7 +205,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                     multikey_share=args.multikey_share, prose_share=args.prose_share, group_rows=args.group_rows,
                     seed=args.seed, text=text, text_cache=args.text_cache, synthetic_share=args.synthetic_share,
                     mix_share=args.mix_share, max_keys=args.max_keys, eos=args.eos,
-                    boundary_share=args.boundary_share)
+                    boundary_share=args.boundary_share, boundary_tail=args.boundary_tail)
     paths = write_dataset(args.out, spec, files=args.files, workers=args.workers)
     print(json.dumps({"out": args.out, "files": len(paths), "rows": spec.rows, "lengths": args.lengths,
                       "text": list(text), "eos": spec.eos}))
@@ -327,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--mix-share", type=float, default=0.3, help="with --text: haystacks of 2-3 sources in a row")
     dd.add_argument("--max-keys", type=int, default=4, help="multikey rows have 1..max-keys needle lines")
     dd.add_argument("--boundary-share", type=float, default=0.0,
-                    help="with a range of --lengths: the share of row groups that end 1-160 tokens past a "
-                         "chunk boundary (the question or the answer at or across it)")
+                    help="with a range of --lengths: the share of row groups that end 1..--boundary-tail "
+                         "tokens past a chunk boundary (the question or the answer at or across it)")
+    dd.add_argument("--boundary-tail", type=int, default=160,
+                    help="how far past the boundary those groups end (160 covers a multi-key question and "
+                         "answer; <= 10 puts the answer itself across the boundary)")
     dd.add_argument("--eos", action="store_true", help="end each sequence with the eos token right after the answer")
     dd.add_argument("--workers", type=int, default=1, help="with --text: processes writing files in parallel")
     dd.set_defaults(func=cmd_data)

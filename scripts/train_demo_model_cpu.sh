@@ -46,8 +46,11 @@ case "$STEP" in
     # round 7's offset sweep: 0/20 where the answer starts a chunk or straddles its start (random
     # lengths put it there in a few percent of the groups), so from round 8 a share of the groups end there
     BOUNDARY=${BOUNDARY:-0.3}
+    # round 8 (tail 1-160): the question at a boundary went 70% -> 85-90%, the answer across it stayed
+    # 0/20 (about 1.5% of rows put it there), so from round 9 the window is aimed at the answer + eos
+    BOUNDARY_TAIL=${BOUNDARY_TAIL:-12}
     DATA_ARGS=(--text train --text-cache "$TEXT" --eos --lengths "$LENGTHS" --max-keys 6 --multikey-share "$MK_SHARE"
-               --synthetic-share 0.1 --mix-share 0.3 --boundary-share "$BOUNDARY" --rows "$ROWS" --files 4 --group-rows "$BATCH"
+               --synthetic-share 0.1 --mix-share 0.3 --boundary-share "$BOUNDARY" --boundary-tail "$BOUNDARY_TAIL" --rows "$ROWS" --files 4 --group-rows "$BATCH"
                --seed $((100 + ROUND)))
     cli data --fetch-text --text train,heldout --text-cache "$TEXT" >/dev/null
     if [ ! -f "$DATA/part-00000.parquet" ]; then cli data --out "$DATA" "${DATA_ARGS[@]}" --workers 2; fi

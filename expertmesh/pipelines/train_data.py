@@ -123,10 +123,12 @@ class DataSpec:
     intro_share: float = 0.8  # real-text passkey rows that open with the standard passkey intro
     max_keys: int = 4  # multikey rows have 1..max_keys lines
     eos: bool = False  # the eos token right after the answer (trained as an answer token)
-    # with length_range: groups whose sequences end just past a chunk boundary (1..BOUNDARY_TAIL
+    # with length_range: groups whose sequences end just past a chunk boundary (1..boundary_tail
     # tokens into a chunk), so the question or the answer starts at or straddles the boundary:
-    # random lengths alone put it there in a few percent of the groups
+    # random lengths alone put it there in a few percent of the groups. The default tail covers a
+    # multi-key question + answer + eos (~140 tokens); <= 10 puts the answer itself across it
     boundary_share: float = 0.0
+    boundary_tail: int = 160
 
     def __post_init__(self) -> None:
         if self.length_range is not None:
@@ -139,10 +141,11 @@ class DataSpec:
                 raise ValueError(f"{share} must be within 0..1, got {getattr(self, share)}")
         if self.max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {self.max_keys}")
+        if not 1 <= self.boundary_tail < CHUNK:
+            raise ValueError(f"boundary_tail must be within 1..{CHUNK - 1} tokens, got {self.boundary_tail}")
 
 
 MIN_LENGTH = 600  # a question + answer (<= 200 tokens) and some haystack
-BOUNDARY_TAIL = 160  # a multi-key question + answer + eos is ~140 tokens, a passkey one ~48
 
 
 def pick_length(rng: random.Random, spec: DataSpec) -> int:
@@ -155,7 +158,7 @@ def pick_length(rng: random.Random, spec: DataSpec) -> int:
     while True:
         n = int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))
         if boundary:  # the end of the sequence just past a chunk boundary
-            n = (n // CHUNK) * CHUNK + rng.randint(1, BOUNDARY_TAIL)
+            n = (n // CHUNK) * CHUNK + rng.randint(1, spec.boundary_tail)
             if not lo <= n <= hi:
                 continue
         n = min(hi, max(lo, n))

@@ -93,20 +93,24 @@ def test_rows_on_real_text_end_with_the_answer_then_eos(text_file):
 def test_boundary_share_ends_groups_just_past_a_chunk_boundary():
     """The question or the answer at or across a chunk boundary: random lengths put it there in
     a few percent of the groups; `boundary_share` in that share on top, at every tail length."""
-    from expertmesh.pipelines.train_data import BOUNDARY_TAIL
-
     rng = random.Random(1)
     lengths = np.array([pick_length(rng, DataSpec(length_range=(1100, 16383), boundary_share=1.0))
                         for _ in range(3000)])
     tail = lengths % CHUNK
     assert lengths.min() >= 1100 and lengths.max() <= 16383
-    assert tail.min() >= 1 and tail.max() <= BOUNDARY_TAIL and len(set(tail)) > BOUNDARY_TAIL * 0.9
+    assert tail.min() >= 1 and tail.max() <= 160 and len(set(tail)) > 160 * 0.9
     assert set((lengths - 1) // CHUNK) == set(range(1, 8))  # in every chunk the range reaches
     mixed = np.array([pick_length(rng, DataSpec(length_range=(1100, 16383), boundary_share=0.3))
                       for _ in range(3000)])
-    assert 0.28 < ((mixed % CHUNK) <= BOUNDARY_TAIL).mean() < 0.36
+    assert 0.28 < ((mixed % CHUNK) <= 160).mean() < 0.36
+    # aimed at the answer (a passkey answer + eos is 8 tokens, a multi-key one 10)
+    aimed = np.array([pick_length(rng, DataSpec(length_range=(1100, 16383), boundary_share=1.0, boundary_tail=10))
+                      for _ in range(500)])
+    assert set(aimed % CHUNK) == set(range(1, 11))
     with pytest.raises(ValueError, match="boundary_share must be within 0..1"):
         DataSpec(boundary_share=1.5)
+    with pytest.raises(ValueError, match="boundary_tail must be within 1..2047 tokens, got 0"):
+        DataSpec(boundary_tail=0)
 
 
 def test_random_lengths_put_the_question_at_every_offset_within_a_chunk():
