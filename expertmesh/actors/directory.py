@@ -70,8 +70,9 @@ class Directory:
         """Tell this mesh's other running routers of a context registered (`learn_context`),
         dropped (`forget_context`) or a segment of it moved (`learn_move`) here. Bounded: one that
         does not answer within TELL_TIMEOUT_S is restarting, and finds it in the store or the
-        shards when it is back."""
-        routers = [r for r in self._siblings() if not down(r)]
+        shards when it is back. Which are running is asked of Ray's control store off the event
+        loop (one read per sibling), so the router's step loop does not wait on it."""
+        routers = await asyncio.to_thread(lambda: [r for r in self._siblings() if not down(r)])
         await asyncio.gather(*(call(r, method, context_id, *args, timeout_s=TELL_TIMEOUT_S) for r in routers),
                              return_exceptions=True)
 
