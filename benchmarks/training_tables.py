@@ -54,8 +54,12 @@ def cpu_curve() -> str:
         files = {suffix: _results(CURVE_DIR / "eval" / f"round{n}_{suffix}.json") for _, suffix, _ in CELLS}
         lines.append(_row(f"round {n} (step {p['step']}) | {p['tokens'] / 1e6:.1f} M | {p['train_s'] / 60:.0f} min",
                           files))
-    recipes = sorted({p["recipe"] for p in points if p.get("recipe")})
-    lines += ["", "Rounds' data: " + ("; ".join(f"`{r}`" for r in recipes) if recipes else "-") + "."]
+    recipes: dict[str, list[int]] = {}  # in the order of the rounds that first ran each
+    for p in points:
+        if p.get("recipe"):
+            recipes.setdefault(p["recipe"], []).append(p["round"])
+    listed = [f"round{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: `{recipe}`" for recipe, r in recipes.items()]
+    lines += ["", "Rounds' data: " + ("; ".join(listed) if listed else "-") + "."]
     return "\n".join(lines)
 
 
