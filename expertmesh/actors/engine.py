@@ -278,23 +278,31 @@ class Engine:
         if not step.plan.layers[layer.index].experts:  # no rows left at this layer (segments only)
             step.exchange.experts(layer.index, {})()  # nothing goes out (a micro-batch still takes its turns)
             return lambda: torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-        group = self._group_of(experts.cpu())  # [P]
-        host = self._host_of[group]  # a lost group's rows go to the group standing in for it
-        requests, picks = {}, {}
-        for g in torch.unique(host).tolist():
-            pick = (host == g).nonzero().squeeze(1).to(rows.device)
-            requests[g], picks[g] = (rows[pick], experts[pick]), pick
-        replies = step.exchange.experts(layer.index, requests)
-        # pairs per sequence and group, in one count (pairs are token-major: k per token)
         n_groups, lengths = len(self.partition), torch.tensor([b - a for a, b in step.spans])
-        seq_of_pair = torch.repeat_interleave(torch.arange(len(step.spans)), lengths * layer.cfg.top_k)
-        counts = torch.bincount(seq_of_pair * n_groups + group, minlength=len(step.spans) * n_groups)
+        if n_groups == 1:  # every pair to the one group (or the group standing in for it): no split
+            only = int(self._host_of[0])
+            requests, picks = {only: (rows, experts)}, None
+            counts = lengths[:, None] * layer.cfg.top_k
+        else:
+            group = self._group_of(experts.cpu())  # [P]
+            host = self._host_of[group]  # a lost group's rows go to the group standing in for it
+            requests, picks = {}, {}
+            for g in torch.unique(host).tolist():
+                pick = (host == g).nonzero().squeeze(1).to(rows.device)
+                requests[g], picks[g] = (rows[pick], experts[pick]), pick
+            # pairs per sequence and group, in one count (pairs are token-major: k per token)
+            seq_of_pair = torch.repeat_interleave(torch.arange(len(step.spans)), lengths * layer.cfg.top_k)
+            counts = torch.bincount(seq_of_pair * n_groups + group, minlength=len(step.spans) * n_groups)
+        replies = step.exchange.experts(layer.index, requests)
         step.group_counts.append((step.batch, counts.view(-1, n_groups)))  # onto the requests once, at the end
 
         def combine() -> torch.Tensor:
             t0 = time.perf_counter()
             done = replies()
             self.waits["expert_groups"] += time.perf_counter() - t0
+            if picks is None:  # one group: its output in pair order (nothing when no pairs went)
+                return done[only].to(device=rows.device, dtype=torch.float32) if only in done else \
+                    torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
             y = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
             for g, pick in picks.items():
                 y[pick] = done[g].to(y.device)

@@ -39,32 +39,41 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> to
     return mask
 
 
-def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> bool:
-    """Cheap test whether a key part can matter to any query (no [Tq, Tk] mask)."""
+def bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[int, int, int, int]:
+    """(min, max) of the query positions and of the key positions (non-empty), in one read."""
+    q, k = torch.stack(q_pos.aminmax()), torch.stack(k_pos.aminmax())
+    return tuple(torch.cat([q, k.to(q.device, q.dtype)]).tolist())
+
+
+def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec,
+                b: tuple[int, int, int, int] | None = None) -> bool:
+    """Cheap test whether a key part can matter to any query (no [Tq, Tk] mask); b: `bounds`."""
     if len(q_pos) == 0 or len(k_pos) == 0:
         return False
-    if int(k_pos.min()) > int(q_pos.max()):
+    q_lo, q_hi, k_lo, k_hi = b or bounds(q_pos, k_pos)
+    if k_lo > q_hi:
         return False
     if spec.chunk_size:  # conservative: chunks spanned by the keys' position range
         c = spec.chunk_size
-        lo, hi = int(k_pos.min()) // c, int(k_pos.max()) // c
-        qc = q_pos // c
-        if not bool(((qc >= lo) & (qc <= hi)).any()):
+        lo, hi = k_lo // c, k_hi // c
+        if q_hi // c < lo or q_lo // c > hi:
             return False
-    if spec.window and int(q_pos.min()) - int(k_pos.max()) >= spec.window:
+        if not (lo <= q_lo // c and q_hi // c <= hi):  # some queries' chunks outside: look at each
+            qc = q_pos // c
+            if not bool(((qc >= lo) & (qc <= hi)).any()):
+                return False
+    if spec.window and q_lo - k_hi >= spec.window:
         return False
     return True
 
 
-def _fully_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> bool:
-    if int(k_pos.max()) > int(q_pos.min()):
+def _fully_visible(spec: AttentionSpec, b: tuple[int, int, int, int]) -> bool:
+    q_lo, q_hi, k_lo, k_hi = b
+    if k_hi > q_lo:
         return False
-    if spec.chunk_size:
-        c = spec.chunk_size
-        lo, hi = int(k_pos.min()) // c, int(q_pos.max()) // c
-        if lo != hi:
-            return False
-    if spec.window and int(q_pos.max()) - int(k_pos.min()) >= spec.window:
+    if spec.chunk_size and k_lo // spec.chunk_size != q_hi // spec.chunk_size:
+        return False
+    if spec.window and q_hi - k_lo >= spec.window:
         return False
     return True
 
@@ -130,7 +139,10 @@ def partial_attention(
     tq, hq, d = q.shape
     out = torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
-    if not any_visible(q_pos, k_pos, spec):
+    if len(q_pos) == 0 or len(k_pos) == 0:
+        return out, lse
+    b = bounds(q_pos, k_pos)  # one read of the positions (a GPU syncs once)
+    if not any_visible(q_pos, k_pos, spec, b):
         return out, lse
     hkv = k.shape[1]
     groups = hq // hkv
@@ -148,7 +160,7 @@ def partial_attention(
         o = o.view(hkv, groups, t, d).permute(2, 0, 1, 3).reshape(t, hq, d)
         return o, l.view(hkv, groups, t).permute(2, 0, 1).reshape(t, hq)
 
-    if _fully_visible(q_pos, k_pos, spec):
+    if _fully_visible(spec, b):
         return folded(None, slice(None), None)
     same = len(q_pos) == len(k_pos) and bool(torch.equal(q_pos, k_pos))
     contiguous = same and int(q_pos[-1] - q_pos[0]) == len(q_pos) - 1
