@@ -150,7 +150,7 @@ class SeqKV:
         if k is None:
             raise IndexError(f"layer {layer} holds no tokens yet")
         index = self._slots[:self.lens[layer]].to(k.device)
-        return k[index], v[index], pos[index]
+        return k.index_select(0, index), v.index_select(0, index), pos.index_select(0, index)
 
     def __len__(self) -> int:
         return self.lens[0]
