@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -50,6 +51,7 @@ from expertmesh.errors import Unavailable
 
 JOIN_TIMEOUT_S = 60.0  # forming a group waits this long for every actor (a restarting one too)
 STOP = -2  # a plan length that ends an actor's step loop
+SPIN_S = 0.0005  # how long the router polls for a reply before it sleeps, where it has a core to poll on
 log = logging.getLogger("expertmesh.dataplane")
 
 
@@ -62,8 +64,11 @@ class CollectiveExchange(Exchange):
 
     def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
                  num_layers: int, device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
-                 transport: str = "auto", router: str = "") -> None:
+                 transport: str = "auto", router: str = "", spin: int = 0) -> None:
+        """spin: the mesh's routers (each may run on this host): this router polls for replies
+        (socket transport) where its host's cores number at least them + the actors on it; 0: never."""
         self.peers, self.router = peer_list(shards, groups), router  # router: which of the mesh's routers this is
+        self.spin = spin
         self.ranks: dict[int, int] = {}  # peer index -> its rank in the current generation (members only)
         self.rank_of_shard: dict[int, int] = {}
         self.rank_of_group: dict[int, int] = {}
@@ -125,6 +130,8 @@ class CollectiveExchange(Exchange):
                                               GROUP_TIMEOUT, STEP_TIMEOUT_S,
                                               join_check(refs, {r: self.peers[i] for i, r in self.ranks.items()}))
                 self.refused += self._pg.refused
+                if self.spin and len(self._pg.local) + self.spin <= host_cores():
+                    self._pg.spin_s = SPIN_S  # a core for every process of the mesh here: poll for replies
                 if self._pg.left_out:  # shards Ray stopped reporting alive while the group formed
                     for rank in self._pg.left_out:  # a queued join would run for nothing when the actor is back
                         try:
@@ -255,3 +262,16 @@ class CollectiveExchange(Exchange):
         if self._rendezvous is not None:
             ray.kill(self._rendezvous)
             self._rendezvous = None
+
+
+def host_cores() -> int:
+    """The cores this process may use: its CPU affinity, within its cgroup's CPU quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores

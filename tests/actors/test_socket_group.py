@@ -125,3 +125,34 @@ def test_host_tensors_only():
     router, _ = pair()
     with pytest.raises(ValueError, match="contiguous host tensors"):
         router.send([torch.randn(4, 4).t()], 1, 0)
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["unix", "tcp"])
+def test_a_polling_reader_gets_the_same_bytes_and_the_same_failures(same_host):
+    """The router polls for replies before it sleeps (spin_s): a reply arriving in pieces, during
+    the poll or after it, reads whole; a silent peer still times out; a closed one still fails."""
+    router, peers = pair(world=3, same_host=same_host)
+    assert router.local == ({1, 2} if same_host else set())  # the Unix socket's ranks: this host's
+    router.spin_s = 0.002
+    big = torch.randint(0, 255, (2_000_000,), dtype=torch.uint8)  # more than one socket buffer
+
+    def reply(rank, delay):
+        time.sleep(delay)
+        peers[rank].send([big[:1000]], 0, 0)
+        time.sleep(delay)  # the rest after a pause: the poll may end in the middle of the message
+        peers[rank].send([big[1000:]], 0, 0)
+    for delay in (0.0, 0.001, 0.01):
+        t = threading.Thread(target=reply, args=(1, delay))
+        t.start()
+        got = torch.empty_like(big)
+        router.recv([got], 1, 0).wait(datetime.timedelta(seconds=5))
+        t.join(5)
+        assert torch.equal(got, big)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="Timed out") as err:
+        router.recv([torch.empty(4)], 2, 0).wait(datetime.timedelta(seconds=0.3))
+    assert 0.25 < time.monotonic() - t0 < 5 and is_transport_error(err.value)
+    peers[1].abort()
+    with pytest.raises(RuntimeError, match="Connection closed") as err:
+        router.recv([torch.empty(4)], 1, 0).wait(datetime.timedelta(seconds=30))
+    assert is_transport_error(err.value)
