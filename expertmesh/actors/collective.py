@@ -64,11 +64,11 @@ class CollectiveExchange(Exchange):
 
     def __init__(self, shards: list[Any], groups: list[Any], heads: int, head_dim: int, hidden: int,
                  num_layers: int, device: torch.device = torch.device("cpu"), join_timeout_s: float = JOIN_TIMEOUT_S,
-                 transport: str = "auto", router: str = "", spin: int = 0) -> None:
-        """spin: the mesh's routers (each may run on this host): this router polls for replies
-        (socket transport) where its host's cores number at least them + the actors on it; 0: never."""
+                 transport: str = "auto", router: str = "", routers: int = 0) -> None:
+        """routers: the mesh's (each may run on this host): this router polls for replies (socket
+        transport) where its host's cores number at least them + the actors on it; 0: it never polls."""
         self.peers, self.router = peer_list(shards, groups), router  # router: which of the mesh's routers this is
-        self.spin = spin
+        self.routers = routers
         self.ranks: dict[int, int] = {}  # peer index -> its rank in the current generation (members only)
         self.rank_of_shard: dict[int, int] = {}
         self.rank_of_group: dict[int, int] = {}
@@ -130,7 +130,7 @@ class CollectiveExchange(Exchange):
                                               GROUP_TIMEOUT, STEP_TIMEOUT_S,
                                               join_check(refs, {r: self.peers[i] for i, r in self.ranks.items()}))
                 self.refused += self._pg.refused
-                if self.spin and len(self._pg.local) + self.spin <= host_cores():
+                if self.routers and len(self._pg.local) + self.routers <= host_cores():
                     self._pg.spin_s = SPIN_S  # a core for every process of the mesh here: poll for replies
                 if self._pg.left_out:  # shards Ray stopped reporting alive while the group formed
                     for rank in self._pg.left_out:  # a queued join would run for nothing when the actor is back

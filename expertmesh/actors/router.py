@@ -82,7 +82,7 @@ class Router(Registration, Directory, Placement):
         if remote and spec.data_plane == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
                                           self.cfg.num_layers, self.device, transport=spec.transport,
-                                          router=own_name() or "", spin=spec.routers)
+                                          router=own_name() or "", routers=spec.routers)
             lanes = 1  # one step at a time over the group
         else:
             exchange = TaskExchange(shards, groups, own_name() or "")

@@ -45,12 +45,9 @@ def bounds(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[int, int, int, int
     return tuple(torch.cat([q, k.to(q.device, q.dtype)]).tolist())
 
 
-def any_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec,
-                b: tuple[int, int, int, int] | None = None) -> bool:
+def any_visible(q_pos: torch.Tensor, spec: AttentionSpec, b: tuple[int, int, int, int]) -> bool:
     """Cheap test whether a key part can matter to any query (no [Tq, Tk] mask); b: `bounds`."""
-    if len(q_pos) == 0 or len(k_pos) == 0:
-        return False
-    q_lo, q_hi, k_lo, k_hi = b or bounds(q_pos, k_pos)
+    q_lo, q_hi, k_lo, k_hi = b
     if k_lo > q_hi:
         return False
     if spec.chunk_size:  # conservative: chunks spanned by the keys' position range
@@ -142,7 +139,7 @@ def partial_attention(
     if len(q_pos) == 0 or len(k_pos) == 0:
         return out, lse
     b = bounds(q_pos, k_pos)  # one read of the positions (a GPU syncs once)
-    if not any_visible(q_pos, k_pos, spec, b):
+    if not any_visible(q_pos, spec, b):
         return out, lse
     hkv = k.shape[1]
     groups = hq // hkv

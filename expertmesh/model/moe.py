@@ -83,7 +83,7 @@ class ExpertBank(nn.Module):
         """x [N, H] rows, experts [N] global expert ids held here -> y [N, H]."""
         local = experts - self.first  # [N]
         if len(x) == 1:  # one row (a batch-1 decode step with top-1): no sort, no scatter, no loop
-            return self.one(x, int(local[0]))
+            return self.expert(x, int(local[0]))
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=self.count)  # [E]
         xs = x[order]  # [N, H] sorted by expert
@@ -106,18 +106,13 @@ class ExpertBank(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            rows = xs[start:start + n]  # [n, H]
-            g, u = rows @ self.gate[e].T, rows @ self.up[e].T  # [n, I]
-            if self.has_bias:
-                g, u = g + self.gate_bias[e], u + self.up_bias[e]
-            y = self.act(g, u) @ self.down[e].T
-            ys[start:start + n] = y + self.down_bias[e] if self.has_bias else y
+            ys[start:start + n] = self.expert(xs[start:start + n], e)
             start += n
         return ys
 
-    def one(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """One row x [1, H] through local expert e: `looped`'s arithmetic for it, without the loop."""
-        g, u = x @ self.gate[e].T, x @ self.up[e].T
+    def expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
+        """Rows [n, H] through local expert e -> [n, H]."""
+        g, u = rows @ self.gate[e].T, rows @ self.up[e].T  # [n, I]
         if self.has_bias:
             g, u = g + self.gate_bias[e], u + self.up_bias[e]
         y = self.act(g, u) @ self.down[e].T
