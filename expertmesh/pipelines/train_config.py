@@ -40,6 +40,8 @@ class TrainConfig:
     num_to_keep: int = 2
     max_failures: int = 2
     seed: int = 0
+    # parameter-name prefixes to train (e.g. ["layers.2."] for a layer just inserted); the rest stays frozen
+    train_only: list[str] | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -71,6 +73,10 @@ class TrainConfig:
         if cfg.resume_from and (cfg.init_from or cfg.model):
             raise ValueError(f"{where}: resume_from continues a run with its own weights; "
                              "give it without init_from and model")
+        if cfg.train_only is not None and (not isinstance(cfg.train_only, list) or not cfg.train_only
+                                           or not all(isinstance(x, str) and x for x in cfg.train_only)):
+            raise ValueError(f"{where}: train_only must be a non-empty list of parameter-name prefixes "
+                             f"(e.g. ['layers.2.']), got {cfg.train_only!r}")
         if not isinstance(cfg.model, dict):
             raise ValueError(f"{where}: model must be a mapping of Hugging Face config keys")
         return cfg

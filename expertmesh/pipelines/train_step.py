@@ -54,6 +54,21 @@ def collate(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def build_model(cfg: TrainConfig) -> MoETransformer:
+    model = _build_model(cfg)
+    if cfg.train_only:  # the rest is frozen: no gradient, no optimizer update (its saved moments are kept)
+        names = [n for n, _ in model.named_parameters()]
+        for prefix in cfg.train_only:
+            if not any(n.startswith(prefix) for n in names):
+                layers = sorted({".".join(n.split(".")[:2]) for n in names if n.startswith("layers.")})
+                raise ValueError(f"train_only: no parameter name starts with {prefix!r}; names are like "
+                                 f"{names[0]!r}, layers {layers[0]}..{layers[-1]}")
+        for name, p in model.named_parameters():
+            if not name.startswith(tuple(cfg.train_only)):
+                p.requires_grad_(False)
+    return model
+
+
+def _build_model(cfg: TrainConfig) -> MoETransformer:
     if cfg.init_from or cfg.resume_from:  # resume_from: load_state then restores optimizer and step too
         model = load_model(cfg.init_from or cfg.resume_from)
         if cfg.model:
