@@ -51,6 +51,7 @@ case "$STEP" in
     BOUNDARY_TAIL=${BOUNDARY_TAIL:-12}
     # TRAIN_ONLY: a parameter-name prefix to train, the rest frozen (round 13 on: the global layer inserted at
     # index 2 by scripts/grow_demo_model.py, which round 12 barely moved at the decayed learning rate)
+    # LR: the peak learning rate (the config's 5e-4 by default; round 14: 2e-3 for the inserted layer alone)
     # MAX_STEPS: the cosine schedule's length (the config's 2400 by default); a longer one raises the
     # learning rate of the steps left (round 11: 4000, the rate at step ~2040 2.7e-4 instead of 0.9e-4)
     DATA_ARGS=(--text train --text-cache "$TEXT" --eos --lengths "$LENGTHS" --max-keys 6 --multikey-share "$MK_SHARE"
@@ -64,13 +65,13 @@ case "$STEP" in
     # a run name per round: Ray Train would otherwise resume the last round's run from its own storage
     cli train --config configs/demo-model-cpu.yaml --name "demo-model-cpu-round$ROUND" --data "$DATA" "${FROM[@]}" \
         --state-output "$STATE" \
-        --batch-size "$BATCH" --time-limit-s "$SECONDS_" ${MAX_STEPS:+--max-steps "$MAX_STEPS"} ${TRAIN_ONLY:+--train-only "$TRAIN_ONLY"} 2>&1 | tr '\r' '\n' | tee "$RES/logs/round$ROUND.full.log" \
+        --batch-size "$BATCH" --time-limit-s "$SECONDS_" ${MAX_STEPS:+--max-steps "$MAX_STEPS"} ${TRAIN_ONLY:+--train-only "$TRAIN_ONLY"} ${LR:+--lr "$LR"} 2>&1 | tr '\r' '\n' | tee "$RES/logs/round$ROUND.full.log" \
         | grep --line-buffered -o '\[expertmesh.train\] .*' > "$RES/logs/round$ROUND.log"
     # (a failed run stops here, with pipefail: no evaluation of an older state, no curve point)
     wall=$(( $(date +%s) - start ))
     rm -f "$RES/logs/round$ROUND.full.log"
     heldout_eval "round$ROUND"
-    $PY scripts/training_curve.py "$RES" "$ROUND" "$wall" "expertmesh data ${DATA_ARGS[*]}; batch $BATCH${MAX_STEPS:+; max_steps $MAX_STEPS}${TRAIN_ONLY:+; train_only $TRAIN_ONLY}" ;;
+    $PY scripts/training_curve.py "$RES" "$ROUND" "$wall" "expertmesh data ${DATA_ARGS[*]}; batch $BATCH${MAX_STEPS:+; max_steps $MAX_STEPS}${TRAIN_ONLY:+; train_only $TRAIN_ONLY}${LR:+; lr $LR}" ;;
   long)
     N=${2:-5}
     cli data --fetch-text --text heldout --text-cache "$TEXT" >/dev/null

@@ -310,6 +310,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, help="override the config's batch_size")
     p.add_argument("--storage-path", dest="storage_path", help="override Ray Train's storage path")
     p.add_argument("--time-limit-s", dest="time_limit_s", type=float, help="stop after this many seconds of training")
+    p.add_argument("--lr", type=float, help="override the config's peak learning rate")
     p.add_argument("--train-only", dest="train_only", action="append",
                    help="train only parameters whose name starts with this prefix (repeatable); the rest stays frozen")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", default=None, help="train on GPUs")
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_from_args(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("data", "name", "output", "init_from", "resume_from", "state_output",
                                                "num_workers", "max_steps", "batch_size", "storage_path",
-                                               "use_gpu", "time_limit_s", "train_only")}
+                                               "use_gpu", "time_limit_s", "train_only", "lr")}
     cfg = TrainConfig.from_yaml(args.config, **overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
     t0 = time.time()
