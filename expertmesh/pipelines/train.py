@@ -324,11 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_from_args(args)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The YAML config with the command line's overrides."""
     overrides = {k: getattr(args, k) for k in ("data", "name", "output", "init_from", "resume_from", "state_output",
                                                "num_workers", "max_steps", "batch_size", "storage_path",
                                                "use_gpu", "time_limit_s", "train_only", "lr")}
-    cfg = TrainConfig.from_yaml(args.config, **overrides)
+    return TrainConfig.from_yaml(args.config, **overrides)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     address = args.address or os.environ.get("RAY_ADDRESS")
     t0 = time.time()
     result = run(cfg, address)

@@ -92,3 +92,16 @@ def test_train_only_moves_only_the_named_layer_and_keeps_the_others_moments(tmp_
                                            "train_only": ["model.layers.1"]}))
     with pytest.raises(ValueError, match="train_only must be a non-empty list"):
         TrainConfig.from_dict({"data": "unused", "train_only": "layers.1."})
+
+
+def test_the_command_line_sets_lr_and_train_only():
+    import argparse
+
+    from expertmesh.pipelines.train import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--config", str(ROOT / "configs" / "demo-model-cpu.yaml"), "--lr", "2e-3",
+                                         "--train-only", "layers.2.", "--train-only", "norm."]))
+    assert cfg.lr == 2e-3 and cfg.train_only == ["layers.2.", "norm."]
+    assert config_from_args(p.parse_args(["--config", str(ROOT / "configs" / "demo-model-cpu.yaml")])).train_only is None
