@@ -59,9 +59,8 @@ def build_model(cfg: TrainConfig) -> MoETransformer:
         names = [n for n, _ in model.named_parameters()]
         for prefix in cfg.train_only:
             if not any(n.startswith(prefix) for n in names):
-                layers = sorted({".".join(n.split(".")[:2]) for n in names if n.startswith("layers.")})
                 raise ValueError(f"train_only: no parameter name starts with {prefix!r}; names are like "
-                                 f"{names[0]!r}, layers {layers[0]}..{layers[-1]}")
+                                 f"{names[0]!r}, 'layers.0.q_proj.weight' (layers 0..{len(model.layers) - 1})")
         for name, p in model.named_parameters():
             if not name.startswith(tuple(cfg.train_only)):
                 p.requires_grad_(False)
