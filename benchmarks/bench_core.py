@@ -64,7 +64,7 @@ class SingleProcess:
     def __init__(self, ckpt: Path, context: list[int], prompts: list[list[int]], steps: int) -> None:
         from expertmesh.actors.context_shard import ContextShard
         from expertmesh.actors.expert_group import ExpertGroup
-        from expertmesh.actors.router import Router
+        from expertmesh.actors.router.router import Router
         from expertmesh.mesh_spec import MeshSpec
         from expertmesh.model import load_model
         from expertmesh.model.config import ModelConfig
@@ -136,8 +136,9 @@ LAYOUTS = {"ray": {"data_plane": "ray"}, "collective": {"data_plane": "collectiv
 
 def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, lanes: int, repeats: int,
              layout: str) -> dict:
-    import ray
     from concurrent.futures import ThreadPoolExecutor
+
+    import ray
 
     import expertmesh as em
 

@@ -43,8 +43,8 @@ BASE = "389a3c4"  # main before the authenticated data plane
 
 # -- (a) formation ---------------------------------------------------------------------------
 def formation(actors: int, unix: bool, reps: int) -> dict:
-    from expertmesh.actors.handshake import new_key
-    from expertmesh.actors.socket_group import Listener, SocketGroup
+    from expertmesh.dataplane.handshake import new_key
+    from expertmesh.dataplane.socket_group import Listener, SocketGroup
 
     day = timedelta(days=1)
     auth, plain = [], []
@@ -107,7 +107,7 @@ def _plain_formation(listener, actors: int, unix: bool) -> float:
 
 # -- (b) plan encoding -----------------------------------------------------------------------
 def plans() -> dict:
-    from expertmesh.actors.step_plan import Part, PeerPlan
+    from expertmesh.engine.step_plan import Part, PeerPlan
 
     layers, heads, head_dim, hidden = 4, 4, 32, 128  # the default model's shape
 
@@ -122,7 +122,7 @@ def plans() -> dict:
 
 
 def codec(reps: int) -> list[dict]:
-    from expertmesh.actors.wire import WireLimits, decode_plan, encode_plan
+    from expertmesh.dataplane.wire import WireLimits, decode_plan, encode_plan
 
     limits = WireLimits(4, 32, 128, 4)
     out = []

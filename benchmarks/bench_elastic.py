@@ -43,7 +43,7 @@ def run(args) -> dict:
     import ray
 
     import expertmesh as em
-    from expertmesh.actors.liveness import actor_state
+    from expertmesh.dataplane.liveness import actor_state
 
     store = Path(args.store)
     shutil.rmtree(store, ignore_errors=True)

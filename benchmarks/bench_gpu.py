@@ -114,7 +114,7 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
     """The router code in this process: one in-process shard with the whole context, one group."""
     from expertmesh.actors.context_shard import ContextShard
     from expertmesh.actors.expert_group import ExpertGroup
-    from expertmesh.actors.router import Router
+    from expertmesh.actors.router.router import Router
     from expertmesh.mesh_spec import MeshSpec
     from expertmesh.model.config import ModelConfig
 

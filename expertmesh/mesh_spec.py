@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from expertmesh.actors.exchange import check_data_plane, check_transport
+from expertmesh.engine.exchange import check_data_plane, check_transport
 from expertmesh.jax_backend import check_backend
 from expertmesh.model.device import check_device_dtype
 from expertmesh.store.pages import KV_DTYPES

@@ -30,12 +30,12 @@ import numpy as np
 import ray
 import torch
 
+from expertmesh.dataplane.step_worker import StepWorker
+from expertmesh.engine.pathway import quest_bound_rows
+from expertmesh.engine.step_plan import AttendItem  # noqa: F401 - the request type of `attend`
 from expertmesh.errors import CapacityError, ContextNotFound
-from expertmesh.model.device import resolve_device
 from expertmesh.model.attention import AttentionSpec, merge_partials, partial_attention
-from expertmesh.actors.pathway import quest_bound_rows
-from expertmesh.actors.step_plan import AttendItem  # noqa: F401 - the request type of `attend`
-from expertmesh.actors.step_worker import StepWorker
+from expertmesh.model.device import resolve_device
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.pages import KV_DTYPES, PageShape, SegmentFile, StoreCorrupted
 from expertmesh.store.tiers import PageTable

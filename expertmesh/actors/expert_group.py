@@ -18,9 +18,9 @@ import numpy as np
 import ray
 import torch
 
-from expertmesh.jax_backend import check_backend, configure_jax
-from expertmesh.actors.step_worker import StepWorker
+from expertmesh.dataplane.step_worker import StepWorker
 from expertmesh.errors import CapacityError
+from expertmesh.jax_backend import check_backend, configure_jax
 from expertmesh.model.checkpoint import load_experts
 from expertmesh.model.device import resolve_device, resolve_dtype
 

@@ -12,26 +12,36 @@ from typing import Any
 import numpy as np
 import ray
 
-from expertmesh.actors.liveness import down
-from expertmesh.actors.names import lookup, routers_of
 from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
 from expertmesh.actors.expert_group import RemoteExpertGroup
-from expertmesh.actors.router import RemoteRouter
+from expertmesh.actors.names import lookup, routers_of
+from expertmesh.actors.router.router import RemoteRouter
 from expertmesh.actors.worker import remote_worker
+from expertmesh.dataplane.liveness import down
+from expertmesh.errors import PlacementError
 from expertmesh.jax_backend import check_jax_installed
+from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
-from expertmesh.errors import PlacementError
-from expertmesh.mesh_spec import MeshSpec
+from expertmesh.platform.cluster import (
+    CONTEXT_SHARD,
+    EXPERT_GROUP,
+    NAMESPACE,
+    WORKER,
+    actor_name,
+    actor_options,
+    connect,
+    describe_resources,
+    gpus_per_mesh_actor,
+    missing_resources,
+    threads_per_actor,
+)
+from expertmesh.platform.layout import local_resources, pick_layout
 from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.router_set import RouterSet
-from expertmesh.platform.layout import local_resources, pick_layout
-from expertmesh.platform.cluster import (CONTEXT_SHARD, EXPERT_GROUP, NAMESPACE, WORKER, actor_name, actor_options,
-                                         connect, describe_resources, gpus_per_mesh_actor, missing_resources,
-                                         threads_per_actor)
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.location import StoreLocation
 from expertmesh.store.registry import ContextInfo
@@ -156,8 +166,12 @@ class Mesh:
 
             shard_cls, shard_plain = RemoteContextShard, ContextShard
             if spec.shard_backend == "jax":  # imports JAX in the shard actors only
-                from expertmesh.actors.jax_context_shard import JaxContextShard as shard_plain
-                from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as shard_cls
+                from expertmesh.actors.jax_context_shard import (
+                    JaxContextShard as shard_plain,
+                )
+                from expertmesh.actors.jax_context_shard import (
+                    RemoteJaxContextShard as shard_cls,
+                )
             shard_args = [(i, specs, spec.shard_capacity_tokens, spec.page_size, threads, store,
                            spec.shard_memory_bytes, spec.kv_dtype, device, gpus or None)
                           for i in range(max(context_shards, len(partition)))]

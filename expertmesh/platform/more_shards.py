@@ -5,10 +5,15 @@ from __future__ import annotations
 import ray
 
 from expertmesh.actors.context_shard import RemoteContextShard
-from expertmesh.actors.liveness import actor_row
 from expertmesh.actors.names import mesh_of
+from expertmesh.dataplane.liveness import actor_row
 from expertmesh.errors import PlacementError, Unavailable
-from expertmesh.platform.cluster import CONTEXT_SHARD, NAMESPACE, actor_name, actor_options
+from expertmesh.platform.cluster import (
+    CONTEXT_SHARD,
+    NAMESPACE,
+    actor_name,
+    actor_options,
+)
 
 
 def start_shards(router, shards: list, n: int, timeout_s: float) -> list[tuple[str, object]]:

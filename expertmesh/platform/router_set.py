@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import ray
 
-from expertmesh.actors.liveness import down
+from expertmesh.dataplane.liveness import down
 from expertmesh.errors import Unavailable
 
 RECOVER_TIMEOUT_S = 60.0  # how long a call waits for a restarting router before it gives up

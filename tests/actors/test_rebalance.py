@@ -12,9 +12,9 @@ import pytest
 import ray
 
 import expertmesh as em
-from expertmesh.actors.liveness import actor_state
-from expertmesh.actors.placement import plan_moves
+from expertmesh.actors.router.placement import plan_moves
 from expertmesh.cli import main
+from expertmesh.dataplane.liveness import actor_state
 from tests.actors.test_takeover import held, kill_for_good
 
 pytestmark = pytest.mark.ray

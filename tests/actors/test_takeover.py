@@ -8,7 +8,7 @@ import pytest
 import ray
 
 import expertmesh as em
-from expertmesh.actors.liveness import actor_state
+from expertmesh.dataplane.liveness import actor_state
 
 pytestmark = pytest.mark.ray
 PROMPT = [5, 17, 42, 99, 7, 3]

@@ -55,18 +55,18 @@ def test_bad_placement_values_are_refused(chart, key, value, what):  # noqa: F81
 
 
 def test_cli_placement_flags_parse_and_go_to_the_mesh():
-    from expertmesh import cli
+    from expertmesh.cli import mesh_args
 
     p = argparse.ArgumentParser()
-    cli._mesh_args(p)
-    kw = cli._store_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
+    mesh_args.mesh_args(p)
+    kw = mesh_args.mesh_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
                                          "--data-plane", "ray", "--routers", "3", "--micro-batches", "2"]))
-    assert {k: kw[k] for k in cli.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
+    assert {k: kw[k] for k in mesh_args.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
                                                  "data_plane": "ray", "routers": 3, "micro_batches": 2}
-    assert {k: cli._store_kwargs(p.parse_args([]))[k] for k in cli.PLACEMENT} == {  # None: picked (layout.py)
+    assert {k: mesh_args.mesh_kwargs(p.parse_args([]))[k] for k in mesh_args.PLACEMENT} == {  # None: picked (layout.py)
         "device": "auto", "dtype": "auto", "colocate": None, "data_plane": "collective", "routers": 1,
         "micro_batches": 1}
-    assert cli._store_kwargs(p.parse_args(["--no-colocate"]))["colocate"] is False
+    assert mesh_args.mesh_kwargs(p.parse_args(["--no-colocate"]))["colocate"] is False
     assert p.parse_args([]).context_shards is None and p.parse_args([]).expert_groups is None
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])

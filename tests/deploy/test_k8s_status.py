@@ -52,7 +52,7 @@ import urllib3
 import yaml
 from kubernetes import client
 
-from expertmesh.platform.k8s_status import format_status, rayservice_status
+from expertmesh.cli.k8s_status import format_status, rayservice_status
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CRD = Path(__file__).resolve().parent / "kuberay-crds" / "ray.io_rayservices.yaml"  # vendored, see its README

@@ -27,7 +27,7 @@ import numpy as np
 import ray
 import torch
 import expertmesh as em
-from expertmesh.actors.liveness import actor_state
+from expertmesh.dataplane.liveness import actor_state
 from expertmesh.model.checkpoint import load_model
 from tests.faults import wait_until_served_by
 from tests.hosts.netns import Hosts

@@ -7,8 +7,9 @@ import torch
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-from expertmesh.actors.pathway import quest_bound_rows as torch_quest  # noqa: E402
-from expertmesh.jax_backend import attention as ja, bucket  # noqa: E402
+from expertmesh.engine.pathway import quest_bound_rows as torch_quest  # noqa: E402
+from expertmesh.jax_backend import attention as ja  # noqa: E402
+from expertmesh.jax_backend import bucket
 from expertmesh.model.attention import AttentionSpec, merge_partials, partial_attention  # noqa: E402
 
 SPECS = {

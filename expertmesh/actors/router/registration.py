@@ -1,0 +1,249 @@
+"""Registering contexts: how the router turns token ids into KV segment files on the shards.
+
+A mixin of the Router (the methods use its model, shards, catalog and step loop): registration
+in pieces of max_batch_tokens, KV reuse from the store, manifests, and adopting contexts a
+store or the shards already hold when a router (re)starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import uuid
+
+import numpy as np
+import ray
+import torch
+
+from expertmesh.dataplane.calls import call
+from expertmesh.dataplane.liveness import down
+from expertmesh.engine.sequence import Sequence
+from expertmesh.errors import Unavailable
+from expertmesh.model.sampling import SamplingParams
+from expertmesh.store.catalog import tokens_sha256
+from expertmesh.store.manifest import Manifest, SegmentEntry
+from expertmesh.store.registry import (
+    MODES,
+    ContextInfo,
+    ContextRecord,
+    Segment,
+    plan_segments,
+)
+
+
+class Registration:
+    async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
+                               context_id: str | None = None, owner: str = "default",
+                               visibility: str = "private", name: str | None = None) -> ContextInfo:
+        """Compute the context's KV into segment files on the shards, piece by piece (bounded
+        memory); with a store, its manifest is written last. Stored KV of the same tokens (same
+        model, mode and cut) is reused instead of recomputed."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self._check_tokens(token_ids, "context")
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        cid = context_id or f"ctx-{uuid.uuid4().hex[:12]}"
+        self._sync_directory()
+        if cid in self.contexts or (self.catalog is not None and self.catalog.exists(cid)):
+            raise ValueError(f"context id {cid!r} is already registered")
+        if len(token_ids) > self.cfg.max_position_embeddings:
+            raise ValueError(f"context of {len(token_ids):,} tokens exceeds max_position_embeddings "
+                             f"({self.cfg.max_position_embeddings:,})")
+        # segment starts on page boundaries, so any piece may write into any segment
+        free, absent = self._free_tokens(), {i: st for i, h in enumerate(self.shards) if (st := down(h))}
+        if absent:  # a new context goes to the shards that are running
+            running = len(self.shards) - len(absent)
+            if running == 0 or (shards is not None and shards > running):
+                raise Unavailable(f"{shards or 1} context shard(s) needed and {running} running: context shards "
+                                  f"{sorted(absent)} are not (Ray reports {sorted(set(absent.values()))}); retry later")
+            shards = shards or running
+            free = [-1 if i in absent else f for i, f in enumerate(free)]
+        segments = plan_segments(len(token_ids), free, self.capacity_tokens,
+                                 math.lcm(self.cfg.alignment, self.page_size), shards)
+        info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
+                           time.time(), self.kv_dtype, self.catalog is not None)
+        record = ContextRecord(info, segments)
+        record.files = [f"{cid}.{i}.kv" for i in range(len(segments))]
+        record.nbytes = [0] * len(segments)
+        digests = self._digests(token_ids, segments)
+        reused = self._reuse(record, digests)
+        self.contexts[cid] = record
+        if self.catalog is not None:  # before any file: no other mesh's clean-up removes them meanwhile
+            self.catalog.begin_pending(cid, record.files)
+        try:
+            if reused:  # stored KV of the same tokens (same model, mode, positions): no recompute
+                await self._open_segments(record, reused)
+            todo = [i for i in range(len(segments)) if i not in reused]
+            if todo:
+                await self._compute_segments(record, token_ids, todo)
+            if self.catalog is not None:
+                self.catalog.add(self._manifest(record, digests))
+        except BaseException as exc:
+            self.contexts.pop(cid, None)
+            self.engine.summaries.pop(cid, None)
+            await asyncio.gather(*(call(self.shards[s.shard], "drop", cid, timeout_s=5.0) for s in segments),
+                                 return_exceptions=True)  # best effort: a shard that cannot answer holds nothing
+            if isinstance(exc, ray.exceptions.RayActorError):  # a shard's, not this router's: say which
+                raise Unavailable(f"context {cid!r} was not registered: context shard(s) "
+                                  f"{await self._unreachable_shards()} did not answer ({type(exc).__name__}); "
+                                  "retry later") from None
+            raise
+        finally:
+            if self.catalog is not None:
+                self.catalog.end_pending(cid)
+        record.ready = True
+        record.opened = True
+        self.lost.pop(cid, None)
+        await self._tell_elsewhere("learn_context", cid)  # listed by this mesh's other routers once this returns
+        return info
+
+    async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
+        got = await asyncio.gather(*(call(s, "contexts", timeout_s=timeout_s) for s in self.shards),
+                                   return_exceptions=True)
+        return [i for i, g in enumerate(got) if isinstance(g, BaseException)]
+
+    async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int]) -> None:
+        """Compute the KV of segments `todo` into new segment files, in pieces of at most
+        max_batch_tokens. Exact: pieces run in order over the whole context, one step each, each
+        attending to everything stored before it; a piece's KV rows go to the segments it covers
+        (so a context of one piece is one step, as in a single process). Blockwise: each segment
+        on its own."""
+        cid, segments, cfg = record.info.id, record.segments, self.cfg
+        heads, head_dim = cfg.num_kv_heads, cfg.head_dim
+        meta = {"info": dataclasses.asdict(record.info), "files": list(record.files),
+                "segments": [dataclasses.astuple(s) for s in segments]}
+        await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
+                                    segments[i].end, cfg.num_layers, heads, head_dim, meta, cfg.kv_latent)
+                                     for i in todo))
+        exact = record.info.mode == "exact"
+
+        async def piece(a: int, b: int, writes: list[int], own: int | None = None) -> None:
+            """Tokens [a, b) as one step; their KV rows appended to segments `writes`."""
+            if exact:  # everything before a: whole segments, and the written part of a partial one
+                seen = [Segment(s.shard, s.start, min(s.end, a)) for s in segments if s.start < a]
+            else:
+                seen = [Segment(segments[own].shard, segments[own].start, a)] if a > segments[own].start else []
+            seq = Sequence(f"{cid}/piece/{a}", "segment", token_ids[a:b].tolist(), a, seen, cid,
+                           SamplingParams(max_new_tokens=0), cfg.num_layers)
+            seq.segment_files = {s.shard: (f, s.start, s.end) for s, f in zip(segments, record.files)}
+            await self._run(seq)
+            layers = [seq.kv.get(n) for n in range(cfg.num_layers)]
+            k = [x[0].float().cpu().numpy() for x in layers]
+            v = [] if cfg.kv_latent else [x[1].float().cpu().numpy() for x in layers]  # latent: v is k
+            pos = layers[0][2].cpu().numpy()
+            calls = []
+            for i in writes:
+                lo, hi = max(a, segments[i].start) - a, min(b, segments[i].end) - a
+                if lo < hi:
+                    calls.append(call(self.shards[segments[i].shard], "append", cid, a + lo,
+                                      [x[lo:hi] for x in k], [x[lo:hi] for x in v], pos[lo:hi]))
+            await asyncio.gather(*calls)
+
+        async def segment(i: int) -> None:
+            seg = segments[i]
+            for a in range(seg.start, seg.end, self.piece_tokens):
+                await piece(a, min(seg.end, a + self.piece_tokens), [i], own=i)
+
+        if exact and todo == list(range(todo[0], todo[-1] + 1)):
+            lo, hi = segments[todo[0]].start, segments[todo[-1]].end
+            for a in range(lo, hi, self.piece_tokens):
+                await piece(a, min(hi, a + self.piece_tokens), todo)
+        elif exact:  # reused segments between computed ones: segment by segment
+            for i in todo:
+                await segment(i)
+        else:
+            await asyncio.gather(*(segment(i) for i in todo))
+        done = await asyncio.gather(*(call(self.shards[segments[i].shard], "finish", cid) for i in todo))
+        for i, (n, _) in zip(todo, done):
+            record.nbytes[i] = n
+        self._keep_summaries(record, todo, [summ for _, summ in done])
+
+    async def _open_segments(self, record: ContextRecord, which: list[int] | None = None) -> None:
+        """Have the shards serve stored segment files of a context (after a restart, or reuse)."""
+        cid = record.info.id
+        which = list(range(len(record.segments))) if which is None else which
+        # a shard that is not running: whoever stands in opens its file at the first item (takeover.py)
+        up = [i for i in which if record.segments[i].shard < len(self.shards)
+              and not down(self.shards[record.segments[i].shard])]
+        summ = await asyncio.gather(*(call(self.shards[record.segments[i].shard], "open", cid, record.files[i],
+                                           record.segments[i].start, record.segments[i].end) for i in up))
+        self._keep_summaries(record, up, summ)
+        record.opened = len(up) == len(which)
+
+    def _keep_summaries(self, record: ContextRecord, which: list[int], per_segment: list) -> None:
+        for i, summ in zip(which, per_segment):
+            record.summaries[record.segments[i].shard] = [
+                None if x is None else (torch.from_numpy(x[0]), torch.from_numpy(x[1])) for x in summ]
+        self.engine.summaries[record.info.id] = record.summaries
+
+    def _digests(self, token_ids: np.ndarray, segments: list[Segment]) -> list[tuple[str, str]]:
+        """(segment tokens sha256, prefix sha256) per segment: what stored KV may be reused for."""
+        if self.catalog is None:
+            return [("", "")] * len(segments)
+        return [(tokens_sha256(token_ids[s.start:s.end]), tokens_sha256(token_ids[:s.end])) for s in segments]
+
+    def _reuse(self, record: ContextRecord, digests: list[tuple[str, str]]) -> list[int]:
+        """Point segments at stored files computed from the same tokens; returns their indices."""
+        if self.catalog is None:
+            return []
+        out = []
+        for i, (seg, (tokens, prefix)) in enumerate(zip(record.segments, digests)):
+            entry = self.catalog.reusable_segment(record.info.mode, seg.start, seg.end, tokens, prefix,
+                                                  self.kv_dtype, self.page_size)
+            if entry is not None:
+                record.files[i], record.nbytes[i] = entry.file, entry.nbytes
+                out.append(i)
+        return out
+
+    def _manifest(self, record: ContextRecord, digests: list[tuple[str, str]]) -> Manifest:
+        i = record.info
+        return Manifest(i.id, i.num_tokens, i.mode, tuple(
+            SegmentEntry(s.shard, s.start, s.end, f, n, tokens, prefix)
+            for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
+            i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
+            digests[-1][1])  # the prefix hash of the last segment: all the context's tokens
+
+    def _adopt_from_shards(self, timeout_s: float = 10.0) -> None:
+        """A router restarted without a store: the contexts whose every segment its shard still
+        holds are served again (the shards keep the router's description of each)."""
+        if not self.shards or not all(isinstance(s, ray.actor.ActorHandle) for s in self.shards):
+            return
+        refs = [None if down(s) else s.held.remote() for s in self.shards]  # a lost shard holds nothing
+        live = [r for r in refs if r is not None]
+        ready, _ = ray.wait(live, num_returns=len(live), timeout=timeout_s)
+        held: list[dict] = []
+        for ref in refs:
+            try:
+                held.append(ray.get(ref) if ref is not None and ref in ready else {})
+            except Exception:  # noqa: BLE001 - a shard that is down holds nothing we can serve
+                held.append({})
+        for cid, meta in {c: m for h in held for c, m in h.items()}.items():
+            if cid in self.contexts or cid in self.lost:  # known here, or dropped (another router's copy may lag)
+                continue
+            segments = [Segment(*x) for x in meta["segments"]]
+            if any(s.shard >= len(held) or cid not in held[s.shard] for s in segments):
+                continue  # a segment is gone: the context was lost with its shard
+            info = meta["info"]
+            record = ContextRecord(ContextInfo(**{**info, "shards": tuple(info["shards"])}), segments)
+            record.files, record.ready = list(meta["files"]), True
+            self.contexts[cid] = record
+
+    def _adopt(self, m: Manifest) -> None:
+        """A stored context, listed at once; its shards open its files at first use. A segment on a
+        shard this mesh does not have (stored by a mesh with more shards) is served like a lost
+        shard's, by the least loaded shard from the store (takeover.py), until `rebalance`
+        moves it onto one of this mesh's shards."""
+        self.engine.foreign.update(e.shard for e in m.segments if e.shard >= len(self.shards))
+        info = ContextInfo(m.id, m.num_tokens, tuple(e.shard for e in m.segments), m.mode, m.owner, m.visibility,
+                           m.name, m.created, m.kv_dtype, True)
+        record = ContextRecord(info, [Segment(e.shard, e.start, e.end) for e in m.segments])
+        record.files, record.ready = [e.file for e in m.segments], True
+        self.contexts[m.id] = record
+
+    async def _prepare(self, context_id: str | None) -> None:
+        """A stored context's shards open its files (and send their summaries) at its first use."""
+        record = self.contexts.get(context_id) if context_id is not None else None
+        if record is not None and record.ready and not record.opened:
+            await self._open_segments(record)

@@ -1,0 +1,5 @@
+import sys
+
+from expertmesh.cli.main import main
+
+sys.exit(main())
