@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m expertmesh.cli demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests/model
