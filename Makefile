@@ -29,7 +29,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests/model
 
-# every benchmark (~15 min here), then the README's tables from their results files
+# every benchmark (~15 min here), then the tables of README.md and docs/ from their results files
 bench: setup
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_user_path.py
@@ -43,7 +43,7 @@ bench: setup
 	$(PY) benchmarks/kv_sizes.py
 	$(PY) benchmarks/readme_tables.py
 
-# the 10M-token store run (~25 min here) and its 1M counterpart (README "Context store")
+# the 10M-token store run (~25 min here) and its 1M counterpart (docs/benchmarks.md, "Context store")
 bench-store-10m: setup
 	$(PY) benchmarks/bench_store.py --tenm --depths 0.5 --kv-dtype bfloat16
 	$(PY) benchmarks/bench_store.py --tenm --tokens 1000000 --depths 0.5 --kv-dtype bfloat16 \
@@ -53,7 +53,7 @@ bench-store-10m: setup
 bench-train: setup
 	$(PY) benchmarks/bench_train.py
 
-# retrieval accuracy of the built-in model on held-out text (README "The built-in model"): ~15 min here
+# retrieval accuracy of the built-in model on held-out text (docs/training.md, "The built-in model"): ~15 min here
 eval: setup
 	PY=$(PY) scripts/eval_realtext.sh record builtin
 	$(PY) benchmarks/readme_tables.py
@@ -79,11 +79,14 @@ data-demo-v2: data-text
 train-demo-model-v2: setup
 	for s in data 1 2 3 install; do PY=$(PY) scripts/train_demo_model_v2.sh $$s; done
 
-# one round of the built-in model's CPU training (issue 22): ROUND_S seconds of training from the state
-# committed under training/demo-model-cpu/, then a held-out point of its learning curve
+# one round of the built-in model's CPU training (docs/training.md): ROUND_S seconds of training from the
+# training state in STATE_DIR (outside the repository), then a held-out point of its learning curve.
+# First run (STATE_DIR empty): the round starts from the installed model (step 0); to continue the
+# recorded rounds, first `STATE_DIR=... scripts/train_demo_model_cpu.sh restore` (a full clone's history).
 ROUND_S ?= 1200
+STATE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/expertmesh/demo-model-cpu/state
 train-demo-model-cpu: setup data-text
-	PY=$(PY) scripts/train_demo_model_cpu.sh round $(ROUND_S)
+	PY=$(PY) STATE_DIR="$(STATE_DIR)" scripts/train_demo_model_cpu.sh round $(ROUND_S)
 
 # the recorded command that trained expertmesh/assets/default-model (on a GPU host)
 train-demo-model: setup

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The built-in model v3 (issue 22), trained on a CPU machine through the project's pipeline
-# (`expertmesh data` + `expertmesh train` on Ray Train), in rounds resumable across sessions: the
-# training state (weights, optimizer moments, step) is kept under training/demo-model-cpu/ (committed
-# until the model is final, then removed); the learning curve, round logs and held-out evaluations
-# under benchmarks/results/demo_model_cpu/ (README "Retraining on the CPU").
+# (`expertmesh data` + `expertmesh train` on Ray Train), in rounds resumable across sessions. The
+# training state (weights, optimizer moments, step) lives outside the repository, in STATE_DIR
+# (default: ${XDG_CACHE_HOME:-~/.cache}/expertmesh/demo-model-cpu/state; WORK=DIR means DIR/state);
+# the learning curve, round logs and held-out evaluations go under benchmarks/results/demo_model_cpu/
+# (docs/training.md, "Training on the CPU").
 #   scripts/train_demo_model_cpu.sh round [SECONDS]  fresh data (seed 100 + round), SECONDS of training
 #                                                    (default 1200) from the state, then a held-out
 #                                                    curve point (kjv, debian-reference: never trained on)
@@ -11,10 +12,22 @@
 #                                                    1-6K tokens carry over?), default 5 samples each
 #   scripts/train_demo_model_cpu.sh install          copy the model into expertmesh/assets/default-model,
 #                                                    marked as ending its answers with eos
+#   scripts/train_demo_model_cpu.sh restore [COMMIT] put a training state recorded in the repository's
+#                                                    history into STATE_DIR (needs a full clone): 24896ce
+#                                                    (default) holds round 10's (step 2038: the installed
+#                                                    model's), 222b034 round 14's grown five-layer model
+# First run (STATE_DIR empty): `round` starts from the installed model (expertmesh/assets/default-model:
+# its weights, fresh optimizer moments, step 0 of the schedule); to continue the recorded rounds
+# instead, run `restore` first.
 set -euo pipefail
-STEP=${1:?usage: scripts/train_demo_model_cpu.sh round [SECONDS] | long [SAMPLES] | install}
-WORK=${WORK:-training/demo-model-cpu}
-STATE=$WORK/state
+STEP=${1:?usage: scripts/train_demo_model_cpu.sh round [SECONDS] | long [SAMPLES] | install | restore [COMMIT]}
+WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh/demo-model-cpu}
+STATE=${STATE_DIR:-$WORK/state}
+need_state() {
+  if [ ! -f "$STATE/model.safetensors" ]; then
+    echo "no training state in $STATE (set STATE_DIR, or run a round, or: $0 restore)" >&2; exit 2
+  fi
+}
 TEXT=${TEXT_CACHE:-data/text}
 PY=${PY:-python3}
 RES=${RES:-benchmarks/results/demo_model_cpu}
@@ -60,6 +73,9 @@ case "$STEP" in
     cli data --fetch-text --text train,heldout --text-cache "$TEXT" >/dev/null
     if [ ! -f "$DATA/part-00000.parquet" ]; then cli data --out "$DATA" "${DATA_ARGS[@]}" --workers 2; fi
     if [ -f "$STATE/trainer_state.json" ]; then FROM=(--resume-from "$STATE"); else
+      echo "first round in $STATE: starting from the installed model (expertmesh/assets/default-model, step 0);" \
+           "to continue the recorded rounds instead: $0 restore [COMMIT]" >&2
+      mkdir -p "$STATE"
       FROM=(--init-from expertmesh/assets/default-model); fi
     start=$(date +%s)
     # a run name per round: Ray Train would otherwise resume the last round's run from its own storage
@@ -73,11 +89,13 @@ case "$STEP" in
     heldout_eval "round$ROUND"
     $PY scripts/training_curve.py "$RES" "$ROUND" "$wall" "expertmesh data ${DATA_ARGS[*]}; batch $BATCH${MAX_STEPS:+; max_steps $MAX_STEPS}${TRAIN_ONLY:+; train_only $TRAIN_ONLY}${LR:+; lr $LR}" ;;
   long)
+    need_state
     N=${2:-5}
     cli data --fetch-text --text heldout --text-cache "$TEXT" >/dev/null
     cli eval passkey --source kjv --lengths 32768,131072 --modes exact --random-offsets --samples "$N" \
         --text-cache "$TEXT" --checkpoint "$STATE" --json "$RES/eval/round${done_rounds}_long_passkey_kjv.json" ;;
   install)
+    need_state
     dest=expertmesh/assets/default-model
     cp "$STATE/config.json" "$STATE/model.safetensors" "$dest/"
     $PY - "$STATE/trainer_state.json" "$dest/training.json" "$CURVE" <<'PYEOF'
@@ -91,5 +109,19 @@ summary = {"step": json.loads(state.read_text())["step"], "recipe": "configs/dem
 Path(dest).write_text(json.dumps(summary, indent=1))
 PYEOF
     ;;
-  *) echo "step must be round, long or install" >&2; exit 2 ;;
+  restore)
+    COMMIT=${2:-24896ce}
+    if [ -f "$STATE/trainer_state.json" ]; then
+      echo "$STATE already holds a training state (step $(grep -o '"step": [0-9]*' "$STATE/trainer_state.json" | head -1 | cut -d' ' -f2)): move it away first" >&2
+      exit 2
+    fi
+    if ! git cat-file -e "$COMMIT:training/demo-model-cpu/state/trainer_state.json" 2>/dev/null; then
+      echo "commit $COMMIT (or its training/demo-model-cpu/state) is not in this clone's history" \
+           "(a --depth 1 clone has none: git fetch --unshallow)" >&2
+      exit 2
+    fi
+    mkdir -p "$STATE"
+    git archive "$COMMIT" training/demo-model-cpu/state | tar -x --strip-components=3 -C "$STATE"
+    echo "restored the training state of $COMMIT into $STATE" ;;
+  *) echo "step must be round, long, install or restore" >&2; exit 2 ;;
 esac
