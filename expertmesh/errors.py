@@ -38,6 +38,11 @@ class Unavailable(ExpertMeshError):
         return type(self), (str(self), self.retry_after_s)
 
 
+class DeadlineExceeded(ExpertMeshError, TimeoutError):
+    """A request its router could not finish by the deadline it carried (`Request.deadline`);
+    the message says by how much it missed and how far it got."""
+
+
 class NoTokenizer(ExpertMeshError, ValueError):
     """A text call on a checkpoint without a usable tokenizer (use token ids)."""
 

@@ -26,6 +26,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def discard(self, seq: Sequence) -> bool:
+        """Take a sequence out before its next step (a request past its deadline); False when it
+        is not waiting here (inside a running step, or finished)."""
+        for queue in (self.waiting, self.ready):
+            i = next((i for i, s in enumerate(queue) if s is seq), None)  # by identity: no field compares
+            if i is not None:
+                del queue[i]
+                return True
+        return False
+
     def __len__(self) -> int:
         return len(self.waiting) + len(self.ready) + self.in_flight
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from expertmesh.engine.pathway import Pathway, Segment
+from expertmesh.engine.request import Result
 from expertmesh.model.kv_cache import KVCache
 from expertmesh.model.kv_pool import KVPool, SeqKV
 from expertmesh.model.sampling import SamplingParams
@@ -58,6 +59,7 @@ class Sequence:
     segment_files: dict[int, tuple[str, int, int]] = dataclasses.field(default_factory=dict)  # shard -> file
     page_reads: dict[int, Counter] = dataclasses.field(default_factory=dict)  # shard -> pages read per tier
     retries: int = 0  # steps run again after an actor failed under them (at most 1)
+    deadline: float | None = None  # time.time() by which the request must finish (Request.deadline)
     pool: dataclasses.InitVar[KVPool | None] = None  # the router's paged pool for `kv`; None: a KVCache of its own
 
     def __post_init__(self, pool: KVPool | None) -> None:
@@ -76,6 +78,19 @@ class Sequence:
         ids = self.token_ids[self.num_computed:]
         pos = torch.arange(self.start_pos + self.num_computed, self.start_pos + len(self.token_ids))
         return ids, pos
+
+    def result(self) -> Result:
+        """The request's answer as a value, now (its tokens so far, its pathway, its times)."""
+        pathway = self.pathway.summary(dict(self.group_tokens)) if self.pathway else {}
+        if pathway:
+            pathway["shards"] = sorted(self.pathway_visits)
+            pathway["pages"] = {shard: dict(r) for shard, r in sorted(self.page_reads.items())}
+        return Result(
+            request_id=self.request_id, token_ids=tuple(self.output), finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_len, completion_tokens=len(self.output),
+            context_tokens=self.start_pos if self.context_id else 0, pathway=pathway,
+            ttft_s=(self.t_first - self.t_submit) if self.t_first else None,
+            total_s=time.perf_counter() - self.t_submit)
 
     def freeze_pathway(self) -> None:
         if self.pathway is None:
