@@ -24,6 +24,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 STORE_FORMAT = "expertmesh-store/1"
 DIRECTORIES = ("contexts", "segments", "members", "pending", "dropped")
@@ -32,6 +33,16 @@ SCRATCH_TTL_S = 600.0  # an atomic small-file write older than this was interrup
 
 class StoreMismatch(Exception):
     """A store written by another model (or format) than the mesh's."""
+
+
+class Stamp(NamedTuple):
+    """What a listing says of a file, to tell a rewritten one without reading it. A local
+    directory's is exact (an atomic write is a new inode); an object store's is its mtime and
+    size, and a same-size rewrite within the mtime's resolution looks unchanged."""
+
+    inode: int | None
+    mtime_ns: int | None
+    size: int
 
 
 def _cache_root() -> Path:
@@ -99,12 +110,25 @@ class StoreLocation:
 
     def list(self, sub: str) -> list[str]:
         """File names directly under contexts/ or segments/."""
+        return sorted(self.stamps(sub))
+
+    def stamps(self, sub: str) -> dict[str, Stamp]:
+        """File names directly under `sub`, each with its stamp; one listing."""
         if self.local is not None:
-            return sorted(p.name for p in (self.local / sub).iterdir() if p.is_file())
+            out = {}
+            with os.scandir(self.local / sub) as entries:
+                for e in entries:
+                    try:
+                        if e.is_file():
+                            st = e.stat()
+                            out[e.name] = Stamp(st.st_ino, st.st_mtime_ns, st.st_size)
+                    except FileNotFoundError:  # deleted while listed
+                        continue
+            return out
         import pyarrow.fs as pafs
 
         infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{sub}", allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        return {i.base_name: Stamp(None, i.mtime_ns, i.size) for i in infos if i.type == pafs.FileType.File}
 
     # -- segment files ------------------------------------------------------------------------
     def scratch_file(self, name: str) -> Path:
@@ -137,12 +161,17 @@ class StoreLocation:
             os.replace(tmp, local)
         return local
 
-    def clean_scratch(self, keep: set[str] = frozenset()) -> int:
-        """Remove leftovers of interrupted writes; returns how many. A segment's scratch file
-        (`<segment>.<random>.part` / `.download`) stays while `keep` names its segment (a live
-        registration); a small file's (`<random>.part`) while younger than SCRATCH_TTL_S."""
+    def scratch_files(self) -> list[Path]:
+        """The scratch directory's files now (what `clean_scratch` may remove)."""
+        return list(self.scratch.iterdir())
+
+    def clean_scratch(self, files: list[Path], keep: set[str] = frozenset()) -> int:
+        """Remove leftovers of interrupted writes among `files` (listed by `scratch_files` before
+        `keep` was read); returns how many. A segment's scratch file (`<segment>.<random>.part` /
+        `.download`) stays while `keep` names its segment (a live registration); a small file's
+        (`<random>.part`) while younger than SCRATCH_TTL_S."""
         n, now = 0, time.time()
-        for p in list(self.scratch.iterdir()):
+        for p in files:
             stem = p.name.rsplit(".", 1)[0]  # without .part / .download
             segment = stem.rsplit(".", 1)[0] if "." in stem else None
             try:

@@ -177,3 +177,99 @@ def test_page_table_gives_a_new_segment_ascending_slots_after_a_drop():
         second = t.admit(rounds, 1, np.arange(8), evict=False)
         assert first.tolist() == list(range(8)) and second.tolist() == list(range(8, 16))
         t.remove_segment(rounds, 2)
+
+
+class _Registration:
+    """A registration by another live member, one store write per `step`, in the order the router
+    writes: pending entry, a segment's scratch file, its publication, a second segment file, the
+    manifest, the end of the pending entry."""
+
+    def __init__(self, catalog, root, scratch, cid):
+        self.cat, self.root, self.scratch, self.cid = catalog, root, scratch, cid
+        self.files = [f"{cid}.0.kv", f"{cid}.1.kv"]
+        self.part = scratch / f"{self.files[0]}.1a2b3c4d.part"
+        self.done, self.lost = 0, []
+
+    def step(self):
+        writes = [lambda: self.cat.begin_pending(self.cid, self.files),
+                  lambda: self.part.write_bytes(b"being written"),
+                  self._publish,
+                  lambda: (self.root / "segments" / self.files[1]).write_bytes(b"published"),
+                  lambda: self.cat.add(manifest(self.cid, self.files)),
+                  lambda: self.cat.end_pending(self.cid)]
+        if self.done < len(writes):
+            writes[self.done]()
+            self.done += 1
+
+    def _publish(self):
+        if not self.part.exists():  # deleted under the registration: its shard would fail here
+            self.lost.append(self.part)
+            return
+        self.part.rename(self.root / "segments" / self.files[0])
+
+    def expected(self):
+        """The files this registration has written so far, where they should be now."""
+        if self.done == 2:
+            return [self.part]
+        return [self.root / "segments" / f for f in self.files[:{3: 1}.get(self.done, 2)]] if self.done > 2 else []
+
+
+def test_registrations_starting_inside_the_clean_up_window_lose_no_file(shared):
+    """Clean-up lists, reads what is in use and deletes; another member's registrations begin,
+    write and finish between any two of its reads of the store. None of their files goes."""
+    store, root, scratch = shared
+    cleaner = Catalog.open(store, "fp-a", {})
+    writer = Catalog.open(store, "fp-a", {})
+    (root / "segments" / "stray.0.kv").write_bytes(b"no one's")  # an orphan of a dead registration
+    started = []
+
+    def tick():  # every read the clean-up makes: a new registration begins, each running one moves on
+        started.append(_Registration(writer, root, scratch, f"r{len(started)}"))
+        for r in started:
+            r.step()
+
+    loc = cleaner.location
+    for method in ("list", "read_bytes"):
+        real = getattr(loc, method)
+        setattr(loc, method, lambda *a, _real=real, **k: (tick(), _real(*a, **k))[1])
+    real_live = cleaner.member.live
+    cleaner.member.live = lambda: (tick(), real_live())[1]
+    cleaner.clean_orphans()
+    assert len(started) >= 6, len(started)
+    lost = [str(p) for r in started for p in [*r.lost, *(p for p in r.expected() if not p.exists())]]
+    assert not lost, f"{len(lost)} files of registrations in flight deleted: {lost[:4]}"
+    assert not (root / "segments" / "stray.0.kv").exists()  # the orphan still goes
+
+
+def test_a_rewritten_manifest_is_read_again_by_every_other_catalog(shared):
+    """`relocate` (a rebalance) rewrites a manifest in place: another mesh's next read of the
+    directory reports it, with the new layout, and reads no unchanged manifest twice."""
+    store, root, _ = shared
+    a = Catalog.open(store, "fp-a", {}, group="mesh-a")
+    b = Catalog.open(store, "fp-a", {}, group="mesh-b")
+    a.add(manifest("moved", ["m.0.kv", "m.1.kv"]))
+    a.add(manifest("still", ["s.0.kv"]))
+    published, removed = b.sync()
+    assert sorted(m.id for m in published) == ["moved", "still"] and not removed
+    assert a.relocate("moved", [3, 2])
+    published, removed = b.changes()
+    assert [(m.id, [e.shard for e in m.segments]) for m in published] == [("moved", [3, 2])] and not removed
+    assert b.changes() == ([], set())
+    reads = []
+    real = b.location.read_bytes
+    b.location.read_bytes = lambda rel: (reads.append(rel), real(rel))[1]
+    b._listed += 60  # as if the last listing came a minute after the writes: stamps are sure then
+    b.reload()
+    assert reads == [], reads
+
+
+def test_a_mesh_alone_on_its_store_need_not_re_read_it(tmp_path):
+    """`tend` says whether another mesh's member is live: the routers of one mesh (one group)
+    do not count; a lease without a group (a mesh of its own) does."""
+    a = Catalog.open(str(tmp_path), "fp-a", {}, group="mesh-a")
+    sibling = Catalog.open(str(tmp_path), "fp-a", {}, group="mesh-a")
+    assert a.tend() is False
+    other = Catalog.open(str(tmp_path), "fp-a", {})
+    assert a.tend() is True and sibling.tend() is True
+    other.close()
+    assert a.tend() is False
