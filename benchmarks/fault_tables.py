@@ -1,5 +1,6 @@
-"""The README's "Faults and recovery" tables: hosts lost and added (multi_host.json), a shard
-lost under a 1M-token context (elastic.json), several routers (routers.json)."""
+"""The fault tables: hosts lost and added (multi_host.json: docs/faults.md), a shard lost under a
+1M-token context (elastic.json), several routers (routers.json), micro-batch ping-pong
+(micro_batches.json) and two meshes on one store (shared_store.json: docs/benchmarks.md)."""
 
 from __future__ import annotations
 

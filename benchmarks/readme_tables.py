@@ -1,11 +1,13 @@
-"""Write the README's benchmark and retrieval tables from the results files, so they cannot drift.
+"""Write the benchmark and retrieval tables of README.md and docs/ from the results files, so they
+cannot drift.
 
-Every table (and every figure stated next to it) lives in README.md between marker comments,
-`<!-- table:NAME -->` ... `<!-- /table:NAME -->`; this script replaces what is between them
-with text generated from benchmarks/results/*.json. `make bench` runs it after the benchmarks.
+Every table (and every figure stated next to it) lives in one page (PAGES below: the docs page
+that holds its detail, or README.md for the headline "What works" table) between marker
+comments, `<!-- table:NAME -->` ... `<!-- /table:NAME -->`; this script replaces what is between
+them with text generated from benchmarks/results/*.json. `make bench` runs it after the benchmarks.
 
-    python benchmarks/readme_tables.py            # rewrite README.md
-    python benchmarks/readme_tables.py --check    # exit 1 if README.md differs (the tests run this)
+    python benchmarks/readme_tables.py            # rewrite README.md and docs/*.md
+    python benchmarks/readme_tables.py --check    # exit 1 if a page differs (the tests run this)
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import statistics
 import sys
 
 from fault_tables import elastic, micro_batches, multi_host, routers, shared_store
+from headline_table import headline
 from table_format import ROOT, _load, _ms, _s, _x
 from training_tables import builtin_heldout, cpu_curve
 
-README = ROOT / "README.md"
-
-# targets the project set itself (README "Benchmarks"); the figures come from the files
+# targets the project set itself (docs/benchmarks.md); the figures come from the files
 TARGETS = {"mesh_decode": 1.5, "mesh_register": 1.3, "ttft_speedup": 50.0, "streams_32_over_1": 8.0,
            "train_ratio": 0.9}
 
@@ -322,36 +323,60 @@ def user_path() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"core": core, "user_path": user_path, "serve": serve, "train": train, "store": store,
-          "dataplane": dataplane, "kv_sizes": kv_sizes, "multi_host": multi_host, "elastic": elastic,
-          "routers": routers, "micro_batches": micro_batches, "shared_store": shared_store, "cpu_curve": cpu_curve,
-          "builtin_heldout": builtin_heldout}
+# page (relative to the repository root) -> the tables it holds, each a function of the results files
+PAGES = {
+    "README.md": {"headline": headline},
+    "docs/benchmarks.md": {"core": core, "user_path": user_path, "serve": serve, "train": train, "store": store,
+                           "dataplane": dataplane, "elastic": elastic, "routers": routers,
+                           "micro_batches": micro_batches, "shared_store": shared_store},
+    "docs/faults.md": {"multi_host": multi_host},
+    "docs/store.md": {"kv_sizes": kv_sizes},
+    "docs/training.md": {"cpu_curve": cpu_curve, "builtin_heldout": builtin_heldout},
+}
 
 
-def render(text: str) -> str:
-    for name, make in TABLES.items():
+def render(page: str, text: str) -> str:
+    for name, make in PAGES[page].items():
         start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
         if text.count(start) != 1 or text.count(end) != 1:
-            raise SystemExit(f"README.md needs exactly one {start} ... {end} pair")
+            raise SystemExit(f"{page} needs exactly one {start} ... {end} pair")
         head, rest = text.split(start)
         _, tail = rest.split(end)
         text = f"{head}{start}\n{make()}\n{end}{tail}"
     return text
 
 
+def stray_markers() -> list[str]:
+    """Markers of a table in a page that does not hold it (a table moved without PAGES)."""
+    out = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        page = str(path.relative_to(ROOT))
+        for name in {n for names in PAGES.values() for n in names} - set(PAGES.get(page, {})):
+            if f"<!-- table:{name} -->" in path.read_text():
+                out.append(f"{page}: table {name} belongs in "
+                           + next(p for p, names in PAGES.items() if name in names))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is stale")
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a page is stale")
     args = ap.parse_args()
-    old = README.read_text()
-    new = render(old)
-    if args.check:
-        if new != old:
-            print("README.md tables differ from benchmarks/results: run python benchmarks/readme_tables.py")
-            return 1
-        return 0
-    README.write_text(new)
-    print("README.md tables written from benchmarks/results")
+    stale = stray_markers()
+    for page in PAGES:
+        path = ROOT / page
+        old = path.read_text()
+        new = render(page, old)
+        if new == old:
+            continue
+        if args.check:
+            stale.append(f"{page}: tables differ from benchmarks/results")
+        else:
+            path.write_text(new)
+            print(f"{page}: tables written from benchmarks/results")
+    if stale:
+        print("\n".join(stale) + "\nrun: python benchmarks/readme_tables.py", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Where the results files are, and how the README's tables write figures (readme_tables.py)."""
+"""Where the results files are, and how the tables of README.md and docs/ write figures
+(readme_tables.py)."""
 
 from __future__ import annotations
 

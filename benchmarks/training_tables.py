@@ -1,4 +1,5 @@
-"""The README's learning-curve table of the built-in model's CPU training (readme_tables.py).
+"""The built-in model's tables in docs/training.md (readme_tables.py): the learning curve of its CPU
+training, and its retrieval on held-out text.
 
 From benchmarks/results/demo_model_cpu/: `curve.jsonl` (tokens and training seconds per round) and
 `eval/roundN_*.json` (held-out evaluations after round N); the shipped model's row comes from
@@ -63,7 +64,7 @@ def cpu_curve() -> str:
     return "\n".join(lines)
 
 
-# -- the built-in model on held-out text (README "The built-in model": `make eval`) ---------------
+# -- the built-in model on held-out text (docs/training.md "The built-in model": `make eval`) ------
 NAME = "builtin"  # scripts/eval_realtext.sh record builtin
 TARGET = {"passkey": 0.95, "multikey": 0.90, "offset": 0.90, "stops": 0.95}
 

@@ -1,0 +1,160 @@
+"""The README's "What works" table (readme_tables.py): one row per capability, its headline figure
+read from the results file that holds it, what it was measured on, and the docs page with the
+full table. Only the exactness row is not from a results file: it names the tests that check it.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from table_format import _load, _ms, _s, _x
+from training_tables import TARGET, _report
+
+CPU = "2-core CPU VM"
+
+
+def _cores(report: dict) -> str:
+    """'2-core CPU VM' from whichever way a results file records its machine."""
+    m = report.get("machine")
+    cpus = m.get("cpus") if isinstance(m, dict) else report.get("cpus")
+    if cpus is None and isinstance(m, str) and m.split()[0].isdigit():
+        cpus = int(m.split()[0])
+    return f"{cpus}-core CPU VM" if cpus else CPU
+
+
+def _model(report: dict) -> str:
+    name = str(report.get("model", "default"))
+    return "built-in model" if name.startswith("default") else name
+
+
+def _same(ok: bool, what: str) -> str:
+    return f"the same {what}" if ok else f"**another {what}**"
+
+
+def _when(report: dict) -> str:
+    return f", {report['date']}" if report.get("date") else ""
+
+
+def _row(what: str, figure: str, on: str, link: str) -> str:
+    return f"| {what} | {figure} | {on} | {link} |"
+
+
+def headline() -> str:
+    serve, user, store, m10 = _load("serve.json"), _load("user_path.json"), _load("store.json"), _load("store_10m.json")
+    hosts, elastic, routers = _load("multi_host.json"), _load("elastic.json"), _load("routers.json")
+    shared, train, plane = _load("shared_store.json"), _load("train.json"), _load("dataplane.json")
+    rows = ["| what works | measured | on | detail |", "|---|---|---|---|"]
+
+    rows.append(_row(
+        "Exact distributed path", "logits within 1e-4 of Hugging Face's (fp32) with every shard visited; "
+        f"{hosts['exact_over_tcp']:.1e} from the single process across hosts over TCP",
+        "seven architectures' tiny configs (`tests/model/test_parity_hf.py`, `tests/actors/test_mesh_parity.py`); "
+        "five hosts as network namespaces (`results/multi_host.json`)",
+        "[architecture](docs/architecture.md#models)"))
+
+    k = serve["context_tokens"] // 1024
+    hf = serve["hf_generate_ttft_s"].get("fastest", serve["hf_generate_ttft_s"]["median"])
+    rows.append(_row(
+        "Questions over a registered context (HTTP, streaming)",
+        f"time to first token {serve['mesh_http_ttft_s']['median'] * 1e3:.0f} ms over a {k}K-token context, "
+        f"against {_s(hf)} for Hugging Face `generate` re-reading it (**{serve['ttft_speedup_vs_hf']:.0f}x**)",
+        f"{_model(serve)}, 4 shards + 2 expert groups; {_cores(serve)}{_when(serve)}",
+        "[benchmarks](docs/benchmarks.md#serving)"))
+
+    d = user["layouts"]["default"]
+    lay = d["mesh"]["layout"]
+    rows.append(_row(
+        "Decoding as a user calls it (`Mesh.generate`)",
+        f"{_ms(d['mesh']['decode_b1_s'])} a step at batch 1 ({_x(d['ratios']['decode_b1_mesh_over_hf'])} Hugging "
+        f"Face's with a prefix cache), {_ms(d['mesh']['decode_b16_s'])} at batch 16 "
+        f"({_x(d['ratios']['decode_b16_mesh_over_hf'])})",
+        f"{_model(user)}, {user['context_tokens'] // 1024}K-token context, the default layout (router + "
+        f"{lay['context_shards']} colocated worker); {_cores(user)}{_when(user)}",
+        "[benchmarks](docs/benchmarks.md#the-users-path)"))
+
+    rs = store["restart"]
+    base = store["register_s"] + store["first_answer_after_register_s"]
+    rows.append(_row(
+        "Contexts that survive restarts (the store)",
+        f"first answer {_s(rs['first_answer_after_start_s'])} after a restart, against {_s(base)} to register a "
+        f"{store['tokens']:,}-token context again and answer (**{store['ratios']['restart_vs_register_plus_answer']:.0f}x**)",
+        f"built-in model, 4 shards + 2 expert groups, store on local disk, `top_pages={store['top_pages']}`; "
+        f"{_cores(store)}", "[benchmarks](docs/benchmarks.md#context-store)"))
+
+    d10 = m10["depths"][0]
+    rows.append(_row(
+        "Contexts larger than memory",
+        f"{m10['tokens']:,} tokens: time to first token {_s(d10['top_pages']['ttft_s'])} (`top_pages`), "
+        f"{_s(d10['exact']['ttft_s'])} exact; peak memory of every process {d10['peak_rss_bytes'] / 2 ** 30:.2f} GiB; "
+        f"registration {d10['register_s'] / 60:.0f} min",
+        f"built-in model, {m10['kv_dtype']} KV, {m10['budget_bytes'] >> 20} MiB hot per shard; one {_cores(m10)} "
+        "with 24 GiB", "[benchmarks](docs/benchmarks.md#context-store)"))
+
+    h = hosts["shard_host_killed"]
+    rows.append(_row(
+        "A host lost mid-stream",
+        f"context shard's host SIGKILLed: the stream served again after {_s(h['served_again_s'])}, {h['stream']} "
+        f"(Ray declared it dead after {_s(h['ray_reported_s'])}); expert group's host: "
+        f"{_s(hosts['expert_host_killed']['served_again_s'])}",
+        "tiny Mixtral with a store; five hosts as Linux network namespaces on one 2-core CPU VM",
+        "[faults](docs/faults.md#on-real-hosts)"))
+
+    t = elastic["takeover"]
+    rows.append(_row(
+        "A shard lost for good",
+        f"answered again {_s(t['served_again_s'])} after the kill, {_same(t['same_answer'], 'answer')}, against "
+        f"{elastic['baseline']['register_plus_answer_s']:.1f} s to register the {elastic['tokens']:,}-token "
+        "context again; `add_shards` + `rebalance` move its segment onto a new shard",
+        f"built-in model, {elastic['context_shards']} shards + {elastic['expert_groups']} groups, store on local "
+        f"disk; {_cores(elastic)}", "[benchmarks](docs/benchmarks.md#a-context-shard-lost-for-good)"))
+
+    runs = {r["routers"]: r["failover"] for r in routers["runs"]}
+    rows.append(_row(
+        "Several routers",
+        f"a request whose router is killed under it finishes {_s(runs[2]['extra_s'])} late with 2 routers, "
+        f"{_s(runs[1]['extra_s'])} with 1; {_same(runs[2]['same_tokens'] and runs[1]['same_tokens'], 'tokens')}",
+        f"built-in model, {routers['context_tokens'] // 1024}K-token context; {_cores(routers)}",
+        "[benchmarks](docs/benchmarks.md#several-routers)"))
+
+    s = shared["summary"]
+    rows.append(_row(
+        "Two meshes on one store (a RayService upgrade)",
+        f"a context registered by one is answered by the other at once ({_s(s['other_first_answer_s']['median'])}) "
+        f"and listed after {_s(s['other_lists_it_after_s']['median'])} (median of {len(shared['trials'])})",
+        f"{_model(shared)}, {shared['context_tokens']:,}-token contexts; {_cores(shared)}{_when(shared)}",
+        "[benchmarks](docs/benchmarks.md#two-meshes-on-one-store)"))
+
+    found = {}
+    for suffix in ("passkey_kjv", "multikey_kjv", "passkey_1m_kjv"):
+        for r in (_report(suffix) or {}).get("results", []):
+            found[(suffix, r["length"])] = r
+    cell = lambda suffix, n: (f"{found[(suffix, n)]['correct']}/{found[(suffix, n)]['samples']}"
+                              if (suffix, n) in found else "-")
+    rows.append(_row(
+        "Retrieval by the built-in model (held-out text)",
+        f"passkey {cell('passkey_kjv', 4096)} at ~4K, {cell('passkey_kjv', 32768)} at ~32K, "
+        f"{cell('passkey_kjv', 131072)} at ~128K, {cell('passkey_1m_kjv', 1048576)} at ~1M (blockwise); "
+        f"multi-key {cell('multikey_kjv', 32768)} at ~32K (target {TARGET['multikey']:.0%}: "
+        + ("met)" if (mk := found.get(("multikey_kjv", 32768))) and mk["accuracy"] >= TARGET["multikey"]
+           else "**not met**)"),
+        "the 15 MB built-in model on the King James Bible (never trained on), exact registration, greedy; "
+        f"{CPU}", "[training](docs/training.md#the-built-in-model)"))
+
+    rows.append(_row(
+        "Training on Ray Train",
+        f"{train['ray_train']['tokens_per_s']:,.0f} tokens/s, {train['ray_over_plain']:.2f}x a plain PyTorch loop "
+        f"(target {train['target']}x: {'met' if train['ray_over_plain'] >= train['target'] else '**not met**'})",
+        f"built-in architecture, 1 worker, 1 torch thread a side; {_cores(train)}{_when(train)}",
+        "[benchmarks](docs/benchmarks.md#training)"))
+
+    f = next(x for x in plane["formation"] if x["socket"] == "tcp")
+    med = {side: statistics.median(run["decode_b1_ms"] for run in plane["decode"]["runs"][side])
+           for side in ("before", "after")}
+    rows.append(_row(
+        "An authenticated, pickle-free data plane",
+        f"+{f['extra_ms']:.2f} ms to form a group of {f['actors']} actors (HMAC handshake); decode step "
+        f"{_x(med['after'] / med['before'])} the unauthenticated, pickled one (median of "
+        f"{len(plane['decode']['runs']['after'])} runs)",
+        f"built-in model, 2 shards + 2 groups; {_cores(plane)}{_when(plane)}",
+        "[benchmarks](docs/benchmarks.md#the-secure-data-planes-cost)"))
+    return "\n".join(rows)
