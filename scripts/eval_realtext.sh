@@ -3,7 +3,7 @@
 #   scripts/eval_realtext.sh quick NAME   the cheap record (passkey 4K/32K, multi-key 32K, an offset
 #                                         sweep at ~4K, the stop rate; exact mode, 20 samples per cell)
 #   scripts/eval_realtext.sh full NAME    the targets (adds 128K, blockwise, 1M blockwise)
-#   scripts/eval_realtext.sh record NAME  the README's table of the built-in model (`make eval`): quick's
+#   scripts/eval_realtext.sh record NAME  docs/training.md's table of the built-in model (`make eval`): quick's
 #                                         cells + passkey ~128K, multi-key ~4K, 1M blockwise (1 sample)
 # Files: benchmarks/results/eval_realtext_NAME_{passkey,multikey,offsets,...}.json; each cell names
 # its text source (Debian package=version). CHECKPOINT=dir evaluates another model.

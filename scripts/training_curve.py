@@ -2,7 +2,8 @@
 
 A point: the round, the step reached, training tokens and seconds (cumulative over rounds, from the
 round's `[expertmesh.train]` metric lines), the round's wall time and its data recipe. The held-out
-evaluations of each round are in `eval/roundN_*.json` next to it (README table: training_tables.py).
+evaluations of each round are in `eval/roundN_*.json` next to it (the table in docs/training.md:
+benchmarks/training_tables.py).
 
     python scripts/training_curve.py RESULTS_DIR ROUND WALL_S [RECIPE]
 """
