@@ -16,7 +16,7 @@ Every measure is taken `--repeats` times on each side and the fastest counts; th
 process is measured again just before each layout and each layout's ratios use those figures
 (the machine is a shared VM whose speed drifts over a run; the run also records its load
 average). Writes benchmarks/results/core.json and prints
-the ratios; `make bench` regenerates the README's tables (benchmarks/readme_tables.py).
+the ratios; `make bench` regenerates the tables of README.md and docs/ (benchmarks/readme_tables.py).
 
     python benchmarks/bench_core.py [--context 16384] [--steps 24] [--layouts ray,collective,colocated]
 """
@@ -50,9 +50,9 @@ def tiny_mixtral(path: Path) -> Path:
     return path
 
 
-def decode_step(results: list[dict]) -> float:
+def decode_step(results: list) -> float:
     """Decode step time at this batch: median over requests of seconds between output tokens."""
-    return statistics.median((r["total_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in results)
+    return statistics.median((r.total_s - r.ttft_s) / (r.completion_tokens - 1) for r in results)
 
 
 class SingleProcess:
@@ -88,7 +88,10 @@ class SingleProcess:
             t0 = time.perf_counter()
             self.model(ids)
             forward.append(time.perf_counter() - t0)
-        router = self.router
+        from expertmesh.engine.request import Request
+        from expertmesh.model.sampling import SamplingParams
+
+        router, params = self.router, SamplingParams(max_new_tokens=self.steps)
 
         async def run() -> dict:
             register, b1, b16 = [], [], []
@@ -100,8 +103,8 @@ class SingleProcess:
                 register.append(time.perf_counter() - t0)
             cid = self.ctx.id
             for _ in range(repeats):
-                b1.append(decode_step([await router.generate(self.prompts[0], cid, max_new_tokens=self.steps)]))
-                b16.append(decode_step(await asyncio.gather(*(router.generate(p, cid, max_new_tokens=self.steps)
+                b1.append(decode_step([await router.generate(Request(self.prompts[0], cid, params))]))
+                b16.append(decode_step(await asyncio.gather(*(router.generate(Request(p, cid, params))
                                                               for p in self.prompts))))
             return {"register_s": register, "decode_b1_s": b1, "decode_b16_s": b16, "forward_s": forward}
 
@@ -138,7 +141,6 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: in
              layout: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    import ray
 
     import expertmesh as em
 
@@ -161,7 +163,7 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: in
                 mesh.drop_context(ctx.id)
 
         def gen(p):
-            return ray.get(mesh.router.generate.remote(p, ctx.id, steps))
+            return mesh.generate(p, context_id=ctx.id, max_new_tokens=steps)
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             for _ in range(repeats):

@@ -68,4 +68,4 @@ class InvalidRequest(ExpertMeshError, ValueError):
 
 class MeshActorError(ExpertMeshError, RuntimeError):
     """A context shard or expert group failed a step with an error of no more specific kind
-    (its type and message are in the text; see actors/wire.py for the kinds that keep their class)."""
+    (its type and message are in the text; see dataplane/wire.py for the kinds that keep their class)."""

@@ -49,7 +49,7 @@ class MeshSpec:
     "ray" data plane; the collective one runs one step at a time).
     micro_batches: 1, or 2: a router step runs its requests as two halves in ping-pong (one
     computes its dense layers while the other's rows are at the shards and expert groups;
-    actors/ping_pong.py); the same logits either way.
+    engine/ping_pong.py); the same logits either way.
     data_plane: "collective" (per-layer tensors point to point; `transport` "auto": NCCL when
     the router computes on a GPU, TCP sockets on CPU hosts; "gloo" or "socket" forced) or "ray"
     (a Ray task per actor per layer, the reference path; same results).

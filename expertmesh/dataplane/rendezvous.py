@@ -7,7 +7,7 @@ starts (`RendezvousStore`), and the members reach it through `RayStore`, a
 `torch.distributed.Store` whose every operation is a Ray call: the rendezvous travels over
 Ray's control plane (token-authenticated where the cluster enables Ray's auth), and no
 rendezvous port is open. What the formed group's own sockets carry (gloo's pairs, NCCL's
-bootstrap and transport) stays as trusted as in any gloo or NCCL deployment; the README's
+bootstrap and transport) stays as trusted as in any gloo or NCCL deployment; docs/dataplane.md's
 "Security model" says how the chart limits who reaches them.
 """
 

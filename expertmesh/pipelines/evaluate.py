@@ -132,7 +132,7 @@ def _text_task(task: str, length: int, index: int, samples: int, rng: random.Ran
 
 
 def _filler_task(task: str, length: int, index: int, samples: int, rng: random.Random, keys: int) -> tasks.Task:
-    """The standard format (the README's first table): filler sentences, topped up after the context."""
+    """The standard format (docs/training.md, "The built-in model"): filler sentences, topped up after the context."""
     depth = index / max(1, samples - 1)
     seed, approx = rng.random(), length - 250
     while True:

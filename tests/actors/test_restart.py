@@ -2,7 +2,7 @@
 
 `ray.kill(handle, no_restart=False)` is what a crashed process, an OOM kill or a preempted host
 looks like to Ray. Each kill lands mid-stream; greedy requests give the same tokens after
-recovery. Recovery times are printed (`pytest -s`) and kept in README "Faults and recovery".
+recovery. Recovery times are printed (`pytest -s`) and kept in docs/faults.md.
 """
 
 import threading
@@ -13,6 +13,7 @@ import ray
 
 import expertmesh as em
 from tests.actors.test_takeover import kill_for_good
+from tests.faults import chunk_tokens, greedy_stream
 
 pytestmark = pytest.mark.ray
 PROMPT = [5, 17, 42, 99, 7, 3]
@@ -30,13 +31,12 @@ def mesh(ray_cluster, tiny_checkpoint):
 def stream_with_kill(mesh, victim, context_id=None):
     """Greedy tokens of a streamed request whose `victim` is killed after the first tokens;
     (tokens, seconds from the kill to the end of the stream) or the request's error."""
-    gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, context_id, NEW, 0.0)
-    tokens = list(ray.get(next(gen))["tokens"])
+    gen = greedy_stream(mesh.router, PROMPT, context_id, NEW)
+    tokens = chunk_tokens(ray.get(next(gen)))
     ray.kill(victim, no_restart=False)
     t0 = time.perf_counter()
     for ref in gen:
-        item = ray.get(ref)
-        tokens += item.get("tokens", [])
+        tokens += chunk_tokens(ray.get(ref))
     return tokens, time.perf_counter() - t0
 
 

@@ -2,7 +2,7 @@
 a client that retries is served again within seconds, with the same tokens and its contexts.
 
 Runs against the session's `expertmesh serve` (tests/e2e/conftest.py); every test leaves it
-healthy. Recovery times are printed (`pytest -s`) and kept in README "Faults and recovery".
+healthy. Recovery times are printed (`pytest -s`) and kept in docs/faults.md.
 """
 
 import json

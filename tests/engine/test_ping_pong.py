@@ -1,4 +1,4 @@
-"""Micro-batches in ping-pong (actors/ping_pong.py): the two halves of a step take turns at
+"""Micro-batches in ping-pong (engine/ping_pong.py): the two halves of a step take turns at
 every exchange operation in a fixed order, compute one at a time, overlap one's waits with the
 other's compute, and a failing half stops the other; each actor's slice interleaves the
 halves' parts in that same order (step_plan.interleave)."""
