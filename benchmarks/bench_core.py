@@ -141,7 +141,6 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: in
              layout: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-
     import expertmesh as em
 
     mesh = em.Mesh.start(str(ckpt), **({"context_shards": 4, "expert_groups": 2, "lanes": lanes} | LAYOUTS[layout]))

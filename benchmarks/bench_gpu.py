@@ -81,9 +81,9 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def decode_step(results: list[dict]) -> float:
+def decode_step(results: list) -> float:
     """Seconds between output tokens: median over the batch's requests."""
-    return statistics.median((r["total_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in results)
+    return statistics.median((r.total_s - r.ttft_s) / (r.completion_tokens - 1) for r in results)
 
 
 def best(runs: dict[str, list[float]]) -> dict:
@@ -115,8 +115,10 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
     from expertmesh.actors.context_shard import ContextShard
     from expertmesh.actors.expert_group import ExpertGroup
     from expertmesh.actors.router.router import Router
+    from expertmesh.engine.request import Request
     from expertmesh.mesh_spec import MeshSpec
     from expertmesh.model.config import ModelConfig
+    from expertmesh.model.sampling import SamplingParams
 
     placed = {"Router": {"device": device, "dtype": dtype}, "ContextShard": {"device": device},
               "ExpertGroup": {"device": device, "dtype": dtype}}
@@ -132,7 +134,7 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
     async def run() -> dict:
         runs: dict[str, list[float]] = {"register_s": []}
         warm = await router.register_context(context[:1024], "exact")
-        await router.generate(prompts[0], warm.id, max_new_tokens=4)
+        await router.generate(Request(prompts[0], warm.id, SamplingParams(max_new_tokens=4)))
         await router.drop_context(warm.id)
         for i in range(repeats):
             t0 = time.perf_counter()
@@ -143,7 +145,8 @@ def single_process(ckpt: Path, context: list[int], prompts: list[list[int]], bat
         for b in batches:
             runs[f"decode_b{b}_s"] = []
             for _ in range(repeats):
-                res = await asyncio.gather(*(router.generate(p, ctx.id, max_new_tokens=steps) for p in prompts[:b]))
+                res = await asyncio.gather(*(router.generate(Request(p, ctx.id, SamplingParams(max_new_tokens=steps)))
+                                             for p in prompts[:b]))
                 runs[f"decode_b{b}_s"].append(decode_step(list(res)))
         return best(runs)
 
@@ -184,8 +187,6 @@ def nvidia_smi_per_process() -> dict | str:
 def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], batches: list[int], steps: int,
              repeats: int, device: str, dtype: str, colocate: bool, shards: int, groups: int,
              routers: int = 1, micro_batches: int = 1) -> dict:
-    import ray
-
     import expertmesh as em
 
     kwargs = dict(context_shards=shards, expert_groups=groups, device=device, dtype=dtype,
@@ -207,7 +208,7 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], batches: 
                 mesh.drop_context(ctx.id)
 
         def gen(p):
-            return ray.get(mesh.router.generate.remote(p, ctx.id, steps))
+            return mesh.generate(p, context_id=ctx.id, max_new_tokens=steps)
 
         with ThreadPoolExecutor(max(batches)) as pool:
             for b in batches:

@@ -103,8 +103,6 @@ def in_process(ckpt: Path, shard_tokens: int) -> dict:
 
 
 def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: int, backend: str) -> dict:
-    import ray
-
     import expertmesh as em
 
     t0 = time.perf_counter()
@@ -122,7 +120,7 @@ def mesh_run(ckpt: Path, context: list[int], prompts: list[list[int]], steps: in
         register_s = time.perf_counter() - t0
 
         def gen(p):
-            return ray.get(mesh.router.generate.remote(p, ctx.id, steps))
+            return mesh.generate(p, context_id=ctx.id, max_new_tokens=steps)
 
         def compilations() -> dict:
             stats = mesh.stats()

@@ -4,6 +4,20 @@ import time
 
 import ray
 
+from expertmesh.engine.request import Chunk, Request
+from expertmesh.model.sampling import SamplingParams
+
+
+def greedy_stream(router, prompt: list[int], context_id: str | None, max_new_tokens: int):
+    """A greedy request streamed from `router`: its ObjectRefGenerator (Chunks, then the Result)."""
+    return router.stream.options(num_returns="streaming").remote(
+        Request(prompt, context_id, SamplingParams(max_new_tokens=max_new_tokens)))
+
+
+def chunk_tokens(item) -> list[int]:
+    """A stream item's new tokens (none from its final Result)."""
+    return list(item.token_ids) if isinstance(item, Chunk) else []
+
 
 def wait_until_served_by(mesh, shard: int, context_id: str, poke, timeout_s: float = 120, every_s: float = 0.25) -> float:
     """Call poke() (a request over the context: a shard reopens its segment at its first item)

@@ -27,6 +27,8 @@ class Sequence:
     `token_ids` holds the sequence's own tokens (prompt, then generated); their positions
     start at `start_pos` (the context length, or the segment's offset in its context).
     Context KV lives in the shards of `segments`; the sequence's own KV lives in `kv`.
+    The router builds one from a `Request` (engine/request.py) and keeps its state here while it
+    runs; what the caller gets back is `result()`, a value, not this object.
     """
 
     request_id: str

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.model.sampling import SamplingParams
+
 MAX_STOP = 4
 
 
@@ -36,6 +38,12 @@ class _Sampling(BaseModel):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_params(self) -> SamplingParams:
+        """Every sampling option of this body, as the router's sampler takes them (vLLM's
+        `to_sampling_params`)."""
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed, stop=tuple(self.stop_list()))
 
 
 class CompletionRequest(_Sampling):

@@ -17,6 +17,7 @@ it stops; under `serve run`/`serve deploy` stop it with
 """
 
 
+import dataclasses
 import json
 import re
 import time
@@ -31,6 +32,8 @@ from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from expertmesh.engine.request import Request as RouterRequest
+from expertmesh.engine.request import Result
 from expertmesh.pipelines import openai_schema as oa
 from expertmesh.pipelines.api_errors import ApiError, _cause, _error, _unavailable, api_error
 from expertmesh.pipelines.detokenize import TextStream
@@ -197,22 +200,33 @@ class ExpertMeshServer:
                            f"{self.settings.max_prompt_tokens} tokens", param="prompt", code="prompt_too_long")
         return ids
 
-    async def _admit(self, tenant: str, body: oa._Sampling, ids: list[int]) -> "_Admission":
-        if body.model != self.settings.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
+    @staticmethod
+    def _request(body: oa._Sampling, ids: list[int], tenant: str) -> RouterRequest:
+        """The router's request for an OpenAI body: built here, whole, before admission."""
+        try:
+            return RouterRequest(ids, body.context_id, body.sampling_params(), tenant,
+                                 f"cmpl-{uuid.uuid4().hex[:24]}", body.top_shards, body.top_pages)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def _admit(self, req: RouterRequest, model: str) -> "_Admission":
+        if model != self.settings.model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves "
                            f"{self.settings.model_name!r}", param="model", code="model_not_found")
-        if body.max_tokens > self.settings.max_completion_tokens:
-            raise ApiError(400, f"max_tokens {body.max_tokens} is over the limit of "
+        tenant, max_tokens = req.tenant, req.params.max_new_tokens
+        if max_tokens > self.settings.max_completion_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} is over the limit of "
                            f"{self.settings.max_completion_tokens}", param="max_tokens")
-        if body.context_id is not None:
-            await self._visible(tenant, body.context_id)
+        if req.context_id is not None:
+            await self._visible(tenant, req.context_id)
         if self.in_flight >= self.settings.max_queue:
             self.metrics.refused.inc(1, {"tenant": tenant, "status": "503"})
             raise ApiError(503, f"server queue is full ({self.settings.max_queue} requests); retry later",
                            "server_overloaded", code="queue_full")
         self.in_flight += 1  # the slot is taken before awaiting the limits actor: concurrent requests see it
+        reserve = len(req.prompt_ids) + max_tokens
         try:
-            await self.limits.acquire.remote(tenant, len(ids) + body.max_tokens, self.holder)
+            await self.limits.acquire.remote(tenant, reserve, self.holder)
         except Exception as exc:  # noqa: BLE001 - RateLimited arrives wrapped by Ray
             self.in_flight -= 1
             if not isinstance(_cause(exc), RateLimited):
@@ -220,41 +234,36 @@ class ExpertMeshServer:
             self.metrics.refused.inc(1, {"tenant": tenant, "status": "429"})
             raise ApiError(429, str(_cause(exc)), "rate_limit_exceeded", code="rate_limit_exceeded") from None
         self.metrics.queue.set(self.in_flight)
-        return _Admission(self, tenant, len(ids) + body.max_tokens)
+        return _Admission(self, tenant, reserve)
 
-    async def _generate(self, admission: "_Admission", body: oa._Sampling, ids: list[int]
-                        ) -> AsyncIterator[tuple[str, dict | None]]:
+    async def _generate(self, admission: "_Admission", req: RouterRequest) -> AsyncIterator[tuple[str, Result | None]]:
         """Yield (text delta, None) per token and finally ("", result). Admission already done."""
-        tenant = admission.tenant
-        request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        text = TextStream(self.mesh.tokenizer.decode, body.stop_list())
-        result: dict | None = None
+        text = TextStream(self.mesh.tokenizer.decode, list(req.params.stop))
+        result: Result | None = None
         # a request whose router dies under it runs again (RouterSet's failover); tokens already
         # sent are skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
-        replayable = body.temperature == 0 or body.seed is not None
+        replayable = req.params.temperature == 0 or req.params.seed is not None
         sent, attempt = 0, 0
         try:
             async for i in self.routers.attempts_async(RECOVER_TIMEOUT_S):
                 skip = sent
                 try:
                     with self.routers.busy(i) as router:  # counted while it streams: who is least busy
-                        rid = f"{request_id}-{attempt}" if attempt else request_id
-                        gen = router.stream.options(num_returns="streaming").remote(
-                            ids, body.context_id, body.max_tokens, body.temperature, body.top_p, body.seed,
-                            body.top_shards, (), tenant, rid, body.top_pages)
+                        this = dataclasses.replace(req, request_id=f"{req.request_id}-{attempt}") if attempt else req
+                        gen = router.stream.options(num_returns="streaming").remote(this)
                         async for ref in gen:
                             item = await ref
-                            if "tokens" not in item:
+                            if isinstance(item, Result):
                                 result = item
                                 continue
-                            tokens = item["tokens"][skip:]
-                            skip = max(0, skip - len(item["tokens"]))
+                            tokens = item.token_ids[skip:]
+                            skip = max(0, skip - len(item.token_ids))
                             sent += len(tokens)
                             if text.stopped or not tokens:
                                 continue
                             delta = "".join(text.push(t) for t in tokens if not text.stopped)
                             if text.stopped:
-                                await router.cancel.remote(rid)
+                                await router.cancel.remote(this.request_id)
                             if delta:
                                 yield delta, None
                     break
@@ -272,35 +281,33 @@ class ExpertMeshServer:
                 raise
             raise mapped from None
         finally:
-            admission.release(len(ids) + (result or {}).get("completion_tokens", 0))
+            admission.release(len(req.prompt_ids) + (result.completion_tokens if result is not None else 0))
         tail = text.flush()
         if tail:
             yield tail, None
-        result = dict(result or {})
-        result["finish_reason"] = "stop" if text.stopped else result.get("finish_reason")
-        result["id"] = request_id
-        self.metrics.record(tenant, result)
+        result = dataclasses.replace(result, request_id=req.request_id,
+                                     finish_reason="stop" if text.stopped else result.finish_reason)
+        self.metrics.record(admission.tenant, result)
         yield "", result
 
     @staticmethod
-    def _usage(result: dict) -> oa.Usage:
-        p, c = result.get("prompt_tokens", 0), result.get("completion_tokens", 0)
-        return oa.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                        context_tokens=result.get("context_tokens", 0))
+    def _usage(result: Result) -> oa.Usage:
+        p, c = result.prompt_tokens, result.completion_tokens
+        return oa.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, context_tokens=result.context_tokens)
 
-    def _sse(self, admission: "_Admission", body: oa._Sampling, ids: list[int], chat: bool) -> StreamingResponse:
+    def _sse(self, admission: "_Admission", req: RouterRequest, chat: bool) -> StreamingResponse:
         created = int(time.time())
 
         async def events() -> AsyncIterator[str]:
             rid = None
             first = True
             try:
-                async for delta, result in self._generate(admission, body, ids):
+                async for delta, result in self._generate(admission, req):
                     if result is not None:
-                        rid = result["id"]
-                        end = self._chunk(rid, created, "", chat, result["finish_reason"], first=False)
+                        rid = result.request_id
+                        end = self._chunk(rid, created, "", chat, result.finish_reason, first=False)
                         end["usage"] = self._usage(result).model_dump()
-                        end["pathway"] = result.get("pathway", {})
+                        end["pathway"] = result.pathway
                         yield f"data: {json.dumps(end)}\n\n"
                         break
                     yield f"data: {json.dumps(self._chunk(rid or 'cmpl', created, delta, chat, None, first))}\n\n"
@@ -322,9 +329,9 @@ class ExpertMeshServer:
         return {"id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
                 "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}
 
-    async def _complete(self, admission: "_Admission", body: oa._Sampling, ids: list[int]) -> tuple[str, dict]:
-        parts, result = [], {}
-        async for delta, res in self._generate(admission, body, ids):
+    async def _complete(self, admission: "_Admission", req: RouterRequest) -> tuple[str, Result]:
+        parts, result = [], None
+        async for delta, res in self._generate(admission, req):
             if res is not None:
                 result = res
             else:
@@ -381,29 +388,28 @@ class ExpertMeshServer:
     @api.post("/v1/completions", response_model=oa.CompletionResponse, responses=_ERRORS)
     async def completions(self, body: oa.CompletionRequest, request: Request):
         tenant = self._tenant(request)
-        ids = self._encode_prompt(body.prompt)
-        admission = await self._admit(tenant, body, ids)
+        req = self._request(body, self._encode_prompt(body.prompt), tenant)
+        admission = await self._admit(req, body.model)
         if body.stream:
-            return self._sse(admission, body, ids, chat=False)
-        text, result = await self._complete(admission, body, ids)
+            return self._sse(admission, req, chat=False)
+        text, result = await self._complete(admission, req)
         return oa.CompletionResponse(
-            id=result["id"], created=int(time.time()), model=self.settings.model_name,
-            choices=[oa.CompletionChoice(text=text, finish_reason=result.get("finish_reason"))],
-            usage=self._usage(result), pathway=result.get("pathway", {}))
+            id=result.request_id, created=int(time.time()), model=self.settings.model_name,
+            choices=[oa.CompletionChoice(text=text, finish_reason=result.finish_reason)],
+            usage=self._usage(result), pathway=result.pathway)
 
     @api.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request):
         tenant = self._tenant(request)
-        ids = self._encode_prompt(chat_prompt(body.messages))
-        admission = await self._admit(tenant, body, ids)
+        req = self._request(body, self._encode_prompt(chat_prompt(body.messages)), tenant)
+        admission = await self._admit(req, body.model)
         if body.stream:
-            return self._sse(admission, body, ids, chat=True)
-        text, result = await self._complete(admission, body, ids)
+            return self._sse(admission, req, chat=True)
+        text, result = await self._complete(admission, req)
         return oa.ChatCompletionResponse(
-            id=result["id"], created=int(time.time()), model=self.settings.model_name,
-            choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text),
-                                   finish_reason=result.get("finish_reason"))],
-            usage=self._usage(result), pathway=result.get("pathway", {}))
+            id=result.request_id, created=int(time.time()), model=self.settings.model_name,
+            choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=result.finish_reason)],
+            usage=self._usage(result), pathway=result.pathway)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

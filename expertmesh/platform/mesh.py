@@ -18,6 +18,7 @@ from expertmesh.actors.names import lookup, routers_of
 from expertmesh.actors.router.router import RemoteRouter
 from expertmesh.actors.worker import remote_worker
 from expertmesh.dataplane.liveness import down
+from expertmesh.engine.request import Request
 from expertmesh.errors import PlacementError
 from expertmesh.jax_backend import check_jax_installed
 from expertmesh.mesh_spec import MeshSpec
@@ -25,6 +26,7 @@ from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
 from expertmesh.model.moe import expert_partition
+from expertmesh.model.sampling import SamplingParams
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
 from expertmesh.platform.cluster import (
     CONTEXT_SHARD,
@@ -49,6 +51,8 @@ from expertmesh.store.registry import ContextInfo
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
+    """`Mesh.generate`'s answer: the router's Result (engine/request.py) with the text decoded."""
+
     request_id: str
     token_ids: list[int]
     text: str
@@ -315,8 +319,9 @@ class Mesh:
                        top_shards: int | None = None, top_pages: int | None = None,
                        router: int | None = None) -> np.ndarray:
         """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence."""
-        return self._call("forward_logits", self._ids(prompt_ids, "prompt").tolist(), context_id, top_shards,
-                          top_pages, router=router)
+        request = Request(self._ids(prompt_ids, "prompt"), context_id, top_shards=top_shards,
+                          top_pages=top_pages)
+        return self._call("forward_logits", request, router=router)
 
     @_unwrap
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
@@ -328,15 +333,12 @@ class Mesh:
 
         top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
         top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact."""
-        res = self._call("generate", self._ids(prompt_ids, "prompt").tolist(), context_id, max_new_tokens,
-                         temperature, top_p, seed, top_shards, tuple(stop_token_ids), "default", None, top_pages,
-                         router=router)
-        return GenerationResult(
-            request_id=res["request_id"], token_ids=res["token_ids"], text=self._decode(res["token_ids"]),
-            pathway=res["pathway"],
-            finish_reason=res["finish_reason"], prompt_tokens=res["prompt_tokens"],
-            completion_tokens=res["completion_tokens"], context_tokens=res["context_tokens"],
-            ttft_s=res["ttft_s"], total_s=res["total_s"])
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
+        request = Request(self._ids(prompt_ids, "prompt"), context_id, params, top_shards=top_shards,
+                          top_pages=top_pages)
+        res = self._call("generate", request, router=router)
+        return GenerationResult(**dataclasses.asdict(res) | {"token_ids": list(res.token_ids)},
+                                text=self._decode(res.token_ids))
 
     def stats(self) -> dict:
         """The routers', each shard's and each expert group's stats ("router": the first router's);

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ray.util import metrics
 
+from expertmesh.engine.request import Result
+
 _BOUNDS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
@@ -24,18 +26,18 @@ class ServeMetrics:
         self.refused = metrics.Counter("expertmesh_requests_refused_total", "requests refused",
                                        tag_keys=("tenant", "status"))
 
-    def record(self, tenant: str, result: dict) -> None:
+    def record(self, tenant: str, result: Result) -> None:
         tags = {"tenant": tenant}
-        if result.get("ttft_s") is not None:
-            self.ttft.observe(result["ttft_s"], tags)
-            n = result.get("completion_tokens", 0)
+        if result.ttft_s is not None:
+            self.ttft.observe(result.ttft_s, tags)
+            n = result.completion_tokens
             if n > 1:
-                self.tpot.observe((result["total_s"] - result["ttft_s"]) / (n - 1), tags)
-        if result.get("prompt_tokens"):
-            self.tokens_in.inc(result["prompt_tokens"], tags)
-        if result.get("completion_tokens"):
-            self.tokens_out.inc(result["completion_tokens"], tags)
-        pathway = result.get("pathway") or {}
+                self.tpot.observe((result.total_s - result.ttft_s) / (n - 1), tags)
+        if result.prompt_tokens:
+            self.tokens_in.inc(result.prompt_tokens, tags)
+        if result.completion_tokens:
+            self.tokens_out.inc(result.completion_tokens, tags)
+        pathway = result.pathway
         for group, n in (pathway.get("expert_group_tokens") or {}).items():
             if n:
                 self.expert_group_tokens.inc(n, {"group": str(group)})

@@ -34,8 +34,10 @@ def test_token_outside_vocabulary_names_id_and_vocab(mesh):
         mesh.forward_logits([])
     # the router itself validates too (clients other than Mesh reach it directly)
     import ray
+
+    from expertmesh.engine.request import Request
     with pytest.raises(ValueError, match=f"token id {VOCAB}"):
-        ray.get(mesh.router.generate.remote([VOCAB]))
+        ray.get(mesh.router.generate.remote(Request([VOCAB])))
 
 
 def test_context_beyond_capacity_reports_the_numbers(mesh):
@@ -80,3 +82,31 @@ def test_actors_survive_bad_requests_and_keep_serving(mesh):
     assert len(errors) == 8
     assert mesh.generate([5, 6, 7], max_new_tokens=5).token_ids == before
     assert mesh.stats()["router"]["running"] == 0
+
+
+def test_a_request_past_its_deadline_fails_with_the_numbers_and_leaves_the_batch(mesh):
+    import time
+
+    import ray
+
+    from expertmesh.engine.request import Request
+    from expertmesh.errors import DeadlineExceeded
+    from expertmesh.model.sampling import SamplingParams
+
+    before = mesh.generate([5, 6, 7], max_new_tokens=5).token_ids
+    long = SamplingParams(max_new_tokens=4000)  # far more than a second of steps here
+    missed = r"missed its deadline by [\d.]+ s: [\d.]+ s after it reached the router, \d+ of 4000 tokens generated"
+    with pytest.raises(DeadlineExceeded, match=missed):
+        ray.get(mesh.router.generate.remote(Request([5, 6, 7], params=long, deadline=time.time() + 1.0)))
+    gen = mesh.router.stream.options(num_returns="streaming").remote(
+        Request([5, 6, 7], params=long, request_id="late-stream", deadline=time.time() + 1.0))
+    with pytest.raises(DeadlineExceeded, match=f"request 'late-stream' {missed}"):
+        for ref in gen:
+            ray.get(ref)
+    with pytest.raises(DeadlineExceeded, match=r"reached the router [\d.]+ s after its deadline; nothing was run"):
+        ray.get(mesh.router.generate.remote(Request([5, 6, 7], deadline=time.time() - 1)))
+    t0 = time.monotonic()
+    while (st := mesh.stats()["router"])["running"] or st["waiting"]:  # they leave after their last step
+        assert time.monotonic() - t0 < 10, st
+        time.sleep(0.05)
+    assert mesh.generate([5, 6, 7], max_new_tokens=5).token_ids == before

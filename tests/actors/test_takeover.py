@@ -9,6 +9,7 @@ import ray
 
 import expertmesh as em
 from expertmesh.dataplane.liveness import actor_state
+from tests.faults import chunk_tokens, greedy_stream
 
 pytestmark = pytest.mark.ray
 PROMPT = [5, 17, 42, 99, 7, 3]
@@ -39,12 +40,12 @@ def kill_for_good(handle, within=20.0):
 def stream_killing(mesh, context_id, victim):
     """Greedy tokens of a stream over the context whose `victim` is killed (Ray restarts it)
     after the first tokens; and when the kill was made (perf_counter)."""
-    gen = mesh.router.stream.options(num_returns="streaming").remote(PROMPT, context_id, NEW, 0.0)
-    got = list(ray.get(next(gen))["tokens"])
+    gen = greedy_stream(mesh.router, PROMPT, context_id, NEW)
+    got = chunk_tokens(ray.get(next(gen)))
     ray.kill(victim, no_restart=False)
     t0 = time.perf_counter()
     for ref in gen:
-        got += ray.get(ref).get("tokens", [])
+        got += chunk_tokens(ray.get(ref))
     return got, t0
 
 

@@ -12,6 +12,8 @@ import ray
 import torch
 
 import expertmesh as em
+from expertmesh.engine.request import Request
+from expertmesh.model.sampling import SamplingParams
 from tests.conftest import ARCHS, VOCAB
 
 GROUPS = {"mixtral": 3, "qwen2moe": 2, "qwen3moe": 1, "olmoe": 3, "llama4": 2, "gpt_oss": 2, "deepseek_v3": 3}
@@ -52,10 +54,11 @@ def test_collective_and_colocated_equal_the_ray_task_path(meshes):
             res = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=12)
             tokens[name], pathways[name] = res.token_ids, res.pathway
             # a batch of concurrent requests with top_pages and top_shards choices
-            batch = [mesh.router.generate.remote(ids(5, 20 + i), ctx.id, 6, 0.0, 1.0, None, 2 if i % 2 else None,
-                                                 (), "default", None, 2 if i % 3 == 0 else None) for i in range(6)]
-            tokens[name + "/batch"] = [r["token_ids"] for r in ray.get(batch)]
-            together = [mesh.router.forward_logits.remote(ids(3 + i, 40 + i), ctx.id) for i in range(4)]
+            batch = [mesh.router.generate.remote(Request(ids(5, 20 + i), ctx.id, SamplingParams(6),
+                                                         top_shards=2 if i % 2 else None,
+                                                         top_pages=2 if i % 3 == 0 else None)) for i in range(6)]
+            tokens[name + "/batch"] = [r.token_ids for r in ray.get(batch)]
+            together = [mesh.router.forward_logits.remote(Request(ids(3 + i, 40 + i), ctx.id)) for i in range(4)]
             logits[name + "/batch"] = [np.asarray(r) for r in ray.get(together)]
         finally:
             mesh.drop_context(ctx.id)
@@ -132,7 +135,7 @@ def test_micro_batched_steps_with_messages_larger_than_socket_buffers(ray_cluste
         prompts = [ids(600, 80 + i) for i in range(8)]  # a half: ~2,400 rows, >1 MB of expert rows a layer
         want = [mesh.forward_logits(p) for p in prompts]
         before = ray.get(mesh.router.stats.remote())["micro_batched_steps"]
-        got = ray.get([mesh.router.forward_logits.remote(p) for p in prompts], timeout=60)
+        got = ray.get([mesh.router.forward_logits.remote(Request(p)) for p in prompts], timeout=60)
         assert ray.get(mesh.router.stats.remote())["micro_batched_steps"] > before
         for g, w in zip(got, want):
             assert np.abs(np.asarray(g) - w).max() <= 1e-5
@@ -147,18 +150,19 @@ def test_worker_killed_under_micro_batched_steps(ray_cluster, tiny_checkpoint):
                          colocate=True, micro_batches=2)
     try:
         prompts = [ids(5, 60 + i) for i in range(6)]
-        want = [r["token_ids"] for r in ray.get([mesh.router.generate.remote(p, None, 40) for p in prompts])]
+        requests = [Request(p, params=SamplingParams(40)) for p in prompts]
+        want = [r.token_ids for r in ray.get([mesh.router.generate.remote(r) for r in requests])]
         before = ray.get(mesh.router.stats.remote())
         assert before["micro_batched_steps"] > 0
-        refs = [mesh.router.generate.remote(p, None, 40) for p in prompts]
+        refs = [mesh.router.generate.remote(r) for r in requests]
         time.sleep(0.3)
         assert len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs)  # mid-stream
         ray.kill(mesh.groups[1], no_restart=False)
-        got = [r["token_ids"] for r in ray.get(refs, timeout=120)]
+        got = [r.token_ids for r in ray.get(refs, timeout=120)]
         assert got == want
         after = ray.get(mesh.router.stats.remote())
         assert after["process_groups_formed"] > before["process_groups_formed"]
-        assert [r["token_ids"] for r in ray.get([mesh.router.generate.remote(p, None, 40) for p in prompts])] == want
+        assert [r.token_ids for r in ray.get([mesh.router.generate.remote(r) for r in requests])] == want
     finally:
         mesh.shutdown()
 

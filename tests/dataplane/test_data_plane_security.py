@@ -17,6 +17,8 @@ import ray
 
 import expertmesh as em
 from expertmesh.dataplane.handshake import HELLO, MAGIC, NONCE, VERSION
+from expertmesh.engine.request import Request
+from expertmesh.model.sampling import SamplingParams
 from tests.conftest import VOCAB
 
 pytestmark = pytest.mark.ray
@@ -144,10 +146,9 @@ def test_a_storm_of_malformed_handshakes_leaves_every_request_intact(ray_cluster
         before, st = rss(), plane(mesh)
         socks = junk_handshakes(st["data_plane_address"], st["generation"], 90, seed=5)
         kill_and_wait(mesh.groups[0])  # the next step forms a new group among the junk
-        refs = [mesh.router.generate.remote(p, ctx.id, 8, 0.0, 1.0, None, None, (), "default", None, None)
-                for p in prompts]
+        refs = [mesh.router.generate.remote(Request(p, ctx.id, SamplingParams(8))) for p in prompts]
         socks += junk_handshakes(st["data_plane_address"], st["generation"] + 1, 60, seed=6)
-        got = [r["token_ids"] for r in ray.get(refs, timeout=120)]
+        got = [list(r.token_ids) for r in ray.get(refs, timeout=120)]
         assert got == want
         after = plane(mesh)
         assert after["data_plane_refused"] > st["data_plane_refused"]

@@ -21,7 +21,7 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 import expertmesh as em
-from tests.faults import wait_until_served_by
+from tests.faults import chunk_tokens, greedy_stream, wait_until_served_by
 
 store = sys.argv[2] or None
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {
@@ -35,13 +35,13 @@ ctx = mesh.register_context(list(range(4, 200)), mode="exact")
 want = mesh.forward_logits(prompt, context_id=ctx.id)
 tokens = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=40).token_ids
 out = {}
-gen = mesh.router.stream.options(num_returns="streaming").remote(prompt, ctx.id, 40, 0.0)
-got = list(ray.get(next(gen))["tokens"])
+gen = greedy_stream(mesh.router, prompt, ctx.id, 40)
+got = chunk_tokens(ray.get(next(gen)))
 cluster.remove_node(shard_host)  # shard 1's host is gone mid-stream; nowhere else fits it
 t0 = time.monotonic()
 try:
     for ref in gen:
-        got += ray.get(ref).get("tokens", [])
+        got += chunk_tokens(ray.get(ref))
     out["in_flight"] = ["ok" if got == tokens else "wrong tokens", "", time.monotonic() - t0]
 except Exception as exc:
     out["in_flight"] = [type(exc).__name__, str(exc), time.monotonic() - t0]

@@ -29,7 +29,7 @@ import torch
 import expertmesh as em
 from expertmesh.dataplane.liveness import actor_state
 from expertmesh.model.checkpoint import load_model
-from tests.faults import wait_until_served_by
+from tests.faults import chunk_tokens, greedy_stream, wait_until_served_by
 from tests.hosts.netns import Hosts
 
 hosts = Hosts.attach()
@@ -52,8 +52,8 @@ tokens = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=32).token_ids
 def kill_mid_stream(host, victim):
     """Kill a host under a stream: (stream result, seconds to the end of the stream, seconds
     until Ray stopped reporting the victim actor alive)."""
-    gen = mesh.router.stream.options(num_returns="streaming").remote(prompt, ctx.id, 32, 0.0)
-    got = list(ray.get(next(gen))["tokens"])
+    gen = greedy_stream(mesh.router, prompt, ctx.id, 32)
+    got = chunk_tokens(ray.get(next(gen)))
     seen = {}
     t0 = time.monotonic()
     def watch():
@@ -65,7 +65,7 @@ def kill_mid_stream(host, victim):
     w.start()
     try:
         for ref in gen:
-            got += ray.get(ref).get("tokens", [])
+            got += chunk_tokens(ray.get(ref))
         result = "same tokens" if got == tokens else f"other tokens {got}"
     except Exception as exc:
         result = f"{type(exc).__name__}: {str(exc)[:300]}"

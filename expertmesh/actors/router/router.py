@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import numpy as np
 import ray
@@ -28,9 +28,10 @@ from expertmesh.dataplane.collective import CollectiveExchange
 from expertmesh.dataplane.liveness import down
 from expertmesh.dataplane.task import TaskExchange
 from expertmesh.engine.engine import Engine
+from expertmesh.engine.request import Chunk, Request, Result
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import Sequence
-from expertmesh.errors import ContextNotFound, DataPlaneError, Unavailable
+from expertmesh.errors import ContextNotFound, DataPlaneError, DeadlineExceeded, Unavailable
 from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
@@ -132,48 +133,61 @@ class Router(Registration, Directory, Placement):
     def get_context(self, context_id: str) -> ContextInfo:
         return self._record(context_id).info
 
-    async def forward_logits(self, prompt_ids: list[int], context_id: str | None = None,
-                             top_shards: int | None = None, top_pages: int | None = None) -> np.ndarray:
-        await self._prepare(context_id)
-        seq = self._sequence("logits", prompt_ids, context_id, SamplingParams(max_new_tokens=0), top_shards,
-                             top_pages=top_pages)
-        await self._run(seq)
+    async def forward_logits(self, request: Request) -> np.ndarray:
+        """Logits [len(prompt_ids), vocab] as if context + prompt were one sequence (the request's
+        sampling options are not used)."""
+        await self._prepare(request.context_id)
+        seq = self._sequence("logits", request)
+        await self._in_time(seq, asyncio.ensure_future(self._run(seq)))
         return torch.cat([torch.as_tensor(x) for x in seq.logits]).cpu().numpy()
 
-    async def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
-                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                       tenant: str = "default", request_id: str | None = None, top_pages: int | None = None) -> dict:
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
-        await self._prepare(context_id)
-        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id, top_pages)
-        await self._run(seq)
-        return self._result(seq)
+    async def generate(self, request: Request) -> Result:
+        await self._prepare(request.context_id)
+        seq = self._sequence("generate", request)
+        await self._in_time(seq, asyncio.ensure_future(self._run(seq)))
+        return seq.result()
 
-    async def stream(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                     top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                     tenant: str = "default", request_id: str | None = None,
-                     top_pages: int | None = None) -> AsyncIterator[dict]:
-        """Yield {"tokens": [int, ...]} as tokens are generated (several when the reader lags),
-        then the final result dict."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
-        await self._prepare(context_id)
-        seq = self._sequence("generate", prompt_ids, context_id, params, top_shards, tenant, request_id, top_pages)
+    async def stream(self, request: Request) -> AsyncIterator[Chunk | Result]:
+        """Yield a Chunk of tokens as they are generated (several when the reader lags), then the
+        Result."""
+        await self._prepare(request.context_id)
+        seq = self._sequence("generate", request)
         seq.stream = asyncio.Queue()
         self._by_id[seq.request_id] = seq  # before _run starts: a segment move waits for it (placement.py)
         task = asyncio.ensure_future(self._run(seq))
         finished = False
         while not finished:
-            tokens = [await seq.stream.get()]
+            tokens = [await self._in_time(seq, task, seq.stream.get())]
             while not seq.stream.empty():  # coalesce what arrived meanwhile: fewer hops under load
                 tokens.append(seq.stream.get_nowait())
             finished = tokens[-1] is None
             tokens = [t for t in tokens if t is not None]
             if tokens:
-                yield {"tokens": tokens}
+                yield Chunk(tuple(tokens))
         await task
-        yield self._result(seq)
+        yield seq.result()
+
+    async def _in_time(self, seq: Sequence, task: asyncio.Future, waiting: Awaitable | None = None) -> Any:
+        """Await `waiting` (by default `task`, the sequence's run) within the sequence's deadline.
+        Past it the request leaves the batch (at once when it waits for a step, after its step
+        when one is running) and its caller gets DeadlineExceeded from here."""
+        if seq.deadline is None:
+            return await (task if waiting is None else waiting)
+        fut = asyncio.ensure_future(asyncio.shield(task) if waiting is None else waiting)
+        done, _ = await asyncio.wait({fut}, timeout=max(0.0, seq.deadline - time.time()))
+        if fut in done:
+            return fut.result()
+        fut.cancel()  # the wait only (the run goes on until the request leaves the batch)
+        late, took = time.time() - seq.deadline, time.perf_counter() - seq.t_submit
+        error = DeadlineExceeded(f"request {seq.request_id!r} missed its deadline by {late:.3f} s: {took:.3f} s after "
+                                 f"it reached the router, {len(seq.output)} of {seq.params.max_new_tokens} tokens "
+                                 "generated")
+        task.add_done_callback(_retrieved)  # the caller has `error`; the run's own end needs no reader
+        if self.scheduler.discard(seq):  # waiting for a step: it leaves now
+            self._finish(seq, error=error)
+        else:  # inside a step: it ends after it
+            seq.cancelled = True
+        raise error
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request after its current step (e.g. its client hit a stop string or left)."""
@@ -340,28 +354,28 @@ class Router(Registration, Directory, Placement):
                     await self._drop_segments(record)
 
     # -- helpers --------------------------------------------------------------------------
-    def _sequence(self, kind: str, prompt_ids: list[int], context_id: str | None, params: SamplingParams,
-                  top_shards: int | None, tenant: str = "default", request_id: str | None = None,
-                  top_pages: int | None = None) -> Sequence:
-        self._check_tokens(prompt_ids, "prompt")
-        if top_shards is not None and top_shards < 1:
-            raise ValueError(f"top_shards must be >= 1 or None (all shards), got {top_shards}")
-        if top_pages is not None and (isinstance(top_pages, bool) or not isinstance(top_pages, int) or top_pages < 1):
-            raise ValueError(f"top_pages must be an integer >= 1 or None (every page), got {top_pages!r}")
+    def _sequence(self, kind: str, request: Request) -> Sequence:
+        """The router's state for a request, checked against this model (vocabulary, positions)."""
+        self._check_tokens(request.prompt_ids, "prompt")
+        request_id = request.request_id or f"req-{next(self._ids)}"
+        left = request.seconds_left()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded(f"request {request_id!r} reached the router {-left:.3f} s after its deadline; "
+                                   "nothing was run")
+        params = request.params if kind == "generate" else SamplingParams(max_new_tokens=0)
         segments, start, files = [], 0, {}
-        if context_id is not None:
-            record = self._record(context_id)
+        if request.context_id is not None:
+            record = self._record(request.context_id)
             segments, start = record.segments, record.info.num_tokens
             files = {s.shard: (f, s.start, s.end) for s, f in zip(record.segments, record.files)}
-        total = start + len(prompt_ids) + params.max_new_tokens
+        total = start + len(request.prompt_ids) + params.max_new_tokens
         if total > self.cfg.max_position_embeddings:
-            raise ValueError(f"context ({start}) + prompt ({len(prompt_ids)}) + max_new_tokens "
+            raise ValueError(f"context ({start}) + prompt ({len(request.prompt_ids)}) + max_new_tokens "
                              f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
-        seq = Sequence(request_id or f"req-{next(self._ids)}", kind, list(prompt_ids), start, segments,
-                       context_id, params, self.cfg.num_layers, top_shards, tenant, pool=self.engine.kv_pool)
-        seq.top_pages, seq.segment_files = top_pages, files
-        return seq
+        return Sequence(request_id, kind, list(request.prompt_ids), start, segments, request.context_id, params,
+                        self.cfg.num_layers, request.top_shards, request.tenant, top_pages=request.top_pages,
+                        segment_files=files, deadline=request.deadline, pool=self.engine.kv_pool)
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
         if len(ids) == 0:
@@ -413,18 +427,11 @@ class Router(Registration, Directory, Placement):
         if self.catalog is not None:
             self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
 
-    def _result(self, seq: Sequence) -> dict:
-        now = time.perf_counter()
-        pathway = seq.pathway.summary(dict(seq.group_tokens)) if seq.pathway else {}
-        if pathway:
-            pathway["shards"] = sorted(seq.pathway_visits)
-            pathway["pages"] = {shard: dict(r) for shard, r in sorted(seq.page_reads.items())}
-        return {
-            "request_id": seq.request_id, "token_ids": list(seq.output), "finish_reason": seq.finish_reason,
-            "prompt_tokens": seq.prompt_len, "completion_tokens": len(seq.output),
-            "context_tokens": seq.start_pos if seq.context_id else 0, "pathway": pathway,
-            "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None, "total_s": now - seq.t_submit,
-        }
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a background run's end as seen (its error, if any, reached its caller another way)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _cuda_memory(device: torch.device) -> dict:
