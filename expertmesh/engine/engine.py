@@ -19,10 +19,10 @@ import functools
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 
+from expertmesh.engine.config import ContextView, EngineConfig
 from expertmesh.engine.exchange import Exchange
 from expertmesh.engine.pathway import choose_shards
 from expertmesh.engine.ping_pong import PingPong, TakingTurns
@@ -62,25 +62,23 @@ class _Step:
 
 
 class Engine:
-    def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range],
-                 summaries: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]], num_shards: int = 0,
-                 durable: bool = False, load: Callable[[], list[int]] | None = None, micro_batches: int = 1) -> None:
-        """durable: the segments are store files (a lost shard's are served by the others,
-        takeover.py); load(): tokens held per shard (who stands in for a lost one);
-        micro_batches: 2 runs a step's requests as two halves in ping-pong (ping_pong.py)."""
+    def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range], contexts: ContextView,
+                 config: EngineConfig = EngineConfig()) -> None:
+        """dense: the model without its experts; exchange: the data plane (exchange.py);
+        partition: expert group -> its experts; contexts: what a step reads of the router's
+        contexts (page summaries, tokens per shard, shards past the mesh's), never changed here."""
         self.model, self.cfg, self.exchange = dense, dense.cfg, exchange
         self.kv_pool = KVPool(dense.cfg.num_layers)  # requests' own KV (registration pieces keep their own)
-        self.num_shards, self.durable, self.load = num_shards, durable, load
+        self.contexts, self.durable = contexts, config.durable
         self.serving: dict[int, int] = {}  # lost shard -> the shard standing in for it
         self.group_serving: dict[int, int] = {}  # lost expert group -> the group holding its experts too
         self._host_of = torch.arange(len(partition))  # expert group -> the group its rows go to
         self.adopted: set[tuple[int, str]] = set()  # (stand-in shard, alias) opened there
-        self.foreign: set[int] = set()  # shard indices past this mesh's, named by contexts stored by a bigger mesh
         self.threads = torch.get_num_threads()
         self.partition = partition
-        self.micro_batches, self.micro_steps = micro_batches, 0  # steps run as two halves
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-micro") if micro_batches > 1 else None
-        self.summaries = summaries  # context id -> shard -> [layer] (kmin, kmax)
+        self.micro_batches, self.micro_steps = config.micro_batches, 0  # steps run as two halves
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-micro") if self.micro_batches > 1 else None
+        self.summaries = contexts.summaries  # context id -> shard -> [layer] (kmin, kmax), read-only
         self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
         bounds = torch.tensor([r.stop for r in partition])
         self._group_of = lambda experts: torch.bucketize(experts, bounds, right=True)  # noqa: E731
@@ -100,10 +98,11 @@ class Engine:
         # small steps (decode) on one thread: spare cores serve the shards and groups waiting
         # in this step, where an idle thread pool would spin against them
         torch.set_num_threads(1 if sum(len(i[0]) for i in inputs) < SMALL_STEP else self.threads)
-        if self.foreign:  # before the group forms: its actors check plans against the bound
-            self.exchange.allow_segments(max(self.foreign) + 1)
+        foreign = self.contexts.foreign_shards()
+        if foreign:  # before the group forms: its actors check plans against the bound
+            self.exchange.allow_segments(max(foreign) + 1)
         absent, absent_groups = self.exchange.absent()
-        absent.update({k: FOREIGN for k in self.foreign if k >= self.num_shards})
+        absent.update({k: FOREIGN for k in foreign})
         self._stand_in(absent)
         self._stand_in_experts(absent_groups)
         running = tuple(g for g in range(len(self.partition)) if g not in absent_groups)
@@ -340,8 +339,8 @@ class Engine:
         shards no longer standing in are dropped there (the owner is back, or another took over)."""
         serving = {}  # the load is counted only while a shard is lost (not on every step)
         if self.durable and absent:
-            n = max(self.num_shards, max(absent) + 1)  # with the shards only a bigger mesh has
-            load = list(self.load()) if self.load else [0] * self.num_shards
+            load = self.contexts.shard_tokens()
+            n = max(len(load), max(absent) + 1)  # with the shards only a bigger mesh has
             serving = serving_map(n, absent, load + [0] * (n - len(load)))
         if serving != self.serving:
             for host, name in list(self.adopted):

@@ -120,6 +120,12 @@ class Catalog:
         self.manifests[got.id] = got
         return got
 
+    def forget(self, context_id: str) -> None:
+        """A context dropped elsewhere (told by another router of this mesh): no longer a
+        candidate for reuse here, before the next read of the directory."""
+        self.manifests.pop(context_id, None)
+        self._stamps.pop(context_id, None)
+
     def sync(self, served: set[str] | frozenset = frozenset()) -> tuple[list[Manifest], set[str]]:
         """`tend()`, then `changes(served)`."""
         self.tend()

@@ -50,6 +50,7 @@ class ContextRecord:
     files: list[str] = dataclasses.field(default_factory=list)  # segment file per segment
     nbytes: list[int] = dataclasses.field(default_factory=list)
     opened: bool = False  # the shards serve its files and the router holds its summaries
+    moves: int = 0  # how often its segments moved (`rebalance`): a layout with more moves is newer
 
 
 def plan_segments(num_tokens: int, free_tokens: list[int], capacity_tokens: int | None, align: int,

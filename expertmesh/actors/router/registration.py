@@ -1,8 +1,9 @@
 """Registering contexts: how the router turns token ids into KV segment files on the shards.
 
-A mixin of the Router (the methods use its model, shards, catalog and step loop): registration
-in pieces of max_batch_tokens, KV reuse from the store, manifests, and adopting contexts a
-store or the shards already hold when a router (re)starts.
+A collaborator of the router: registration in pieces of max_batch_tokens run through the
+router's step loop (`run`), KV reuse from the store, manifests, and opening stored segments on
+the shards at a context's first use. What it registers goes to the contexts' owner
+(contexts.py), which publishes it to the mesh's other routers.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import dataclasses
 import math
 import time
 import uuid
+from typing import Awaitable, Callable
 
 import numpy as np
 import ray
-import torch
 
+from expertmesh.actors.router.contexts import Contexts
+from expertmesh.actors.router.shards import Shards
 from expertmesh.dataplane.calls import call
-from expertmesh.dataplane.liveness import down
 from expertmesh.engine.sequence import Sequence
 from expertmesh.errors import Unavailable
+from expertmesh.mesh_spec import MeshSpec
+from expertmesh.model.config import ModelConfig
 from expertmesh.model.sampling import SamplingParams
-from expertmesh.store.catalog import tokens_sha256
+from expertmesh.store.catalog import Catalog, tokens_sha256
 from expertmesh.store.manifest import Manifest, SegmentEntry
 from expertmesh.store.registry import (
     MODES,
@@ -33,26 +37,48 @@ from expertmesh.store.registry import (
 )
 
 
+def check_tokens(ids: list[int], what: str, vocab_size: int) -> None:
+    """Token ids a model with `vocab_size` can read; the error names the first bad one."""
+    if len(ids) == 0:
+        raise ValueError(f"the {what} is empty; at least 1 token is needed")
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} token ids must be integers, got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary [0, {vocab_size})")
+
+
 class Registration:
-    async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
-                               context_id: str | None = None, owner: str = "default",
-                               visibility: str = "private", name: str | None = None) -> ContextInfo:
+    def __init__(self, cfg: ModelConfig, spec: MeshSpec, contexts: Contexts, shards: Shards, catalog: Catalog | None,
+                 run: Callable[[Sequence], Awaitable[None]]) -> None:
+        """run(seq): the router's step loop runs a sequence (a registration piece) to its end."""
+        self.cfg, self.contexts, self.shards, self.catalog, self.run = cfg, contexts, shards, catalog, run
+        self.kv_dtype, self.page_size, self.capacity_tokens = spec.kv_dtype, spec.page_size, spec.shard_capacity_tokens
+        unit = math.lcm(cfg.alignment, spec.page_size)
+        self.align = unit
+        self.piece_tokens = max(unit, spec.max_batch_tokens // unit * unit)  # registration runs in pieces this long
+
+    async def register(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
+                       context_id: str | None = None, owner: str = "default", visibility: str = "private",
+                       name: str | None = None) -> ContextInfo:
         """Compute the context's KV into segment files on the shards, piece by piece (bounded
         memory); with a store, its manifest is written last. Stored KV of the same tokens (same
         model, mode and cut) is reused instead of recomputed."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self._check_tokens(token_ids, "context")
+        check_tokens(token_ids, "context", self.cfg.vocab_size)
         token_ids = np.asarray(token_ids, dtype=np.int64)
         cid = context_id or f"ctx-{uuid.uuid4().hex[:12]}"
-        self._sync_directory()
         if cid in self.contexts or (self.catalog is not None and self.catalog.exists(cid)):
             raise ValueError(f"context id {cid!r} is already registered")
         if len(token_ids) > self.cfg.max_position_embeddings:
             raise ValueError(f"context of {len(token_ids):,} tokens exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings:,})")
         # segment starts on page boundaries, so any piece may write into any segment
-        free, absent = self._free_tokens(), {i: st for i, h in enumerate(self.shards) if (st := down(h))}
+        cap = self.capacity_tokens if self.capacity_tokens is not None else 1 << 62
+        free, absent = [cap - u for u in self.contexts.shard_tokens()], self.shards.absent()
         if absent:  # a new context goes to the shards that are running
             running = len(self.shards) - len(absent)
             if running == 0 or (shards is not None and shards > running):
@@ -60,8 +86,7 @@ class Registration:
                                   f"{sorted(absent)} are not (Ray reports {sorted(set(absent.values()))}); retry later")
             shards = shards or running
             free = [-1 if i in absent else f for i, f in enumerate(free)]
-        segments = plan_segments(len(token_ids), free, self.capacity_tokens,
-                                 math.lcm(self.cfg.alignment, self.page_size), shards)
+        segments = plan_segments(len(token_ids), free, self.capacity_tokens, self.align, shards)
         info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
                            time.time(), self.kv_dtype, self.catalog is not None)
         record = ContextRecord(info, segments)
@@ -69,20 +94,19 @@ class Registration:
         record.nbytes = [0] * len(segments)
         digests = self._digests(token_ids, segments)
         reused = self._reuse(record, digests)
-        self.contexts[cid] = record
+        self.contexts.begin(record)
         if self.catalog is not None:  # before any file: no other mesh's clean-up removes them meanwhile
             self.catalog.begin_pending(cid, record.files)
         try:
             if reused:  # stored KV of the same tokens (same model, mode, positions): no recompute
-                await self._open_segments(record, reused)
+                await self.open_segments(record, reused)
             todo = [i for i in range(len(segments)) if i not in reused]
             if todo:
                 await self._compute_segments(record, token_ids, todo)
             if self.catalog is not None:
                 self.catalog.add(self._manifest(record, digests))
         except BaseException as exc:
-            self.contexts.pop(cid, None)
-            self.engine.summaries.pop(cid, None)
+            self.contexts.discard(cid)
             await asyncio.gather(*(call(self.shards[s.shard], "drop", cid, timeout_s=5.0) for s in segments),
                                  return_exceptions=True)  # best effort: a shard that cannot answer holds nothing
             if isinstance(exc, ray.exceptions.RayActorError):  # a shard's, not this router's: say which
@@ -93,10 +117,8 @@ class Registration:
         finally:
             if self.catalog is not None:
                 self.catalog.end_pending(cid)
-        record.ready = True
         record.opened = True
-        self.lost.pop(cid, None)
-        await self._tell_elsewhere("learn_context", cid)  # listed by this mesh's other routers once this returns
+        self.contexts.serve(record)
         return info
 
     async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
@@ -128,7 +150,7 @@ class Registration:
             seq = Sequence(f"{cid}/piece/{a}", "segment", token_ids[a:b].tolist(), a, seen, cid,
                            SamplingParams(max_new_tokens=0), cfg.num_layers)
             seq.segment_files = {s.shard: (f, s.start, s.end) for s, f in zip(segments, record.files)}
-            await self._run(seq)
+            await self.run(seq)
             layers = [seq.kv.get(n) for n in range(cfg.num_layers)]
             k = [x[0].float().cpu().numpy() for x in layers]
             v = [] if cfg.kv_latent else [x[1].float().cpu().numpy() for x in layers]  # latent: v is k
@@ -158,25 +180,19 @@ class Registration:
         done = await asyncio.gather(*(call(self.shards[segments[i].shard], "finish", cid) for i in todo))
         for i, (n, _) in zip(todo, done):
             record.nbytes[i] = n
-        self._keep_summaries(record, todo, [summ for _, summ in done])
+        self.contexts.keep_summaries(record, todo, [summ for _, summ in done])
 
-    async def _open_segments(self, record: ContextRecord, which: list[int] | None = None) -> None:
+    async def open_segments(self, record: ContextRecord, which: list[int] | None = None) -> None:
         """Have the shards serve stored segment files of a context (after a restart, or reuse)."""
         cid = record.info.id
         which = list(range(len(record.segments))) if which is None else which
         # a shard that is not running: whoever stands in opens its file at the first item (takeover.py)
-        up = [i for i in which if record.segments[i].shard < len(self.shards)
-              and not down(self.shards[record.segments[i].shard])]
+        running = self.shards.running()
+        up = [i for i in which if record.segments[i].shard < len(running) and running[record.segments[i].shard]]
         summ = await asyncio.gather(*(call(self.shards[record.segments[i].shard], "open", cid, record.files[i],
                                            record.segments[i].start, record.segments[i].end) for i in up))
-        self._keep_summaries(record, up, summ)
+        self.contexts.keep_summaries(record, up, summ)
         record.opened = len(up) == len(which)
-
-    def _keep_summaries(self, record: ContextRecord, which: list[int], per_segment: list) -> None:
-        for i, summ in zip(which, per_segment):
-            record.summaries[record.segments[i].shard] = [
-                None if x is None else (torch.from_numpy(x[0]), torch.from_numpy(x[1])) for x in summ]
-        self.engine.summaries[record.info.id] = record.summaries
 
     def _digests(self, token_ids: np.ndarray, segments: list[Segment]) -> list[tuple[str, str]]:
         """(segment tokens sha256, prefix sha256) per segment: what stored KV may be reused for."""
@@ -202,48 +218,11 @@ class Registration:
         return Manifest(i.id, i.num_tokens, i.mode, tuple(
             SegmentEntry(s.shard, s.start, s.end, f, n, tokens, prefix)
             for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
-            i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.fingerprint,
+            i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.catalog.fingerprint,
             digests[-1][1])  # the prefix hash of the last segment: all the context's tokens
 
-    def _adopt_from_shards(self, timeout_s: float = 10.0) -> None:
-        """A router restarted without a store: the contexts whose every segment its shard still
-        holds are served again (the shards keep the router's description of each)."""
-        if not self.shards or not all(isinstance(s, ray.actor.ActorHandle) for s in self.shards):
-            return
-        refs = [None if down(s) else s.held.remote() for s in self.shards]  # a lost shard holds nothing
-        live = [r for r in refs if r is not None]
-        ready, _ = ray.wait(live, num_returns=len(live), timeout=timeout_s)
-        held: list[dict] = []
-        for ref in refs:
-            try:
-                held.append(ray.get(ref) if ref is not None and ref in ready else {})
-            except Exception:  # noqa: BLE001 - a shard that is down holds nothing we can serve
-                held.append({})
-        for cid, meta in {c: m for h in held for c, m in h.items()}.items():
-            if cid in self.contexts or cid in self.lost:  # known here, or dropped (another router's copy may lag)
-                continue
-            segments = [Segment(*x) for x in meta["segments"]]
-            if any(s.shard >= len(held) or cid not in held[s.shard] for s in segments):
-                continue  # a segment is gone: the context was lost with its shard
-            info = meta["info"]
-            record = ContextRecord(ContextInfo(**{**info, "shards": tuple(info["shards"])}), segments)
-            record.files, record.ready = list(meta["files"]), True
-            self.contexts[cid] = record
-
-    def _adopt(self, m: Manifest) -> None:
-        """A stored context, listed at once; its shards open its files at first use. A segment on a
-        shard this mesh does not have (stored by a mesh with more shards) is served like a lost
-        shard's, by the least loaded shard from the store (takeover.py), until `rebalance`
-        moves it onto one of this mesh's shards."""
-        self.engine.foreign.update(e.shard for e in m.segments if e.shard >= len(self.shards))
-        info = ContextInfo(m.id, m.num_tokens, tuple(e.shard for e in m.segments), m.mode, m.owner, m.visibility,
-                           m.name, m.created, m.kv_dtype, True)
-        record = ContextRecord(info, [Segment(e.shard, e.start, e.end) for e in m.segments])
-        record.files, record.ready = [e.file for e in m.segments], True
-        self.contexts[m.id] = record
-
-    async def _prepare(self, context_id: str | None) -> None:
+    async def prepare(self, context_id: str | None) -> None:
         """A stored context's shards open its files (and send their summaries) at its first use."""
-        record = self.contexts.get(context_id) if context_id is not None else None
+        record = self.contexts.get(context_id)
         if record is not None and record.ready and not record.opened:
-            await self._open_segments(record)
+            await self.open_segments(record)

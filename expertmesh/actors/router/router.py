@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import math
 import os
 import time
 from typing import Any, AsyncIterator, Awaitable
@@ -19,14 +18,17 @@ import numpy as np
 import ray
 import torch
 
-from expertmesh.actors.names import added_shards, lookup, own_name
+from expertmesh.actors.names import added_shards, lookup, mesh_of, own_name
+from expertmesh.actors.router.contexts import Contexts
 from expertmesh.actors.router.directory import Directory
+from expertmesh.actors.router.long_poll import Snapshot
 from expertmesh.actors.router.placement import Placement
-from expertmesh.actors.router.registration import Registration
-from expertmesh.dataplane.calls import call
+from expertmesh.actors.router.registration import Registration, check_tokens
+from expertmesh.actors.router.retire import Retiring
+from expertmesh.actors.router.shards import Shards
 from expertmesh.dataplane.collective import CollectiveExchange
-from expertmesh.dataplane.liveness import down
 from expertmesh.dataplane.task import TaskExchange
+from expertmesh.engine.config import EngineConfig
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Chunk, Request, Result
 from expertmesh.engine.scheduler import Scheduler
@@ -37,12 +39,17 @@ from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, sample
-from expertmesh.store.catalog import SYNC_S, Catalog
+from expertmesh.store.catalog import Catalog
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.registry import ContextInfo, ContextRecord
 
 
-class Router(Registration, Directory, Placement):
+class Router:
+    """The router actor: one owner of the contexts (contexts.py) handed to its collaborators:
+    registration (registration.py), the directory (directory.py), placement (placement.py) and
+    the letting go of segments (retire.py); the step engine (engine/engine.py) reads the
+    contexts through a narrow view. The actor methods below delegate to them."""
+
     def __init__(self, spec: MeshSpec, shards: list[Any], groups: list[Any], fingerprint: str | None = None,
                  num_threads: int | None = None) -> None:
         """spec: the mesh (mesh_spec.py) with its checkpoint resolved to a local path; shards and
@@ -53,7 +60,7 @@ class Router(Registration, Directory, Placement):
         # the router runs every dense layer of every step: all of its host's cores by default
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.spec = spec
-        checkpoint, store, page_size = spec.checkpoint, spec.store, spec.page_size
+        checkpoint, store = spec.checkpoint, spec.store
         self.checkpoint = checkpoint
         self.device = resolve_device(spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
@@ -61,24 +68,16 @@ class Router(Registration, Directory, Placement):
                                 device=self.device).requires_grad_(False)
         self.cfg = self.model.cfg
         # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
-        self.shards, self.groups = lookup(shards + added_shards(own_name(), len(shards))), lookup(groups)
-        shards, groups = self.shards, self.groups
-        self.capacity_tokens = spec.shard_capacity_tokens
-        self.kv_dtype, self.page_size = spec.kv_dtype, page_size
-        unit = math.lcm(self.cfg.alignment, page_size)
-        self.piece_tokens = max(unit, spec.max_batch_tokens // unit * unit)  # registration runs in pieces this long
+        self.shards = Shards(lookup(shards + added_shards(own_name(), len(shards))))
+        self.groups = lookup(groups)
+        shards, groups = self.shards.handles, self.groups
         self.catalog: Catalog | None = None
-        if store is not None:
-            self.fingerprint = fingerprint or model_fingerprint(checkpoint)
-            self.catalog = Catalog.open(store, self.fingerprint, {"architecture": self.cfg.architecture,
-                                                                  "checkpoint": str(checkpoint)})
+        if store is not None:  # this router's member lease names its mesh (store/members.py)
+            self.catalog = Catalog.open(store, fingerprint or model_fingerprint(checkpoint),
+                                        {"architecture": self.cfg.architecture, "checkpoint": str(checkpoint)},
+                                        group=mesh_of(own_name()))
         self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
-        self.contexts: dict[str, ContextRecord] = {}
-        self.lost: dict[str, str] = {}  # context id -> why it was lost (a shard restarted without a store)
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
-        self._retiring: dict[str, set[int]] = {}  # context id -> shards letting go of a moved segment (placement.py)
-        self._placing, self._letting_go = asyncio.Lock(), set()
-        self._sibling_handles: list | None = None  # this mesh's other routers, once all are up (directory.py)
         remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
         lanes = spec.lanes
         if remote and spec.data_plane == "collective":
@@ -89,46 +88,54 @@ class Router(Registration, Directory, Placement):
         else:
             exchange = TaskExchange(shards, groups, own_name() or "")
         self.data_plane = spec.data_plane if remote else "in-process"
-        self.engine = Engine(self.model, exchange, self.partition, {}, len(shards), self.catalog is not None,
-                             self._used_tokens, spec.micro_batches)
+        self.contexts = Contexts(self.shards)  # the one owner of the contexts, handed to each part below
+        self.engine = Engine(self.model, exchange, self.partition, self.contexts,
+                             EngineConfig(durable=self.catalog is not None, micro_batches=spec.micro_batches))
+        self.retiring = Retiring(self.shards, self.engine, self.catalog, lambda: list(self._by_id.values()))
+        self.registration = Registration(self.cfg, spec, self.contexts, self.shards, self.catalog, self._run)
+        self.directory = Directory(self.contexts, self.shards, self.catalog, self.retiring, own_name(), spec.routers)
+        self.placement = Placement(self.contexts, self.shards, self.engine, self.catalog, self.retiring,
+                                   self.directory)
         self.scheduler = Scheduler(max_batch_tokens=spec.max_batch_tokens, lanes=lanes)
         self._wake: asyncio.Event | None = None
         self._loop_tasks: list[asyncio.Task] = []
-        self._directory_task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
-        if self.catalog is not None:
-            for m in self.catalog.manifests.values():
-                self._adopt(m)
-        else:
-            self._adopt_from_shards()
+        self.directory.load()  # a store's contexts listed at once (without one: what the shards hold)
+        self.directory.start()  # an actor's constructor runs on its event loop: the directory follows from now on
 
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
         """What a driver needs to attach to this mesh."""
-        return {"checkpoint": self.checkpoint, "shards": self.shards, "groups": self.groups}
+        return {"checkpoint": self.checkpoint, "shards": self.shards.handles, "groups": self.groups}
 
     def ping(self) -> dict:
         return {"architecture": self.cfg.architecture, "vocab_size": self.cfg.vocab_size,
                 "num_layers": self.cfg.num_layers, "eos_token_id": list(self.cfg.eos_token_id)}
 
+    async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
+                               context_id: str | None = None, owner: str = "default",
+                               visibility: str = "private", name: str | None = None) -> ContextInfo:
+        """Compute a context's KV onto the shards (registration.py); every router of the mesh
+        lists and serves it once this returns."""
+        info = await self.registration.register(token_ids, mode, shards, context_id, owner, visibility, name)
+        await self.directory.spread()
+        return info
+
     async def drop_context(self, context_id: str) -> None:
-        record = self._record(context_id)
-        record.dropped = True
-        del self.contexts[context_id]
-        self._remember_lost({context_id: f"context {context_id!r} was dropped"})  # a racing directory sync skips it
-        self.engine.summaries.pop(context_id, None)
+        """Refused here at once, by every router of the mesh once this returns, by every mesh on
+        the store at its next read; the segments go once no request reads them."""
+        self._record(context_id)
+        record = self.contexts.drop(context_id, f"context {context_id!r} was dropped",
+                                    told=f"context {context_id!r} was dropped (through another router)")
         if self.catalog is not None:  # tombstone + manifest first: gone for every mesh even if a delete fails
             self.catalog.withdraw(context_id)
-        await self._tell_elsewhere("forget_context", context_id)  # refused by the mesh's other routers on return
-        if record.active == 0:
-            await self._drop_segments(record)
+        await self.directory.spread()
+        await self.retiring.dropped(record)
 
     def list_contexts(self) -> list[ContextInfo]:
-        self._sync_directory()
-        self._adopt_registered_elsewhere()
-        return [r.info for r in self.contexts.values() if r.ready]
+        return self.directory.listing()
 
     def get_context(self, context_id: str) -> ContextInfo:
         return self._record(context_id).info
@@ -200,8 +207,7 @@ class Router(Registration, Directory, Placement):
     async def close(self) -> None:
         """Leave the data plane's process group and the store's members; call before the actors are killed."""
         self.engine.close()
-        if self._directory_task is not None:
-            self._directory_task.cancel()
+        self.directory.close()
         if self.catalog is not None:
             self.catalog.close()
 
@@ -222,6 +228,24 @@ class Router(Registration, Directory, Placement):
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
                 "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
+
+    async def add_shards(self, names: list[str]) -> list[int]:
+        """Context shards started for this mesh join it (placement.py); their indices."""
+        return await self.placement.add_shards(names)
+
+    def pool(self) -> dict:
+        return self.placement.pool()
+
+    async def rebalance(self) -> dict:
+        return await self.placement.rebalance()
+
+    def clean_store(self) -> dict:
+        return self.directory.clean_store()
+
+    async def directory_changes(self, listener: str, held: tuple[str, int]) -> Snapshot:
+        """What changed in this router's contexts since the snapshot `held` (long_poll.py),
+        answered when there is something: the mesh's other routers follow it (directory.py)."""
+        return await self.directory.changes(listener, held)
 
     # -- the step loop --------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -284,7 +308,7 @@ class Router(Registration, Directory, Placement):
         are dropped and their requests fail with ContextNotFound; the rest run the step once more.
         Any other error fails the batch's requests."""
         recoverable = isinstance(exc, (ContextNotFound, ray.exceptions.RayActorError, DataPlaneError))
-        lost = await self._drop_lost_contexts() if recoverable else {}
+        lost = await self.directory.drop_lost() if recoverable else {}
         for seq in batch:
             if seq.context_id in lost:
                 self._finish(seq, error=ContextNotFound(lost[seq.context_id]))
@@ -299,34 +323,6 @@ class Router(Registration, Directory, Placement):
             else:
                 self._finish(seq, error=exc)
 
-    async def _drop_lost_contexts(self) -> dict[str, str]:
-        """Ready contexts with a segment that its shard no longer holds (the shard restarted, or
-        Ray reports it not alive: its memory is gone, and there is no store to reload it from):
-        drop them; return id -> why, for their requests."""
-        if all(r.info.stored or not r.ready for r in self.contexts.values()):
-            return {}  # stored contexts are reopened from the store: no shard need be asked (a lost one may hang)
-        states = [down(s) for s in self.shards]
-        # a shard that is back answers in seconds; one that cannot be placed holds nothing we can serve
-        held = await asyncio.gather(*(asyncio.sleep(0) if st else call(s, "contexts", timeout_s=10.0)
-                                      for s, st in zip(self.shards, states)), return_exceptions=True)
-        lost = {}
-        for cid, record in list(self.contexts.items()):
-            if not record.ready or record.info.stored:  # a stored context: its shard reopens it from the store
-                continue
-            gone = [s.shard for s in record.segments
-                    if states[s.shard] or (isinstance(held[s.shard], dict) and cid not in held[s.shard])]
-            if gone:
-                why = (f"Ray reports its actor {states[gone[0]]}" if states[gone[0]] else "the shard restarted")
-                lost[cid] = (f"context {cid!r} was lost with context shard {gone[0]}: {why} and the mesh has no store "
-                             "to reload it from; register it again")
-                del self.contexts[cid]
-                self.engine.summaries.pop(cid, None)
-                record.dropped = True
-                if record.active == 0:
-                    await self._drop_segments(record)
-        self._remember_lost(lost)
-        return lost
-
     async def _run(self, seq: Sequence) -> None:
         """Queue a sequence for the step loop and wait until it finishes."""
         if not self._loop_tasks or any(t.done() for t in self._loop_tasks):
@@ -335,8 +331,7 @@ class Router(Registration, Directory, Placement):
             self._wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             self._loop_tasks = [loop.create_task(self._loop()) for _ in range(self.scheduler.lanes)]
-        if self.catalog is not None and (self._directory_task is None or self._directory_task.done()):
-            self._directory_task = asyncio.get_running_loop().create_task(self._directory_loop())
+        self.directory.start()  # (an in-process router's first request: its event loop runs from here)
         record = self.contexts.get(seq.context_id) if seq.kind != "segment" else None
         if record is not None:
             record.active += 1
@@ -351,7 +346,7 @@ class Router(Registration, Directory, Placement):
             if record is not None:
                 record.active -= 1
                 if record.dropped and record.active == 0:
-                    await self._drop_segments(record)
+                    await self.retiring.dropped(record)
 
     # -- helpers --------------------------------------------------------------------------
     def _sequence(self, kind: str, request: Request) -> Sequence:
@@ -378,54 +373,15 @@ class Router(Registration, Directory, Placement):
                         segment_files=files, deadline=request.deadline, pool=self.engine.kv_pool)
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
-        if len(ids) == 0:
-            raise ValueError(f"the {what} is empty; at least 1 token is needed")
-        arr = np.asarray(ids)
-        if arr.dtype.kind not in "iu":
-            raise ValueError(f"{what} token ids must be integers, got dtype {arr.dtype}")
-        bad = (arr < 0) | (arr >= self.cfg.vocab_size)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary "
-                             f"[0, {self.cfg.vocab_size})")
-
-    def _running(self) -> list[Any]:
-        """Each shard's handle, or None where Ray does not report it alive (liveness.py)."""
-        return [None if down(s) else s for s in self.shards]
-
-    def _remember_lost(self, why: dict[str, str]) -> None:
-        self.lost.update(why)
-        while len(self.lost) > 10_000:  # remembered for clear errors, bounded
-            self.lost.pop(next(iter(self.lost)))
+        check_tokens(ids, what, self.cfg.vocab_size)
 
     def _record(self, context_id: str) -> ContextRecord:
-        self._sync_directory(2 * SYNC_S)  # only if the directory loop fell behind
-        self._lookup_stored(context_id)
-        record = self.contexts.get(context_id)
-        if record is None or not record.ready:
-            why = self.catalog.unavailable.get(context_id) if self.catalog is not None else None
-            raise ContextNotFound(why or self.lost.get(context_id, f"context {context_id!r} is not registered"))
-        return record
+        """A ready context's record (directory.py), or ContextNotFound saying why not."""
+        return self.directory.record(context_id)
 
-    def _used_tokens(self) -> list[int]:
-        used = [0] * len(self.shards)
-        for record in list(self.contexts.values()):
-            for s in record.segments:
-                if s.shard < len(used):  # (not a shard only a bigger mesh on the store has)
-                    used[s.shard] += s.end - s.start
-        return used
-
-    def _free_tokens(self) -> list[int]:
-        cap = self.capacity_tokens if self.capacity_tokens is not None else 1 << 62
-        return [cap - u for u in self._used_tokens()]
-
-    async def _drop_segments(self, record: ContextRecord) -> None:
-        where = [(s.shard, record.info.id) for s in record.segments] + self.engine.forget(record.info.id)
-        running = self._running()  # one Ray does not report alive holds nothing (it comes back empty)
-        await asyncio.gather(*(call(running[shard], "drop", name, timeout_s=10.0) for shard, name in where
-                               if shard < len(running) and running[shard] is not None), return_exceptions=True)
-        if self.catalog is not None:
-            self.catalog.release(record.info.id)  # its files, unless another context (of any mesh) names them
+    async def _prepare(self, context_id: str | None) -> None:
+        """A stored context's shards open its files at its first use (registration.py)."""
+        await self.registration.prepare(context_id)
 
 
 def _retrieved(task: asyncio.Future) -> None:
