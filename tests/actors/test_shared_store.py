@@ -96,6 +96,10 @@ def assert_listed(mesh, cid):
     assert cid in {c.id for c in mesh.contexts()}
 
 
+def assert_on(mesh, cid, shards):
+    assert {c.id: c.shards for c in mesh.contexts()}[cid] == shards
+
+
 def test_a_mesh_killed_mid_registration_leaves_the_others_contexts(ray_cluster, tiny_checkpoint, tmp_path):
     ckpt, store = tiny_checkpoint(ARCH), str(tmp_path / "store")
     prompt = ids(5, 8)
@@ -129,7 +133,8 @@ def test_a_mesh_killed_mid_registration_leaves_the_others_contexts(ray_cluster, 
 def test_a_smaller_mesh_serves_and_takes_over_a_bigger_ones_contexts(ray_cluster, tiny_checkpoint, tmp_path):
     """A RayService upgrade that shrinks the pool: contexts stored by a mesh with 4 shards are
     answered, exactly, by a mesh with 2 (its shards serve the missing shards' segments from the
-    store, as for a lost shard), and its `rebalance` moves them onto its own shards."""
+    store, as for a lost shard), and its `rebalance` moves them onto its own shards; the bigger
+    mesh reads the rewritten manifests and reads those segments from the same shards too."""
     ckpt, store = tiny_checkpoint(ARCH), str(tmp_path / "store")
     prompt = ids(6, 40)
     big = em.Mesh.start(ckpt, context_shards=4, expert_groups=2, page_size=16, store=store)
@@ -154,6 +159,8 @@ def test_a_smaller_mesh_serves_and_takes_over_a_bigger_ones_contexts(ray_cluster
         for c in beyond:  # onto its own shards
             assert moved[c.id][0] == c.shards[0] and moved[c.id][1] in (0, 1), report
             assert next(x for x in small.contexts() if x.id == c.id).shards[0] in (0, 1)
+        for c in beyond:  # the bigger mesh reads the rewritten manifests and follows the move
+            eventually(lambda c=c: assert_on(big, c.id, (moved[c.id][1],)), within_s=SYNC_S + 3)
         for cid, logits in want.items():  # the same answers after the move (both meshes)
             assert np.array_equal(small.forward_logits(prompt, context_id=cid), logits), cid
             assert np.array_equal(big.forward_logits(prompt, context_id=cid), logits), cid
