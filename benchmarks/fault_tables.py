@@ -105,7 +105,7 @@ def shared_store() -> str:
     lines += ["", f"{len(r['trials'])} trials, {r['context_tokens']:,}-token contexts, {r['model']} model, "
               f"{r['layout']}, one Ray cluster; run of {r['date']}. B's first answer takes "
               f"{r['ratios']['other_first_answer_over_own']:.2f}x A's own (it reads the manifest on the miss). "
-              f"Listing and drops travel through the store: each mesh re-reads the directory every "
+              f"Listing and drops travel through the store: while another mesh is live, each mesh re-reads the directory every "
               f"{r['sync_s']:g} s, so the bound is two periods ({2 * r['sync_s']:g} s: a re-read in flight when the "
               f"change lands, then the next); a dropped context's files outlive the drop by {r['grace_s']:g} s while "
               f"another mesh is live, so none answers over deleted files meanwhile."]
