@@ -1,11 +1,11 @@
 """Errors of the HTTP API: the OpenAI error body, and the mapping from the mesh's errors to
 HTTP statuses (404 unknown context, 413 too large, 400 bad input, 503 + Retry-After while the
-mesh recovers)."""
+mesh recovers, 504 a request past its deadline)."""
 
 import ray
 from fastapi.responses import JSONResponse
 
-from expertmesh.errors import CapacityError, ContextNotFound, NoTokenizer, Unavailable
+from expertmesh.errors import CapacityError, ContextNotFound, DeadlineExceeded, NoTokenizer, Unavailable
 
 
 class ApiError(Exception):
@@ -34,6 +34,8 @@ def api_error(exc: BaseException, param: str | None = None) -> ApiError | None:
         return ApiError(404, str(cause), param=param, code="context_not_found")
     if isinstance(cause, CapacityError):
         return ApiError(413, str(cause), code="context_too_large")
+    if isinstance(cause, DeadlineExceeded):
+        return ApiError(504, str(cause), "timeout", code="deadline_exceeded")
     if isinstance(cause, Unavailable):
         return _unavailable(str(cause), cause.retry_after_s)
     if isinstance(cause, ray.exceptions.RayActorError):
