@@ -33,6 +33,13 @@ def cli(*args, timeout=300):
                           timeout=timeout, env=ENV)
 
 
+def token_of_ray_start() -> str:
+    """The token `ray start` uses under RAY_AUTH_MODE=token (Ray's default path; RAY_AUTH_TOKEN wins)."""
+    from pathlib import Path
+
+    return os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text()
+
+
 def ray_bin() -> str:
     return os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -54,14 +61,19 @@ def head(tiny_checkpoint):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     mesh = None
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:  # the job API answers once the dashboard's agent is up
-            try:
-                if httpx.get(f"http://127.0.0.1:{dash}/api/jobs/", timeout=2).status_code == 200:
+        # the job API answers once the dashboard's agent is up; token authentication is on, so the
+        # poll presents the token `ray start` generated (without it every answer is a 401)
+        deadline, status = time.time() + 180, None
+        while time.time() < deadline:
+            try:  # (the token file may appear only once `ray start` has begun)
+                auth = {"Authorization": f"Bearer {token_of_ray_start().strip()}"}
+                status = httpx.get(f"http://127.0.0.1:{dash}/api/jobs/", headers=auth, timeout=2).status_code
+                if status == 200:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, FileNotFoundError):
                 pass
             time.sleep(1)
+        assert status == 200, f"the head's job API did not answer within 180 s (last status {status})"
         mesh = subprocess.Popen(
             [sys.executable, "-c",
              "import sys, time, ray, expertmesh as em; ray.init(address=sys.argv[1]); "
