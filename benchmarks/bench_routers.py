@@ -58,11 +58,12 @@ def run_one(routers: int, args) -> dict:
                                                   "tokens_per_s": tokens / wall, "per_router": per_router}}
 
         t0 = time.perf_counter()
-        want = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=FAILOVER_TOKENS)
+        # ignore_eos: the built-in model may answer the random context with eos at once
+        want = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=FAILOVER_TOKENS, ignore_eos=True)
         normal = time.perf_counter() - t0
         got, t0 = {}, time.perf_counter()
         worker = threading.Thread(target=lambda: got.setdefault("res", mesh.generate(
-            prompt, context_id=ctx.id, max_new_tokens=FAILOVER_TOKENS)))
+            prompt, context_id=ctx.id, max_new_tokens=FAILOVER_TOKENS, ignore_eos=True)))
         worker.start()
         time.sleep(1.0)
         busy = [ray.get(r.stats.remote())["running"] for r in mesh.routers]

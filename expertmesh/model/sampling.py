@@ -22,6 +22,8 @@ class SamplingParams:
     stop_token_ids: ids that end the completion (besides the checkpoint's eos ids); kept in it.
     stop: strings that end the completion; matched on the text at the edge that detokenizes,
     which then cancels the request (the sampler sees ids only).
+    ignore_eos: the checkpoint's eos ids do not end the completion (stop_token_ids still do):
+    it runs to max_new_tokens (vLLM's `ignore_eos`, for benchmarks and fault drills).
     """
 
     max_new_tokens: int = 32
@@ -30,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -49,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"stop must be a sequence of strings, got {self.stop!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         # plain Python values (a numpy integer or a list from a caller): the object hashes and pickles as data
         set_ = object.__setattr__
         set_(self, "max_new_tokens", int(self.max_new_tokens))
@@ -57,6 +62,7 @@ class SamplingParams:
         set_(self, "seed", None if self.seed is None else int(self.seed))
         set_(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         set_(self, "stop", tuple(self.stop))
+        set_(self, "ignore_eos", bool(self.ignore_eos))
 
 
 def is_int(x) -> bool:

@@ -327,13 +327,16 @@ class Mesh:
     def generate(self, prompt_ids: list[int], context_id: str | None = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
-                 top_pages: int | None = None, router: int | None = None) -> GenerationResult:
+                 top_pages: int | None = None, router: int | None = None,
+                 ignore_eos: bool = False) -> GenerationResult:
         """Generate after context + prompt; safe to call from many threads (requests batch, and
         spread over the mesh's routers: the least busy; router=i pins one).
 
         top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
-        top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids))
+        top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact.
+        ignore_eos: run to max_new_tokens whatever the eos ids (stop_token_ids still stop)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids),
+                                ignore_eos=ignore_eos)
         request = Request(self._ids(prompt_ids, "prompt"), context_id, params, top_shards=top_shards,
                           top_pages=top_pages)
         res = self._call("generate", request, router=router)

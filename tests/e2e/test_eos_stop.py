@@ -55,6 +55,8 @@ def test_mesh_finishes_on_eos_with_stop(ray_cluster, eos_checkpoint):
         assert eos in mesh.config.eos_token_id
         res = mesh.generate(ByteTokenizer(vocab_size=VOCAB).encode(PROMPT), max_new_tokens=20)
         assert res.finish_reason == "stop" and res.token_ids == [eos] and res.completion_tokens == 1
+        on = mesh.generate(ByteTokenizer(vocab_size=VOCAB).encode(PROMPT), max_new_tokens=5, ignore_eos=True)
+        assert on.finish_reason == "length" and on.token_ids[0] == eos and len(on.token_ids) == 5
     finally:
         mesh.shutdown()
 

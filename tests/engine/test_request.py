@@ -31,6 +31,7 @@ from expertmesh.model.sampling import SamplingParams
     ({"stop_token_ids": "2"}, r"stop_token_ids must be a sequence of token ids, got '2'"),
     ({"stop": "END"}, r"stop must be a sequence of strings, got 'END'"),
     ({"stop": ("END", "")}, r"stop strings must be non-empty strings, got \['END', ''\]"),
+    ({"ignore_eos": "yes"}, r"ignore_eos must be true or false, got 'yes'"),
 ])
 def test_sampling_params_refuse_what_the_sampler_cannot_take(fields, message):
     with pytest.raises(ValueError, match=message):

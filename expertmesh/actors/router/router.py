@@ -285,7 +285,8 @@ class Router:
         seq.token_ids.append(token)
         if seq.stream is not None:
             seq.stream.put_nowait(token)
-        if token in self.cfg.eos_token_id or token in seq.params.stop_token_ids or seq.cancelled:
+        eos = token in self.cfg.eos_token_id and not seq.params.ignore_eos
+        if eos or token in seq.params.stop_token_ids or seq.cancelled:
             self._finish(seq, reason="stop")
         elif len(seq.output) >= seq.params.max_new_tokens:
             self._finish(seq, reason="length")
