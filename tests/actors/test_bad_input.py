@@ -94,12 +94,14 @@ def test_a_request_past_its_deadline_fails_with_the_numbers_and_leaves_the_batch
     from expertmesh.model.sampling import SamplingParams
 
     before = mesh.generate([5, 6, 7], max_new_tokens=5).token_ids
-    long = SamplingParams(max_new_tokens=4000)  # far more than a second of steps here
+    # far more than two seconds of steps here, whatever the tokens (ignore_eos); the 2 s leave the call
+    # time to reach the router on a loaded machine (else it fails on arrival, with the other message)
+    long = SamplingParams(max_new_tokens=4000, ignore_eos=True)
     missed = r"missed its deadline by [\d.]+ s: [\d.]+ s after it reached the router, \d+ of 4000 tokens generated"
     with pytest.raises(DeadlineExceeded, match=missed):
-        ray.get(mesh.router.generate.remote(Request([5, 6, 7], params=long, deadline=time.time() + 1.0)))
+        ray.get(mesh.router.generate.remote(Request([5, 6, 7], params=long, deadline=time.time() + 2.0)))
     gen = mesh.router.stream.options(num_returns="streaming").remote(
-        Request([5, 6, 7], params=long, request_id="late-stream", deadline=time.time() + 1.0))
+        Request([5, 6, 7], params=long, request_id="late-stream", deadline=time.time() + 2.0))
     with pytest.raises(DeadlineExceeded, match=f"request 'late-stream' {missed}"):
         for ref in gen:
             ray.get(ref)
