@@ -1,5 +1,5 @@
-"""The `expertmesh` command: `main` (subcommands), `serve`, `pool`, `k8s_status`, `mesh_args`."""
+"""The `expertmesh` command: `main` (its subcommands are in commands.py), `serve`, `pool`, `k8s_status`, `mesh_args`."""
 
-from expertmesh.cli.main import main
+from expertmesh.cli.commands import main
 
 __all__ = ["main"]

@@ -1,5 +1,5 @@
 import sys
 
-from expertmesh.cli.main import main
+from expertmesh.cli.commands import main
 
 sys.exit(main())

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from expertmesh import cli
+from expertmesh.cli import commands as cli
 from expertmesh.model.tokenizer import ByteTokenizer
 from expertmesh.pipelines import tasks
 from expertmesh.pipelines import text_sources as ts

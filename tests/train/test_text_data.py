@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from expertmesh import cli
+from expertmesh.cli import commands as cli
 from expertmesh.model.tokenizer import ByteTokenizer
 from expertmesh.pipelines import text_sources as ts
 from expertmesh.pipelines.evaluate import answered

@@ -185,7 +185,8 @@ class Router:
         if fut in done:
             return fut.result()
         fut.cancel()  # the wait only (the run goes on until the request leaves the batch)
-        late, took = time.time() - seq.deadline, time.perf_counter() - seq.t_submit
+        # (the loop's clock may wake a hair before time.time() reaches the deadline: never "by -0.000 s")
+        late, took = max(0.0, time.time() - seq.deadline), time.perf_counter() - seq.t_submit
         error = DeadlineExceeded(f"request {seq.request_id!r} missed its deadline by {late:.3f} s: {took:.3f} s after "
                                  f"it reached the router, {len(seq.output)} of {seq.params.max_new_tokens} tokens "
                                  "generated")
