@@ -108,7 +108,18 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     os.environ.setdefault("EXPERTMESH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    zygote = None
+    if os.environ.get("EXPERTMESH_TEST_FORK", "1") != "0":  # workers forked with torch loaded (tests/zygote.py)
+        from tests import zygote as fork_server
+
+        sock = tmp_path_factory.mktemp("zygote") / "zygote.sock"
+        zygote = fork_server.start(sock)
+        fork_server.install(sock)
     ray.init(address="local", resources={"context_shard": 64, "expert_group": 64}, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {"EXPERTMESH_CACHE": os.environ["EXPERTMESH_CACHE"]}})
     yield ray
     ray.shutdown()
+    if zygote is not None:
+        zygote.terminate()
+        zygote.wait(timeout=30)
+

@@ -197,13 +197,13 @@ class CollectiveExchange(ActorExchange):
     def group_handle(self, group: int) -> Any:
         return next(h for h, _, g in self.peers if g == group)
 
-    def absent(self) -> tuple[dict[int, str], dict[int, str]]:
+    def absent(self, fresh: bool = False) -> tuple[dict[int, str], dict[int, str]]:
         """Form the group if there is none; the context shards and expert groups left out of it
-        (index -> Ray's state of its actor). While any is left out, at most every RECHECK_S: one
-        Ray reports alive again ends this generation, and the next one takes it back in."""
+        (index -> Ray's state of its actor). While any is left out, at most every RECHECK_S (or now,
+        fresh): one Ray reports alive again ends this generation, and the next one takes it back in."""
         with self._lock:
             if self._pg is not None and len(self.ranks) < len(self.peers) and \
-                    time.monotonic() - self._checked >= RECHECK_S:
+                    (fresh or time.monotonic() - self._checked >= RECHECK_S):
                 self._checked = time.monotonic()
                 if self._out.any_back([h for h, _, _ in self.peers]):
                     self._drop_group()

@@ -28,9 +28,10 @@ class TaskExchange(ActorExchange):
     def begin(self, plan: StepPlan) -> "_TaskStep":
         return _TaskStep(self.shards, self.groups, plan)
 
-    def absent(self) -> tuple[dict[int, str], dict[int, str]]:
-        """Asked of Ray at most every RECHECK_S (a step calls the actors directly: no group)."""
-        if time.monotonic() - self._checked >= RECHECK_S:
+    def absent(self, fresh: bool = False) -> tuple[dict[int, str], dict[int, str]]:
+        """Asked of Ray at most every RECHECK_S, or now when fresh (a step calls the actors
+        directly: no group)."""
+        if fresh or time.monotonic() - self._checked >= RECHECK_S:
             self._checked = time.monotonic()
             self._absent = ({i: st for i, h in enumerate(self.shards) if (st := down(h))},
                             {g: st for g, h in enumerate(self.groups) if (st := down(h))})

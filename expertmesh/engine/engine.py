@@ -101,14 +101,17 @@ class Engine:
         foreign = self.contexts.foreign_shards()
         if foreign:  # before the group forms: its actors check plans against the bound
             self.exchange.allow_segments(max(foreign) + 1)
-        absent, absent_groups = self.exchange.absent()
-        absent.update({k: FOREIGN for k in foreign})
-        self._stand_in(absent)
-        self._stand_in_experts(absent_groups)
-        running = tuple(g for g in range(len(self.partition)) if g not in absent_groups)
-        plans = [build_plan(part, spans, positions, self.model, self.summaries, len(self.partition), self.serving,
-                            running) for part, (_, spans, positions) in zip(halves, inputs)]
-        lost = sorted({s for plan in plans for lp in plan.layers for s in lp.attend if s in absent})
+        for fresh in (False, True):  # what the exchange last heard, then (a shard this step needs) Ray now
+            absent, absent_groups = self.exchange.absent(fresh=fresh)
+            absent.update({k: FOREIGN for k in foreign})
+            self._stand_in(absent)
+            self._stand_in_experts(absent_groups)
+            running = tuple(g for g in range(len(self.partition)) if g not in absent_groups)
+            plans = [build_plan(part, spans, positions, self.model, self.summaries, len(self.partition),
+                                self.serving, running) for part, (_, spans, positions) in zip(halves, inputs)]
+            lost = sorted({s for plan in plans for lp in plan.layers for s in lp.attend if s in absent})
+            if not lost or set(lost) <= {k for k, v in absent.items() if v == FOREIGN}:
+                break
         if lost:  # without a store its segments died with it (the router drops their contexts)
             error = Unavailable if self.durable else ContextNotFound
             raise error(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and no "

@@ -75,7 +75,9 @@ class Exchange:
         """After a failed step: clean up; return the error the step fails with."""
         return exc
 
-    def absent(self) -> tuple[dict[int, str], dict[int, str]]:
+    def absent(self, fresh: bool = False) -> tuple[dict[int, str], dict[int, str]]:
+        """The context shards and expert groups that cannot serve now (index -> why). fresh: ask
+        now, not what was last heard (a shard a step needs was left out: it may be back)."""
         return {}, {}
 
     def release(self, shard: int, context_id: str) -> None:
