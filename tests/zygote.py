@@ -101,6 +101,7 @@ def _child(conn: socket.socket, listener: socket.socket, wake: int, others: list
         import runpy
 
         sys.argv = args
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))  # as `python default_worker.py` has it
         runpy.run_path(args[0], run_name="__main__")
         code = 0
     except SystemExit as exc:
@@ -191,4 +192,5 @@ def serve(path: Path) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.pop(0)  # this file's folder (tests/): its `jax` package would shadow JAX in every worker
     serve(Path(sys.argv[1]))

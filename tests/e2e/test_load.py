@@ -25,7 +25,8 @@ def _proc(pid: str) -> tuple[str, int, int]:
 
 def serving_processes(gcs_address: str) -> dict[int, tuple[str, int]]:
     """pid -> (process title, resident bytes) of every Ray actor process of this session's cluster
-    (the children of its raylet; other clusters on the machine are not ours): the Serve controller,
+    (the children of its raylet or of the session's worker zygote; other clusters on the machine
+    are not ours): the Serve controller,
     proxy and replica, the router, the context shards and the expert groups (the session's only
     live actors while this test runs), not idle pooled workers."""
     procs, children = {}, {}
@@ -38,6 +39,9 @@ def serving_processes(gcs_address: str) -> dict[int, tuple[str, int]]:
     raylets = {pid for pid, (cmd, _, _) in children.items()
                if "raylet" in cmd.split(" ")[0] and f"--gcs-address={gcs_address}" in cmd}
     assert raylets, f"no raylet of the cluster at {gcs_address}"
+    zygote = os.environ.get("EXPERTMESH_TEST_ZYGOTE")  # the session's workers are forked there (tests/zygote.py)
+    if zygote:
+        raylets |= {pid for pid, (cmd, _, _) in children.items() if "zygote.py" in cmd and zygote in cmd}
     for pid, (cmd, ppid, rss) in children.items():
         if ppid in raylets and cmd.startswith("ray::") and not cmd.startswith("ray::IDLE"):
             procs[pid] = (cmd.split(" ")[0], rss)
