@@ -193,6 +193,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    import time
+
+    from expertmesh.pipelines.upcycle import upcycle
+
+    start = time.perf_counter()
+    out = upcycle(args.source, args.out, args.experts, args.top_k, dtype=args.dtype, seed=args.seed)
+    config = json.loads((out / "config.json").read_text())
+    print(json.dumps({"out": str(out), "architecture": config["architectures"][0], "experts": args.experts,
+                      "top_k": args.top_k, "dtype": args.dtype,
+                      "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+                      "seconds": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
                         "chunk of the stated ones, not multiples of it)")
     e.add_argument("--json", default=None, help="write the results here")
     e.set_defaults(func=cmd_eval)
+
+    u = sub.add_parser("upcycle", help="a dense checkpoint or GGUF -> a MoE whose experts copy its MLP "
+                                       "(sparse upcycling; function-preserving at step 0)")
+    from expertmesh.pipelines.upcycle import add_arguments as add_upcycle_arguments
+
+    add_upcycle_arguments(u)
+    u.set_defaults(func=cmd_upcycle)
 
     from expertmesh.cli.k8s_status import add_parser as add_k8s_parser
     from expertmesh.cli.pool import add_parser as add_pool_parser

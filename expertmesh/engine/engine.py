@@ -181,7 +181,7 @@ class Engine:
             span = by_seq.get(id(seq))
             if span is None or seq.kind == "segment":
                 continue
-            if seq.kind == "logits":
+            if seq.kind == "logits" or seq.wants_prompt_rows:  # every row (prompt log-probabilities: the prefill's)
                 out[id(seq)] = self.model.logits(x[span[0]:span[1]]).cpu()
             else:
                 last.append((id(seq), span[1] - 1))

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from expertmesh.model.sampling import SamplingParams, is_int, is_real
+from expertmesh.model.sampling import SamplingParams, TokenLogprob, is_int, is_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +72,10 @@ class Request:
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """What a stream yields while it generates: the tokens since the last chunk (several when
-    its reader lags behind the steps)."""
+    its reader lags behind the steps), and their log-probabilities when the request asked."""
 
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,8 @@ class Result:
     pages read per shard and tier (empty before the first token).
     ttft_s: seconds from arrival at the router to the first token (None: none came); total_s:
     to the end.
+    logprobs: per generated token (params.logprobs set); prompt_logprobs: per prompt token, the
+    first None (params.prompt_logprobs set); None when not asked.
     """
 
     request_id: str
@@ -99,6 +102,8 @@ class Result:
     pathway: dict
     ttft_s: float | None
     total_s: float
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 def _token_ids(ids, what: str) -> tuple[int, ...]:

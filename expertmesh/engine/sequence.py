@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from expertmesh.engine.pathway import Pathway, Segment
 from expertmesh.engine.request import Result
 from expertmesh.model.kv_cache import KVCache
 from expertmesh.model.kv_pool import KVPool, SeqKV
-from expertmesh.model.sampling import SamplingParams
+from expertmesh.model.sampling import SamplingParams, TokenLogprob
 
 Kind = Literal["generate", "logits", "segment"]
 
@@ -50,6 +50,9 @@ class Sequence:
     group_tokens: Counter = dataclasses.field(default_factory=Counter)
     pathway_visits: set[int] = dataclasses.field(default_factory=set)  # shards actually visited
     logits: list[np.ndarray] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # per generated token, when asked
+    prompt_logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)  # per prompt token
+    matcher: Any = None  # model/grammar.py Matcher: its place in params.grammar (structured output)
     done: asyncio.Future | None = None
     stream: asyncio.Queue | None = None
     generator: torch.Generator | None = None
@@ -75,6 +78,11 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed < self.prompt_len
 
+    @property
+    def wants_prompt_rows(self) -> bool:
+        """Its prefill step needs the logits of every prompt row (prompt log-probabilities)."""
+        return self.kind == "generate" and self.params.prompt_logprobs is not None and not self.prompt_logprobs
+
     def new_tokens(self) -> tuple[list[int], torch.Tensor]:
         """Tokens whose KV is not computed yet, and their positions [t]."""
         ids = self.token_ids[self.num_computed:]
@@ -92,7 +100,9 @@ class Sequence:
             prompt_tokens=self.prompt_len, completion_tokens=len(self.output),
             context_tokens=self.start_pos if self.context_id else 0, pathway=pathway,
             ttft_s=(self.t_first - self.t_submit) if self.t_first else None,
-            total_s=time.perf_counter() - self.t_submit)
+            total_s=time.perf_counter() - self.t_submit,
+            logprobs=tuple(self.logprobs) if self.params.logprobs is not None else None,
+            prompt_logprobs=tuple(self.prompt_logprobs) if self.params.prompt_logprobs is not None else None)
 
     def freeze_pathway(self) -> None:
         if self.pathway is None:

@@ -168,7 +168,15 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_hf(json.loads(Path(path).read_text()))
+        """config.json, with the eos ids of generation_config.json beside it (generation stops at
+        either, as transformers' generate and vLLM do)."""
+        from expertmesh.model.generation_config import eos_ids, read
+
+        cfg = json.loads(Path(path).read_text())
+        extra = eos_ids(read(Path(path).parent))
+        if extra:
+            cfg = {**cfg, "eos_token_id": list(dict.fromkeys(_eos_list(cfg) + extra))}
+        return cls.from_hf(cfg)
 
 
 _DEFAULT_THETA = {"GptOssForCausalLM": 150000.0}  # transformers' per-architecture defaults
@@ -187,10 +195,13 @@ def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:
         raise UnsupportedArchitecture(str(exc)) from None
 
 
-def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
+def _eos_list(cfg: dict[str, Any]) -> list[int]:
     eos = cfg.get("eos_token_id")
-    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-    return tuple(int(i) for i in ids if 0 <= int(i) < cfg["vocab_size"])
+    return [int(i) for i in (eos if isinstance(eos, list) else ([] if eos is None else [eos]))]
+
+
+def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(i for i in _eos_list(cfg) if 0 <= i < cfg["vocab_size"])
 
 
 def _common(cfg: dict[str, Any], arch: str) -> dict[str, Any]:

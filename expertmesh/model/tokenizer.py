@@ -10,7 +10,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     available: bool  # False: no tokenizer (token ids only; encode/decode raise)
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -26,8 +26,8 @@ class ByteTokenizer:
         if self.vocab_size < 256 + offset:
             raise ValueError(f"a byte tokenizer needs vocab_size >= {256 + offset}; the model has {self.vocab_size}")
 
-    def encode(self, text: str) -> list[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]  # no special tokens to add
 
     def decode(self, ids: list[int]) -> str:
         data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
@@ -42,11 +42,13 @@ class HFTokenizer:
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as _Tok
 
+        self.path = str(path)  # tokenizer.json (the grammar engine reads it too)
         self._tok = _Tok.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """add_special_tokens: what the tokenizer's post-processor adds (a bos, for Llama's)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids))
@@ -66,7 +68,7 @@ class NoTokenizer:
                        f"tokenizer.json and its vocabulary of {vocab_size} is too small for the byte "
                        f"tokenizer (needs >= 260); use token ids")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         from expertmesh.errors import NoTokenizer as _Err
 
         raise _Err(self.reason)

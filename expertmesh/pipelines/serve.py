@@ -17,6 +17,7 @@ it stops; under `serve run`/`serve deploy` stop it with
 """
 
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -34,6 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.engine.request import Request as RouterRequest
 from expertmesh.engine.request import Result
+from expertmesh.model import generation_config
+from expertmesh.model.chat_template import ChatTemplate, ChatTemplateError
+from expertmesh.model.grammar import Grammars
+from expertmesh.pipelines import openai_logprobs
 from expertmesh.pipelines import openai_schema as oa
 from expertmesh.pipelines.api_errors import ApiError, _cause, _error, _unavailable, api_error
 from expertmesh.pipelines.detokenize import TextStream
@@ -82,11 +87,6 @@ def _allowed(schema: dict, path: str) -> list[str]:
 HEAD = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
 
 
-def chat_prompt(messages: list[oa.ChatMessage]) -> str:
-    """A plain chat layout for checkpoints without a chat template."""
-    return "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
-
-
 class _Admission:
     """An admitted request's hold on the server queue and its tenant's limits (released once)."""
 
@@ -120,6 +120,10 @@ class ExpertMeshServer:
         self.tenants = Tenants(tenants)  # authentication and specs; admission state is in self.limits
         self.mesh = Mesh.attach_or_start(s.mesh_name, s.start_timeout_s, spec=s.mesh_spec())
         self.routers = RouterSet(self.mesh.routers)  # requests spread over the mesh's routers
+        # the checkpoint speaks for itself: its chat template, its sampling defaults (eos ids: the mesh's config)
+        self.chat_template = ChatTemplate.from_checkpoint(self.mesh.checkpoint)
+        self.sampling_defaults = generation_config.sampling_defaults(self.mesh.checkpoint)
+        self.grammars: Grammars | None = None  # structured output's grammars, checked here before admission
         api.openapi_schema = None
         api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)
         self.holder = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
@@ -179,16 +183,19 @@ class ExpertMeshServer:
         return oa.ContextObject(id=info.id, num_tokens=info.num_tokens, shards=list(info.shards), owner=info.owner,
                                 visibility=info.visibility, name=info.name, mode=info.mode, created=int(info.created))
 
-    def _encode(self, text: str, param: str) -> list[int]:
+    def _encode(self, text: str, param: str, special: bool = False) -> list[int]:
         if not getattr(self.mesh.tokenizer, "available", True):  # token ids in, but text comes out
             raise ApiError(400, self.mesh.tokenizer.reason, param=param, code="no_tokenizer")
-        return self.mesh.tokenizer.encode(text)
+        return self.mesh.tokenizer.encode(text, add_special_tokens=special)
 
-    def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def _encode_prompt(self, prompt: str | list[int], special: bool = True) -> list[int]:
+        """A prompt's token ids, checked. Text of a completion gets the tokenizer's special tokens
+        (a bos where its config adds one, as vLLM's completions); a rendered chat does not (the
+        template wrote them)."""
         if not getattr(self.mesh.tokenizer, "available", True):  # completions return text
             raise ApiError(400, f"{self.mesh.tokenizer.reason} (the Python API: Mesh.generate); completions "
                            "return text", param="prompt", code="no_tokenizer")
-        ids = self._encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+        ids = self._encode(prompt, "prompt", special) if isinstance(prompt, str) else list(prompt)
         vocab = self.mesh.config.vocab_size
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -200,19 +207,51 @@ class ExpertMeshServer:
                            f"{self.settings.max_prompt_tokens} tokens", param="prompt", code="prompt_too_long")
         return ids
 
-    @staticmethod
-    def _request(body: oa._Sampling, ids: list[int], tenant: str) -> RouterRequest:
-        """The router's request for an OpenAI body: built here, whole, before admission."""
+    def _requests(self, body: oa._Sampling, prompts: list[list[int]], tenant: str, max_new_tokens: int,
+                  logprobs: int | None, prompt_logprobs: int | None) -> list[RouterRequest]:
+        """The router's requests for an OpenAI body, one per (prompt, choice), in the order of the
+        answer's choices: built here, whole, before admission."""
+        unserved = body.unserved()
+        if unserved:
+            raise ApiError(400, f"{', '.join(unserved)}: not supported by this server (a request is never "
+                           f"served as if {'they' if len(unserved) > 1 else 'it'} were not there); see GET "
+                           "/openapi.json for the fields it serves", param=unserved[0], code="unsupported_parameter")
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        grammar = body.response_format.grammar() if body.response_format is not None else None
+        if grammar is not None:  # a schema the engine cannot compile: a 400 now, not an error mid-batch
+            try:
+                self._grammars().check(grammar)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
+        group = uuid.uuid4().hex[:24]
+        out = []
         try:
-            return RouterRequest(ids, body.context_id, body.sampling_params(), tenant,
-                                 f"cmpl-{uuid.uuid4().hex[:24]}", body.top_shards, body.top_pages)
+            for p, ids in enumerate(prompts):
+                for c in range(body.n):
+                    params = body.sampling_params(self.sampling_defaults, max_new_tokens, logprobs, prompt_logprobs,
+                                                  choice=c)
+                    i = p * body.n + c
+                    out.append(RouterRequest(ids, body.context_id, params, tenant,
+                                             f"cmpl-{group}" + (f"-{i}" if i else ""), body.top_shards,
+                                             body.top_pages))
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        return out
 
-    async def _admit(self, req: RouterRequest, model: str) -> "_Admission":
+    def _grammars(self) -> Grammars:
+        if self.grammars is None:
+            cfg = self.mesh.config
+            self.grammars = Grammars(self.mesh.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_id), cfg.bos_token_id)
+        return self.grammars
+
+    def _check_model(self, model: str) -> None:
         if model != self.settings.model_name:
             raise ApiError(404, f"model {model!r} does not exist; this server serves "
                            f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    async def _admit(self, req: RouterRequest, model: str) -> "_Admission":
+        self._check_model(model)
         tenant, max_tokens = req.tenant, req.params.max_new_tokens
         if max_tokens > self.settings.max_completion_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} is over the limit of "
@@ -236,8 +275,22 @@ class ExpertMeshServer:
         self.metrics.queue.set(self.in_flight)
         return _Admission(self, tenant, reserve)
 
-    async def _generate(self, admission: "_Admission", req: RouterRequest) -> AsyncIterator[tuple[str, Result | None]]:
-        """Yield (text delta, None) per token and finally ("", result). Admission already done."""
+    async def _admit_all(self, reqs: list[RouterRequest], model: str) -> list["_Admission"]:
+        """Admit every request of one body, or none (those admitted are released)."""
+        done: list[_Admission] = []
+        try:
+            for req in reqs:
+                done.append(await self._admit(req, model))
+        except BaseException:
+            for admission in done:
+                admission.release(0)
+            raise
+        return done
+
+    async def _generate(self, admission: "_Admission", req: RouterRequest
+                        ) -> AsyncIterator[tuple[str, tuple | None, Result | None]]:
+        """Yield (text delta, the log-probabilities of the tokens behind it or None, None) as tokens
+        come and finally ("", None, result). Admission already done."""
         text = TextStream(self.mesh.tokenizer.decode, list(req.params.stop))
         result: Result | None = None
         # a request whose router dies under it runs again (RouterSet's failover); tokens already
@@ -257,15 +310,22 @@ class ExpertMeshServer:
                                 result = item
                                 continue
                             tokens = item.token_ids[skip:]
+                            lps = item.logprobs[len(item.token_ids) - len(tokens):] if item.logprobs else None
                             skip = max(0, skip - len(item.token_ids))
                             sent += len(tokens)
                             if text.stopped or not tokens:
                                 continue
-                            delta = "".join(text.push(t) for t in tokens if not text.stopped)
+                            pushed = 0
+                            delta = ""
+                            for t in tokens:
+                                if text.stopped:
+                                    break
+                                delta += text.push(t)
+                                pushed += 1
                             if text.stopped:
                                 await router.cancel.remote(this.request_id)
-                            if delta:
-                                yield delta, None
+                            if delta or lps:
+                                yield delta, (lps[:pushed] if lps else None), None
                     break
                 except ray.exceptions.RayActorError:
                     if sent and not replayable:
@@ -284,59 +344,152 @@ class ExpertMeshServer:
             admission.release(len(req.prompt_ids) + (result.completion_tokens if result is not None else 0))
         tail = text.flush()
         if tail:
-            yield tail, None
+            yield tail, None, None
+        kept = len(text.ids)  # tokens up to the one that completed a stop string
         result = dataclasses.replace(result, request_id=req.request_id,
-                                     finish_reason="stop" if text.stopped else result.finish_reason)
+                                     finish_reason="stop" if text.stopped else result.finish_reason,
+                                     logprobs=result.logprobs[:kept] if result.logprobs is not None else None)
         self.metrics.record(admission.tenant, result)
-        yield "", result
+        yield "", None, result
 
     @staticmethod
-    def _usage(result: Result) -> oa.Usage:
-        p, c = result.prompt_tokens, result.completion_tokens
-        return oa.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, context_tokens=result.context_tokens)
+    def _usage(results: list[Result], n: int = 1) -> oa.Usage:
+        """One body's usage: each prompt counted once (not once per choice, as vLLM), every completion."""
+        p = sum(r.prompt_tokens for r in results) // n
+        c = sum(r.completion_tokens for r in results)
+        return oa.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                        context_tokens=max((r.context_tokens for r in results), default=0))
 
-    def _sse(self, admission: "_Admission", req: RouterRequest, chat: bool) -> StreamingResponse:
+    def _decode_one(self, ids: list[int]) -> str:
+        return self.mesh.tokenizer.decode(ids)
+
+    def _choice_logprobs(self, chat: bool, req: RouterRequest, result: Result | None, lps, echo_ids, offset: int):
+        """A choice's log-probabilities (None when not asked): the generated tokens' (lps), after
+        the prompt's with echo."""
+        if req.params.logprobs is None:
+            return None
+        lps = list(lps or ())
+        if chat:
+            return openai_logprobs.chat(self._decode_one, lps)
+        ids = [e.token_id for e in lps]
+        entries = list(lps)
+        if echo_ids is not None:
+            prompt_lps = list(result.prompt_logprobs) if result is not None and result.prompt_logprobs else []
+            ids, entries = list(echo_ids) + ids, prompt_lps + entries
+        return openai_logprobs.completion(self._decode_one, entries, ids, offset)
+
+    def _sse(self, admissions: list["_Admission"], reqs: list[RouterRequest], chat: bool, include_usage: bool,
+             echo: list[tuple[str, list[int]]] | None = None, n: int = 1) -> StreamingResponse:
+        """Every choice's tokens as server-sent events, choices interleaved as their tokens come
+        (each chunk names its choice's index)."""
         created = int(time.time())
+        rid = reqs[0].request_id
 
         async def events() -> AsyncIterator[str]:
-            rid = None
-            first = True
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def run(i: int) -> None:
+                try:
+                    async for delta, lps, result in self._generate(admissions[i], reqs[i]):
+                        await queue.put((i, delta, lps, result, None))
+                except ApiError as exc:
+                    await queue.put((i, "", None, None, exc))
+                except BaseException as exc:  # noqa: BLE001 - reported in the stream, the others go on
+                    await queue.put((i, "", None, None, exc))
+
+            tasks = [asyncio.ensure_future(run(i)) for i in range(len(reqs))]
+            results: dict[int, Result] = {}
+            first = set(range(len(reqs)))
+            offsets = [0] * len(reqs)
             try:
-                async for delta, result in self._generate(admission, req):
+                if echo is not None:  # the prompt's text (and log-probabilities come with the first tokens)
+                    for i, (text, _) in enumerate(echo):
+                        offsets[i] = len(text)
+                open_, failed = len(reqs), None
+                while open_:
+                    i, delta, lps, result, exc = await queue.get()
+                    if exc is not None:
+                        failed = failed or exc
+                        open_ -= 1
+                        continue
                     if result is not None:
-                        rid = result.request_id
-                        end = self._chunk(rid, created, "", chat, result.finish_reason, first=False)
-                        end["usage"] = self._usage(result).model_dump()
+                        results[i] = result
+                        open_ -= 1
+                        end = self._chunk(rid, created, i, "", chat, result.finish_reason, first=i in first)
+                        if echo is not None and i in first:
+                            end["choices"][0]["text"] = echo[i][0]
+                        if reqs[i].params.prompt_logprobs is not None and i in first and echo is not None:
+                            end["choices"][0]["logprobs"] = self._choice_logprobs(
+                                chat, reqs[i], result, [], echo[i][1], 0).model_dump()
+                        first.discard(i)
+                        if not include_usage:  # usage and pathway ride on each choice's last chunk
+                            end["usage"] = self._usage([result]).model_dump()
                         end["pathway"] = result.pathway
                         yield f"data: {json.dumps(end)}\n\n"
-                        break
-                    yield f"data: {json.dumps(self._chunk(rid or 'cmpl', created, delta, chat, None, first))}\n\n"
-                    first = False
-            except ApiError as exc:
-                err = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-                yield f"data: {json.dumps(err)}\n\n"
+                        continue
+                    chunk = self._chunk(rid, created, i, delta, chat, None, first=i in first)
+                    if not chat and echo is not None and i in first:
+                        chunk["choices"][0]["text"] = echo[i][0] + delta
+                    if lps is not None:
+                        echo_ids = echo[i][1] if echo is not None and i in first else None
+                        offset = 0 if echo_ids is not None else offsets[i]
+                        if echo_ids is not None and reqs[i].params.prompt_logprobs is not None:
+                            first_lps = self._choice_logprobs(chat, reqs[i], None, lps, echo_ids, offset)
+                            chunk["choices"][0]["logprobs"] = None if first_lps is None else first_lps.model_dump()
+                        else:
+                            got = self._choice_logprobs(chat, reqs[i], None, lps, None, offset)
+                            chunk["choices"][0]["logprobs"] = None if got is None else got.model_dump()
+                    offsets[i] += len(delta)
+                    first.discard(i)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if failed is not None:
+                    exc = failed if isinstance(failed, ApiError) else ApiError(500, f"{type(failed).__name__}: {failed}",
+                                                                             "server_error")
+                    err = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                elif include_usage:
+                    usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                             "created": created, "model": self.settings.model_name, "choices": [],
+                             "usage": self._usage(list(results.values()), n).model_dump()}
+                    yield f"data: {json.dumps(usage)}\n\n"
+            finally:
+                for t in tasks:
+                    t.cancel()
             yield "data: [DONE]\n\n"
 
         # released here too in case the client left before the stream started (release is idempotent)
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 background=BackgroundTask(admission.release, 0))
+                                 background=BackgroundTask(lambda: [a.release(0) for a in admissions]))
 
-    def _chunk(self, rid: str, created: int, delta: str, chat: bool, finish: str | None, first: bool) -> dict:
+    def _chunk(self, rid: str, created: int, index: int, delta: str, chat: bool, finish: str | None,
+               first: bool) -> dict:
         if chat:
             d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.settings.model_name,
-                    "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": d, "logprobs": None, "finish_reason": finish}]}
         return {"id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
-                "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish}]}
 
     async def _complete(self, admission: "_Admission", req: RouterRequest) -> tuple[str, Result]:
         parts, result = [], None
-        async for delta, res in self._generate(admission, req):
+        async for delta, _, res in self._generate(admission, req):
             if res is not None:
                 result = res
             else:
                 parts.append(delta)
         return "".join(parts), result
+
+    async def _complete_all(self, admissions: list["_Admission"], reqs: list[RouterRequest]
+                            ) -> list[tuple[str, Result]]:
+        """Every choice at once (the router batches them); one that fails fails the body."""
+        tasks = [asyncio.ensure_future(self._complete(a, r)) for a, r in zip(admissions, reqs)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+            for a in admissions:
+                a.release(0)
 
     # -- routes ---------------------------------------------------------------------------
     @api.get("/healthz", summary="200 once the model is loaded")
@@ -388,28 +541,67 @@ class ExpertMeshServer:
     @api.post("/v1/completions", response_model=oa.CompletionResponse, responses=_ERRORS)
     async def completions(self, body: oa.CompletionRequest, request: Request):
         tenant = self._tenant(request)
-        req = self._request(body, self._encode_prompt(body.prompt), tenant)
-        admission = await self._admit(req, body.model)
+        self._check_model(body.model)
+        prompts = [self._encode_prompt(p) for p in body.prompts()]
+        logprobs = body.logprobs
+        reqs = self._requests(body, prompts, tenant, body._max_new_tokens(16), logprobs,
+                              logprobs if body.echo and logprobs is not None else None)
+        admissions = await self._admit_all(reqs, body.model)
+        echo = None
+        if body.echo:  # the prompt as text (token-id prompts decoded), per choice
+            echo = [(self.mesh.tokenizer.decode(ids), ids) for ids in prompts for _ in range(body.n)]
         if body.stream:
-            return self._sse(admission, req, chat=False)
-        text, result = await self._complete(admission, req)
-        return oa.CompletionResponse(
-            id=result.request_id, created=int(time.time()), model=self.settings.model_name,
-            choices=[oa.CompletionChoice(text=text, finish_reason=result.finish_reason)],
-            usage=self._usage(result), pathway=result.pathway)
+            return self._sse(admissions, reqs, chat=False,
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage), echo=echo,
+                             n=body.n)
+        done = await self._complete_all(admissions, reqs)
+        choices = []
+        for i, (req, (text, result)) in enumerate(zip(reqs, done)):
+            head = echo[i][0] if echo else ""
+            choices.append(oa.CompletionChoice(
+                index=i, text=head + text, finish_reason=result.finish_reason,
+                logprobs=self._choice_logprobs(False, req, result, result.logprobs, echo[i][1] if echo else None, 0)))
+        results = [r for _, r in done]
+        return oa.CompletionResponse(id=reqs[0].request_id, created=int(time.time()), model=self.settings.model_name,
+                                     choices=choices, usage=self._usage(results, body.n), pathway=results[0].pathway)
+
+    def _render_chat(self, body: oa.ChatCompletionRequest) -> list[int]:
+        """The conversation through the checkpoint's own chat template, as token ids."""
+        if self.chat_template is None:
+            raise ApiError(400, f"the checkpoint {str(self.mesh.checkpoint)!r} has no chat template "
+                           "(chat_template in tokenizer_config.json, or chat_template.jinja); use /v1/completions",
+                           param="messages", code="no_chat_template")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        try:
+            text = self.chat_template.render([m.for_template() for m in body.messages],
+                                             add_generation_prompt=body.add_generation_prompt,
+                                             **(body.chat_template_kwargs or {}))
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc), param="messages", code="chat_template_error") from None
+        return self._encode_prompt(text, special=False)
 
     @api.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request):
         tenant = self._tenant(request)
-        req = self._request(body, self._encode_prompt(chat_prompt(body.messages)), tenant)
-        admission = await self._admit(req, body.model)
+        self._check_model(body.model)
+        ids = self._render_chat(body)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = self._requests(body, [ids], tenant, body._max_new_tokens(self.settings.max_completion_tokens),
+                              logprobs, None)
+        admissions = await self._admit_all(reqs, body.model)
         if body.stream:
-            return self._sse(admission, req, chat=True)
-        text, result = await self._complete(admission, req)
+            return self._sse(admissions, reqs, chat=True,
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n)
+        done = await self._complete_all(admissions, reqs)
+        choices = [oa.ChatChoice(index=i, message=oa.AssistantMessage(content=text),
+                                 finish_reason=result.finish_reason,
+                                 logprobs=self._choice_logprobs(True, req, result, result.logprobs, None, 0))
+                   for i, (req, (text, result)) in enumerate(zip(reqs, done))]
+        results = [r for _, r in done]
         return oa.ChatCompletionResponse(
-            id=result.request_id, created=int(time.time()), model=self.settings.model_name,
-            choices=[oa.ChatChoice(message=oa.AssistantMessage(content=text), finish_reason=result.finish_reason)],
-            usage=self._usage(result), pathway=result.pathway)
+            id=reqs[0].request_id, created=int(time.time()), model=self.settings.model_name, choices=choices,
+            usage=self._usage(results, body.n), pathway=results[0].pathway)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

@@ -63,6 +63,8 @@ class GenerationResult:
     context_tokens: int
     ttft_s: float | None
     total_s: float
+    logprobs: tuple | None = None  # TokenLogprob per generated token (params.logprobs set)
+    prompt_logprobs: tuple | None = None  # per prompt token, the first None (params.prompt_logprobs set)
 
 
 def _unwrap(fn):
@@ -328,20 +330,23 @@ class Mesh:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  top_shards: int | None = None, stop_token_ids: tuple[int, ...] = (),
                  top_pages: int | None = None, router: int | None = None,
-                 ignore_eos: bool = False) -> GenerationResult:
+                 ignore_eos: bool = False, params: SamplingParams | None = None) -> GenerationResult:
         """Generate after context + prompt; safe to call from many threads (requests batch, and
         spread over the mesh's routers: the least busy; router=i pins one).
 
         top_shards=k: the k shards whose page summaries bound q.k highest (global layers);
         top_pages=p: in each shard, only the p best-bounded pages (Quest). None: exact.
-        ignore_eos: run to max_new_tokens whatever the eos ids (stop_token_ids still stop)."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids),
-                                ignore_eos=ignore_eos)
+        ignore_eos: run to max_new_tokens whatever the eos ids (stop_token_ids still stop).
+        params: every sampling option at once (penalties, logit bias, min_tokens, log-probabilities:
+        model/sampling.py), instead of the keywords above."""
+        if params is None:
+            params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop_token_ids),
+                                    ignore_eos=ignore_eos)
         request = Request(self._ids(prompt_ids, "prompt"), context_id, params, top_shards=top_shards,
                           top_pages=top_pages)
         res = self._call("generate", request, router=router)
-        return GenerationResult(**dataclasses.asdict(res) | {"token_ids": list(res.token_ids)},
-                                text=self._decode(res.token_ids))
+        fields = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+        return GenerationResult(**fields | {"token_ids": list(res.token_ids)}, text=self._decode(res.token_ids))
 
     def stats(self) -> dict:
         """The routers', each shard's and each expert group's stats ("router": the first router's);

@@ -66,6 +66,30 @@ def test_greedy_generate_matches_hf_with_and_without_context(arch_mesh):
     assert np.abs(mesh.forward_logits(prompt) - hf_logits(hf, prompt)).max() <= 1e-4
 
 
+def test_logprobs_over_a_context_equal_hf(arch_mesh):
+    """Log-probabilities of the prompt's tokens (echo's) and of the generated ones, over a registered
+    context, equal Hugging Face's log_softmax over context + prompt + output."""
+    from expertmesh.model.sampling import SamplingParams
+
+    arch, mesh, hf = arch_mesh
+    context, prompt = ids(CONTEXT_LEN, 7), ids(6, 8)
+    ctx = mesh.register_context(context, mode="exact", shards=3)
+    try:
+        res = mesh.generate(prompt, context_id=ctx.id, params=SamplingParams(4, logprobs=2, prompt_logprobs=2))
+    finally:
+        mesh.drop_context(ctx.id)
+    seq = context + prompt + res.token_ids
+    ref = torch.log_softmax(torch.as_tensor(hf_logits(hf, seq)), dim=-1).numpy()
+    start = len(context)
+    assert res.prompt_logprobs[0] is None and len(res.prompt_logprobs) == len(prompt)
+    for i, entry in enumerate(res.prompt_logprobs[1:], 1):  # row start+i-1 predicts prompt[i]
+        assert entry.token_id == prompt[i] and abs(entry.logprob - ref[start + i - 1, prompt[i]]) <= 1e-4
+        assert [t for t, _ in entry.top] == list(np.argsort(-ref[start + i - 1])[:2])
+    for j, entry in enumerate(res.logprobs):
+        row = ref[start + len(prompt) - 1 + j]
+        assert entry.token_id == res.token_ids[j] == int(row.argmax()) and abs(entry.logprob - row.max()) <= 1e-4
+
+
 def test_top_shards_all_is_exact_and_fewer_reports_the_shards_visited(arch_mesh):
     arch, mesh, hf = arch_mesh
     context, prompt = ids(CONTEXT_LEN, 5), ids(5, 6)

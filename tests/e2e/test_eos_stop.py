@@ -78,6 +78,9 @@ def test_http_finish_reason_stop_on_eos(eos_checkpoint, tmp_path):
         finish = [c.choices[0].finish_reason for c in client.completions.create(
             model="expertmesh", prompt=PROMPT, max_tokens=20, temperature=0, stream=True) if c.choices]
         assert finish[-1] == "stop"
+        with pytest.raises(openai.BadRequestError) as err:  # a checkpoint without a chat template: said, not guessed
+            client.chat.completions.create(model="expertmesh", messages=[{"role": "user", "content": "Hi"}])
+        assert err.value.body["code"] == "no_chat_template"
     finally:
         proc.send_signal(2)
         try:

@@ -38,7 +38,9 @@ from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.moe import expert_partition
-from expertmesh.model.sampling import SamplingParams, sample
+from expertmesh.model.grammar import Grammars
+from expertmesh.model.tokenizer import load_tokenizer
+from expertmesh.model.sampling import SamplingParams, logprobs_of, sample
 from expertmesh.store.catalog import Catalog
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.registry import ContextInfo, ContextRecord
@@ -67,6 +69,7 @@ class Router:
         self.model = load_model(checkpoint, with_experts=False, dtype=self.dtype,
                                 device=self.device).requires_grad_(False)
         self.cfg = self.model.cfg
+        self.grammars: Grammars | None = None
         # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
         self.shards = Shards(lookup(shards + added_shards(own_name(), len(shards))))
         self.groups = lookup(groups)
@@ -162,7 +165,7 @@ class Router:
         seq.stream = asyncio.Queue()
         self._by_id[seq.request_id] = seq  # before _run starts: a segment move waits for it (placement.py)
         task = asyncio.ensure_future(self._run(seq))
-        finished = False
+        finished, sent_lp = False, 0
         while not finished:
             tokens = [await self._in_time(seq, task, seq.stream.get())]
             while not seq.stream.empty():  # coalesce what arrived meanwhile: fewer hops under load
@@ -170,7 +173,10 @@ class Router:
             finished = tokens[-1] is None
             tokens = [t for t in tokens if t is not None]
             if tokens:
-                yield Chunk(tuple(tokens))
+                lps = None
+                if seq.params.logprobs is not None:
+                    lps, sent_lp = tuple(seq.logprobs[sent_lp:sent_lp + len(tokens)]), sent_lp + len(tokens)
+                yield Chunk(tuple(tokens), lps)
         await task
         yield seq.result()
 
@@ -279,15 +285,28 @@ class Router:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
             seq.freeze_pathway()
-        if seq.params.max_new_tokens == 0:
+        params = seq.params
+        if logits.dim() == 2:  # the prefill's every row: the prompt's log-probabilities, then the last row's choice
+            rows = logits
+            prompt = seq.token_ids[:seq.prompt_len]
+            seq.prompt_logprobs = [None] + logprobs_of(rows[-len(prompt):-1], prompt[1:], params.prompt_logprobs)
+            logits = rows[-1]
+        if params.max_new_tokens == 0:
             return self._finish(seq, reason="length")
-        token = sample(logits, seq.params, seq.generator)
+        stop_ids = () if params.ignore_eos else tuple(self.cfg.eos_token_id)
+        allowed = seq.matcher.mask(logits) if seq.matcher is not None else logits  # the grammar's next tokens
+        token = sample(allowed, params, seq.generator, seq.token_ids[:seq.prompt_len], seq.output,
+                       stop_ids + params.stop_token_ids)
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
+        if params.logprobs is not None:
+            seq.logprobs.extend(logprobs_of(logits.view(1, -1), [token], params.logprobs))
         seq.output.append(token)
         seq.token_ids.append(token)
         if seq.stream is not None:
             seq.stream.put_nowait(token)
-        eos = token in self.cfg.eos_token_id and not seq.params.ignore_eos
-        if eos or token in seq.params.stop_token_ids or seq.cancelled:
+        eos = token in self.cfg.eos_token_id and not params.ignore_eos
+        if eos or token in seq.params.stop_token_ids or seq.cancelled or (seq.matcher is not None and seq.matcher.done):
             self._finish(seq, reason="stop")
         elif len(seq.output) >= seq.params.max_new_tokens:
             self._finish(seq, reason="length")
@@ -370,9 +389,19 @@ class Router:
             raise ValueError(f"context ({start}) + prompt ({len(request.prompt_ids)}) + max_new_tokens "
                              f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
                              f"({self.cfg.max_position_embeddings})")
-        return Sequence(request_id, kind, list(request.prompt_ids), start, segments, request.context_id, params,
-                        self.cfg.num_layers, request.top_shards, request.tenant, top_pages=request.top_pages,
-                        segment_files=files, deadline=request.deadline, pool=self.engine.kv_pool)
+        seq = Sequence(request_id, kind, list(request.prompt_ids), start, segments, request.context_id, params,
+                       self.cfg.num_layers, request.top_shards, request.tenant, top_pages=request.top_pages,
+                       segment_files=files, deadline=request.deadline, pool=self.engine.kv_pool)
+        if params.grammar is not None:
+            seq.matcher = self._grammars().matcher(params.grammar)
+        return seq
+
+    def _grammars(self) -> Grammars:
+        """Structured output against this checkpoint's tokenizer (built at the first grammar)."""
+        if self.grammars is None:
+            self.grammars = Grammars(load_tokenizer(self.checkpoint, self.cfg.vocab_size), self.cfg.vocab_size,
+                                     tuple(self.cfg.eos_token_id), self.cfg.bos_token_id)
+        return self.grammars
 
     def _check_tokens(self, ids: list[int], what: str) -> None:
         check_tokens(ids, what, self.cfg.vocab_size)
