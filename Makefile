@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # CI and developer machines); GPU machines get the default (CUDA) build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 
-.PHONY: setup demo test test-fast bench bench-train bench-store-10m eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
+.PHONY: setup demo demo-real test test-fast bench bench-train bench-store-10m eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
         train-demo-model train-demo-model-v2 train-demo-model-cpu clean
 
 setup: $(VENV)/.ready
@@ -22,6 +22,10 @@ $(VENV)/.ready: pyproject.toml constraints.txt Makefile
 
 demo: setup
 	$(PY) -m expertmesh.cli demo
+
+# a real trained model: SmolLM2-135M-Instruct from PyPI, upcycled to 4 experts (cached), over a shared document
+demo-real: setup
+	$(PY) -m expertmesh.cli demo --real
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

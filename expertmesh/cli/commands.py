@@ -97,6 +97,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from expertmesh.pipelines import demo
 
+    if args.real:  # a real trained model (upcycled SmolLM2) over a shared document
+        from expertmesh.pipelines import demo_real
+
+        demo_real.run(address=args.address)
+        return 0
     demo.run(context_tokens=args.context_tokens, context_shards=args.context_shards,
              expert_groups=args.expert_groups, checkpoint=args.checkpoint, address=args.address, mode=args.mode,
              store=args.store, shard_backend=args.shard_backend, expert_backend=args.expert_backend,
@@ -249,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     mesh_args(d)
     d.add_argument("--context-tokens", type=int, default=16384)
     d.add_argument("--mode", choices=("exact", "blockwise"), default="exact")
+    d.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (from PyPI), upcycled to a MoE, "
+                   "answering questions over a shared document in its own chat format")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train on Ray Train (TorchTrainer) from a YAML config")

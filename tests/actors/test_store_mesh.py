@@ -73,7 +73,7 @@ def test_shard_killed_while_writing_leaves_the_store_consistent(ray_cluster, tin
     mesh = start(ckpt, store, max_batch_tokens=64)  # many pieces: a long registration
     keep = mesh.register_context(ids(120, 5), mode="blockwise")
     pid = ray.get(mesh.shards[1].__ray_call__.remote(lambda self: os.getpid()))
-    ref = mesh.router.register_context.remote(ids(6000, 6), "exact")
+    ref = mesh.router.register_context.remote(ids(2400, 6), "exact")  # ~38 pieces of 64 tokens
     deadline = time.time() + 60
     while time.time() < deadline and not any(p.endswith(".part") for p in os.listdir(tmp_path / "store" / "tmp")):
         time.sleep(0.05)
