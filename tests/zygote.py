@@ -38,7 +38,7 @@ PRELOAD = ("numpy", "torch", "safetensors.torch")
 def start(path: Path) -> subprocess.Popen:
     """Start the zygote listening on `path`; returns once it listens."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, __file__, str(path)], env=env)
+    proc = subprocess.Popen([sys.executable, __file__, str(path)], env=env, start_new_session=True)
     deadline = time.monotonic() + 60
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -51,8 +51,14 @@ def install(path: Path) -> None:
     """Make the next local cluster's raylet start workers through the zygote at `path`."""
     from ray._private import ray_constants
 
+    client = str(Path(__file__).with_name("zygote_client.py"))
     os.environ["EXPERTMESH_TEST_ZYGOTE"] = str(path)
-    ray_constants.SETUP_WORKER_FILENAME = str(Path(__file__).with_name("zygote_client.py"))  # joined: absolute wins
+    os.environ["EXPERTMESH_TEST_ZYGOTE_CLIENT"] = client
+    os.environ["EXPERTMESH_TEST_ZYGOTE_NETNS"] = os.readlink("/proc/self/ns/net")
+    ray_constants.SETUP_WORKER_FILENAME = client  # joined to Ray's workers folder: an absolute path wins
+    # the clusters the session's subprocesses start (tests/zygote_site/sitecustomize.py)
+    site = str(Path(__file__).with_name("zygote_site"))
+    os.environ["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def _recv(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -83,6 +89,7 @@ def _child(conn: socket.socket, listener: socket.socket, wake: int, others: list
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        os.setsid()  # a session and process group of its own: Ray kills a worker's group when it ends it
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)
             os.close(fd)
