@@ -158,6 +158,8 @@ class SocketGroup:
                         oldest = min(pending.values(), key=lambda q: q.deadline)
                         refused += _refuse(pending.pop(oldest.conn), "too many handshakes at once", refused)
                     pending[conn] = PendingJoin(conn, key, generation, world, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+            for conn in list(pending):  # still proving itself when every member had joined: refused, and counted
+                refused += _refuse(pending.pop(conn), "the group formed without it (every rank had joined)", refused)
         except BaseException:
             for c in conns.values():
                 c.close()
