@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/bench_routers.py
 	$(PY) benchmarks/bench_shared_store.py
 	$(PY) benchmarks/kv_sizes.py
+	$(PY) benchmarks/bench_serving_features.py
 	$(PY) benchmarks/readme_tables.py
 
 # the 10M-token store run (~25 min here) and its 1M counterpart (docs/benchmarks.md, "Context store")
