@@ -8,17 +8,14 @@ first: so its first generated token is eos.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import openai
 import pytest
 
 from expertmesh.model.tokenizer import ByteTokenizer
 from tests.conftest import VOCAB
-from tests.e2e.serving import free_port, wait_healthy
+from tests.e2e.serving import serve_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 PROMPT = "The pass key is"
@@ -63,15 +60,7 @@ def test_mesh_finishes_on_eos_with_stop(ray_cluster, eos_checkpoint):
 
 def test_http_finish_reason_stop_on_eos(eos_checkpoint, tmp_path):
     path, _ = eos_checkpoint
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(  # its own local Ray cluster: the shared one keeps serving the e2e server's app
-        [sys.executable, "-m", "expertmesh.cli", "serve", "--checkpoint", str(path), "--port", str(port),
-         "--context-shards", "1", "--expert-groups", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, tmp_path / "serve.log")
+    with serve_process(path, tmp_path, "--context-shards", "1", "--expert-groups", "1") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         res = client.completions.create(model="expertmesh", prompt=PROMPT, max_tokens=20, temperature=0)
         assert res.choices[0].finish_reason == "stop" and res.usage.completion_tokens == 1
@@ -81,9 +70,3 @@ def test_http_finish_reason_stop_on_eos(eos_checkpoint, tmp_path):
         with pytest.raises(openai.BadRequestError) as err:  # a checkpoint without a chat template: said, not guessed
             client.chat.completions.create(model="expertmesh", messages=[{"role": "user", "content": "Hi"}])
         assert err.value.body["code"] == "no_chat_template"
-    finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()

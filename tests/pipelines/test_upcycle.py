@@ -186,24 +186,13 @@ def test_smollm2_served_over_http_answers_as_hugging_face(smollm2, smollm2_moe, 
     """`expertmesh serve` on the upcycled checkpoint, with the real openai client: the chat is the
     checkpoint's own template and greedy answer (finish_reason "stop" at its eos), prompt
     log-probabilities (echo) are Hugging Face's, n=2 gives two choices."""
-    import os
-    import subprocess
-    import sys
-
     import openai
 
-    from tests.e2e.serving import free_port, wait_healthy
+    from tests.e2e.serving import serve_process
 
     _, out, tok = smollm2
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "expertmesh.cli", "serve", "--checkpoint", str(out), "--port", str(port),
-         "--context-shards", "2", "--expert-groups", "2"],  # its own cluster: the session's serves the e2e app
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, tmp_path / "serve.log")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    with serve_process(out, tmp_path, "--context-shards", "2", "--expert-groups", "2") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         question = [{"role": "user", "content": "What is the capital of France?"}]
         res = client.chat.completions.create(model="expertmesh", messages=question, max_tokens=40, temperature=0,
                                              logprobs=True)
@@ -241,9 +230,3 @@ def test_smollm2_served_over_http_answers_as_hugging_face(smollm2, smollm2_moe, 
                                                   "JSON object with two keys."}])
         assert res.choices[0].finish_reason == "stop", res.choices[0].message.content
         assert isinstance(json.loads(res.choices[0].message.content), dict)
-    finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
