@@ -109,7 +109,7 @@ def ray_cluster(tmp_path_factory):
 
     os.environ.setdefault("EXPERTMESH_CACHE", str(tmp_path_factory.mktemp("cache")))
     zygote = None
-    if os.environ.get("EXPERTMESH_TEST_FORK", "0") == "1":  # workers forked with torch loaded (tests/zygote.py)
+    if os.environ.get("EXPERTMESH_TEST_FORK", "1") == "1":  # workers forked with torch loaded (tests/zygote.py); 0: as Ray starts them
         from tests import zygote as fork_server
 
         sock = tmp_path_factory.mktemp("zygote") / "zygote.sock"

@@ -7,7 +7,8 @@ raylet runs `tests/zygote_client.py` instead of Ray's `setup_worker.py`, and the
 the zygote for a child that runs Ray's `default_worker.py` with the client's arguments,
 environment, working directory and standard streams. The client stands in for the worker
 towards the raylet: a signal to it is forwarded, the worker's exit (a SIGKILL included) becomes
-its own, and a worker whose client dies exits too.
+its own, and a worker whose client dies is killed by the zygote at once (as the raylet's SIGKILL
+would have ended it: a worker left running a moment longer still answers on the data plane).
 
 Nothing changes for Ray but how the process got its modules: the same `default_worker.py`, the
 same arguments, the same registration. Clusters the tests start themselves (`ray start` in
@@ -158,13 +159,20 @@ def serve(path: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.rename(tmp, path)  # listening: start() sees the path
     clients: dict[int, socket.socket] = {}
+    watched: dict[int, int] = {}  # a client's pidfd -> its worker
     parent = os.getppid()
     while True:
-        ready, _, _ = select.select([listener, rd], [], [], 1.0)
+        ready, _, _ = select.select([listener, rd, *watched], [], [], 1.0)
         if os.getppid() != parent:  # the test session is gone
             break
         if rd in ready:
             os.read(rd, 4096)
+        for pidfd in [fd for fd in ready if fd in watched]:  # a client the raylet killed: its worker now,
+            try:  # not when the worker's own watch thread gets the GIL (it may serve a step meanwhile)
+                os.kill(watched.pop(pidfd), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(pidfd)
         while clients:  # reap every finished worker, tell its client how it ended
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -172,6 +180,9 @@ def serve(path: Path) -> None:
                 break
             if pid == 0:
                 break
+            for pidfd in [fd for fd, worker in watched.items() if worker == pid]:
+                del watched[pidfd]
+                os.close(pidfd)
             conn = clients.pop(pid, None)
             if conn is not None:
                 try:
@@ -188,10 +199,16 @@ def serve(path: Path) -> None:
                 continue
             pid = os.fork()
             if pid == 0:
+                for pidfd in watched:
+                    os.close(pidfd)
                 _child(conn, listener, wake, list(clients.values()), head, fds)
             for fd in fds:
                 os.close(fd)
             clients[pid] = conn
+            try:
+                watched[os.pidfd_open(head["client"])] = pid
+            except (OSError, KeyError):  # the client is gone already: its worker's own watch ends it
+                pass
             try:
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             except OSError:

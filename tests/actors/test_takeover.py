@@ -1,9 +1,11 @@
 """A lost context shard with a store: the shards that are running serve its segments from the
 store (takeover.py), exactly, until Ray reports it alive again; then it takes them back."""
 
+import os
 import time
 
 import numpy as np
+import psutil
 import pytest
 import ray
 
@@ -28,13 +30,22 @@ def held(mesh):
 
 
 def kill_for_good(handle, within=20.0):
-    """Kill an actor without restart and wait until Ray reports it DEAD: `ray.kill` only sends the
-    kill, so a request right after it may still be served by the old process."""
+    """Kill an actor without restart and wait until Ray reports it DEAD and its process is gone:
+    `ray.kill` only sends the kill, and Ray may report the actor DEAD a moment before its process
+    has ended (meanwhile it still answers on the data plane, which does not go through Ray)."""
+    pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=within)
     ray.kill(handle, no_restart=True)
     deadline = time.monotonic() + within
-    while actor_state(handle) != "DEAD":
+    while actor_state(handle) != "DEAD" or _running(pid):
         assert time.monotonic() < deadline, f"actor still {actor_state(handle)} {within} s after its kill"
         time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stream_killing(mesh, context_id, victim):
