@@ -33,7 +33,8 @@ from pathlib import Path
 
 # torch is most of a worker's start; Ray itself is not preloaded: a child forked after
 # `import ray` (its C++ core loaded) cannot reach the GCS
-PRELOAD = ("numpy", "torch", "safetensors.torch")
+PRELOAD = ("numpy", "torch", "safetensors.torch", "torch._dynamo", "sympy", "psutil", "requests", "jsonschema", "yaml",
+           "msgpack", "pydantic", "filelock", "pyarrow")
 
 
 def start(path: Path) -> subprocess.Popen:

@@ -44,6 +44,7 @@ class ChatTemplate:
             raise ValueError(f"{source}: no default chat template among {sorted(templates)}")
         self.templates, self.special_tokens, self.source = templates, special_tokens, source
         self._compiled: dict[str, Any] = {}
+        self._shows_tools: bool | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "ChatTemplate | None":
@@ -91,6 +92,19 @@ class ChatTemplate:
         except (TypeError, KeyError, AttributeError, ValueError) as exc:  # a template's own bug on this input
             raise ChatTemplateError(f"the chat template ({self.source}) failed on the conversation: "
                                     f"{type(exc).__name__}: {exc}") from None
+
+
+    def shows_tools(self) -> bool:
+        """Does the template put a request's tools in front of the model (renders them at all)?"""
+        if self._shows_tools is None:
+            probe = [{"role": "user", "content": "hi"}]
+            tool = {"type": "function", "function": {"name": "probe_tool_name", "description": "d",
+                                                     "parameters": {"type": "object", "properties": {}}}}
+            try:
+                self._shows_tools = "probe_tool_name" in self.render(probe, tools=[tool])
+            except ChatTemplateError:
+                self._shows_tools = False
+        return self._shows_tools
 
 
 def _environment():

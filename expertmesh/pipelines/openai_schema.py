@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-import json
-
 from expertmesh.model.grammar import GrammarSpec
 from expertmesh.model.sampling import MAX_LOGPROBS, SamplingParams
+from expertmesh.pipelines.openai_tools import Tool, ToolChoice, ToolPlan, plan
 
-MAX_STOP = 4
+MAX_STOP = 16  # stop strings (OpenAI's 4 is too few for lm-eval's: humaneval sends 5 + the eos text; vLLM: no limit)
 MAX_N = 16  # completions per prompt
 MAX_PROMPTS = 64  # prompts in one completions request
 
 # OpenAI fields this server accepts but does nothing with, and the values that mean "nothing"
 # (anything else is a 400 that names the field: a request is never silently served differently)
-INERT = {"store": (False, None), "metadata": (None,), "parallel_tool_calls": (True, False, None),
+INERT = {"store": (False, None), "metadata": (None,),
          "service_tier": ("auto", "default", None), "skip_special_tokens": (True,),
          "spaces_between_special_tokens": (True,), "suffix": (None, ""), "best_of": (None, 1),
-         "tool_choice": ("none", "auto", None), "tools": (None, []),
          "functions": (None, []), "function_call": (None, "none")}
 
 
@@ -94,7 +93,8 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64,
                                                                      description="token ids that end the completion")
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
-        max_length=MAX_STOP)] | None = Field(None, description="up to 4 non-empty strings that end the completion")
+        max_length=MAX_STOP)] | None = Field(None, description=f"up to {MAX_STOP} non-empty strings that end the "
+                                                               "completion")
     seed: int | None = Field(None, ge=0, le=2**53 - 1,  # exact in every JSON parser (doubles)
                              description="sampling seed (reproducible output); choice i of n draws with seed + i")
     stream: bool = Field(False, description="server-sent events, one chunk per token")
@@ -231,6 +231,17 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = Field(True, description="end the rendered conversation with the assistant's "
                                                           "turn opening (the chat template's)")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template")
+    tools: list[Tool] | None = Field(None, description="functions the model may call (rendered by the chat "
+                                                       "template)")
+    tool_choice: ToolChoice | None = Field(None, description="none, auto (the model chooses; only where the chat "
+                                                             "template shows tools), required, or a named function "
+                                                             "(forced calls are drawn under the tools' schemas)")
+
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
+
+    def tool_plan(self, template_shows_tools: bool) -> ToolPlan:
+        """What the tools make of the answer (openai_tools.py); ToolsError: what is wrong."""
+        return plan(self.tools, self.tool_choice, template_shows_tools, self.parallel_tool_calls is not False)
 
     def _max_new_tokens(self, default: int) -> int:
         if self.max_completion_tokens is not None:
@@ -238,27 +249,35 @@ class ChatCompletionRequest(_Sampling):
         return default if self.max_tokens is None else self.max_tokens
 
 
+SOURCES = ("text", "token_ids", "messages")
+
+
 def _one_source_schema(schema: dict) -> None:
-    """Declare what `_one_source` enforces: exactly one of text / token_ids, neither null."""
-    schema["oneOf"] = [{"required": ["text"]}, {"required": ["token_ids"]}]
-    for name in ("text", "token_ids"):
+    """Declare what `_one_source` enforces: exactly one of text / token_ids / messages, none null."""
+    schema["oneOf"] = [{"required": [name]} for name in SOURCES]
+    for name in SOURCES:
         schema["properties"][name].pop("default", None)
 
 
 class ContextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_one_source_schema)
-    text: str = Field(None, min_length=1, description="context text (give exactly one of text or token_ids)")
+    text: str = Field(None, min_length=1, description="context text (give exactly one of text, token_ids, messages)")
     token_ids: list[int] = Field(None, min_length=1,
-                                 description="context token ids (give exactly one of text or token_ids)")
+                                 description="context token ids (give exactly one of text, token_ids, messages)")
+    messages: list[ChatMessage] = Field(None, min_length=1,
+                                        description="a conversation (e.g. a system message holding a document), "
+                                                    "rendered by the chat template with no generation prompt; a chat "
+                                                    "over the context continues it")
     mode: Literal["exact", "blockwise"] = Field("exact", description="registration mode")
     visibility: Literal["private", "shared"] = Field("private", description="shared: every tenant may use it")
     name: str | None = Field(None, max_length=256, description="a label for the context")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.text is None) == (self.token_ids is None):
-            raise ValueError("give exactly one of text or token_ids")
-        if self.text is not None and not self.text or self.token_ids is not None and not self.token_ids:
+        given = [name for name in SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, token_ids or messages (got {given or 'none'})")
+        if not getattr(self, given[0]):
             raise ValueError("the context is empty")
         return self
 
@@ -273,6 +292,7 @@ class ContextObject(BaseModel):
     name: str | None
     mode: str
     created: int
+    chat: bool = Field(False, description="registered as messages: a chat over it continues that conversation")
 
 
 class ContextList(BaseModel):
@@ -316,7 +336,8 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, description="the functions the model calls (with tools)")
 
 
 class TopLogprob(BaseModel):

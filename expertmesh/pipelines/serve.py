@@ -38,15 +38,15 @@ from expertmesh.engine.request import Result
 from expertmesh.model import generation_config
 from expertmesh.model.chat_template import ChatTemplate, ChatTemplateError
 from expertmesh.model.grammar import Grammars
-from expertmesh.pipelines import openai_logprobs
+from expertmesh.pipelines import openai_logprobs, openai_stream, router_stream
 from expertmesh.pipelines import openai_schema as oa
-from expertmesh.pipelines.api_errors import ApiError, _cause, _error, _unavailable, api_error
-from expertmesh.pipelines.detokenize import TextStream
+from expertmesh.pipelines.admission import Admission, AdmissionQueue
+from expertmesh.pipelines.api_errors import ApiError, _error, _unavailable, api_error
+from expertmesh.pipelines.openai_tools import ToolPlan, ToolsError
 from expertmesh.pipelines.serve_settings import ServeSettings
 from expertmesh.pipelines.tenant_limits import TenantLimits
 from expertmesh.platform.router_set import RouterSet
-from expertmesh.platform.tenancy import RateLimited, Tenants, load_tenants
-
+from expertmesh.platform.tenancy import Tenants, load_tenants
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
 
@@ -87,23 +87,6 @@ def _allowed(schema: dict, path: str) -> list[str]:
 HEAD = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
 
 
-class _Admission:
-    """An admitted request's hold on the server queue and its tenant's limits (released once)."""
-
-    def __init__(self, server: "ExpertMeshServer", tenant: str, reserved_tokens: int) -> None:
-        self.server, self.tenant, self.reserved = server, tenant, reserved_tokens
-        self.done = False
-
-    def release(self, used_tokens: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.server.in_flight -= 1
-        self.server.metrics.queue.set(self.server.in_flight)
-        self.server.limits.release.remote(self.tenant, max(0, self.reserved - used_tokens) if used_tokens else 0,
-                                          self.server.holder)
-
-
 # graceful_shutdown_timeout_s: how long a stopping replica lets in-flight streams finish (drain)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2,
                   graceful_shutdown_timeout_s=10, graceful_shutdown_wait_loop_s=0.5)
@@ -135,7 +118,7 @@ class ExpertMeshServer:
         ray.get(self.limits.update.remote(tenants.model_dump() if tenants else None, self.holder,
                                           ray.get_runtime_context().current_actor))
         self.metrics = ServeMetrics()
-        self.in_flight = 0
+        self.queue = AdmissionQueue(self.limits, self.metrics, s.max_queue, self.holder)
         self.created = int(time.time())
 
     # -- helpers --------------------------------------------------------------------------
@@ -181,7 +164,8 @@ class ExpertMeshServer:
     @staticmethod
     def _context_object(info) -> oa.ContextObject:
         return oa.ContextObject(id=info.id, num_tokens=info.num_tokens, shards=list(info.shards), owner=info.owner,
-                                visibility=info.visibility, name=info.name, mode=info.mode, created=int(info.created))
+                                visibility=info.visibility, name=info.name, mode=info.mode, created=int(info.created),
+                                chat=info.chat is not None)
 
     def _encode(self, text: str, param: str, special: bool = False) -> list[int]:
         if not getattr(self.mesh.tokenizer, "available", True):  # token ids in, but text comes out
@@ -208,7 +192,8 @@ class ExpertMeshServer:
         return ids
 
     def _requests(self, body: oa._Sampling, prompts: list[list[int]], tenant: str, max_new_tokens: int,
-                  logprobs: int | None, prompt_logprobs: int | None) -> list[RouterRequest]:
+                  logprobs: int | None, prompt_logprobs: int | None,
+                  tools: ToolPlan | None = None) -> list[RouterRequest]:
         """The router's requests for an OpenAI body, one per (prompt, choice), in the order of the
         answer's choices: built here, whole, before admission."""
         unserved = body.unserved()
@@ -219,11 +204,24 @@ class ExpertMeshServer:
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
         grammar = body.response_format.grammar() if body.response_format is not None else None
+        param = "response_format"
+        forced = tools.grammar() if tools is not None else None
+        if forced is not None:
+            if grammar is not None:
+                raise ApiError(400, "response_format and a forced tool_choice both constrain the answer; give one",
+                               param="response_format")
+            grammar, param = forced, "tools"
         if grammar is not None:  # a schema the engine cannot compile: a 400 now, not an error mid-batch
             try:
                 self._grammars().check(grammar)
             except ValueError as exc:
-                raise ApiError(400, str(exc), param="response_format", code="invalid_response_format") from None
+                raise ApiError(400, str(exc), param=param, code=f"invalid_{param}") from None
+        vocab = self.mesh.config.vocab_size
+        for param, ids in (("logit_bias", [int(k) for k in body.logit_bias or {}]),
+                           ("stop_token_ids", body.stop_token_ids or [])):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
         group = uuid.uuid4().hex[:24]
         out = []
         try:
@@ -231,6 +229,8 @@ class ExpertMeshServer:
                 for c in range(body.n):
                     params = body.sampling_params(self.sampling_defaults, max_new_tokens, logprobs, prompt_logprobs,
                                                   choice=c)
+                    if forced is not None:
+                        params = dataclasses.replace(params, grammar=forced)
                     i = p * body.n + c
                     out.append(RouterRequest(ids, body.context_id, params, tenant,
                                              f"cmpl-{group}" + (f"-{i}" if i else ""), body.top_shards,
@@ -250,7 +250,7 @@ class ExpertMeshServer:
             raise ApiError(404, f"model {model!r} does not exist; this server serves "
                            f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
-    async def _admit(self, req: RouterRequest, model: str) -> "_Admission":
+    async def _admit(self, req: RouterRequest, model: str) -> Admission:
         self._check_model(model)
         tenant, max_tokens = req.tenant, req.params.max_new_tokens
         if max_tokens > self.settings.max_completion_tokens:
@@ -258,26 +258,11 @@ class ExpertMeshServer:
                            f"{self.settings.max_completion_tokens}", param="max_tokens")
         if req.context_id is not None:
             await self._visible(tenant, req.context_id)
-        if self.in_flight >= self.settings.max_queue:
-            self.metrics.refused.inc(1, {"tenant": tenant, "status": "503"})
-            raise ApiError(503, f"server queue is full ({self.settings.max_queue} requests); retry later",
-                           "server_overloaded", code="queue_full")
-        self.in_flight += 1  # the slot is taken before awaiting the limits actor: concurrent requests see it
-        reserve = len(req.prompt_ids) + max_tokens
-        try:
-            await self.limits.acquire.remote(tenant, reserve, self.holder)
-        except Exception as exc:  # noqa: BLE001 - RateLimited arrives wrapped by Ray
-            self.in_flight -= 1
-            if not isinstance(_cause(exc), RateLimited):
-                raise
-            self.metrics.refused.inc(1, {"tenant": tenant, "status": "429"})
-            raise ApiError(429, str(_cause(exc)), "rate_limit_exceeded", code="rate_limit_exceeded") from None
-        self.metrics.queue.set(self.in_flight)
-        return _Admission(self, tenant, reserve)
+        return await self.queue.admit(tenant, len(req.prompt_ids) + max_tokens)
 
-    async def _admit_all(self, reqs: list[RouterRequest], model: str) -> list["_Admission"]:
+    async def _admit_all(self, reqs: list[RouterRequest], model: str) -> list[Admission]:
         """Admit every request of one body, or none (those admitted are released)."""
-        done: list[_Admission] = []
+        done: list[Admission] = []
         try:
             for req in reqs:
                 done.append(await self._admit(req, model))
@@ -287,70 +272,12 @@ class ExpertMeshServer:
             raise
         return done
 
-    async def _generate(self, admission: "_Admission", req: RouterRequest
-                        ) -> AsyncIterator[tuple[str, tuple | None, Result | None]]:
-        """Yield (text delta, the log-probabilities of the tokens behind it or None, None) as tokens
-        come and finally ("", None, result). Admission already done."""
-        text = TextStream(self.mesh.tokenizer.decode, list(req.params.stop))
-        result: Result | None = None
-        # a request whose router dies under it runs again (RouterSet's failover); tokens already
-        # sent are skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
-        replayable = req.params.temperature == 0 or req.params.seed is not None
-        sent, attempt = 0, 0
-        try:
-            async for i in self.routers.attempts_async(RECOVER_TIMEOUT_S):
-                skip = sent
-                try:
-                    with self.routers.busy(i) as router:  # counted while it streams: who is least busy
-                        this = dataclasses.replace(req, request_id=f"{req.request_id}-{attempt}") if attempt else req
-                        gen = router.stream.options(num_returns="streaming").remote(this)
-                        async for ref in gen:
-                            item = await ref
-                            if isinstance(item, Result):
-                                result = item
-                                continue
-                            tokens = item.token_ids[skip:]
-                            lps = item.logprobs[len(item.token_ids) - len(tokens):] if item.logprobs else None
-                            skip = max(0, skip - len(item.token_ids))
-                            sent += len(tokens)
-                            if text.stopped or not tokens:
-                                continue
-                            pushed = 0
-                            delta = ""
-                            for t in tokens:
-                                if text.stopped:
-                                    break
-                                delta += text.push(t)
-                                pushed += 1
-                            if text.stopped:
-                                await router.cancel.remote(this.request_id)
-                            if delta or lps:
-                                yield delta, (lps[:pushed] if lps else None), None
-                    break
-                except ray.exceptions.RayActorError:
-                    if sent and not replayable:
-                        raise _unavailable("the router restarted under this request; retry it") from None
-                    attempt += 1
-            else:
-                raise _unavailable("every router this request ran on failed under it; retry shortly")
-        except ApiError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised as the bug it is
-            mapped = api_error(exc, "context_id")
-            if mapped is None:
-                raise
-            raise mapped from None
-        finally:
-            admission.release(len(req.prompt_ids) + (result.completion_tokens if result is not None else 0))
-        tail = text.flush()
-        if tail:
-            yield tail, None, None
-        kept = len(text.ids)  # tokens up to the one that completed a stop string
-        result = dataclasses.replace(result, request_id=req.request_id,
-                                     finish_reason="stop" if text.stopped else result.finish_reason,
-                                     logprobs=result.logprobs[:kept] if result.logprobs is not None else None)
-        self.metrics.record(admission.tenant, result)
-        yield "", None, result
+    def _generate(self, admission: Admission, req: RouterRequest
+                  ) -> AsyncIterator[tuple[str, tuple | None, Result | None]]:
+        """(text delta, its tokens' log-probabilities or None, None) as tokens come, finally ("",
+        None, result) (router_stream.py). Admission already done."""
+        return router_stream.stream(self.routers, self.mesh.tokenizer.decode, self.metrics, admission, req,
+                                    RECOVER_TIMEOUT_S)
 
     @staticmethod
     def _usage(results: list[Result], n: int = 1) -> oa.Usage:
@@ -378,99 +305,17 @@ class ExpertMeshServer:
             ids, entries = list(echo_ids) + ids, prompt_lps + entries
         return openai_logprobs.completion(self._decode_one, entries, ids, offset)
 
-    def _sse(self, admissions: list["_Admission"], reqs: list[RouterRequest], chat: bool, include_usage: bool,
+    def _sse(self, admissions: list[Admission], reqs: list[RouterRequest], chat: bool, include_usage: bool,
              echo: list[tuple[str, list[int]]] | None = None, n: int = 1) -> StreamingResponse:
-        """Every choice's tokens as server-sent events, choices interleaved as their tokens come
-        (each chunk names its choice's index)."""
-        created = int(time.time())
-        rid = reqs[0].request_id
-
-        async def events() -> AsyncIterator[str]:
-            queue: asyncio.Queue = asyncio.Queue()
-
-            async def run(i: int) -> None:
-                try:
-                    async for delta, lps, result in self._generate(admissions[i], reqs[i]):
-                        await queue.put((i, delta, lps, result, None))
-                except ApiError as exc:
-                    await queue.put((i, "", None, None, exc))
-                except BaseException as exc:  # noqa: BLE001 - reported in the stream, the others go on
-                    await queue.put((i, "", None, None, exc))
-
-            tasks = [asyncio.ensure_future(run(i)) for i in range(len(reqs))]
-            results: dict[int, Result] = {}
-            first = set(range(len(reqs)))
-            offsets = [0] * len(reqs)
-            try:
-                if echo is not None:  # the prompt's text (and log-probabilities come with the first tokens)
-                    for i, (text, _) in enumerate(echo):
-                        offsets[i] = len(text)
-                open_, failed = len(reqs), None
-                while open_:
-                    i, delta, lps, result, exc = await queue.get()
-                    if exc is not None:
-                        failed = failed or exc
-                        open_ -= 1
-                        continue
-                    if result is not None:
-                        results[i] = result
-                        open_ -= 1
-                        end = self._chunk(rid, created, i, "", chat, result.finish_reason, first=i in first)
-                        if echo is not None and i in first:
-                            end["choices"][0]["text"] = echo[i][0]
-                        if reqs[i].params.prompt_logprobs is not None and i in first and echo is not None:
-                            end["choices"][0]["logprobs"] = self._choice_logprobs(
-                                chat, reqs[i], result, [], echo[i][1], 0).model_dump()
-                        first.discard(i)
-                        if not include_usage:  # usage and pathway ride on each choice's last chunk
-                            end["usage"] = self._usage([result]).model_dump()
-                        end["pathway"] = result.pathway
-                        yield f"data: {json.dumps(end)}\n\n"
-                        continue
-                    chunk = self._chunk(rid, created, i, delta, chat, None, first=i in first)
-                    if not chat and echo is not None and i in first:
-                        chunk["choices"][0]["text"] = echo[i][0] + delta
-                    if lps is not None:
-                        echo_ids = echo[i][1] if echo is not None and i in first else None
-                        offset = 0 if echo_ids is not None else offsets[i]
-                        if echo_ids is not None and reqs[i].params.prompt_logprobs is not None:
-                            first_lps = self._choice_logprobs(chat, reqs[i], None, lps, echo_ids, offset)
-                            chunk["choices"][0]["logprobs"] = None if first_lps is None else first_lps.model_dump()
-                        else:
-                            got = self._choice_logprobs(chat, reqs[i], None, lps, None, offset)
-                            chunk["choices"][0]["logprobs"] = None if got is None else got.model_dump()
-                    offsets[i] += len(delta)
-                    first.discard(i)
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if failed is not None:
-                    exc = failed if isinstance(failed, ApiError) else ApiError(500, f"{type(failed).__name__}: {failed}",
-                                                                             "server_error")
-                    err = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                elif include_usage:
-                    usage = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                             "created": created, "model": self.settings.model_name, "choices": [],
-                             "usage": self._usage(list(results.values()), n).model_dump()}
-                    yield f"data: {json.dumps(usage)}\n\n"
-            finally:
-                for t in tasks:
-                    t.cancel()
-            yield "data: [DONE]\n\n"
-
+        """Every choice's tokens as server-sent events (openai_stream.py)."""
+        events = openai_stream.token_events(
+            reqs[0].request_id, self.settings.model_name, [self._generate(a, r) for a, r in zip(admissions, reqs)],
+            reqs, chat, include_usage, echo, n, self._choice_logprobs, self._usage)
         # released here too in case the client left before the stream started (release is idempotent)
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(events, media_type="text/event-stream",
                                  background=BackgroundTask(lambda: [a.release(0) for a in admissions]))
 
-    def _chunk(self, rid: str, created: int, index: int, delta: str, chat: bool, finish: str | None,
-               first: bool) -> dict:
-        if chat:
-            d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.settings.model_name,
-                    "choices": [{"index": index, "delta": d, "logprobs": None, "finish_reason": finish}]}
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.settings.model_name,
-                "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish}]}
-
-    async def _complete(self, admission: "_Admission", req: RouterRequest) -> tuple[str, Result]:
+    async def _complete(self, admission: Admission, req: RouterRequest) -> tuple[str, Result]:
         parts, result = [], None
         async for delta, _, res in self._generate(admission, req):
             if res is not None:
@@ -479,7 +324,7 @@ class ExpertMeshServer:
                 parts.append(delta)
         return "".join(parts), result
 
-    async def _complete_all(self, admissions: list["_Admission"], reqs: list[RouterRequest]
+    async def _complete_all(self, admissions: list[Admission], reqs: list[RouterRequest]
                             ) -> list[tuple[str, Result]]:
         """Every choice at once (the router batches them); one that fails fails the body."""
         tasks = [asyncio.ensure_future(self._complete(a, r)) for a, r in zip(admissions, reqs)]
@@ -504,7 +349,13 @@ class ExpertMeshServer:
     @api.post("/v1/contexts", status_code=201, response_model=oa.ContextObject, responses=_ERRORS)
     async def create_context(self, body: oa.ContextRequest, request: Request) -> oa.ContextObject:
         tenant = self._tenant(request)
-        ids = self._encode(body.text, "text") if body.text is not None else list(body.token_ids)
+        chat = None
+        if body.messages is not None:  # the conversation as the template renders it, no generation prompt
+            messages = [m.for_template() for m in body.messages]
+            ids = self._encode(self._render(messages, False, None, None), "messages")
+            chat = json.dumps(messages)
+        else:
+            ids = self._encode(body.text, "text") if body.text is not None else list(body.token_ids)
         vocab = self.mesh.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -514,7 +365,8 @@ class ExpertMeshServer:
         if owned + len(ids) > limit:
             raise ApiError(413, f"tenant {tenant!r} owns contexts of {owned} tokens; {len(ids)} more would pass "
                            f"its max_context_tokens of {limit}", code="context_quota_exceeded")
-        info = await self._router("register_context", ids, body.mode, None, None, tenant, body.visibility, body.name)
+        info = await self._router("register_context", ids, body.mode, None, None, tenant, body.visibility, body.name,
+                                  chat)
         return self._context_object(info)
 
     @api.get("/v1/contexts", response_model=oa.ContextList, responses=_ERRORS)
@@ -542,6 +394,9 @@ class ExpertMeshServer:
     async def completions(self, body: oa.CompletionRequest, request: Request):
         tenant = self._tenant(request)
         self._check_model(body.model)
+        if body.echo and body.context_id is not None:
+            raise ApiError(400, "echo returns the prompt, and with context_id the context's tokens are not part of "
+                           "it: give echo or context_id", param="echo")
         prompts = [self._encode_prompt(p) for p in body.prompts()]
         logprobs = body.logprobs
         reqs = self._requests(body, prompts, tenant, body._max_new_tokens(16), logprobs,
@@ -565,40 +420,76 @@ class ExpertMeshServer:
         return oa.CompletionResponse(id=reqs[0].request_id, created=int(time.time()), model=self.settings.model_name,
                                      choices=choices, usage=self._usage(results, body.n), pathway=results[0].pathway)
 
-    def _render_chat(self, body: oa.ChatCompletionRequest) -> list[int]:
-        """The conversation through the checkpoint's own chat template, as token ids."""
+    def _render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None,
+                kwargs: dict | None) -> str:
+        """Messages through the checkpoint's own chat template (as apply_chat_template(tokenize=False))."""
         if self.chat_template is None:
             raise ApiError(400, f"the checkpoint {str(self.mesh.checkpoint)!r} has no chat template "
-                           "(chat_template in tokenizer_config.json, or chat_template.jinja); use /v1/completions",
-                           param="messages", code="no_chat_template")
+                           "(chat_template in tokenizer_config.json, or chat_template.jinja); use /v1/completions "
+                           "(or register text or token_ids)", param="messages", code="no_chat_template")
+        try:
+            return self.chat_template.render(messages, add_generation_prompt=generation_prompt, tools=tools,
+                                             **(kwargs or {}))
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc), param="messages", code="chat_template_error") from None
+
+    def _render_chat(self, body: oa.ChatCompletionRequest, context=None) -> tuple[list[int], ToolPlan]:
+        """The conversation (and its tools) through the checkpoint's own chat template, as token
+        ids; and what the tools make of the answer. Over a context registered as messages, the
+        conversation is those messages and the request's, and the ids are what follows the
+        context's tokens (which must be a prefix of the whole conversation's)."""
+        if self.chat_template is None:
+            self._render([], False, None, None)  # the 400 that says so
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         try:
-            text = self.chat_template.render([m.for_template() for m in body.messages],
-                                             add_generation_prompt=body.add_generation_prompt,
-                                             **(body.chat_template_kwargs or {}))
-        except ChatTemplateError as exc:
-            raise ApiError(400, str(exc), param="messages", code="chat_template_error") from None
-        return self._encode_prompt(text, special=False)
+            tools = body.tool_plan(self.chat_template.shows_tools())
+        except ToolsError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code="invalid_tools") from None
+        messages = [m.for_template() for m in body.messages]
+        head = json.loads(context.chat) if context is not None and context.chat is not None else []
+        text = self._render(head + messages, body.add_generation_prompt, list(tools.tools) or None,
+                            body.chat_template_kwargs)
+        if not head:
+            return self._encode_prompt(text, special=False), tools
+        ids = self._encode(text, "messages")
+        registered = self._encode(self._render(head, False, None, body.chat_template_kwargs), "messages")
+        if len(registered) != context.num_tokens or ids[:len(registered)] != registered:
+            raise ApiError(400, f"the chat template renders this conversation so that context {context.id!r} "
+                           f"({context.num_tokens} tokens, registered as messages) is not a token prefix of it "
+                           f"({'tools, or ' if tools.tools else ''}chat_template_kwargs change how its messages "
+                           "render, or the template rewrites earlier turns); send the whole conversation "
+                           "without context_id", param="messages", code="context_not_a_prefix")
+        return self._encode_prompt(ids[len(registered):], special=False), tools
 
     @api.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request):
         tenant = self._tenant(request)
         self._check_model(body.model)
-        ids = self._render_chat(body)
+        context = await self._visible(tenant, body.context_id) if body.context_id is not None else None
+        ids, tools = self._render_chat(body, context)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self._requests(body, [ids], tenant, body._max_new_tokens(self.settings.max_completion_tokens),
-                              logprobs, None)
+                              logprobs, None, tools)
         admissions = await self._admit_all(reqs, body.model)
-        if body.stream:
-            return self._sse(admissions, reqs, chat=True,
-                             include_usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream and not tools.active:
+            return self._sse(admissions, reqs, chat=True, include_usage=include_usage, n=body.n)
         done = await self._complete_all(admissions, reqs)
-        choices = [oa.ChatChoice(index=i, message=oa.AssistantMessage(content=text),
-                                 finish_reason=result.finish_reason,
-                                 logprobs=self._choice_logprobs(True, req, result, result.logprobs, None, 0))
-                   for i, (req, (text, result)) in enumerate(zip(reqs, done))]
+        choices = []
+        for i, (req, (text, result)) in enumerate(zip(reqs, done)):
+            content, calls, finish = tools.parse(text, result.finish_reason)
+            message = oa.AssistantMessage(content=content, tool_calls=[
+                oa.ToolCall(id=c.id, function=oa.ToolCallFunction(name=c.name, arguments=c.arguments))
+                for c in calls] or None)
+            choices.append(oa.ChatChoice(index=i, message=message, finish_reason=finish,
+                                         logprobs=self._choice_logprobs(True, req, result, result.logprobs, None, 0)))
         results = [r for _, r in done]
+        if body.stream:  # calls are read from the whole answer: it comes as one chunk per choice
+            return StreamingResponse(openai_stream.whole_answer(
+                reqs[0].request_id, self.settings.model_name, choices, [r.pathway for r in results],
+                [self._usage([r]) for r in results], self._usage(results, body.n), include_usage),
+                media_type="text/event-stream")
         return oa.ChatCompletionResponse(
             id=reqs[0].request_id, created=int(time.time()), model=self.settings.model_name, choices=choices,
             usage=self._usage(results, body.n), pathway=results[0].pathway)

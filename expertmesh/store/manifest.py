@@ -41,6 +41,7 @@ class Manifest:
     model_fingerprint: str
     tokens_sha256: str
     format: str = MANIFEST_FORMAT
+    chat: str | None = None  # ContextInfo.chat (manifests written before it have none)
 
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)

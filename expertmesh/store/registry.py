@@ -35,6 +35,7 @@ class ContextInfo:
     created: float = 0.0
     kv_dtype: str = "float32"
     stored: bool = False  # its KV is in the mesh's durable store (survives restarts)
+    chat: str | None = None  # registered as a conversation: its messages (JSON), which the tokens render
 
 
 @dataclasses.dataclass

@@ -116,8 +116,7 @@ def test_stream_usage_chunk_and_streamed_logprobs(client):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("frobnicate", 1), ("suffix", "tail"),
+    ("functions", [{"name": "f"}]), ("frobnicate", 1), ("suffix", "tail"),
 ])
 def test_a_field_not_served_is_a_400_naming_it(server, field, value):
     path = "/v1/completions" if field == "suffix" else "/v1/chat/completions"
@@ -169,3 +168,108 @@ def test_inert_fields_and_bad_combinations(server):
     r = httpx.post(f"{server}/v1/chat/completions", headers=h, timeout=60, json={
         "model": "expertmesh", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]})
     assert r.status_code == 422 and "messages" in json.dumps(r.json())
+    for field, value in (("logit_bias", {"999999": 5}), ("stop_token_ids", [999999])):  # outside the vocabulary
+        r = httpx.post(f"{server}/v1/completions", headers=h, timeout=60, json={
+            "model": "expertmesh", "prompt": "Hi", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and "999999" in r.text, r.text
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Oslo", "Rome"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_tool_calls_forced_by_name_and_required(client):
+    """A named function and 'required' are drawn under the tools' schemas: the calls parse and fit,
+    streamed or not; the conversation goes on with the tool's answer."""
+    import jsonschema
+
+    chosen = {"type": "function", "function": {"name": "get_weather"}}
+    res = client.chat.completions.create(model="expertmesh", messages=QUESTION, max_tokens=60, temperature=0,
+                                         tools=[WEATHER, TIME], tool_choice=chosen)
+    msg, choice = res.choices[0].message, res.choices[0]
+    assert choice.finish_reason == "stop" and msg.content is None and len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    chunks = list(client.chat.completions.create(model="expertmesh", messages=QUESTION, max_tokens=60,
+                                                 temperature=0, tools=[WEATHER, TIME], tool_choice=chosen,
+                                                 stream=True))
+    deltas = [d for c in chunks for ch in c.choices for d in (ch.delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    res = client.chat.completions.create(model="expertmesh", messages=QUESTION, max_tokens=64, temperature=0.8,
+                                         seed=2, n=2, tools=[WEATHER, TIME], tool_choice="required",
+                                         parallel_tool_calls=False)  # one call: byte tokens, 64 at most
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for choice in res.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+        assert len(choice.message.tool_calls) == 1
+        for c in choice.message.tool_calls:
+            jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
+    # the conversation goes on: the assistant's call and the tool's answer are rendered by the template
+    more = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    res = client.chat.completions.create(model="expertmesh", messages=more, max_tokens=4, temperature=0,
+                                         tools=[WEATHER], tool_choice="none")
+    assert res.choices[0].message.content and res.choices[0].message.tool_calls is None
+
+
+def test_tools_that_cannot_be_served_are_400s_naming_the_field(server):
+    h = {"Authorization": f"Bearer {KEYS['acme']}"}
+
+    def post(**extra):
+        r = httpx.post(f"{server}/v1/chat/completions", headers=h, timeout=60,
+                       json={"model": "expertmesh", "messages": QUESTION, "max_tokens": 4, **extra})
+        return r.status_code, r.json().get("error", {})
+
+    status, err = post(tools=[WEATHER])  # auto: the built-in template does not show tools to the model
+    assert status == 400 and err["param"] == "tool_choice" and "does not show tools" in err["message"]
+    status, err = post(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert status == 400 and err["param"] == "tool_choice" and "get_time" in err["message"]
+    status, err = post(tool_choice="required")
+    assert status == 400 and err["param"] == "tool_choice"
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    status, err = post(tools=[bad], tool_choice="required")
+    assert status == 400 and err["param"] == "tools" and err["code"] == "invalid_tools", err
+    status, err = post(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
+    assert status == 400 and err["param"] == "response_format"
+    status, err = post(tools=[{"type": "function", "function": {"name": "has space"}}], tool_choice="none")
+    assert status == 422
+    status, _ = post(tools=[WEATHER], tool_choice="none", parallel_tool_calls=False)
+    assert status == 200
+
+
+def test_a_context_registered_as_messages_is_continued_by_a_chat(client, server, hf):
+    """POST /v1/contexts with messages (rendered with no generation prompt); a chat over it is the
+    context's messages and the request's, computed over the registered KV: Hugging Face's tokens
+    and log-probabilities over the whole rendered conversation."""
+    h = {"Authorization": f"Bearer {KEYS['acme']}"}
+    doc = [{"role": "system", "content": "The pass key is 40721. Keep it in mind; it is asked for later."}]
+    r = httpx.post(f"{server}/v1/contexts", headers=h, timeout=120, json={"messages": doc, "name": "a conversation"})
+    assert r.status_code == 201 and r.json()["chat"] is True, r.text
+    ctx = r.json()
+    template = ChatTemplate.from_checkpoint(SHIPPED)
+    assert ctx["num_tokens"] == len(TOK.encode(template.render(doc, add_generation_prompt=False)))
+    try:
+        question = [{"role": "user", "content": "What is the pass key?"}]
+        res = client.chat.completions.create(model="expertmesh", messages=question, max_tokens=6, temperature=0,
+                                             logprobs=True, extra_body={"context_id": ctx["id"]})
+        ids = TOK.encode(template.render(doc + question))  # the whole conversation, as transformers renders it
+        assert res.usage.prompt_tokens == len(ids) - ctx["num_tokens"] and res.usage.context_tokens == ctx["num_tokens"]
+        for entry in res.choices[0].logprobs.content:
+            ref = hf_logprobs(hf, ids)[-1]
+            best = int(ref.argmax())
+            assert entry.token == TOK.decode([best]) and abs(entry.logprob - ref[best]) <= 1e-4
+            ids.append(best)
+        r = httpx.post(f"{server}/v1/completions", headers=h, timeout=60, json={
+            "model": "expertmesh", "prompt": "Hi", "max_tokens": 1, "echo": True, "context_id": ctx["id"]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+        r = httpx.post(f"{server}/v1/contexts", headers=h, timeout=60, json={"messages": doc, "text": "x"})
+        assert r.status_code == 422 and "exactly one of text, token_ids or messages" in r.text
+    finally:
+        httpx.delete(f"{server}/v1/contexts/{ctx['id']}", headers=h, timeout=60)

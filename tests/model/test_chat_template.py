@@ -68,6 +68,8 @@ def test_tools_render_as_transformers(tmp_path):
     want = hf.apply_chat_template(CHATS[1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
     got = ChatTemplate.from_checkpoint(path).render(CHATS[1], tools=TOOLS)
     assert got == want and "Zürich or Paris" in got  # tojson keeps non-ASCII, as transformers'
+    assert ChatTemplate.from_checkpoint(path).shows_tools()  # the model reads them: tool_choice auto is served
+    assert not ChatTemplate.from_checkpoint(SHIPPED).shows_tools()  # the built-in template has no place for them
 
 
 def test_tokenizer_config_json_and_named_templates(tmp_path):

@@ -5,6 +5,7 @@ on tiny random dense Llama / Qwen2 / Qwen3 checkpoints and on the real SmolLM2-1
 import json
 import shutil
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -131,6 +132,10 @@ def smollm2_moe(smollm2):
     return AutoModelForCausalLM.from_pretrained(smollm2[1], dtype=torch.float32).eval()
 
 
+def hf_text(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True)
+
+
 def chat_parts(tok):
     """(context ids: the system turn holding the prose, prompt ids: the user's question + the assistant's cue)."""
     system = [{"role": "system", "content": "Answer from this text.\n\n" + PROSE}]
@@ -230,3 +235,30 @@ def test_smollm2_served_over_http_answers_as_hugging_face(smollm2, smollm2_moe, 
                                                   "JSON object with two keys."}])
         assert res.choices[0].finish_reason == "stop", res.choices[0].message.content
         assert isinstance(json.loads(res.choices[0].message.content), dict)
+        # a tool call, forced by name: the real model fills in the arguments, held to the tool's schema
+        tool = {"type": "function", "function": {"name": "get_capital", "parameters": {
+            "type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"],
+            "additionalProperties": False}}}
+        res = client.chat.completions.create(
+            model="expertmesh", max_tokens=30, temperature=0, tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "get_capital"}},
+            messages=[{"role": "system", "content": "You call get_capital(country) to find a country's capital."},
+                      {"role": "user", "content": "What is the capital of France?"}])
+        call = res.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_capital" and json.loads(call.function.arguments) == {"country": "France"}
+        # a document registered as a conversation (its system turn); the chat over it continues it: HF's
+        # greedy answer over the whole rendered conversation
+        h = {"Authorization": "Bearer none"}
+        system = [{"role": "system", "content": "Answer from this text.\n\n" + PROSE}]
+        turn = [{"role": "user", "content": "In which year was the lighthouse built?"}]
+        r = httpx.post(f"{url}/v1/contexts", headers=h, timeout=300, json={"messages": system})
+        assert r.status_code == 201, r.text
+        ctx = r.json()
+        res = client.chat.completions.create(model="expertmesh", messages=turn, max_tokens=24, temperature=0,
+                                             extra_body={"context_id": ctx["id"]})
+        ids = tok.apply_chat_template(system + turn, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        with torch.no_grad():
+            hf = smollm2_moe.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert res.choices[0].message.content == tok.decode(hf, skip_special_tokens=True) and "1873" in hf_text(tok, hf)
+        assert res.usage.context_tokens == ctx["num_tokens"] and res.usage.prompt_tokens == ids.shape[1] - ctx["num_tokens"]

@@ -46,7 +46,7 @@ class Entry:
 def record_of(m: Manifest) -> ContextRecord:
     """A stored context's record from its manifest, ready (its shards open its files at first use)."""
     info = ContextInfo(m.id, m.num_tokens, tuple(e.shard for e in m.segments), m.mode, m.owner, m.visibility,
-                       m.name, m.created, m.kv_dtype, True)
+                       m.name, m.created, m.kv_dtype, True, m.chat)
     return ContextRecord(info, [Segment(e.shard, e.start, e.end) for e in m.segments],
                          files=[e.file for e in m.segments], ready=True)
 

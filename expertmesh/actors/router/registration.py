@@ -62,7 +62,7 @@ class Registration:
 
     async def register(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
                        context_id: str | None = None, owner: str = "default", visibility: str = "private",
-                       name: str | None = None) -> ContextInfo:
+                       name: str | None = None, chat: str | None = None) -> ContextInfo:
         """Compute the context's KV into segment files on the shards, piece by piece (bounded
         memory); with a store, its manifest is written last. Stored KV of the same tokens (same
         model, mode and cut) is reused instead of recomputed."""
@@ -88,7 +88,7 @@ class Registration:
             free = [-1 if i in absent else f for i, f in enumerate(free)]
         segments = plan_segments(len(token_ids), free, self.capacity_tokens, self.align, shards)
         info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
-                           time.time(), self.kv_dtype, self.catalog is not None)
+                           time.time(), self.kv_dtype, self.catalog is not None, chat)
         record = ContextRecord(info, segments)
         record.files = [f"{cid}.{i}.kv" for i in range(len(segments))]
         record.nbytes = [0] * len(segments)
@@ -219,7 +219,7 @@ class Registration:
             SegmentEntry(s.shard, s.start, s.end, f, n, tokens, prefix)
             for s, f, n, (tokens, prefix) in zip(record.segments, record.files, record.nbytes, digests)),
             i.owner, i.visibility, i.name, i.created, self.kv_dtype, self.page_size, self.catalog.fingerprint,
-            digests[-1][1])  # the prefix hash of the last segment: all the context's tokens
+            digests[-1][1], chat=i.chat)  # the prefix hash of the last segment: all the context's tokens
 
     async def prepare(self, context_id: str | None) -> None:
         """A stored context's shards open its files (and send their summaries) at its first use."""

@@ -119,10 +119,11 @@ class Router:
 
     async def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
                                context_id: str | None = None, owner: str = "default",
-                               visibility: str = "private", name: str | None = None) -> ContextInfo:
+                               visibility: str = "private", name: str | None = None,
+                               chat: str | None = None) -> ContextInfo:
         """Compute a context's KV onto the shards (registration.py); every router of the mesh
         lists and serves it once this returns."""
-        info = await self.registration.register(token_ids, mode, shards, context_id, owner, visibility, name)
+        info = await self.registration.register(token_ids, mode, shards, context_id, owner, visibility, name, chat)
         await self.directory.spread()
         return info
 
