@@ -5,13 +5,7 @@ mesh recovers, 504 a request past its deadline)."""
 import ray
 from fastapi.responses import JSONResponse
 
-from expertmesh.errors import (
-    CapacityError,
-    ContextNotFound,
-    DeadlineExceeded,
-    NoTokenizer,
-    Unavailable,
-)
+from expertmesh.errors import CapacityError, ContextNotFound, DeadlineExceeded, NoTokenizer, Unavailable
 
 
 class ApiError(Exception):

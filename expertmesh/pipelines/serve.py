@@ -65,8 +65,11 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
-    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-    return _error(422, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
+    # the field's path; pydantic's names of union branches ("constrained-str", "list[int]") are not fields
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]
+                     if isinstance(p, int) or re.fullmatch(r"[A-Za-z_]\w*", str(p))) or None
+    # 400, as OpenAI's API and vLLM's server answer a malformed body (clients map 422 to another error)
+    return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
 
 
 @api.exception_handler(StarletteHTTPException)

@@ -199,13 +199,7 @@ def run(cfg: TrainConfig, address: str | None = None):
     """Fit with Ray Train; copy the final model to `cfg.output`. Returns the Ray Train Result."""
     import ray
     import ray.data
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():  # a Ray Job's driver joins its cluster (RAY_ADDRESS); else a local one

@@ -21,12 +21,7 @@ from expertmesh.model.block import init_weights
 from expertmesh.model.checkpoint import load_model, save_model
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import DEFAULT_HF_CONFIG
-from expertmesh.model.losses import (
-    expert_load,
-    load_balancing_loss,
-    router_z_loss,
-    token_loss,
-)
+from expertmesh.model.losses import expert_load, load_balancing_loss, router_z_loss, token_loss
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.pipelines.train_config import TrainConfig
 

@@ -167,7 +167,7 @@ def test_inert_fields_and_bad_combinations(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
     r = httpx.post(f"{server}/v1/chat/completions", headers=h, timeout=60, json={
         "model": "expertmesh", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]})
-    assert r.status_code == 422 and "messages" in json.dumps(r.json())
+    assert r.status_code == 400 and "messages" in json.dumps(r.json())
     for field, value in (("logit_bias", {"999999": 5}), ("stop_token_ids", [999999])):  # outside the vocabulary
         r = httpx.post(f"{server}/v1/completions", headers=h, timeout=60, json={
             "model": "expertmesh", "prompt": "Hi", "max_tokens": 2, field: value})
@@ -239,7 +239,7 @@ def test_tools_that_cannot_be_served_are_400s_naming_the_field(server):
     status, err = post(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
     assert status == 400 and err["param"] == "response_format"
     status, err = post(tools=[{"type": "function", "function": {"name": "has space"}}], tool_choice="none")
-    assert status == 422
+    assert status == 400 and err["param"].startswith("tools")
     status, _ = post(tools=[WEATHER], tool_choice="none", parallel_tool_calls=False)
     assert status == 200
 
@@ -270,6 +270,6 @@ def test_a_context_registered_as_messages_is_continued_by_a_chat(client, server,
             "model": "expertmesh", "prompt": "Hi", "max_tokens": 1, "echo": True, "context_id": ctx["id"]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
         r = httpx.post(f"{server}/v1/contexts", headers=h, timeout=60, json={"messages": doc, "text": "x"})
-        assert r.status_code == 422 and "exactly one of text, token_ids or messages" in r.text
+        assert r.status_code == 400 and "exactly one of text, token_ids or messages" in r.text
     finally:
         httpx.delete(f"{server}/v1/contexts/{ctx['id']}", headers=h, timeout=60)
