@@ -3,7 +3,8 @@ router dies under it (RouterSet).
 
 A request whose router dies under it runs again on another router (or on the same one once Ray
 has restarted it); tokens already sent are skipped, so it goes on where it was when its tokens
-are reproducible (greedy or seeded), and is a 503 otherwise.
+are reproducible (greedy or seeded: the Serve app seeds every sampled request that has no seed),
+and is a 503 otherwise.
 """
 
 from __future__ import annotations

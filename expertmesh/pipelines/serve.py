@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import secrets
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -234,6 +235,8 @@ class ExpertMeshServer:
                                                   choice=c)
                     if forced is not None:
                         params = dataclasses.replace(params, grammar=forced)
+                    if params.seed is None and params.temperature > 0:  # a replay after a router's loss draws
+                        params = dataclasses.replace(params, seed=secrets.randbits(63))  # the tokens already sent
                     i = p * body.n + c
                     out.append(RouterRequest(ids, body.context_id, params, tenant,
                                              f"cmpl-{group}" + (f"-{i}" if i else ""), body.top_shards,
