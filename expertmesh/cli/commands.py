@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from expertmesh.cli.mesh_args import mesh_args, spec_of
+from expertmesh.pipelines.progress import registration_bar
 from expertmesh.cli.serve import cmd_serve
 
 
@@ -19,7 +20,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ctx = None
         if args.context_file:  # on a store, the same file again reuses its stored KV
             text = Path(args.context_file).read_text(encoding="utf-8")
-            ctx = mesh.register_context(mesh.tokenizer.encode(text), mode=args.mode)
+            ids = mesh.tokenizer.encode(text)
+            with registration_bar(len(ids)) as progress:
+                ctx = mesh.register_context(ids, mode=args.mode, progress=progress)
         elif args.context_id:
             ctx = next((c for c in mesh.contexts() if c.id == args.context_id), None)
             if ctx is None:
@@ -325,11 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     add_upcycle_arguments(u)
     u.set_defaults(func=cmd_upcycle)
 
+    from expertmesh.cli.dashboard import add_parser as add_dashboard_parser
     from expertmesh.cli.k8s_status import add_parser as add_k8s_parser
     from expertmesh.cli.pool import add_parser as add_pool_parser
 
     add_k8s_parser(sub)
     add_pool_parser(sub)
+    add_dashboard_parser(sub)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []

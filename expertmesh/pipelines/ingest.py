@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     import expertmesh as em
+    from expertmesh.pipelines.progress import registration_bar
 
     ray.init(address=args.address, log_to_driver=False)
     mesh = em.Mesh.attach(args.mesh)
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenised {len(text):,} characters into {len(ids):,} tokens in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    info = mesh.register_context(ids, mode=args.mode, owner=args.owner, visibility=args.visibility, name=args.name)
+    with registration_bar(len(ids)) as progress:  # tokens/s and the time left, on stderr (the job's log)
+        info = mesh.register_context(ids, mode=args.mode, owner=args.owner, visibility=args.visibility,
+                                     name=args.name, progress=progress)
     print(f"registered {info.num_tokens:,} tokens over shards {list(info.shards)} in "
           f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     print(json.dumps({"id": info.id, "num_tokens": info.num_tokens, "shards": list(info.shards),

@@ -271,6 +271,9 @@ class ContextRequest(BaseModel):
     mode: Literal["exact", "blockwise"] = Field("exact", description="registration mode")
     visibility: Literal["private", "shared"] = Field("private", description="shared: every tenant may use it")
     name: str | None = Field(None, max_length=256, description="a label for the context")
+    background: bool = Field(False, description="answer 202 at once with the registration's id; GET "
+                                                "/v1/contexts/{id}/registration reports its progress, and the "
+                                                "context once it is ready")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -293,6 +296,20 @@ class ContextObject(BaseModel):
     mode: str
     created: int
     chat: bool = Field(False, description="registered as messages: a chat over it continues that conversation")
+
+
+class ContextRegistration(BaseModel):
+    """A registration started with background: true, as it stands."""
+
+    id: str = Field(description="the context's id (it is listed once ready)")
+    object: Literal["context.registration"] = "context.registration"
+    status: Literal["registering", "ready", "failed"]
+    num_tokens: int
+    tokens_done: int = Field(description="tokens whose KV is computed (or reused from the store)")
+    tokens_per_s: float
+    eta_s: float | None = Field(description="seconds left at the rate so far (registering only)")
+    error: str | None = None
+    context: ContextObject | None = Field(None, description="the context, once ready")
 
 
 class ContextList(BaseModel):

@@ -123,6 +123,7 @@ class ExpertMeshServer:
                                           ray.get_runtime_context().current_actor))
         self.metrics = ServeMetrics()
         self.queue = AdmissionQueue(self.limits, self.metrics, s.max_queue, self.holder)
+        self.registering: dict[str, tuple[str, int]] = {}  # background registrations running: id -> (tenant, tokens)
         self.created = int(time.time())
 
     # -- helpers --------------------------------------------------------------------------
@@ -352,8 +353,9 @@ class ExpertMeshServer:
         self._tenant(request)
         return oa.ModelList(data=[oa.ModelCard(id=self.settings.model_name, created=self.created)])
 
-    @api.post("/v1/contexts", status_code=201, response_model=oa.ContextObject, responses=_ERRORS)
-    async def create_context(self, body: oa.ContextRequest, request: Request) -> oa.ContextObject:
+    @api.post("/v1/contexts", status_code=201, response_model=oa.ContextObject,
+              responses={**_ERRORS, 202: {"model": oa.ContextRegistration}})
+    async def create_context(self, body: oa.ContextRequest, request: Request):
         tenant = self._tenant(request)
         chat = None
         if body.messages is not None:  # the conversation as the template renders it, no generation prompt
@@ -367,13 +369,39 @@ class ExpertMeshServer:
         if bad is not None:
             raise ApiError(400, f"context token id {bad} is outside the vocabulary [0, {vocab})", param="token_ids")
         owned = sum(c.num_tokens for c in await self._router("list_contexts") if c.owner == tenant)
+        owned += sum(n for owner, n in self.registering.values() if owner == tenant)  # this replica's, running
         limit = self.tenants.spec(tenant).max_context_tokens
         if owned + len(ids) > limit:
             raise ApiError(413, f"tenant {tenant!r} owns contexts of {owned} tokens; {len(ids)} more would pass "
                            f"its max_context_tokens of {limit}", code="context_quota_exceeded")
+        if body.background:  # the router registers it whatever becomes of this request or its client
+            cid = f"ctx-{uuid.uuid4().hex[:12]}"
+            self.registering[cid] = (tenant, len(ids))
+            task = asyncio.ensure_future(self._router("register_context", ids, body.mode, None, cid, tenant,
+                                                      body.visibility, body.name, chat))
+            task.add_done_callback(lambda t: (self.registering.pop(cid, None), t.cancelled() or t.exception()))
+            view = oa.ContextRegistration(id=cid, status="registering", num_tokens=len(ids), tokens_done=0,
+                                          tokens_per_s=0.0, eta_s=None)
+            return JSONResponse(view.model_dump(), status_code=202,
+                                headers={"Location": f"/v1/contexts/{cid}/registration"})
         info = await self._router("register_context", ids, body.mode, None, None, tenant, body.visibility, body.name,
                                   chat)
         return self._context_object(info)
+
+    @api.get("/v1/contexts/{context_id}/registration", response_model=oa.ContextRegistration, responses=_ERRORS)
+    async def context_registration(self, context_id: str, request: Request) -> oa.ContextRegistration:
+        """A registration's progress (whichever router runs it knows); the context once ready."""
+        tenant = self._tenant(request)
+        views = await asyncio.gather(*(r.registration_progress.remote(context_id) for r in self.mesh.routers),
+                                     return_exceptions=True)
+        view = next((v for v in views if isinstance(v, dict)), None)
+        if view is None or view["owner"] != tenant:  # never reveal another tenant's registration
+            raise ApiError(404, f"no registration of context {context_id!r} is known (a router that restarted "
+                           "forgets the ones it ran)", param="context_id", code="context_not_found")
+        context = self._context_object(await self._visible(tenant, context_id)) if view["state"] == "ready" else None
+        return oa.ContextRegistration(id=context_id, status=view["state"], num_tokens=view["num_tokens"],
+                                      tokens_done=view["tokens_done"], tokens_per_s=view["tokens_per_s"],
+                                      eta_s=view["eta_s"], error=view["error"], context=context)
 
     @api.get("/v1/contexts", response_model=oa.ContextList, responses=_ERRORS)
     async def list_contexts(self, request: Request) -> oa.ContextList:

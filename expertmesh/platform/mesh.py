@@ -6,6 +6,9 @@ import dataclasses
 import os
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
 
@@ -262,11 +265,44 @@ class Mesh:
     @_unwrap
     def register_context(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
                          owner: str = "default", visibility: str = "private", name: str | None = None,
-                         router: int | None = None) -> ContextInfo:
+                         router: int | None = None, progress: Callable[[dict], None] | None = None,
+                         every_s: float = 0.5) -> ContextInfo:
         """Register a context once; its KV is kept sharded over the context shards. Every router
-        of the mesh answers over it once this returns. router=i: through router i."""
-        return self._call("register_context", self._ids(token_ids, "context"), mode, shards, None, owner,
-                          visibility, name, router=router)
+        of the mesh answers over it once this returns. router=i: through router i.
+        progress(view): called about every `every_s` while it runs, and once at the end, with the
+        registering router's view (tokens_done, num_tokens, tokens_per_s, eta_s, state)."""
+        ids = self._ids(token_ids, "context")
+        if progress is None:
+            return self._call("register_context", ids, mode, shards, None, owner, visibility, name, router=router)
+        cid = f"ctx-{uuid.uuid4().hex[:12]}"
+        with ThreadPoolExecutor(1, thread_name_prefix="register") as pool:
+            done = pool.submit(self._call, "register_context", ids, mode, shards, cid, owner, visibility, name,
+                               router=router)
+            while True:
+                try:
+                    info = done.result(timeout=every_s)
+                except FuturesTimeout:
+                    view = self.registration_progress(cid)
+                    if view is not None:
+                        progress(view)
+                    continue
+                view = self.registration_progress(cid)
+                progress(view if view is not None else {"context_id": cid, "num_tokens": info.num_tokens,
+                                                        "tokens_done": info.num_tokens, "state": "ready"})
+                return info
+
+    def registration_progress(self, context_id: str) -> dict | None:
+        """How far a registration is, from whichever router runs it (None: none knows it)."""
+        refs = [r.registration_progress.remote(context_id) for r in self.routers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+        for ref in ready:
+            try:
+                view = ray.get(ref)
+            except ray.exceptions.RayError:  # a router that died: another may know
+                continue
+            if view is not None:
+                return view
+        return None
 
     @_unwrap
     def drop_context(self, context_id: str, router: int | None = None) -> None:

@@ -31,6 +31,7 @@ def test_generate_over_a_context_file_matches_hf(tmp_path, ray_cluster, tiny_che
     assert res["token_ids"] == ref[0, len(ids):].tolist()
     assert res["context"]["num_tokens"] == len(text)
     assert res["pathway"]["shards"] == [0, 1]
+    assert f"{len(text)}/{len(text)}" in out.stderr and "tok/s" in out.stderr  # the registration's progress bar
 
 
 def test_cli_reports_a_missing_checkpoint_clearly(tmp_path):

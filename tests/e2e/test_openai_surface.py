@@ -273,3 +273,35 @@ def test_a_context_registered_as_messages_is_continued_by_a_chat(client, server,
         assert r.status_code == 400 and "exactly one of text, token_ids or messages" in r.text
     finally:
         httpx.delete(f"{server}/v1/contexts/{ctx['id']}", headers=h, timeout=60)
+
+
+def test_a_background_registration_reports_progress_then_the_context(server):
+    """POST /v1/contexts with background: true answers 202 at once; GET .../registration reports
+    tokens done, tokens/s and the time left, then the context; another tenant sees nothing."""
+    import time
+
+    h = {"Authorization": f"Bearer {KEYS['acme']}"}
+    text = "The harbour closed in 1932 and the lamp was automated. " * 40
+    r = httpx.post(f"{server}/v1/contexts", headers=h, timeout=60, json={"text": text, "background": True})
+    assert r.status_code == 202 and r.json()["status"] == "registering", r.text
+    cid, where = r.json()["id"], r.headers["location"]
+    assert where == f"/v1/contexts/{cid}/registration" and r.json()["num_tokens"] == len(text.encode())
+    seen, deadline = [], time.monotonic() + 120
+    while True:
+        got = httpx.get(f"{server}{where}", headers=h, timeout=60)
+        if got.status_code == 200:  # the router lists it as soon as it starts
+            seen.append(got.json())
+            if seen[-1]["status"] != "registering":
+                break
+        assert time.monotonic() < deadline, seen[-3:]
+        time.sleep(0.05)
+    try:
+        last = seen[-1]
+        assert last["status"] == "ready" and last["tokens_done"] == last["num_tokens"] == len(text.encode())
+        assert last["context"]["id"] == cid and last["context"]["num_tokens"] == last["num_tokens"]
+        assert [s["tokens_done"] for s in seen] == sorted(s["tokens_done"] for s in seen)
+        other = httpx.get(f"{server}{where}", headers={"Authorization": f"Bearer {KEYS['globex']}"}, timeout=60)
+        assert other.status_code == 404
+        assert httpx.get(f"{server}/v1/contexts/ctx-none/registration", headers=h, timeout=60).status_code == 404
+    finally:
+        httpx.delete(f"{server}/v1/contexts/{cid}", headers=h, timeout=60)

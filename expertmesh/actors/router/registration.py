@@ -50,6 +50,29 @@ def check_tokens(ids: list[int], what: str, vocab_size: int) -> None:
         raise ValueError(f"{what} token id {int(arr[i])} at index {i} is outside the vocabulary [0, {vocab_size})")
 
 
+KEEP_PROGRESS = 256  # registrations whose progress is remembered (the newest)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a registration is: tokens computed (or reused from the store) of all, since when."""
+
+    context_id: str
+    owner: str
+    num_tokens: int
+    started: float  # time.time()
+    tokens_done: int = 0
+    state: str = "registering"  # "ready", or "failed" (error says why)
+    error: str | None = None
+    finished: float | None = None
+
+    def view(self) -> dict:
+        now = self.finished or time.time()
+        rate = self.tokens_done / max(now - self.started, 1e-6)
+        left = (self.num_tokens - self.tokens_done) / rate if rate > 0 and self.state == "registering" else None
+        return {**dataclasses.asdict(self), "tokens_per_s": rate, "eta_s": left}
+
+
 class Registration:
     def __init__(self, cfg: ModelConfig, spec: MeshSpec, contexts: Contexts, shards: Shards, catalog: Catalog | None,
                  run: Callable[[Sequence], Awaitable[None]]) -> None:
@@ -58,6 +81,7 @@ class Registration:
         self.kv_dtype, self.page_size, self.capacity_tokens = spec.kv_dtype, spec.page_size, spec.shard_capacity_tokens
         unit = math.lcm(cfg.alignment, spec.page_size)
         self.align = unit
+        self.progress: dict[str, Progress] = {}  # the newest KEEP_PROGRESS registrations
         self.piece_tokens = max(unit, spec.max_batch_tokens // unit * unit)  # registration runs in pieces this long
 
     async def register(self, token_ids: list[int], mode: str = "exact", shards: int | None = None,
@@ -87,6 +111,7 @@ class Registration:
             shards = shards or running
             free = [-1 if i in absent else f for i, f in enumerate(free)]
         segments = plan_segments(len(token_ids), free, self.capacity_tokens, self.align, shards)
+        progress = self._track(Progress(cid, owner, len(token_ids), time.time()))
         info = ContextInfo(cid, len(token_ids), tuple(s.shard for s in segments), mode, owner, visibility, name,
                            time.time(), self.kv_dtype, self.catalog is not None, chat)
         record = ContextRecord(info, segments)
@@ -100,12 +125,14 @@ class Registration:
         try:
             if reused:  # stored KV of the same tokens (same model, mode, positions): no recompute
                 await self.open_segments(record, reused)
+                progress.tokens_done += sum(segments[i].end - segments[i].start for i in reused)
             todo = [i for i in range(len(segments)) if i not in reused]
             if todo:
-                await self._compute_segments(record, token_ids, todo)
+                await self._compute_segments(record, token_ids, todo, progress)
             if self.catalog is not None:
                 self.catalog.add(self._manifest(record, digests))
         except BaseException as exc:
+            progress.state, progress.error, progress.finished = "failed", f"{type(exc).__name__}: {exc}", time.time()
             self.contexts.discard(cid)
             await asyncio.gather(*(call(self.shards[s.shard], "drop", cid, timeout_s=5.0) for s in segments),
                                  return_exceptions=True)  # best effort: a shard that cannot answer holds nothing
@@ -119,14 +146,22 @@ class Registration:
                 self.catalog.end_pending(cid)
         record.opened = True
         self.contexts.serve(record)
+        progress.state, progress.finished = "ready", time.time()
         return info
+
+    def _track(self, progress: Progress) -> Progress:
+        self.progress[progress.context_id] = progress
+        while len(self.progress) > KEEP_PROGRESS:
+            self.progress.pop(next(iter(self.progress)))
+        return progress
 
     async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
         got = await asyncio.gather(*(call(s, "contexts", timeout_s=timeout_s) for s in self.shards),
                                    return_exceptions=True)
         return [i for i, g in enumerate(got) if isinstance(g, BaseException)]
 
-    async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int]) -> None:
+    async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int],
+                                progress: Progress) -> None:
         """Compute the KV of segments `todo` into new segment files, in pieces of at most
         max_batch_tokens. Exact: pieces run in order over the whole context, one step each, each
         attending to everything stored before it; a piece's KV rows go to the segments it covers
@@ -162,6 +197,7 @@ class Registration:
                     calls.append(call(self.shards[segments[i].shard], "append", cid, a + lo,
                                       [x[lo:hi] for x in k], [x[lo:hi] for x in v], pos[lo:hi]))
             await asyncio.gather(*calls)
+            progress.tokens_done += b - a
 
         async def segment(i: int) -> None:
             seg = segments[i]

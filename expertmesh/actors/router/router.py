@@ -26,6 +26,7 @@ from expertmesh.actors.router.placement import Placement
 from expertmesh.actors.router.registration import Registration, check_tokens
 from expertmesh.actors.router.retire import Retiring
 from expertmesh.actors.router.shards import Shards
+from expertmesh.actors.router.step_metrics import StepMetrics
 from expertmesh.dataplane.collective import CollectiveExchange
 from expertmesh.dataplane.task import TaskExchange
 from expertmesh.engine.config import EngineConfig
@@ -105,6 +106,7 @@ class Router:
         self._ids = itertools.count()
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
+        self.metrics = StepMetrics(own_name()) if own_name() else None  # Ray metrics: a router actor's only
         self.directory.load()  # a store's contexts listed at once (without one: what the shards hold)
         self.directory.start()  # an actor's constructor runs on its event loop: the directory follows from now on
 
@@ -126,6 +128,12 @@ class Router:
         info = await self.registration.register(token_ids, mode, shards, context_id, owner, visibility, name, chat)
         await self.directory.spread()
         return info
+
+    def registration_progress(self, context_id: str) -> dict | None:
+        """How far this router's registration of `context_id` is (registration.Progress.view:
+        tokens_done, num_tokens, tokens_per_s, eta_s, state, error); None: not registered here."""
+        p = self.registration.progress.get(context_id)
+        return None if p is None else p.view()
 
     async def drop_context(self, context_id: str) -> None:
         """Refused here at once, by every router of the mesh once this returns, by every mesh on
@@ -259,6 +267,8 @@ class Router:
     async def _loop(self) -> None:
         while True:
             batch = self.scheduler.schedule()  # admit
+            if self.metrics is not None:
+                self.metrics.queue(len(self.scheduler.waiting), len(self.scheduler.ready) + self.scheduler.in_flight)
             if not batch:
                 self._wake.clear()
                 await self._wake.wait()
@@ -274,6 +284,8 @@ class Router:
             self.scheduler.step_done(batch)
             self.steps += 1
             self.step_log.append((len(batch), tokens, time.perf_counter() - t0))
+            if self.metrics is not None:
+                self.metrics.stepped(self.step_log[-1][2])
             for seq, logits in zip(batch, outs):  # sample, emit
                 self._postprocess(seq, logits)
 
