@@ -12,12 +12,13 @@ TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/de
         train-demo-model train-demo-model-v2 train-demo-model-cpu clean
 
 setup: $(VENV)/.ready
+	@scripts/install-test-packages.sh  # system packages of some tests (prometheus, chromium), where root with apt-get
 
 $(VENV)/.ready: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test,eval]"
 	touch $@
 
 demo: setup

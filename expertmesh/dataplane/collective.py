@@ -213,7 +213,7 @@ class CollectiveExchange(ActorExchange):
 
     def _count(self, formed: bool = False) -> None:
         """Ray metrics beside the counts in the router's stats."""
-        self._metrics = self._metrics or DataPlaneMetrics()
+        self._metrics = self._metrics or DataPlaneMetrics(self.router)
         self._metrics.record(self.backend, formed, self.refused, self.malformed)
 
     def _drop_group(self) -> None:

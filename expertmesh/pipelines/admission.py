@@ -41,7 +41,7 @@ class AdmissionQueue:
     async def admit(self, tenant: str, reserve: int) -> Admission:
         """A place in the queue and `reserve` tokens of the tenant's limits, or 503 / 429."""
         if self.in_flight >= self.max_queue:
-            self.metrics.refused.inc(1, {"tenant": tenant, "status": "503"})
+            self.metrics.refused.inc(1, {"tenant": tenant, "status": "503", "reason": "queue_full"})
             raise ApiError(503, f"server queue is full ({self.max_queue} requests); retry later",
                            "server_overloaded", code="queue_full")
         self.in_flight += 1  # the slot is taken before awaiting the limits actor: concurrent requests see it
@@ -49,9 +49,10 @@ class AdmissionQueue:
             await self.limits.acquire.remote(tenant, reserve, self.holder)
         except Exception as exc:  # noqa: BLE001 - RateLimited arrives wrapped by Ray
             self.in_flight -= 1
-            if not isinstance(_cause(exc), RateLimited):
+            cause = _cause(exc)
+            if not isinstance(cause, RateLimited):
                 raise
-            self.metrics.refused.inc(1, {"tenant": tenant, "status": "429"})
+            self.metrics.refused.inc(1, {"tenant": tenant, "status": "429", "reason": cause.reason})
             raise ApiError(429, str(_cause(exc)), "rate_limit_exceeded", code="rate_limit_exceeded") from None
         self.metrics.queue.set(self.in_flight)
         return Admission(self, tenant, reserve)

@@ -10,6 +10,7 @@ and is a 503 otherwise.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,7 +24,8 @@ from expertmesh.platform.router_set import RouterSet
 
 
 async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics: Any, admission: Admission,
-                 req: Request, recover_timeout_s: float) -> AsyncIterator[tuple[str, tuple | None, Result | None]]:
+                 req: Request, recover_timeout_s: float,
+                 done: Callable[[str, Result], None] | None = None) -> AsyncIterator[tuple[str, tuple | None, Result | None]]:
     """Yield (text delta, the log-probabilities of the tokens behind it or None, None) as tokens
     come and finally ("", None, result); the admission is released when it ends."""
     text = TextStream(decode, list(req.params.stop))
@@ -32,6 +34,8 @@ async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics
     # sent are skipped, so it goes on where it was when its tokens are reproducible (greedy or seeded)
     replayable = req.params.temperature == 0 or req.params.seed is not None
     sent, attempt = 0, 0
+    gaps: list[float] = []  # seconds between tokens as they come here (inter-token latency)
+    last: float | None = None
     try:
         async for i in routers.attempts_async(recover_timeout_s):
             skip = sent
@@ -48,6 +52,11 @@ async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics
                         lps = item.logprobs[len(item.token_ids) - len(tokens):] if item.logprobs else None
                         skip = max(0, skip - len(item.token_ids))
                         sent += len(tokens)
+                        if tokens:  # k tokens after t seconds: k gaps of t/k
+                            now = time.perf_counter()
+                            if last is not None:
+                                gaps += [(now - last) / len(tokens)] * len(tokens)
+                            last = now
                         if text.stopped or not tokens:
                             continue
                         pushed = 0
@@ -84,6 +93,8 @@ async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics
     result = dataclasses.replace(result, request_id=req.request_id,
                                  finish_reason="stop" if text.stopped else result.finish_reason,
                                  logprobs=result.logprobs[:kept] if result.logprobs is not None else None)
-    metrics.record(admission.tenant, result)
+    metrics.record(admission.tenant, result, gaps)
+    if done is not None:
+        done(admission.tenant, result)
     yield "", None, result
 

@@ -24,12 +24,13 @@ import re
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,12 +45,14 @@ from expertmesh.pipelines import openai_schema as oa
 from expertmesh.pipelines.admission import Admission, AdmissionQueue
 from expertmesh.pipelines.api_errors import ApiError, _error, _unavailable, api_error
 from expertmesh.pipelines.openai_tools import ToolPlan, ToolsError
+from expertmesh.pipelines.recent import RecentRequests
 from expertmesh.pipelines.serve_settings import ServeSettings
 from expertmesh.pipelines.tenant_limits import TenantLimits
 from expertmesh.platform.router_set import RouterSet
 from expertmesh.platform.tenancy import Tenants, load_tenants
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
+UI_PAGE = Path(__file__).resolve().parents[1] / "assets" / "ui" / "pathways.html"
 
 
 _ERRORS = {s: {"model": oa.ErrorResponse} for s in (400, 401, 403, 404, 413, 429, 503)}
@@ -123,6 +126,7 @@ class ExpertMeshServer:
                                           ray.get_runtime_context().current_actor))
         self.metrics = ServeMetrics()
         self.queue = AdmissionQueue(self.limits, self.metrics, s.max_queue, self.holder)
+        self.recent = RecentRequests()  # what the pathway page shows each tenant
         self.registering: dict[str, tuple[str, int]] = {}  # background registrations running: id -> (tenant, tokens)
         self.created = int(time.time())
 
@@ -284,7 +288,7 @@ class ExpertMeshServer:
         """(text delta, its tokens' log-probabilities or None, None) as tokens come, finally ("",
         None, result) (router_stream.py). Admission already done."""
         return router_stream.stream(self.routers, self.mesh.tokenizer.decode, self.metrics, admission, req,
-                                    RECOVER_TIMEOUT_S)
+                                    RECOVER_TIMEOUT_S, self.recent.record)
 
     @staticmethod
     def _usage(results: list[Result], n: int = 1) -> oa.Usage:
@@ -402,6 +406,28 @@ class ExpertMeshServer:
         return oa.ContextRegistration(id=context_id, status=view["state"], num_tokens=view["num_tokens"],
                                       tokens_done=view["tokens_done"], tokens_per_s=view["tokens_per_s"],
                                       eta_s=view["eta_s"], error=view["error"], context=context)
+
+    @api.get("/v1/pathways", responses=_ERRORS, summary="this tenant's recent requests and their pathways")
+    async def pathways(self, request: Request, limit: int = Query(32, ge=1, le=64)) -> dict:
+        """The requests this replica answered for the tenant, newest first: tokens, time to first
+        token, and the pathway (shards per layer, pages from memory and store, tokens per group)."""
+        return {"object": "list", "data": self.recent.of(self._tenant(request), limit)}
+
+    @api.get("/v1/pool", responses=_ERRORS, summary="the context pool: shards, their state and load, segments")
+    async def pool(self, request: Request) -> dict:
+        """What `expertmesh pool status` shows, with the contexts this tenant may see: each shard
+        (Ray's state of it, the tokens it holds), each context's segments (which shard holds which
+        tokens, and whether the store has it), the routers and expert groups."""
+        tenant = self._tenant(request)
+        pool = await self._router("pool")
+        pool["segments"] = [c for c in pool["segments"] if c["owner"] == tenant or c["visibility"] == "shared"]
+        pool["routers"], pool["expert_groups"] = len(self.mesh.routers), len(self.mesh.groups)
+        return pool
+
+    @api.get("/ui", include_in_schema=False)
+    async def ui(self) -> HTMLResponse:
+        """The pathway page: it asks for the tenant's API key and reads /v1/pathways and /v1/pool."""
+        return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"))
 
     @api.get("/v1/contexts", response_model=oa.ContextList, responses=_ERRORS)
     async def list_contexts(self, request: Request) -> oa.ContextList:

@@ -60,7 +60,18 @@ def hash_key(key: str) -> str:
 
 
 class RateLimited(Exception):
-    """A tenant over its concurrency or token rate (HTTP 429)."""
+    """A tenant over its concurrency or token rate (HTTP 429). `reason`: "concurrency" or
+    "token_rate" (the refusal counter's label); kept in args, so it survives Ray's pickling."""
+
+    def __init__(self, message: str, reason: str = "token_rate") -> None:
+        super().__init__(message, reason)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def reason(self) -> str:
+        return self.args[1] if len(self.args) > 1 else "token_rate"
 
 
 @dataclasses.dataclass
@@ -126,11 +137,11 @@ class Tenants:
             st.stamp = now
             if st.in_flight >= st.spec.max_concurrent_requests:
                 raise RateLimited(f"tenant {tenant!r} has {st.in_flight} requests in flight; "
-                                  f"max_concurrent_requests is {st.spec.max_concurrent_requests}")
+                                  f"max_concurrent_requests is {st.spec.max_concurrent_requests}", "concurrency")
             if tokens > st.tokens:
                 wait = (tokens - st.tokens) / rate
                 raise RateLimited(f"tenant {tenant!r} is over its token rate ({st.spec.tokens_per_minute} "
-                                  f"tokens per minute); retry in {wait:.1f}s")
+                                  f"tokens per minute); retry in {wait:.1f}s", "token_rate")
             st.tokens -= tokens
             st.in_flight += 1
             self._holds[holder, tenant] = self._holds.get((holder, tenant), 0) + 1

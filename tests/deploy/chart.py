@@ -21,8 +21,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "expertmesh"
 CRDS = Path(__file__).resolve().parent / "kuberay-crds"  # KubeRay's CRDs, vendored (see the README there)
+MONITORING_CRDS = Path(__file__).resolve().parent / "prometheus-operator-crds"  # PodMonitor, ServiceMonitor
 K8S_VERSION = "1.33"
-CUSTOM_GROUPS = {"ray.io", "monitoring.coreos.com"}  # CRDs: checked against KubeRay's schemas / by structure
+CUSTOM_GROUPS = {"ray.io", "monitoring.coreos.com"}  # CRDs: checked against KubeRay's / the Prometheus operator's schemas
 RELEASE, NAMESPACE = "prod", "ml"
 
 KEY = "s3cret-key-for-acme"
@@ -104,6 +105,8 @@ CASES: dict[str, dict] = {
     },
     "podmonitor": {"monitoring": {"enabled": True, "labels": {"release": "prometheus"}}},
     "servicemonitor": {"monitoring": {"enabled": True, "kind": "ServiceMonitor", "interval": "15s"}},
+    "dashboard": {"monitoring": {"dashboard": {"enabled": True, "namespace": "monitoring",
+                                               "annotations": {"grafana_folder": "expertmesh"}}}},
     "networkpolicy": {"networkPolicy": {
         "enabled": True,
         "dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}],

@@ -118,6 +118,8 @@ BAD_VALUES = [
     ({"tenants": {"list": [{"name": "a", "api_key": "x" * 64}]}}, "/tenants/list/0", "api_key"),
     ({"jobs": {"train": {"enabled": True, "args": [{"x": 1}]}}}, "/jobs/train/args/0", "want"),
     ({"monitoring": {"kind": "Probe"}}, "/monitoring/kind", "must be one of"),
+    ({"monitoring": {"dashboard": {"enable": True}}}, "/monitoring/dashboard", "'enable' not allowed"),
+    ({"monitoring": {"dashboard": {"namespace": "Monitoring"}}}, "/monitoring/dashboard/namespace", "pattern"),
     ({"serve": {"service": {"type": "External"}}}, "/serve/service/type", "must be one of"),
 ]
 

@@ -101,9 +101,14 @@ class Placement:
     def pool(self) -> dict:
         """Each context shard: Ray's state of its actor and the context tokens it holds."""
         used = self.contexts.shard_tokens()
+        records = [r for r in self.contexts.records() if r.ready and not r.dropped]
         return {"shards": [{"index": i, "state": down(h) or "ALIVE", "tokens": used[i]}
                            for i, h in enumerate(self.shards)],
-                "contexts": sum(r.ready for r in self.contexts.records())}
+                "contexts": len(records),
+                "segments": [{"context_id": r.info.id, "owner": r.info.owner, "visibility": r.info.visibility,
+                              "name": r.info.name, "stored": r.info.stored, "num_tokens": r.info.num_tokens,
+                              "segments": [{"shard": s.shard, "start": s.start, "end": s.end} for s in r.segments]}
+                             for r in records]}
 
     async def rebalance(self) -> dict:
         """Move stored contexts' segments off shards Ray does not report alive and from the most
