@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from expertmesh.model.grammar import GrammarSpec
 from expertmesh.model.sampling import MAX_LOGPROBS, SamplingParams
@@ -198,10 +198,12 @@ class ChatMessage(BaseModel):
     name: str | None = Field(None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls (its earlier turn)")
     tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    type: Literal["text"] | None = Field(None, description="accepted, changes nothing (lm-eval 0.4.9-0.4.11 send "
+                                                           "it on every message; vLLM ignores it)")
 
     def for_template(self) -> dict:
         """As chat templates read a message: content a string (text parts joined by newlines)."""
-        m = self.model_dump(exclude_none=True)
+        m = self.model_dump(exclude_none=True, exclude={"type"})
         if isinstance(self.content, list):
             m["content"] = "\n".join(part.text for part in self.content)
         elif self.content is None:
@@ -271,7 +273,7 @@ class ContextRequest(BaseModel):
     mode: Literal["exact", "blockwise"] = Field("exact", description="registration mode")
     visibility: Literal["private", "shared"] = Field("private", description="shared: every tenant may use it")
     name: str | None = Field(None, max_length=256, description="a label for the context")
-    background: bool = Field(False, description="answer 202 at once with the registration's id; GET "
+    background: StrictBool = Field(False, description="answer 202 at once with the registration's id; GET "
                                                 "/v1/contexts/{id}/registration reports its progress, and the "
                                                 "context once it is ready")
 

@@ -1,133 +1,122 @@
 """lm-eval (EleutherAI's harness) as a real client of `expertmesh serve`: its `local-completions`
-model (loglikelihood requests: `echo` + `logprobs` through /v1/completions) and its
-`local-chat-completions` model (generate_until through /v1/chat/completions and the checkpoint's
-chat template) give the metric values of lm-eval's own `hf` model on the same checkpoint, and the
-same answer to every request (log-likelihoods within 1e-4, generated text equal).
+model (loglikelihood: `echo` + `logprobs` through /v1/completions; generate_until with token-id
+prompts and five stop strings) and its `local-chat-completions` model (generate_until through
+/v1/chat/completions and the checkpoint's chat template) give the metric values of lm-eval's own
+`hf` model on the same checkpoint, and the same answer to every request (log-likelihoods within
+1e-4, the generated text equal).
 
-The checkpoint: a tiny random Mixtral (4 experts, top-2) with a real byte-level BPE tokenizer that
-adds a bos, as Llama's does, and a chat template that writes it. The tasks:
-tests/e2e/lm_eval_task (questions written for this project). The real model (the upcycled
-SmolLM2) is benchmarks/bench_lm_eval.py.
+The checkpoint: the built-in model, served by the session's e2e server (3 shards, 2 expert groups);
+lm-eval reads its tokens with a Hugging Face tokenizer equal to its byte tokenizer. The tasks:
+tests/e2e/lm_eval_task (questions written for this project). A real BPE model, the upcycled
+SmolLM2, is benchmarks/bench_lm_eval.py.
 """
 
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.e2e.serving import serve_process
+from expertmesh.model.default import SHIPPED
+from expertmesh.model.tokenizer import ByteTokenizer
+from tests.e2e.conftest import KEYS
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'expertmesh[eval]')")
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 TASKS = Path(__file__).parent / "lm_eval_task"
-CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 MC, QA = "expertmesh_mc", "expertmesh_qa"
 
 
-def build_checkpoint(path: Path) -> Path:
-    """A byte-level BPE trained on the tasks' text (every printable ASCII character in its
-    alphabet, so any token decodes to ASCII), its post-processor adding <s>; a random Mixtral over
-    exactly its vocabulary, logits sharpened so greedy choices are clear."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the `tokenizers` ByteLevel steps use)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
 
-    corpus = [string.printable, CHAT]
-    for name in ("mc.jsonl", "qa.jsonl"):
-        for line in (TASKS / name).read_text().splitlines():
-            doc = json.loads(line)
-            corpus += [doc["question"], *doc.get("choices", []), str(doc["answer"])]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+def byte_tokenizer_dir(path: Path) -> Path:
+    """A Hugging Face fast tokenizer that encodes as the built-in model's ByteTokenizer (byte b ->
+    id b + 4; 0-3 special, bos 1, eos 2, no bos added), with the checkpoint's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: b + 4 for b, c in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = CHAT
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = (SHIPPED / "chat_template.jinja").read_text()
     fast.save_pretrained(str(path))
-    cfg = tf.MixtralConfig(vocab_size=len(fast), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(1234)
-    model = tf.MixtralForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
-    model.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = byte_tokenizer_dir(tmp_path_factory.mktemp("byte-tokenizer"))
+    hf, ours = AutoTokenizer.from_pretrained(path), ByteTokenizer(vocab_size=260)
+    texts = [json.dumps(json.loads(line)) for name in ("mc.jsonl", "qa.jsonl")
+             for line in (TASKS / name).read_text().splitlines()] + ["Question: \u00e9t\u00e9?\nAnswer: caf\u00e9"]
+    for text in texts:
+        assert hf.encode(text) == ours.encode(text), text  # no bos added, as the server's completions
+        assert hf.decode(hf.encode(text)) == ours.decode(ours.encode(text)) == text
+    return str(path)
 
 
 def run(model: str, model_args: dict, task: str, limit: int, **kw) -> dict:
     """lm-eval's simple_evaluate (what its CLI runs) on one of the local tasks, every sample logged."""
     from lm_eval.tasks import TaskManager
 
+    tasks = TaskManager(include_path=str(TASKS), include_defaults=False)  # not its 12k built-in tasks
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task], limit=limit,
-                                   task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
-                                   bootstrap_iters=0, **kw)
+                                   task_manager=tasks, log_samples=True, bootstrap_iters=0, **kw)
 
 
 def metrics(out: dict, task: str) -> dict:
-    return {k: v for k, v in out["results"][task].items() if not k.endswith("_stderr,none") and k != "alias"}
+    """{"acc,none": value, ...}: each metric's value under each filter (no standard errors)."""
+    return {k: v for k, v in out["results"][task].items() if "," in k and "_stderr," not in k}
 
 
 def responses(out: dict, task: str) -> list:
-    """Per document (in doc order), the model's answers: (log-likelihood, is greedy) per choice, or the text."""
-    return [s["resps"] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = build_checkpoint(tmp_path_factory.mktemp("lm-eval-model"))
-    from transformers import AutoTokenizer
-
-    from expertmesh.model.tokenizer import HFTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    ours = HFTokenizer(path / "tokenizer.json")
-    text = "Question: What do bees make?\nAnswer: honey"
-    assert tok.encode(text) == ours.encode(text, add_special_tokens=True) and tok.encode(text)[0] == 1  # a bos
-    return path
+    """Per document, in order, the model's answers: [[(log-likelihood, is greedy)] per choice] or [[text]]
+    (a document is logged once per filter, with the same answers)."""
+    return [r for _, r in sorted({s["doc_id"]: s["resps"] for s in out["samples"][task]}.items())]
 
 
 def assert_same_loglikelihoods(want: dict, got: dict) -> None:
     assert metrics(got, MC) == metrics(want, MC) and set(metrics(want, MC)) == {"acc,none", "acc_norm,none"}
     for w_doc, g_doc in zip(responses(want, MC), responses(got, MC), strict=True):
-        assert len(w_doc) == len(g_doc) == 4  # one request per choice: [(log-likelihood, is greedy)]
+        assert len(w_doc) == len(g_doc) == 4  # one request per choice
         for [(w_ll, w_greedy)], [(g_ll, g_greedy)] in zip(w_doc, g_doc):
             assert abs(g_ll - w_ll) <= 1e-4 and g_greedy == w_greedy, (w_doc, g_doc)
 
 
 def assert_same_generations(want: dict, got: dict) -> None:
     assert metrics(got, QA) == metrics(want, QA)
+    assert set(metrics(want, QA)) == {"exact_match,strip", "exact_match,last_word"}
     assert responses(got, QA) == responses(want, QA)  # the generated text, request by request
-    assert sum(bool(text) for [text] in responses(want, QA)) >= len(responses(want, QA)) // 2  # mostly not empty
 
 
-def test_lm_eval_against_the_server_equals_hf(checkpoint, tmp_path):
-    ckpt = str(checkpoint)
-    hf = {"pretrained": ckpt, "device": "cpu", "dtype": "float32"}
-    want_mc = run("hf", hf, MC, limit=24, batch_size=8)
-    want_chat = run("hf", hf, QA, limit=10, batch_size=1, apply_chat_template=True)
-    want_plain = run("hf", hf, QA, limit=10, batch_size=1)
-    with serve_process(checkpoint, tmp_path, "--context-shards", "1", "--expert-groups", "2") as url:
-        # token ids from lm-eval's own tokenizer of the checkpoint; add_bos_token: this tokenizer
-        # adds a bos, which lm-eval's hf model keeps and its API models drop unless told
-        completions = {"base_url": f"{url}/v1/completions", "model": "expertmesh", "tokenizer": ckpt,
-                       "tokenizer_backend": "huggingface", "add_bos_token": True}
-        got_mc = run("local-completions", {**completions, "batch_size": 8}, MC, limit=24)
-        chat = {"base_url": f"{url}/v1/chat/completions", "model": "expertmesh", "num_concurrent": 4}
-        got_chat = run("local-chat-completions", chat, QA, limit=10, apply_chat_template=True)
-        got_plain = run("local-completions", {**completions, "num_concurrent": 4}, QA, limit=10)  # 5 stop strings
-        no_bos = run("local-completions", {**completions, "add_bos_token": False}, MC, limit=2)
-    assert_same_loglikelihoods(want_mc, got_mc)
-    assert_same_generations(want_chat, got_chat)
-    assert_same_generations(want_plain, got_plain)
-    # the flag matters: without it the server is asked about other tokens than hf is
-    lls = lambda out: [ll for doc in responses(out, MC)[:2] for [(ll, _)] in doc]  # noqa: E731
-    assert all(abs(a - b) > 1e-3 for a, b in zip(lls(no_bos), lls(want_mc), strict=True))
+def test_lm_eval_against_the_server_equals_hf(server, tokenizer, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEYS["acme"])  # what lm-eval's API models send as the Bearer key
+    hf = {"pretrained": str(SHIPPED), "tokenizer": tokenizer, "device": "cpu", "dtype": "float32"}
+    completions = {"base_url": f"{server}/v1/completions", "model": "expertmesh", "tokenizer": tokenizer,
+                   "tokenizer_backend": "huggingface"}  # token-id requests, lm-eval's own tokenization
+    chat = {"base_url": f"{server}/v1/chat/completions", "model": "expertmesh", "num_concurrent": 4}
+
+    assert_same_loglikelihoods(run("hf", hf, MC, limit=24, batch_size=8),
+                               run("local-completions", {**completions, "batch_size": 8}, MC, limit=24))
+    assert_same_generations(run("hf", hf, QA, limit=10, batch_size=1, apply_chat_template=True),
+                            run("local-chat-completions", chat, QA, limit=10, apply_chat_template=True))
+    # stop: the task's four `until` strings and the eos text (OpenAI's limit of 4 refused it)
+    assert_same_generations(run("hf", hf, QA, limit=10, batch_size=1),
+                            run("local-completions", {**completions, "num_concurrent": 4}, QA, limit=10))
