@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from expertmesh.pipelines.openai_schema import MAX_STOP, CompletionRequest
+from expertmesh.pipelines.openai_schema import MAX_STOP, ChatCompletionRequest, CompletionRequest
 
 
 def test_stop_takes_lm_eval_s_stop_lists():
@@ -19,3 +19,16 @@ def test_stop_takes_lm_eval_s_stop_lists():
         CompletionRequest(model="expertmesh", prompt="a", stop=[str(i) for i in range(MAX_STOP + 1)])
     with pytest.raises(ValidationError):
         CompletionRequest(model="expertmesh", prompt="a", stop=["\n", ""])  # an empty stop string: refused
+
+
+def test_chat_messages_take_lm_eval_s_type_text():
+    """lm-eval 0.4.9-0.4.11's local-chat-completions send `"type": "text"` on every message (a 422
+    before); it changes nothing and the template does not see it. Any other value is still refused."""
+    body = ChatCompletionRequest(model="expertmesh", messages=[
+        {"role": "system", "content": "Be brief.", "type": "text"}, {"role": "user", "content": "Hi", "type": "text"}])
+    assert [m.for_template() for m in body.messages] == [{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "Hi"}]
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="expertmesh", messages=[{"role": "user", "content": "Hi", "type": "image_url"}])
+    with pytest.raises(ValidationError):  # other unknown fields of a message stay refused
+        ChatCompletionRequest(model="expertmesh", messages=[{"role": "user", "content": "Hi", "audio": {}}])
