@@ -115,8 +115,10 @@ def ray_cluster(tmp_path_factory):
         sock = tmp_path_factory.mktemp("zygote") / "zygote.sock"
         zygote = fork_server.start(sock)
         fork_server.install(sock)
+    # metrics exported every 2 s, not Ray's 10 s: the tests that read them (Prometheus, Ray's endpoint) wait less
     ray.init(address="local", resources={"context_shard": 64, "expert_group": 64}, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"EXPERTMESH_CACHE": os.environ["EXPERTMESH_CACHE"]}})
+             log_to_driver=False, runtime_env={"env_vars": {"EXPERTMESH_CACHE": os.environ["EXPERTMESH_CACHE"]}},
+             _system_config={"metrics_report_interval_ms": 2000})
     yield ray
     ray.shutdown()
     if zygote is not None:
