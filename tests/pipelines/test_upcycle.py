@@ -79,6 +79,28 @@ def test_upcycled_tiny_model_computes_the_dense_function(kind, arch, tmp_path):
     assert gate.abs().max() > 0  # a random router: tokens spread over the experts, the output is the same
 
 
+def test_training_from_an_upcycled_checkpoint_makes_its_experts_diverge(tmp_path):
+    """`expertmesh train --init-from` an upcycled checkpoint: its experts start as copies and
+    diverge under the training step Ray Train's workers run (the router sends tokens to them
+    unevenly), the loss going down."""
+    from expertmesh.pipelines.train_config import TrainConfig
+    from expertmesh.pipelines.train_step import BatchedModel, build_model, collate, make_optimizer, step
+
+    out = upcycle(build_dense("llama", tmp_path / "dense"), tmp_path / "moe", experts=4, top_k=2)
+    cfg = TrainConfig(data=str(tmp_path), init_from=str(out), lr=3e-3, warmup_steps=1, max_steps=8)
+    model = build_model(cfg)
+    experts = model.layers[0].experts.up
+    assert all(torch.equal(experts[0], experts[e]) for e in range(1, 4))  # copies of the dense MLP
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(4, VOCAB, 48).tolist() for _ in range(4)]
+    batch = collate({"input_ids": rows, "answer_start": [40] * 4, "answer_len": [8] * 4})
+    opt = make_optimizer(model, cfg)
+    losses = [step(BatchedModel(model), model, opt, batch, cfg, i, torch.device("cpu")).loss for i in range(8)]
+    assert losses[-1] < losses[0]
+    diff = min((experts[a] - experts[b]).abs().max().item() for a in range(4) for b in range(a + 1, 4))
+    assert diff > 1e-4, diff  # every pair of experts now differs
+
+
 def test_upcycle_refuses_what_it_cannot_preserve(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
