@@ -72,6 +72,24 @@ def headline() -> str:
         f"{lay['context_shards']} colocated worker); {_cores(user)}{_when(user)}",
         "[benchmarks](docs/benchmarks.md#the-users-path)"))
 
+    real = _load("user_path_smollm2.json")
+    d = real["layouts"]["default"]
+    lay, first, last = d["mesh"]["layout"], real["batches"][0], real["batches"][-1]
+    static = "hf_static_cache" in d
+
+    def vs(b: int) -> str:
+        got = _x(d["ratios"][f"decode_b{b}_mesh_over_hf"])
+        return f"{got} / {_x(d['ratios'][f'decode_b{b}_mesh_over_hf_static'])}" if static else got
+    rows.append(_row(
+        "Decoding a real 30-layer model as a user calls it",
+        f"{_ms(d['mesh'][f'decode_b{first}_s'])} a step at batch {first} ({vs(first)} Hugging Face's with a prefix "
+        f"cache{' in a DynamicCache / a StaticCache' if static else ''}), {_ms(d['mesh'][f'decode_b{last}_s'])} at "
+        f"batch {last} ({vs(last)}); "
+        + ("the same greedy tokens" if real["exact_greedy_b1"] else "**other greedy tokens**"),
+        f"SmolLM2-135M-Instruct upcycled to 4 experts top-2, fp32, a {real['context_tokens']:,}-token context, the "
+        f"default layout (router + {lay['context_shards']} colocated worker); {_cores(real)}{_when(real)}",
+        "[benchmarks](docs/benchmarks.md#the-users-path-on-a-real-model)"))
+
     rs = store["restart"]
     base = store["register_s"] + store["first_answer_after_register_s"]
     rows.append(_row(
