@@ -396,11 +396,11 @@ def main() -> None:
     else:
         report["notes"] = [
             (f"{args.steps} tokens a request and {args.repeats} repeats (the built-in model's run: 32 and 3): a "
-             "30-layer model on 2 cores; the run takes ~6 min on a quiet machine, much of it the two prefills of "
+             "30-layer model on 2 cores; the run takes ~8 min on a quiet machine, much of it the two prefills of "
              "the context (Hugging Face's and the mesh's registration)"),
             ("Hugging Face runs 2 torch threads in one process; the mesh's actors 1 each. On this 2-core VM another "
              "busy process stalls Hugging Face's parallel regions far more than the mesh: a run beside another "
-             "session's benchmark measured Hugging Face 3-12x slower and the mesh ~1.1x (mesh/HF 0.21x at batch 1 "
+             "session's benchmark measured Hugging Face 3-13x slower and the mesh 1.2-1.4x (mesh/HF 0.21x at batch 1 "
              "against 1.64x quiet). Compare runs whose load average stayed low (loadavg_1_5_15min, sampled before "
              "each side)"),
             ("the context is template prose (see context_text): a few sentence patterns repeated with variations "

@@ -86,7 +86,7 @@ def headline() -> str:
         f"cache{' in a DynamicCache / a StaticCache' if static else ''}), {_ms(d['mesh'][f'decode_b{last}_s'])} at "
         f"batch {last} ({vs(last)}); "
         + ("the same greedy tokens" if real["exact_greedy_b1"] else "**other greedy tokens**"),
-        f"SmolLM2-135M-Instruct upcycled to 4 experts top-2, fp32, a {real['context_tokens']:,}-token context, the "
+        f"SmolLM2-135M-Instruct upcycled to 4 experts top-2, fp32, context of {real['context_tokens']:,} tokens, the "
         f"default layout (router + {lay['context_shards']} colocated worker); {_cores(real)}{_when(real)}",
         "[benchmarks](docs/benchmarks.md#the-users-path-on-a-real-model)"))
 
