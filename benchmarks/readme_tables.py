@@ -18,44 +18,13 @@ import sys
 
 from fault_tables import elastic, micro_batches, multi_host, routers, shared_store
 from headline_table import headline
-from table_format import ROOT, _load, _ms, _s, _x
+from table_format import ROOT, _load, _load_note, _load_warning, _met, _ms, _s, _x
 from training_tables import builtin_heldout, cpu_curve
+from user_path_tables import user_path, user_path_smollm2
 
 # targets the project set itself (docs/benchmarks.md); the figures come from the files
 TARGETS = {"mesh_decode": 1.5, "mesh_register": 1.3, "ttft_speedup": 50.0, "streams_32_over_1": 8.0,
            "train_ratio": 0.9}
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "**not met**"
-
-
-def _load_note(report: dict) -> str:
-    la = report.get("loadavg_1_5_15min")
-    if not la:
-        return "load average not recorded"
-    before = la.get("before")
-    after = la.get("after")
-    text = f"1-minute load average {before[0]:.1f} before" if before else ""
-    if after:
-        text += f", {after[0]:.1f} after"
-    cpus = report["machine"].get("cpus", 2) if isinstance(report.get("machine"), dict) else report.get("cpus", 2)
-    text += f" ({cpus} cores)"
-    return text
-
-
-def _load_warning(*reports: dict) -> str:
-    """A sentence when the load average before a run (other work: the "after" figure includes the
-    benchmark's own processes) exceeded twice the cores, else ''."""
-    for report in reports:
-        la = report.get("loadavg_1_5_15min") or {}
-        cpus = report["machine"].get("cpus", 2) if isinstance(report.get("machine"), dict) else report.get("cpus", 2)
-        if (la.get("before") or [0])[0] > 2 * cpus:
-            return (" **Measured under heavy load from other work on the machine (load average over twice the "
-                    "cores): not representative.** Under such load the processes of the two sides get unequal, "
-                    "changing shares of the cores, so neither the figures nor the ratios (nor the targets' "
-                    "verdicts) stand; re-run `make bench` on a quiet machine.")
-    return ""
 
 
 # -- core ---------------------------------------------------------------------------------------
@@ -291,104 +260,6 @@ def kv_sizes() -> str:
                   "file byte (pages, fp32 Quest summaries, positions, checksums). Computed by "
                   "`benchmarks/kv_sizes.py` from the KV fields of each model's config.json "
                   "(`benchmarks/public_configs/`) with the store's own layout; `results/kv_sizes.json`."]
-    return "\n".join(lines)
-
-
-def user_path() -> str:
-    r = _load("user_path.json")
-    t = r["targets"]
-    rows = ["| layout (`Mesh.start` arguments) | actors | HF + prefix cache, batch 1 / 16 | mesh, batch 1 | "
-            "mesh, batch 16 |", "|---|---|---|---|---|"]
-    for name, x in r["layouts"].items():
-        lay, hf, mesh, ratio = x["mesh"]["layout"], x["hf_prefix_cache"], x["mesh"], x["ratios"]
-        args = ", ".join(f"{k}={v}" for k, v in x["args"].items()) or "none: picked for this machine"
-        workers = lay["context_shards"] if lay["colocate"] else lay["context_shards"] + lay["expert_groups"]
-        rows.append(f"| {name} ({args}) | router + {workers} worker{'s' * (workers > 1)}"
-                    f"{' (colocated)' if lay['colocate'] else ''} | {_ms(hf['decode_b1_s'])} / "
-                    f"{_ms(hf['decode_b16_s'])} | {_ms(mesh['decode_b1_s'])} "
-                    f"({_x(ratio['decode_b1_mesh_over_hf'])}) | {_ms(mesh['decode_b16_s'])} "
-                    f"({_x(ratio['decode_b16_mesh_over_hf'])}) |")
-    d = r["layouts"].get("default")
-    lines = rows + ["", f"In brackets: mesh / Hugging Face. Decode step = {r['step']}; {r['decode_steps']} tokens, "
-                    f"{r['context_tokens'] // 1024}K-token context, {r['model']} model; {r['statistic']}."]
-    if d:
-        got, b1, b16 = d["ratios"], "decode_b1_mesh_over_hf", "decode_b16_mesh_over_hf"
-        lines.append(f"Targets, default layout: batch 1 <= {t[b1]}x: {_x(got[b1])} ({_met(got[b1] <= t[b1])}); "
-                     f"batch 16 <= {t[b16]}x: {_x(got[b16])} ({_met(got[b16] <= t[b16])}). Every "
-                     "repeat of the default layout over the fastest Hugging Face figure: " + "; ".join(
-                         f"batch {b}: " + ", ".join(_x(m / d['hf_prefix_cache'][f'decode_b{b}_s'])
-                                                    for m in d["mesh"]["runs"][f"decode_b{b}_s"]) for b in (1, 16))
-                     + ".")
-    lines += ["", f"Run of {r.get('date', '?')} ({_load_note(r)}); `results/user_path.json`." + _load_warning(r)]
-    return "\n".join(lines)
-
-
-def _actors(lay: dict) -> str:
-    workers = lay["context_shards"] if lay["colocate"] else lay["context_shards"] + lay["expert_groups"]
-    return f"router + {workers} worker{'s' * (workers > 1)}{' (colocated)' if lay['colocate'] else ''}"
-
-
-def _t(s: float) -> str:
-    return _ms(s) if s < 1 else _s(s)
-
-
-def user_path_smollm2() -> str:
-    r = _load("user_path_smollm2.json")
-    static = any("hf_static_cache" in x for x in r["layouts"].values())
-    rows = ["| layout | batch | HF, prefix in a DynamicCache: decode step | "
-            + ("HF, prefix in a StaticCache: decode step | " if static else "") + "mesh: decode step | mesh / HF (Dynamic"
-            + (" / Static" if static else "") + "Cache) | time to first token: HF"
-            + (" (Dynamic / Static)" if static else "") + " | mesh (router / caller) |",
-            "|---|---|---|---|---|---|---|" + ("---|" if static else "")]
-    where = ["| layout | batch | mesh step (caller) | router decode step (median) | router step (mean) | "
-             "waiting for the shard's attention | waiting for the experts | the router's own work |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, x in r["layouts"].items():
-        lay, hf, mesh, ratio = x["mesh"]["layout"], x["hf_prefix_cache"], x["mesh"], x["ratios"]
-        st = x.get("hf_static_cache")
-        label = f"{name}: {_actors(lay)}"
-        for b in r["batches"]:
-            rows.append(f"| {label} | {b} | {_t(hf[f'decode_b{b}_s'])} | "
-                        + (f"{_t(st[f'decode_b{b}_s'])} | " if st else "")
-                        + f"{_t(mesh[f'decode_b{b}_s'])} | **{_x(ratio[f'decode_b{b}_mesh_over_hf'])}**"
-                        + (f" / **{_x(ratio[f'decode_b{b}_mesh_over_hf_static'])}**" if st else "")
-                        + f" | {_t(hf[f'ttft_b{b}_s'])}" + (f" / {_t(st[f'ttft_b{b}_s'])}" if st else "")
-                        + f" | {_t(mesh[f'ttft_b{b}_s'])} / {_t(mesh[f'ttft_caller_b{b}_s'])} |")
-            p = mesh.get("profile_last_repeat", {}).get(f"b{b}")
-            if p:
-                s = p["per_step_s"]
-                where.append(f"| {label} | {b} | {_ms(p['caller_step_s'])} | {_ms(p['decode_step_median_s'])} | "
-                             f"{_ms(s['router_step'])} | "
-                             f"{_ms(s['waiting_for_shards'])} | {_ms(s['waiting_for_expert_groups'])} | "
-                             f"{_ms(s['router_own'])} |")
-    d = next(iter(r["layouts"].values()))
-    g, threads = d["greedy"], d["mesh"]["torch_threads"]
-    same = ", ".join(f"batch {k[1:]}: {v}" for k, v in g["requests_with_hf_greedy_tokens"].items())
-    sides = ["hf_prefix_cache", *(["hf_static_cache"] if "hf_static_cache" in d else []), "mesh"]
-    every = "; ".join(f"batch {b}: " + " / ".join(", ".join(_t(v) for v in d[side]["runs"][f"decode_b{b}_s"])
-                                                  for side in sides) for b in r["batches"])
-    lines = rows + [
-        "", f"Decode step = {r['step']}; {r['decode_steps']} tokens a request, {r['statistic']}, "
-        f"{r['repeats']} repeats. Time to first token: {r['ttft']}.",
-        f"Every repeat's decode step, Hugging Face{' (Dynamic / Static)' if 'hf_static_cache' in d else ''} / mesh "
-        f"({next(iter(r['layouts']))} layout): {every}.",
-        f"Greedy tokens: the batch-1 request's are Hugging Face's, token for token: "
-        f"{'**yes**' if r['exact_greedy_b1'] else '**NO**'}"
-        + (f" ({g['b1_text']!r})" if g.get("b1_text") else "") + f"; requests with Hugging Face's tokens: {same}"
-        + ("" if "hf_static_cache_same_tokens" not in g else "; Hugging Face's own with either cache: "
-           + ("the same" if g["hf_static_cache_same_tokens"] else "**different**")) + ".",
-        f"The context: {r['context_tokens']:,} tokens, {r['context_text']}; prompts: {r['prompts_text']}.",
-        f"Torch threads: Hugging Face {r['torch_threads']['hf_driver']} (the driver); mesh: router "
-        f"{threads['router']}, worker {threads['each shard / group / worker']}. Each side prefilled the context "
-        f"once: Hugging Face {_s(r['hf_prefill_s'])}, the mesh's registration {_s(d['mesh']['register_s'])}. "
-        f"Hugging Face's attention `{r['hf_implementation']['attention']}`, experts "
-        f"`{r['hf_implementation']['experts']}`.",
-        "", "Where the mesh's step goes: the router's counters over the last repeat, per router step (the "
-        "prompts' steps included, hence the mean above the decode steps' median); the caller's step also holds "
-        "sampling, scheduling and the results' way back through Ray:", "",
-        *where, "",
-        f"Run of {r.get('date', '?')} on {r['machine']['platform']} ({_load_note(r)}); "
-        "`results/user_path_smollm2.json`." + _load_warning(r)]
     return "\n".join(lines)
 
 

@@ -132,9 +132,11 @@ class _Sampling(BaseModel):
         return default if self.max_tokens is None else self.max_tokens
 
     def sampling_params(self, defaults: dict | None = None, max_new_tokens: int = 16, logprobs: int | None = None,
-                        prompt_logprobs: int | None = None, choice: int = 0) -> SamplingParams:
+                        prompt_logprobs: int | None = None, choice: int = 0,
+                        grammar: GrammarSpec | None = None) -> SamplingParams:
         """Every sampling option of this body, as the router's sampler takes them (vLLM's
-        `to_sampling_params`); `defaults`: the checkpoint's generation_config.json sampling values."""
+        `to_sampling_params`); `defaults`: the checkpoint's generation_config.json sampling values;
+        `grammar`: the answer's grammar where not the response format's (a forced tool call's)."""
         d = defaults or {}
         pick = lambda name, fallback: getattr(self, name) if getattr(self, name) is not None else d.get(name, fallback)
         top_k = pick("top_k", 0)
@@ -151,7 +153,7 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias=tuple(bias.items()), min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            grammar=self.response_format.grammar() if self.response_format is not None else None)
+            grammar=grammar or (self.response_format.grammar() if self.response_format is not None else None))
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

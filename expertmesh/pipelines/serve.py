@@ -18,10 +18,8 @@ it stops; under `serve run`/`serve deploy` stop it with
 
 
 import asyncio
-import dataclasses
 import json
 import re
-import secrets
 import time
 import uuid
 from pathlib import Path
@@ -38,13 +36,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from expertmesh.engine.request import Request as RouterRequest
 from expertmesh.engine.request import Result
 from expertmesh.model import generation_config
-from expertmesh.model.chat_template import ChatTemplate, ChatTemplateError
+from expertmesh.model.chat_template import ChatTemplate
 from expertmesh.model.grammar import Grammars
 from expertmesh.pipelines import openai_logprobs, openai_stream, router_stream
 from expertmesh.pipelines import openai_schema as oa
 from expertmesh.pipelines.admission import Admission, AdmissionQueue
 from expertmesh.pipelines.api_errors import ApiError, _error, _unavailable, api_error
-from expertmesh.pipelines.openai_tools import ToolPlan, ToolsError
+from expertmesh.pipelines.prompts import Prompts
+from expertmesh.pipelines.router_requests import RouterRequests
 from expertmesh.pipelines.recent import RecentRequests
 from expertmesh.pipelines.serve_settings import ServeSettings
 from expertmesh.pipelines.tenant_limits import TenantLimits
@@ -111,9 +110,12 @@ class ExpertMeshServer:
         self.mesh = Mesh.attach_or_start(s.mesh_name, s.start_timeout_s, spec=s.mesh_spec())
         self.routers = RouterSet(self.mesh.routers)  # requests spread over the mesh's routers
         # the checkpoint speaks for itself: its chat template, its sampling defaults (eos ids: the mesh's config)
-        self.chat_template = ChatTemplate.from_checkpoint(self.mesh.checkpoint)
+        self.prompts = Prompts(self.mesh.tokenizer, self.mesh.config.vocab_size, s.max_prompt_tokens,
+                               ChatTemplate.from_checkpoint(self.mesh.checkpoint), str(self.mesh.checkpoint))
         self.sampling_defaults = generation_config.sampling_defaults(self.mesh.checkpoint)
-        self.grammars: Grammars | None = None  # structured output's grammars, checked here before admission
+        cfg = self.mesh.config  # structured output's grammars are checked here, before admission
+        self.requests = RouterRequests(Grammars(self.mesh.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_id),
+                                                cfg.bos_token_id), cfg.vocab_size, self.sampling_defaults)
         api.openapi_schema = None
         api.openapi_schema = oa.declare_limits(api.openapi(), self.mesh.config.vocab_size, s.max_completion_tokens)
         self.holder = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
@@ -175,86 +177,6 @@ class ExpertMeshServer:
         return oa.ContextObject(id=info.id, num_tokens=info.num_tokens, shards=list(info.shards), owner=info.owner,
                                 visibility=info.visibility, name=info.name, mode=info.mode, created=int(info.created),
                                 chat=info.chat is not None)
-
-    def _encode(self, text: str, param: str, special: bool = False) -> list[int]:
-        if not getattr(self.mesh.tokenizer, "available", True):  # token ids in, but text comes out
-            raise ApiError(400, self.mesh.tokenizer.reason, param=param, code="no_tokenizer")
-        return self.mesh.tokenizer.encode(text, add_special_tokens=special)
-
-    def _encode_prompt(self, prompt: str | list[int], special: bool = True) -> list[int]:
-        """A prompt's token ids, checked. Text of a completion gets the tokenizer's special tokens
-        (a bos where its config adds one, as vLLM's completions); a rendered chat does not (the
-        template wrote them)."""
-        if not getattr(self.mesh.tokenizer, "available", True):  # completions return text
-            raise ApiError(400, f"{self.mesh.tokenizer.reason} (the Python API: Mesh.generate); completions "
-                           "return text", param="prompt", code="no_tokenizer")
-        ids = self._encode(prompt, "prompt", special) if isinstance(prompt, str) else list(prompt)
-        vocab = self.mesh.config.vocab_size
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise ApiError(413, f"prompt of {len(ids)} tokens is over the limit of "
-                           f"{self.settings.max_prompt_tokens} tokens", param="prompt", code="prompt_too_long")
-        return ids
-
-    def _requests(self, body: oa._Sampling, prompts: list[list[int]], tenant: str, max_new_tokens: int,
-                  logprobs: int | None, prompt_logprobs: int | None,
-                  tools: ToolPlan | None = None) -> list[RouterRequest]:
-        """The router's requests for an OpenAI body, one per (prompt, choice), in the order of the
-        answer's choices: built here, whole, before admission."""
-        unserved = body.unserved()
-        if unserved:
-            raise ApiError(400, f"{', '.join(unserved)}: not supported by this server (a request is never "
-                           f"served as if {'they' if len(unserved) > 1 else 'it'} were not there); see GET "
-                           "/openapi.json for the fields it serves", param=unserved[0], code="unsupported_parameter")
-        if body.stream_options is not None and not body.stream:
-            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
-        grammar = body.response_format.grammar() if body.response_format is not None else None
-        param = "response_format"
-        forced = tools.grammar() if tools is not None else None
-        if forced is not None:
-            if grammar is not None:
-                raise ApiError(400, "response_format and a forced tool_choice both constrain the answer; give one",
-                               param="response_format")
-            grammar, param = forced, "tools"
-        if grammar is not None:  # a schema the engine cannot compile: a 400 now, not an error mid-batch
-            try:
-                self._grammars().check(grammar)
-            except ValueError as exc:
-                raise ApiError(400, str(exc), param=param, code=f"invalid_{param}") from None
-        vocab = self.mesh.config.vocab_size
-        for param, ids in (("logit_bias", [int(k) for k in body.logit_bias or {}]),
-                           ("stop_token_ids", body.stop_token_ids or [])):
-            bad = next((t for t in ids if t >= vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
-        group = uuid.uuid4().hex[:24]
-        out = []
-        try:
-            for p, ids in enumerate(prompts):
-                for c in range(body.n):
-                    params = body.sampling_params(self.sampling_defaults, max_new_tokens, logprobs, prompt_logprobs,
-                                                  choice=c)
-                    if forced is not None:
-                        params = dataclasses.replace(params, grammar=forced)
-                    if params.seed is None and params.temperature > 0:  # a replay after a router's loss draws
-                        params = dataclasses.replace(params, seed=secrets.randbits(63))  # the tokens already sent
-                    i = p * body.n + c
-                    out.append(RouterRequest(ids, body.context_id, params, tenant,
-                                             f"cmpl-{group}" + (f"-{i}" if i else ""), body.top_shards,
-                                             body.top_pages))
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        return out
-
-    def _grammars(self) -> Grammars:
-        if self.grammars is None:
-            cfg = self.mesh.config
-            self.grammars = Grammars(self.mesh.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_id), cfg.bos_token_id)
-        return self.grammars
 
     def _check_model(self, model: str) -> None:
         if model != self.settings.model_name:
@@ -364,10 +286,10 @@ class ExpertMeshServer:
         chat = None
         if body.messages is not None:  # the conversation as the template renders it, no generation prompt
             messages = [m.for_template() for m in body.messages]
-            ids = self._encode(self._render(messages, False, None, None), "messages")
+            ids = self.prompts.encode(self.prompts.render(messages, False), "messages")
             chat = json.dumps(messages)
         else:
-            ids = self._encode(body.text, "text") if body.text is not None else list(body.token_ids)
+            ids = self.prompts.encode(body.text, "text") if body.text is not None else list(body.token_ids)
         vocab = self.mesh.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -457,9 +379,9 @@ class ExpertMeshServer:
         if body.echo and body.context_id is not None:
             raise ApiError(400, "echo returns the prompt, and with context_id the context's tokens are not part of "
                            "it: give echo or context_id", param="echo")
-        prompts = [self._encode_prompt(p) for p in body.prompts()]
+        prompts = [self.prompts.prompt(p) for p in body.prompts()]
         logprobs = body.logprobs
-        reqs = self._requests(body, prompts, tenant, body._max_new_tokens(16), logprobs,
+        reqs = self.requests.build(body, prompts, tenant, body._max_new_tokens(16), logprobs,
                               logprobs if body.echo and logprobs is not None else None)
         admissions = await self._admit_all(reqs, body.model)
         echo = None
@@ -480,56 +402,14 @@ class ExpertMeshServer:
         return oa.CompletionResponse(id=reqs[0].request_id, created=int(time.time()), model=self.settings.model_name,
                                      choices=choices, usage=self._usage(results, body.n), pathway=results[0].pathway)
 
-    def _render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None,
-                kwargs: dict | None) -> str:
-        """Messages through the checkpoint's own chat template (as apply_chat_template(tokenize=False))."""
-        if self.chat_template is None:
-            raise ApiError(400, f"the checkpoint {str(self.mesh.checkpoint)!r} has no chat template "
-                           "(chat_template in tokenizer_config.json, or chat_template.jinja); use /v1/completions "
-                           "(or register text or token_ids)", param="messages", code="no_chat_template")
-        try:
-            return self.chat_template.render(messages, add_generation_prompt=generation_prompt, tools=tools,
-                                             **(kwargs or {}))
-        except ChatTemplateError as exc:
-            raise ApiError(400, str(exc), param="messages", code="chat_template_error") from None
-
-    def _render_chat(self, body: oa.ChatCompletionRequest, context=None) -> tuple[list[int], ToolPlan]:
-        """The conversation (and its tools) through the checkpoint's own chat template, as token
-        ids; and what the tools make of the answer. Over a context registered as messages, the
-        conversation is those messages and the request's, and the ids are what follows the
-        context's tokens (which must be a prefix of the whole conversation's)."""
-        if self.chat_template is None:
-            self._render([], False, None, None)  # the 400 that says so
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        try:
-            tools = body.tool_plan(self.chat_template.shows_tools())
-        except ToolsError as exc:
-            raise ApiError(400, str(exc), param=exc.param, code="invalid_tools") from None
-        messages = [m.for_template() for m in body.messages]
-        head = json.loads(context.chat) if context is not None and context.chat is not None else []
-        text = self._render(head + messages, body.add_generation_prompt, list(tools.tools) or None,
-                            body.chat_template_kwargs)
-        if not head:
-            return self._encode_prompt(text, special=False), tools
-        ids = self._encode(text, "messages")
-        registered = self._encode(self._render(head, False, None, body.chat_template_kwargs), "messages")
-        if len(registered) != context.num_tokens or ids[:len(registered)] != registered:
-            raise ApiError(400, f"the chat template renders this conversation so that context {context.id!r} "
-                           f"({context.num_tokens} tokens, registered as messages) is not a token prefix of it "
-                           f"({'tools, or ' if tools.tools else ''}chat_template_kwargs change how its messages "
-                           "render, or the template rewrites earlier turns); send the whole conversation "
-                           "without context_id", param="messages", code="context_not_a_prefix")
-        return self._encode_prompt(ids[len(registered):], special=False), tools
-
     @api.post("/v1/chat/completions", response_model=oa.ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request):
         tenant = self._tenant(request)
         self._check_model(body.model)
         context = await self._visible(tenant, body.context_id) if body.context_id is not None else None
-        ids, tools = self._render_chat(body, context)
+        ids, tools = self.prompts.chat(body, context)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = self._requests(body, [ids], tenant, body._max_new_tokens(self.settings.max_completion_tokens),
+        reqs = self.requests.build(body, [ids], tenant, body._max_new_tokens(self.settings.max_completion_tokens),
                               logprobs, None, tools)
         admissions = await self._admit_all(reqs, body.model)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

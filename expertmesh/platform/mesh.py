@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
@@ -278,18 +278,13 @@ class Mesh:
         with ThreadPoolExecutor(1, thread_name_prefix="register") as pool:
             done = pool.submit(self._call, "register_context", ids, mode, shards, cid, owner, visibility, name,
                                router=router)
-            while True:
-                try:
-                    info = done.result(timeout=every_s)
-                except FuturesTimeout:
-                    view = self.registration_progress(cid)
-                    if view is not None:
-                        progress(view)
-                    continue
-                view = self.registration_progress(cid)
-                progress(view if view is not None else {"context_id": cid, "num_tokens": info.num_tokens,
-                                                        "tokens_done": info.num_tokens, "state": "ready"})
-                return info
+            while not futures_wait([done], timeout=every_s).done:
+                if (view := self.registration_progress(cid)) is not None:
+                    progress(view)
+            info = done.result()
+        progress(self.registration_progress(cid) or {"context_id": cid, "num_tokens": info.num_tokens,
+                                                     "tokens_done": info.num_tokens, "state": "ready"})
+        return info
 
     def registration_progress(self, context_id: str) -> dict | None:
         """How far a registration is, from whichever router runs it (None: none knows it)."""
