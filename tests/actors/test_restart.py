@@ -105,6 +105,9 @@ def test_with_a_store_a_killed_shard_or_router_loses_nothing(ray_cluster, tiny_c
     with em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16,
                        store=tmp_path / "store") as mesh:
         ctx = mesh.register_context(list(range(10, 120)))
+        chat = '[{"role": "system", "content": "a conversation"}]'  # registered as messages (the HTTP API's)
+        conv = mesh._set.call("register_context", list(range(20, 60)), "exact", None, None, "default", "private",
+                              None, chat)
         want = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids
         tokens, seconds = stream_with_kill(mesh, mesh.shards[1], ctx.id)
         print(f"\nwith a store, context shard killed mid-stream: stream done {seconds:.2f} s after the kill")
@@ -113,7 +116,7 @@ def test_with_a_store_a_killed_shard_or_router_loses_nothing(ray_cluster, tiny_c
         t0 = time.perf_counter()
         assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=NEW).token_ids == want
         print(f"with a store, router killed: its context served again {time.perf_counter() - t0:.2f} s later")
-        assert [c.id for c in mesh.contexts()] == [ctx.id]
+        assert {c.id: c.chat for c in mesh.contexts()} == {ctx.id: None, conv.id: chat}  # its messages kept
 
 
 def test_a_dead_actor_fails_requests_at_once_naming_it(ray_cluster, tiny_checkpoint):
