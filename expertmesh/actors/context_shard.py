@@ -30,6 +30,8 @@ import numpy as np
 import ray
 import torch
 
+from expertmesh.actors.names import own_mesh
+from expertmesh.actors.shard_metrics import ShardMetrics
 from expertmesh.dataplane.step_worker import StepWorker
 from expertmesh.engine.pathway import quest_bound_rows
 from expertmesh.engine.step_plan import AttendItem  # noqa: F401 - the request type of `attend`
@@ -145,7 +147,10 @@ class ContextShard(StepWorker):
         self.visits: Counter[str] = Counter()  # request id -> query tokens served (recent)
         self.reads = Counter()  # pages read: "memory" / "store"
         self.calls = 0
+        self._page_bytes = 0  # of a page in the pool, K and V (known with the pool)
         self._lock = threading.RLock()
+        mesh = own_mesh()
+        self.metrics = ShardMetrics(self, mesh) if mesh else None  # Ray metrics: a shard actor's only
 
     def ping(self) -> int:
         return self.index
@@ -420,7 +425,8 @@ class ContextShard(StepWorker):
         per_page = shape.page_size * shape.heads * shape.head_dim * (4 if dtype == torch.float32 else 2)
         if self.memory_bytes is None:
             self.memory_bytes = default_pool_bytes(self.pool_device, self.gpu_share)
-        slots = max(1, self.memory_bytes // (len(shape.tensors) * per_page))
+        self._page_bytes = len(shape.tensors) * per_page
+        slots = max(1, self.memory_bytes // self._page_bytes)
         # head-major: a head's keys over a run of slots are contiguous (token-major interleaves the
         # heads: 3x slower attention over a cold 16K context). Lazily mapped: used slots become resident.
         k = torch.empty(shape.heads, slots, shape.page_size, shape.head_dim, dtype=dtype, device=self.pool_device)
@@ -431,6 +437,14 @@ class ContextShard(StepWorker):
         self._next_slot += 1
         self.table.add_segment(self._next_slot, shape.layers, shape.pages)
         return self._next_slot
+
+    def pool_usage(self) -> dict:
+        """The KV cache held by tier (bytes), the hot-page budget, context tokens, pages read per tier."""
+        with self._lock:
+            return {"memory_bytes": (self.table.used if self.table else 0) * self._page_bytes,
+                    "store_bytes": sum(o.file.nbytes for o in self._files.values()),
+                    "memory_budget_bytes": self.memory_bytes, "tokens": self.used_tokens(),
+                    "pages_read": dict(self.reads)}
 
     def stats(self) -> dict:
         with self._lock:

@@ -36,6 +36,12 @@ def mesh_of(router_name: str | None) -> str | None:
     return mesh if sep and (tail == "" or tail.isdigit()) else None
 
 
+def own_mesh() -> str | None:
+    """The mesh of this actor (`<mesh>.<kind><i>` -> `<mesh>`); None outside a named actor."""
+    name = own_name()
+    return name.rpartition(".")[0] or None if name else None
+
+
 def routers_of(mesh: str) -> list[str]:
     """The names of a running mesh's routers, in order."""
     return _running(lambda i: actor_name(mesh, None, i))

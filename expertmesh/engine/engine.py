@@ -59,6 +59,17 @@ class _Step:
     positions: torch.Tensor
     pooled: bool = False  # every sequence's own KV lives in the engine's pool (one write and read per layer)
     group_counts: list = dataclasses.field(default_factory=list)  # (batch, [B, groups] pairs) per MoE layer
+    expert_counts: list = dataclasses.field(default_factory=list)  # (layer, [E] pairs per expert) per MoE layer
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """A recovery the engine made (a lost shard's segments served by another, a lost group's
+    experts held by another, and their hand-back): the router counts and lists them."""
+
+    kind: str  # shard_takeover, shard_back, group_takeover, group_back (the router adds step_retry, context_lost)
+    detail: str
+    time: float  # wall clock
 
 
 class Engine:
@@ -80,6 +91,9 @@ class Engine:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expertmesh-micro") if self.micro_batches > 1 else None
         self.summaries = contexts.summaries  # context id -> shard -> [layer] (kmin, kmax), read-only
         self.waits: collections.Counter = collections.Counter()  # seconds awaiting shards / groups
+        # tokens routed to each expert, per layer, since the engine started (expert load; group_load)
+        self.expert_load = torch.zeros(self.cfg.num_layers, max(self.cfg.num_experts, 1), dtype=torch.long)
+        self.events: collections.deque[Recovery] = collections.deque(maxlen=256)  # the router drains them
         bounds = torch.tensor([r.stop for r in partition])
         self._group_of = lambda experts: torch.bucketize(experts, bounds, right=True)  # noqa: E731
 
@@ -147,6 +161,8 @@ class Engine:
         for part, plan, step, r, x in zip(halves, plans, steps, reads, xs):
             self._account(part, plan, r)
             self._count_groups(step)
+            for index, counts in step.expert_counts:
+                self.expert_load[index] += counts
             out.update(self._logits(part, step, x))
         return [out.get(id(seq)) for seq in batch]
 
@@ -285,6 +301,8 @@ class Engine:
             step.exchange.experts(layer.index, {})()  # nothing goes out (a micro-batch still takes its turns)
             return lambda: torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         n_groups, lengths = len(self.partition), torch.tensor([b - a for a, b in step.spans])
+        step.expert_counts.append((layer.index, torch.bincount(experts.reshape(-1).cpu(),
+                                                               minlength=self.expert_load.shape[1])))
         if n_groups == 1:  # every pair to the one group (or the group standing in for it): no split
             only = int(self._host_of[0])
             requests, picks = {only: (rows, experts)}, None
@@ -326,6 +344,11 @@ class Engine:
             for seq, per in zip(batch, counts.tolist()):
                 seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
 
+    def group_load(self) -> torch.Tensor:
+        """Tokens routed to each expert group, per layer, since the engine started [layers, groups]
+        (by the partition: a lost group's tokens count as its own, whoever computed them)."""
+        return torch.stack([self.expert_load[:, r.start:r.stop].sum(1) for r in self.partition], 1)
+
     def _account(self, batch: list[Sequence], plan: StepPlan, reads: list) -> None:
         """Pages read per shard and tier, and shards visited, onto the requests."""
         for layer, shard, j, r in reads:
@@ -346,6 +369,7 @@ class Engine:
             n = max(len(load), max(absent) + 1)  # with the shards only a bigger mesh has
             serving = serving_map(n, absent, load + [0] * (n - len(load)))
         if serving != self.serving:
+            self._changed("shard", self.serving, serving, "segments")
             for host, name in list(self.adopted):
                 _, owner = alias_of(name)
                 if serving.get(owner) != host:
@@ -359,6 +383,7 @@ class Engine:
         serving = serving_map(len(self.partition), absent, [len(r) for r in self.partition])
         if serving == self.group_serving:
             return
+        self._changed("group", self.group_serving, serving, "experts")
         for g, h in self.group_serving.items():
             if serving.get(g) != h:
                 self.exchange.release_experts(h, self.partition[g])
@@ -367,6 +392,16 @@ class Engine:
                 self.exchange.adopt(h, self.partition[g])
         self.group_serving = serving
         self._host_of = torch.tensor([serving.get(g, g) for g in range(len(self.partition))], dtype=torch.long)
+
+    def _changed(self, role: str, before: dict[int, int], after: dict[int, int], what: str) -> None:
+        now = time.time()
+        for lost, host in after.items():
+            if before.get(lost) != host:
+                self.events.append(Recovery(f"{role}_takeover", f"{role} {host} serves lost {role} {lost}'s {what}", now))
+        for lost, host in before.items():
+            if lost not in after:
+                self.events.append(Recovery(f"{role}_back", f"{role} {lost} serves its {what} again ({role} {host} "
+                                                            f"stood in)", now))
 
     def forget(self, context_id: str) -> list[tuple[int, str]]:
         """The (stand-in shard, alias) pairs of a context being dropped; no longer tracked."""

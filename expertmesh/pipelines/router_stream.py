@@ -75,6 +75,7 @@ async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics
                 if sent and not replayable:
                     raise _unavailable("the router restarted under this request; retry it") from None
                 attempt += 1
+                metrics.failover(admission.tenant)
         else:
             raise _unavailable("every router this request ran on failed under it; retry shortly")
     except ApiError:

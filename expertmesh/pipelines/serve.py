@@ -48,7 +48,7 @@ from expertmesh.pipelines.recent import RecentRequests
 from expertmesh.pipelines.serve_settings import ServeSettings
 from expertmesh.pipelines.tenant_limits import TenantLimits
 from expertmesh.platform.router_set import RouterSet
-from expertmesh.platform.tenancy import Tenants, load_tenants
+from expertmesh.platform.tenancy import ANONYMOUS, Tenants, load_tenants
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
 UI_PAGE = Path(__file__).resolve().parents[1] / "assets" / "ui" / "pathways.html"
@@ -126,7 +126,7 @@ class ExpertMeshServer:
             tenants.model_dump() if tenants else None)
         ray.get(self.limits.update.remote(tenants.model_dump() if tenants else None, self.holder,
                                           ray.get_runtime_context().current_actor))
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics([t.name for t in tenants.tenants] if tenants else [ANONYMOUS])
         self.queue = AdmissionQueue(self.limits, self.metrics, s.max_queue, self.holder)
         self.recent = RecentRequests()  # what the pathway page shows each tenant
         self.registering: dict[str, tuple[str, int]] = {}  # background registrations running: id -> (tenant, tokens)

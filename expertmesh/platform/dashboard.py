@@ -68,6 +68,20 @@ def _mean(name: str, sel: str = C) -> str:
             f"sum(rate({metric(name)}_count{{{sel}}}{W}))")
 
 
+def _recoveries(window: str, tenant_sel: str) -> str:
+    """Recoveries by kind in the window: the routers' (expertmesh_recoveries_total) and the Serve
+    replicas' request failovers (kind request_failover), one series each."""
+    failovers = f"sum(increase({metric('expertmesh_request_failovers_total')}{{{tenant_sel}}}{window}))"
+    return (f"sum by (kind) (increase({metric('expertmesh_recoveries_total')}{{{C}}}{window})) or "
+            f'label_replace({failovers}, "kind", "request_failover", "", "")')
+
+
+def _balance() -> str:
+    """Per router and MoE layer: the busiest expert group's load over the mean group's."""
+    load = _rate("expertmesh_expert_layer_tokens_total", "router, layer, group")
+    return f"max by (router, layer) ({load}) / avg by (router, layer) ({load})"
+
+
 ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
     ("Traffic", (
         Panel("Requests per second, by tenant",
@@ -147,6 +161,42 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
               "Requests that visited each context shard (expertmesh_context_shard_requests_total): a hot "
               "shard stands out.",
               "reqps", (Query(_rate("expertmesh_context_shard_requests_total", "shard"), "shard {{shard}}"),)),
+        Panel("Expert-group balancedness, by router",
+              "Max over mean of the expert groups' load at each MoE layer (expertmesh_expert_layer_tokens_total): "
+              "1 is even; the worst layer and the mean over layers. A group that took no token in the window "
+              "is not in the mean.",
+              "short", (Query(f"max by (router) ({_balance()})", "{{router}} worst layer"),
+                        Query(f"avg by (router) ({_balance()})", "{{router}} mean over layers"))),
+    )),
+    ("KV pool", (
+        Panel("KV cache held, by shard and tier",
+              "The KV cache each context shard holds (expertmesh_kv_pool_bytes): tier memory is its hot pages "
+              "in the page pool, tier store its segment files (the mesh's store, or its scratch directory "
+              "without one); the dashed budget is the memory tier's (expertmesh_kv_pool_capacity_bytes).",
+              "bytes", (Query(f"sum by (mesh, shard, tier) ({metric('expertmesh_kv_pool_bytes')}{{{C}}})",
+                              "{{mesh}} shard {{shard}} {{tier}}"),
+                        Query(f"sum by (mesh, shard) ({metric('expertmesh_kv_pool_capacity_bytes')}{{{C}}})",
+                              "{{mesh}} shard {{shard}} memory budget"))),
+        Panel("Pages read per second, by tier",
+              "KV pages the context shards' attention read (expertmesh_context_pages_read_total): from memory "
+              "(the page pool) or from the store (a segment file: a cold or evicted page).",
+              "short", (Query(_rate("expertmesh_context_pages_read_total", "tier"), "{{tier}}"),)),
+        Panel("Contexts and their tokens",
+              "Contexts registered in the pool (expertmesh_contexts, as the routers see it: the max over "
+              "them) and the context tokens each shard holds (expertmesh_context_shard_tokens).",
+              "short", (Query(f"max({metric('expertmesh_contexts')}{{{C}}})", "contexts"),
+                        Query(f"sum by (mesh, shard) ({metric('expertmesh_context_shard_tokens')}{{{C}}})",
+                              "{{mesh}} shard {{shard}} tokens"))),
+    )),
+    ("Recoveries", (
+        Panel("Recoveries, by kind",
+              "Recoveries in the window (also shown as annotations): a lost shard's segments or a lost "
+              "group's experts served by another (shard_takeover, group_takeover) and handed back "
+              "(shard_back, group_back), a step run again after an actor failed under it (step_retry), a "
+              "context lost with a shard of a mesh without a store (context_lost), from the routers "
+              "(expertmesh_recoveries_total); requests that went on elsewhere after their router died "
+              "(expertmesh_request_failovers_total, from the Serve replicas).",
+              "short", (Query(_recoveries(W, CT), "{{kind}}"),)),
     )),
     ("Data plane", (
         Panel("Data-plane connections refused, by reason",
@@ -161,6 +211,10 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                               f"{{{C}}})", "{{router}} ({{transport}})"),)),
     )),
 )
+
+
+# recoveries as events on every panel's time axis: (name, title, PromQL)
+ANNOTATIONS = (("Recoveries", "{{kind}}", f"({_recoveries('[1m]', C)}) > 0"),)
 
 
 def _timeseries(panel: Panel, pid: int, x: int, y: int) -> dict:
@@ -206,7 +260,10 @@ def dashboard() -> dict:
         "timepicker": {}, "fiscalYearStartMonth": 0, "liveNow": False, "weekStart": "", "links": [],
         "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
                                   "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
+                                  "name": "Annotations & Alerts", "type": "dashboard"},
+                                 *({"name": name, "datasource": DATASOURCE, "enable": True, "hide": False,
+                                    "iconColor": "red", "expr": expr, "step": "30s", "titleFormat": title,
+                                    "useValueForTime": False} for name, title, expr in ANNOTATIONS)]},
         "templating": {"list": [
             {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
              "regex": "", "hide": 0, "includeAll": False, "multi": False, "refresh": 1, "options": [],
@@ -227,6 +284,11 @@ def queries(dash: dict) -> list[tuple[str, str, str]]:
     """(panel title, legend, PromQL) of every query of a dashboard's JSON model."""
     return [(p["title"], t.get("legendFormat", ""), t["expr"])
             for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def annotation_queries(dash: dict) -> list[tuple[str, str, str]]:
+    """(name, title, PromQL) of every Prometheus annotation of a dashboard's JSON model."""
+    return [(a["name"], a["titleFormat"], a["expr"]) for a in dash["annotations"]["list"] if "expr" in a]
 
 
 def expand(expr: str, rate_interval: str = "1m", **values: str) -> str:
@@ -250,4 +312,6 @@ def markdown() -> str:
         for panel in panels:
             for q in panel.queries:
                 lines.append(f"| {row} | {panel.title} | `{q.legend}` | `{q.expr}` |")
+    for name, title, expr in ANNOTATIONS:
+        lines.append(f"| (annotation) | {name} | `{title}` | `{expr}` |")
     return "\n".join(lines) + "\n"

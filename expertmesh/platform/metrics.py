@@ -4,8 +4,8 @@ metrics export port, in Prometheus' text format with Ray's `ray_` prefix: a Coun
 
 Recorded by each Serve replica: per tenant, the requests that finished, their tokens, time to
 first token and inter-token latency; the requests in flight; refusals by reason; the tokens each
-expert group took; the context shards each request visited. The router's queue and step times
-are actors/router/step_metrics.py's, the data plane's dataplane/plane_metrics.py's. The Grafana
+expert group took; the context shards each request visited; requests that failed over. The router's queue and step times
+are actors/router/router_metrics.py's, the data plane's dataplane/plane_metrics.py's. The Grafana
 dashboard over all of them is platform/dashboard.py's (docs/observability.md)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ray.util import metrics
 
+from expertmesh.actors.router.router_metrics import start_at_zero
 from expertmesh.engine.request import Result
 
 # latencies of LLM serving, 1 ms .. 60 s (time to first token, inter-token latency, a router step)
@@ -23,7 +24,8 @@ SHARD_BOUNDS = [0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 
 
 class ServeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, tenants: Sequence[str] = ()) -> None:
+        """tenants: those whose rare events (failovers) are counted from 0 (router_metrics.start_at_zero)."""
         self.requests = metrics.Counter("expertmesh_requests_total",
                                         "requests finished (one per prompt and choice), by finish reason",
                                         tag_keys=("tenant", "finish_reason"))
@@ -52,6 +54,15 @@ class ServeMetrics:
         # reason: queue_full (503, the replica's queue), concurrency / token_rate (429, the tenant's limits)
         self.refused = metrics.Counter("expertmesh_requests_refused_total", "requests refused at admission",
                                        tag_keys=("tenant", "status", "reason"))
+        self.failovers = metrics.Counter("expertmesh_request_failovers_total",
+                                         "requests run again (on another router, or theirs restarted) after their "
+                                         "router died under them, each going on from the tokens already sent",
+                                         tag_keys=("tenant",))
+        for tenant in tenants:
+            start_at_zero(self.failovers, {"tenant": tenant})
+
+    def failover(self, tenant: str) -> None:
+        self.failovers.inc(1, {"tenant": tenant})
 
     def record(self, tenant: str, result: Result, token_gaps: Sequence[float] = ()) -> None:
         """A finished request; `token_gaps`: seconds between its tokens as they reached the replica."""

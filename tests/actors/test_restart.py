@@ -42,8 +42,12 @@ def stream_with_kill(mesh, victim, context_id=None):
 
 def test_killed_expert_group_restarts_and_the_stream_goes_on(mesh):
     want = mesh.generate(PROMPT, max_new_tokens=NEW).token_ids
+    before = len(ray.get(mesh.router.stats.remote())["recoveries"])
     tokens, seconds = stream_with_kill(mesh, mesh.groups[0])
     assert tokens == want
+    events = ray.get(mesh.router.stats.remote())["recoveries"][before:]  # the router lists what it did
+    assert events and {e["kind"] for e in events} <= {"step_retry", "group_takeover", "group_back"}, events
+    assert all("lost group 0" in e["detail"] for e in events if e["kind"] == "group_takeover"), events
     print(f"\nexpert group killed mid-stream: stream done {seconds:.2f} s after the kill")
     assert mesh.generate(PROMPT, max_new_tokens=NEW).token_ids == want
 
@@ -63,6 +67,8 @@ def test_killed_shard_loses_its_contexts_only(mesh):
     with pytest.raises(em.ContextNotFound, match="lost with context shard 1"):  # the same, every later time
         mesh.generate(PROMPT, context_id=on_1.id, max_new_tokens=2)
     assert on_1.id not in [c.id for c in mesh.contexts()]
+    lost = [e for e in ray.get(mesh.router.stats.remote())["recoveries"] if e["kind"] == "context_lost"]
+    assert [on_1.id in e["detail"] for e in lost] == [True], lost  # counted once, as a recovery event
     # everything else serves on: the other shard's context, no context, new registrations
     assert mesh.generate(PROMPT, context_id=on_0.id, max_new_tokens=NEW).token_ids == want_0
     assert mesh.generate(PROMPT, max_new_tokens=NEW).token_ids == want_free

@@ -62,7 +62,7 @@ def test_panels_read_only_metrics_the_code_records():
         assert (kind == "Counter") == name.endswith("_total"), (name, kind)
     known = {**recorded, **RAY_SERVE}
     dash = dashboard.dashboard()
-    exprs = [e for _, _, e in dashboard.queries(dash)]  # every selector names its metric, then {matchers}
+    exprs = [e for _, _, e in dashboard.queries(dash) + dashboard.annotation_queries(dash)]  # metric{matchers}
     exprs += [re.match(r"label_values\((\w+)", v["definition"]).group(1) + "{"  # a variable's metric
               for v in dash["templating"]["list"] if v["type"] == "query"]
     read = set()
@@ -78,7 +78,10 @@ def test_panels_read_only_metrics_the_code_records():
             "expertmesh_time_to_first_token_seconds", "expertmesh_inter_token_latency_seconds",
             "expertmesh_requests_in_flight", "expertmesh_router_requests_waiting", "expertmesh_requests_refused_total",
             "expertmesh_expert_group_tokens_total", "expertmesh_shards_visited_per_request",
-            "expertmesh_data_plane_refused_connections", "expertmesh_data_plane_groups_formed_total"} <= read
+            "expertmesh_data_plane_refused_connections", "expertmesh_data_plane_groups_formed_total",
+            "expertmesh_kv_pool_bytes", "expertmesh_kv_pool_capacity_bytes", "expertmesh_context_pages_read_total",
+            "expertmesh_contexts", "expertmesh_context_shard_tokens", "expertmesh_expert_layer_tokens_total",
+            "expertmesh_recoveries_total", "expertmesh_request_failovers_total"} <= read
 
 
 def test_dashboard_structure():
@@ -118,7 +121,9 @@ def test_every_query_is_valid_promql(tmp_path):
         return subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")],
                               capture_output=True, text=True, timeout=60, check=False)
 
-    exprs = [dashboard.expand(e) for _, _, e in dashboard.queries(dashboard.dashboard())]
+    dash = dashboard.dashboard()
+    exprs = [dashboard.expand(e) for _, _, e in dashboard.queries(dash) + dashboard.annotation_queries(dash)]
+    assert len(dashboard.annotation_queries(dash)) == len(dashboard.ANNOTATIONS) == 1
     done = check(exprs)
     assert done.returncode == 0 and f"{len(exprs)} rules found" in done.stdout, done.stdout + done.stderr
     assert check(["sum by (tenant) (rate(x[1m])"]).returncode != 0  # not vacuous: a parse error fails

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 
+import expertmesh as em
 from expertmesh.platform import dashboard
 from tests.e2e.conftest import KEYS
 from tests.e2e.serving import free_port
@@ -147,7 +149,31 @@ def totals(prom: str) -> dict:
     }
 
 
-def test_every_panel_answers_on_a_real_prometheus(server, prometheus, ray_cluster):
+@pytest.fixture
+def recovered(ray_cluster, prometheus, tiny_checkpoint):
+    """A small mesh on the session's cluster whose expert group 1 is killed between two requests
+    (Ray restarts it) once Prometheus has its router's recovery counters at 0: the router
+    recovers (a step retried, group 0 holding the lost group's experts), the dashboard's
+    recoveries. Yields the events the router listed; the mesh lives until the test ends (its
+    figures reach Prometheus while its router lives)."""
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), name="dashrecover", context_shards=1, expert_groups=2)
+    try:
+        want = mesh.generate([5, 17, 42], max_new_tokens=4).token_ids
+        counted = f'{dashboard.metric("expertmesh_recoveries_total")}{{router="dashrecover.router"}}'
+        deadline = time.time() + 30
+        while not query(prometheus, counted):  # increase() sees the first event only after a 0
+            assert time.time() < deadline, "the router's recovery counters did not reach Prometheus at 0"
+            time.sleep(0.5)
+        ray.kill(mesh.groups[1], no_restart=False)
+        assert mesh.generate([5, 17, 42], max_new_tokens=4).token_ids == want  # exact through the recovery
+        events = ray.get(mesh.router.stats.remote())["recoveries"]
+        assert events, "the killed expert group left no recovery event"
+        yield events
+    finally:
+        mesh.shutdown()
+
+
+def test_every_panel_answers_on_a_real_prometheus(server, prometheus, ray_cluster, recovered):
     start = time.time()
     interval_s = ray_cluster._config.metrics_report_interval_ms() / 1000
     assert json.loads(COMMITTED.read_text()) == dashboard.dashboard()  # the committed file is what is checked
@@ -167,6 +193,10 @@ def test_every_panel_answers_on_a_real_prometheus(server, prometheus, ray_cluste
         end = settle(prometheus, time.time(), interval_s, lambda t: all(
             t["requests"].get(n, 0) >= base["requests"][n] + sent[n]["requests"] for n in sent)
             and t["refused"]["tiny"] >= base["refused"]["tiny"] + 1)
+        # the server's context: its tokens and KV on its 3 shards (gauges set every 2 s)
+        memory = dashboard.metric("expertmesh_kv_pool_bytes")
+        settle(prometheus, time.time(), interval_s, lambda t: len(by(
+            prometheus, f'sum by (shard) ({memory}{{mesh="expertmesh", tier="store"}}) > 0', "shard")) == 3)
     finally:
         httpx.delete(f"{server}/v1/contexts/{context['id']}", headers=h("acme"), timeout=60)
 
@@ -229,6 +259,22 @@ def test_every_panel_answers_on_a_real_prometheus(server, prometheus, ray_cluste
                for s in answers["Data-plane connections refused, by reason", "{{router}} {{reason}}"]
                if s["metric"]["router"] == router}
     assert refused == {"handshake": 0, "malformed": 0}, refused
+    # the KV pool: the server's context (4,484 tokens over 3 shards) held in the store tier and read
+    # from memory; the routers see contexts; every MoE layer's balancedness is >= 1
+    pool = {(s["metric"]["shard"], s["metric"]["tier"]): float(s["value"][1])
+            for s in answers["KV cache held, by shard and tier", "{{mesh}} shard {{shard}} {{tier}}"]
+            if s["metric"]["mesh"] == "expertmesh"}
+    assert {sh for (sh, tier), v in pool.items() if tier == "store" and v > 0} == {"0", "1", "2"}, pool
+    budget = series("KV cache held, by shard and tier", "{{mesh}} shard {{shard}} memory budget", "shard")
+    assert all(v > 0 for v in budget.values()) and len(budget) >= 3, budget
+    reads = series("Pages read per second, by tier", "{{tier}}", "tier")
+    assert reads.get("memory", 0) > 0, reads
+    assert series("Contexts and their tokens", "contexts", "")[""] >= 0
+    balance = series("Expert-group balancedness, by router", "{{router}} worst layer", "router")
+    assert balance[router] >= 1 and balance["dashrecover.router"] >= 1, balance
+    # the killed expert group's recovery, by the kinds the router listed
+    kinds = series("Recoveries, by kind", "{{kind}}", "kind")
+    assert {e["kind"] for e in recovered} <= {k for k, v in kinds.items() if v > 0}, (kinds, recovered)
     # the dashboard's variables find their values (Grafana's label_values: the series API)
     r = httpx.get(f"{prometheus}/api/v1/label/tenant/values",
                   params={"match[]": dashboard.metric("expertmesh_requests_total")}, timeout=10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import os
 import time
@@ -25,23 +26,28 @@ from expertmesh.actors.router.long_poll import Snapshot
 from expertmesh.actors.router.placement import Placement
 from expertmesh.actors.router.registration import Registration, check_tokens
 from expertmesh.actors.router.retire import Retiring
+from expertmesh.actors.router.router_metrics import FLUSH_S, RouterMetrics
 from expertmesh.actors.router.shards import Shards
-from expertmesh.actors.router.step_metrics import StepMetrics
 from expertmesh.dataplane.collective import CollectiveExchange
 from expertmesh.dataplane.task import TaskExchange
 from expertmesh.engine.config import EngineConfig
-from expertmesh.engine.engine import Engine
+from expertmesh.engine.engine import Engine, Recovery
 from expertmesh.engine.request import Chunk, Request, Result
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.engine.sequence import Sequence
-from expertmesh.errors import ContextNotFound, DataPlaneError, DeadlineExceeded, Unavailable
+from expertmesh.errors import (
+    ContextNotFound,
+    DataPlaneError,
+    DeadlineExceeded,
+    Unavailable,
+)
 from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
-from expertmesh.model.moe import expert_partition
 from expertmesh.model.grammar import Grammars
-from expertmesh.model.tokenizer import load_tokenizer
+from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams, logprobs_of, sample
+from expertmesh.model.tokenizer import load_tokenizer
 from expertmesh.store.catalog import Catalog
 from expertmesh.store.fingerprint import model_fingerprint
 from expertmesh.store.registry import ContextInfo, ContextRecord
@@ -106,7 +112,8 @@ class Router:
         self._ids = itertools.count()
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
-        self.metrics = StepMetrics(own_name()) if own_name() else None  # Ray metrics: a router actor's only
+        self.metrics = RouterMetrics(own_name()) if own_name() else None  # Ray metrics: a router actor's only
+        self.recoveries: collections.deque[Recovery] = collections.deque(maxlen=100)  # the latest, for stats()
         self.directory.load()  # a store's contexts listed at once (without one: what the shards hold)
         self.directory.start()  # an actor's constructor runs on its event loop: the directory follows from now on
 
@@ -243,7 +250,18 @@ class Router:
                 "data_plane": self.data_plane, **plane,
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
                 "waiting": len(self.scheduler.waiting),
-                "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts)}
+                "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts),
+                "expert_load": self.expert_load(), "recoveries": [dataclasses.asdict(e) for e in self._events()]}
+
+    def expert_load(self) -> dict:
+        """Tokens routed to each expert group per MoE layer since the router started, and each
+        layer's balancedness (max / mean group load; 1.0 is even) and experts' load [layer][expert]."""
+        load = self.engine.group_load()
+        layers = [i for i in range(load.shape[0]) if load[i].sum() > 0]
+        balance = {i: float(load[i].max() / load[i].float().mean()) for i in layers}
+        return {"groups": {i: load[i].tolist() for i in layers}, "balancedness": balance,
+                "max_balancedness": max(balance.values(), default=None),
+                "experts": {i: self.engine.expert_load[i].tolist() for i in layers}}
 
     async def add_shards(self, names: list[str]) -> list[int]:
         """Context shards started for this mesh join it (placement.py); their indices."""
@@ -271,7 +289,10 @@ class Router:
                 self.metrics.queue(len(self.scheduler.waiting), len(self.scheduler.ready) + self.scheduler.in_flight)
             if not batch:
                 self._wake.clear()
-                await self._wake.wait()
+                try:  # idle: the metrics still follow drops, registrations and recoveries
+                    await asyncio.wait_for(self._wake.wait(), FLUSH_S)
+                except asyncio.TimeoutError:
+                    self._observe()
                 continue
             tokens, t0 = sum(len(s.token_ids) - s.num_computed for s in batch), time.perf_counter()
             try:
@@ -286,6 +307,7 @@ class Router:
             self.step_log.append((len(batch), tokens, time.perf_counter() - t0))
             if self.metrics is not None:
                 self.metrics.stepped(self.step_log[-1][2])
+            self._observe()
             for seq, logits in zip(batch, outs):  # sample, emit
                 self._postprocess(seq, logits)
 
@@ -343,6 +365,13 @@ class Router:
         Any other error fails the batch's requests."""
         recoverable = isinstance(exc, (ContextNotFound, ray.exceptions.RayActorError, DataPlaneError))
         lost = await self.directory.drop_lost() if recoverable else {}
+        now = time.time()
+        if recoverable:
+            self.engine.events.append(Recovery("step_retry", f"a step of {len(batch)} requests failed "
+                                                             f"({type(exc).__name__}) and runs again", now))
+        for why in lost.values():
+            self.engine.events.append(Recovery("context_lost", why, now))
+        self._observe(force=True)
         for seq in batch:
             if seq.context_id in lost:
                 self._finish(seq, error=ContextNotFound(lost[seq.context_id]))
@@ -356,6 +385,21 @@ class Router:
                                                     f"({type(exc).__name__}); retry later"))
             else:
                 self._finish(seq, error=exc)
+
+    def _events(self) -> list[Recovery]:
+        """The engine's new recoveries moved onto the router's list (and counted); the latest."""
+        while self.engine.events:
+            event = self.engine.events.popleft()
+            self.recoveries.append(event)
+            if self.metrics is not None:
+                self.metrics.recovered(event)
+        return list(self.recoveries)
+
+    def _observe(self, force: bool = False) -> None:
+        """Recoveries counted now; the expert load and the contexts every FLUSH_S (or now)."""
+        self._events()
+        if self.metrics is not None and (force or self.metrics.due()):
+            self.metrics.flush(self.engine.group_load(), len(self.contexts), sum(self.contexts.shard_tokens()))
 
     async def _run(self, seq: Sequence) -> None:
         """Queue a sequence for the step loop and wait until it finishes."""
