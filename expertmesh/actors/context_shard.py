@@ -148,6 +148,7 @@ class ContextShard(StepWorker):
         self.reads = Counter()  # pages read: "memory" / "store"
         self.calls = 0
         self._page_bytes = 0  # of a page in the pool, K and V (known with the pool)
+        self.host = ray.util.get_node_ip_address() if ray.is_initialized() else "local"
         self._lock = threading.RLock()
         mesh = own_mesh()
         self.metrics = ShardMetrics(self, mesh) if mesh else None  # Ray metrics: a shard actor's only
@@ -439,9 +440,10 @@ class ContextShard(StepWorker):
         return self._next_slot
 
     def pool_usage(self) -> dict:
-        """The KV cache held by tier (bytes), the hot-page budget, context tokens, pages read per tier."""
+        """This shard's host, the KV cache it holds by tier (bytes), its hot-page budget, its context
+        tokens, the pages it read per tier."""
         with self._lock:
-            return {"memory_bytes": (self.table.used if self.table else 0) * self._page_bytes,
+            return {"host": self.host, "memory_bytes": (self.table.used if self.table else 0) * self._page_bytes,
                     "store_bytes": sum(o.file.nbytes for o in self._files.values()),
                     "memory_budget_bytes": self.memory_bytes, "tokens": self.used_tokens(),
                     "pages_read": dict(self.reads)}

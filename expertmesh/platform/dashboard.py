@@ -305,6 +305,22 @@ def expand(expr: str, rate_interval: str = "1m", **values: str) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, expr)
 
 
+def short(expr: str) -> str:
+    """A query as the README shows it: without the cluster and tenant matchers and Grafana's window."""
+    expr = re.sub(r'\{ray_io_cluster=~"\$cluster"(, tenant=~"\$tenant")?\}', "", expr)
+    expr = re.sub(r'\{ray_io_cluster=~"\$cluster", ', "{", expr)
+    return expr.replace("[$__rate_interval]", "[5m]")
+
+
+def readme_table() -> str:
+    """One row per panel with its queries, short (README.md holds it)."""
+    lines = ["| panel | queries |", "|---|---|"]
+    for _, panels in ROWS:
+        for panel in panels:
+            lines.append(f"| {panel.title} | " + "<br>".join(f"`{short(q.expr)}`" for q in panel.queries) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown() -> str:
     """The panels and their queries as a Markdown table (docs/observability.md holds it)."""
     lines = ["| row | panel | legend | query |", "|---|---|---|---|"]

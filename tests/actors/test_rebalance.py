@@ -138,7 +138,9 @@ def test_rebalance_evacuates_a_shard_lost_for_good(ray_cluster, tiny_checkpoint,
         np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=ctx.id), want)  # a stand-in
         stats = mesh.stats()  # a lost shard is reported, not raised
         assert "ActorDiedError" in stats["shards"][1]["unavailable"] and stats["shards"][0]["index"] == 0
-        assert mesh.pool()["shards"][1]["state"] == "DEAD"
+        shards = mesh.pool()["shards"]
+        assert shards[1]["state"] == "DEAD" and "host" not in shards[1]  # a lost shard: nothing to ask
+        assert shards[0]["host"] and shards[0]["store_bytes"] > 0 and shards[0]["memory_budget_bytes"] > 0
         assert any(h and f"{ctx.id}@1" in h for h in held(mesh))
         mesh.add_shards(1)
         res = mesh.rebalance()

@@ -132,3 +132,10 @@ def test_every_query_is_valid_promql(tmp_path):
 def test_docs_list_every_panel_and_query():
     """docs/observability.md holds dashboard.markdown() (the panels' table) as generated."""
     assert dashboard.markdown() in DOC.read_text()
+
+
+def test_readme_names_every_panel_with_its_queries():
+    """README.md holds dashboard.readme_table() (one row per panel, its queries) as generated."""
+    readme = (ROOT / "README.md").read_text()
+    assert dashboard.readme_table() in readme
+    assert all(f"| {p.title} |" in readme for _, panels in dashboard.ROWS for p in panels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -68,6 +69,9 @@ def test_the_page_shows_a_tenants_pathways_and_the_pool_live(app, tmp_path):
             assert "group 0" in request.inner_text() and "shard 0 pages" in request.inner_text()
             expect(page.locator(f'.context[data-id="{ctx["id"]}"]')).to_contain_text("lamp log")
             expect(page.locator(".shard")).to_have_count(2)
+            for shard in page.locator(".shard").all():  # its host, its KV in memory and in the store
+                assert re.search(r"host \d+\.\d+\.\d+\.\d+\s+memory \d+\.\d MiB / [\d.]+ MiB, store \d+\.\d MiB",
+                                 shard.inner_text()), shard.inner_text()
             em.Mesh.attach(MESH).add_shards(1)  # the pool map follows
             expect(page.locator(".shard")).to_have_count(3, timeout=20_000)
             expect(page.locator('.shard[data-index="2"]')).to_have_attribute("data-state", "ALIVE")

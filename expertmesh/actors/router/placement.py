@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
+
+import ray
 
 from expertmesh.actors.names import lookup
 from expertmesh.actors.router.contexts import Contexts
@@ -98,12 +101,18 @@ class Placement:
         await asyncio.to_thread(self.engine.exchange.add_shards, handles)  # after a step in flight
         return self.shards.add(handles)
 
-    def pool(self) -> dict:
-        """Each context shard: Ray's state of its actor and the context tokens it holds."""
+    async def pool(self) -> dict:
+        """Each context shard: Ray's state of its actor, its host, the context tokens it holds and
+        its KV by tier (bytes in its memory pool and its budget, bytes of segment files; a shard
+        that does not answer within USAGE_TIMEOUT_S shows without them); each context's segments."""
         used = self.contexts.shard_tokens()
+        states = [down(h) or "ALIVE" for h in self.shards]
+        usage = await asyncio.gather(*(_usage(h) if st == "ALIVE" else _nothing() for h, st in zip(self.shards, states)))
         records = [r for r in self.contexts.records() if r.ready and not r.dropped]
-        return {"shards": [{"index": i, "state": down(h) or "ALIVE", "tokens": used[i]}
-                           for i, h in enumerate(self.shards)],
+        return {"shards": [{"index": i, "state": st, "tokens": used[i],
+                            **({k: u[k] for k in ("host", "memory_bytes", "memory_budget_bytes", "store_bytes")}
+                               if u else {})}
+                           for i, (st, u) in enumerate(zip(states, usage))],
                 "contexts": len(records),
                 "segments": [{"context_id": r.info.id, "owner": r.info.owner, "visibility": r.info.visibility,
                               "name": r.info.name, "stored": r.info.stored, "num_tokens": r.info.num_tokens,
@@ -160,3 +169,19 @@ class Placement:
         await self.directory.spread()  # the mesh's other routers read it there before the old shard lets go
         self.retiring.moved(record, seg.shard)
         return True
+
+
+USAGE_TIMEOUT_S = 2.0  # a shard's pool usage for the pool map: a busy or lost shard shows without it
+
+
+async def _usage(shard: Any) -> dict | None:
+    if isinstance(shard, ray.actor.ActorHandle):  # (an in-process shard answers at once)
+        try:
+            return await asyncio.wait_for(shard.pool_usage.remote(), USAGE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            return None
+    return shard.pool_usage()
+
+
+async def _nothing() -> None:
+    return None

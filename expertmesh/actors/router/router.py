@@ -267,8 +267,8 @@ class Router:
         """Context shards started for this mesh join it (placement.py); their indices."""
         return await self.placement.add_shards(names)
 
-    def pool(self) -> dict:
-        return self.placement.pool()
+    async def pool(self) -> dict:
+        return await self.placement.pool()
 
     async def rebalance(self) -> dict:
         return await self.placement.rebalance()
