@@ -44,6 +44,7 @@ from expertmesh.dataplane.liveness import RECHECK_S, LeftOut
 from expertmesh.dataplane.plane_metrics import DataPlaneMetrics
 from expertmesh.dataplane.rendezvous import RendezvousStore
 from expertmesh.dataplane.socket_group import Listener, SocketGroup
+from expertmesh.dataplane.step_watch import watch_exchange
 from expertmesh.dataplane.transport import (
     GROUP_TIMEOUT,
     backend_for,
@@ -98,6 +99,9 @@ class CollectiveExchange(ActorExchange):
         self._listener = None  # the socket transport's listening socket
         self._lock = threading.Lock()
         self._held: dict[int, list[torch.Tensor]] = {}  # rank -> messages to go out with its next one (any step)
+        self.member_nodes: dict[int, str] = {}  # rank -> the Ray node its actor runs on (current group)
+        self.step_started: float | None = None  # time.monotonic() the current step began (None between steps)
+        self.watch = watch_exchange(self)  # a member whose host Ray declared dead is cut (step_watch.py)
 
     @property
     def address(self) -> tuple:  # where actors connect (socket transport): (host, port, unix name)
@@ -151,7 +155,8 @@ class CollectiveExchange(ActorExchange):
             else:
                 self._pg, self._store = make_group(self.backend, address, self.generation, 0, world,
                                                    self.join_timeout_s)
-            ray.get(list(refs.values()), timeout=self.join_timeout_s)
+            nodes = ray.get(list(refs.values()), timeout=self.join_timeout_s)
+            self.member_nodes = dict(zip(refs, nodes))
         except Exception as exc:  # noqa: BLE001 - an actor that cannot join: the mesh is unavailable now
             if self._pg is not None:
                 self._pg.abort()
@@ -247,8 +252,10 @@ class CollectiveExchange(ActorExchange):
                 self._form_group()
             if self._metrics is None or self._metrics.stale():  # keep the gauges live while serving
                 self._count()
+            self.step_started = time.monotonic()
             views = start_step(self, plans)
         except BaseException:
+            self.step_started = None
             self._lock.release()
             raise
         self.steps += 1
@@ -256,6 +263,7 @@ class CollectiveExchange(ActorExchange):
 
     def close(self) -> None:
         """Leave the group: after the step in flight, if any (bounded by the step timeout)."""
+        self.watch.close()
         locked = self._lock.acquire(timeout=STEP_TIMEOUT_S)
         try:
             self._drop_group()

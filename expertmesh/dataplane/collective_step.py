@@ -220,6 +220,7 @@ class CollectiveStep(Exchange):
         every micro-batch has ended. On an error the caller runs abort() instead (once)."""
         self.shared.open -= 1
         if self.shared.open == 0:
+            self.ex.step_started = None
             self.ex._lock.release()
         return self._reads
 
@@ -261,5 +262,6 @@ class CollectiveStep(Exchange):
                                       f"{str(exc)[:200]}); it is formed again at the next step")
             return exc
         finally:
+            ex.step_started = None
             ex._lock.release()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import ray
 import torch
 
 from expertmesh.dataplane.collective import STOP, StepAborted
@@ -41,11 +42,12 @@ class StepWorker:
         return self.__dict__.setdefault("_groups_by_router", {})
 
     def join_group(self, address, generation: int, rank: int, world: int, backend: str, timeout_s: float,
-                   key: bytes, limits: WireLimits, router: str = "") -> int:
+                   key: bytes, limits: WireLimits, router: str = "") -> str:
         """Join generation `generation` of router `router`'s process group as `rank` (proving it
         holds the generation's `key`; see collective.make_group) and serve its steps; plans are
         checked against `limits`. Each router of the mesh has its own group and step loop here;
-        a new generation of one router's group replaces only that router's."""
+        a new generation of one router's group replaces only that router's. Returns the Ray node
+        it runs on (the router watches that node while a step waits for this actor: step_watch.py)."""
         address = tuple(address) if backend == "socket" else address
         pg, store = make_group(backend, address, generation, rank, world, timeout_s, key)
         old = self._groups.get(router)
@@ -57,7 +59,7 @@ class StepWorker:
                 pass
         threading.Thread(target=self._serve, args=(pg, generation, limits, router), daemon=True,
                          name=f"expertmesh-steps-{router or 'router'}-g{generation}").start()
-        return rank
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     @torch.no_grad()
     def _serve(self, pg, generation: int, limits: WireLimits, router: str = "") -> None:

@@ -1,10 +1,12 @@
 """A Ray cluster of real hosts on one machine: each host is a Linux network namespace with its
-own address on a private bridge, running its own `ray start` (token authentication on).
+own address on a private bridge, running its own `ray start` (token authentication on; the
+head with the Helm chart's node failure detection).
 
 The bridge lives in a namespace of its own, so the machine's network is never touched; the
 addresses come from 198.18.0.0/15 (RFC 2544's benchmarking range, never routed). Traffic
 between hosts crosses veth pairs and the bridge over TCP, as between pods. Killing a host
-SIGKILLs every process in its namespace, as a preempted node.
+SIGKILLs every process in its namespace, as a preempted node; cutting one takes its bridge port
+down, as a pulled cable (its processes live on, no connection is reset).
 
 `Hosts` is driven from the test process (which cleans up every namespace and process of its
 tag, also when a test fails) and from the driver script run inside the head's namespace
@@ -109,15 +111,24 @@ class Hosts:
         self._ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
         self._ip("-n", ns, "link", "set", "eth0", "up")
         where = ["--head", "--port", "6379", "--include-dashboard=false"] if i == 0 else ["--address", self.head]
+        env = self.env()
+        if i == 0:  # the Helm chart's node failure detection (head.nodeFailureDetection), not Ray's 15-50 s
+            env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="2000",
+                       RAY_health_check_failure_threshold="5")
         temp = self.root / f"h{i}"
         temp.mkdir(parents=True, exist_ok=True)
         cmd = self._cmd("ip", "netns", "exec", ns, RAY, "start", *where, "--node-ip-address", self.address(i),
                         "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--disable-usage-stats",
                         "--object-store-memory", str(200 << 20), "--temp-dir", str(temp))
-        done = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=120)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"ray start on host {i} failed: {done.stderr[-2000:]}")
         return time.monotonic() - t0
+
+    def cut(self, i: int) -> None:
+        """Cut host i's link (its bridge port down): its processes live on and nothing resets a
+        connection, as a pulled cable, a failed switch port or a partition."""
+        self._ip("-n", self.bridge, "link", "set", f"p{i}", "down")
 
     def pids(self, i: int) -> list[int]:
         out = subprocess.run(self._cmd("ip", "netns", "pids", self.name(i)), capture_output=True, text=True)

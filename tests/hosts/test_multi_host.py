@@ -5,7 +5,8 @@ preempted node) while a stream is in flight, with Ray's default node failure det
 
 Hosts: 0 (head): an expert group and Serve; 1, 2: a context shard each; 3: an expert group;
 5: the router. Later: 4 replaces host 1; 6 is a shard host added to the running mesh
-(`add_shards` + `rebalance`); 7 replaces the router's host.
+(`add_shards` + `rebalance`); 7 replaces the router's host; last, a shard host's link is cut
+(its processes alive: the silent loss; no host replaces it).
 Figures go to stdout (`pytest -s`) and, with EXPERTMESH_RESULTS=<file>, to a JSON file
 (benchmarks/results/multi_host.json is made so)."""
 
@@ -173,6 +174,36 @@ w.join(180)
 res["router_on"] = where(mesh.router)
 res["max_abs_diff"] = float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())
 out["router_host_killed"] = res
+# a shard host whose link is cut mid-stream (its processes alive, no connection reset): the step
+# waits until Ray declares the host dead, the router's watch cuts it out, the others serve its segments
+on = [s for s in next(c for c in mesh.pool()["segments"] if c["context_id"] == ctx.id)["segments"]]
+held = sorted({s["shard"] for s in on if actor_state(mesh.shards[s["shard"]]) == "ALIVE"})
+victim = held[0]
+cut_host = int(where(mesh.shards[victim]).rsplit(".", 1)[1]) - 1
+gen = greedy_stream(mesh.router, prompt, ctx.id, 32)
+got = chunk_tokens(ray.get(next(gen)))
+t0 = time.monotonic()
+hosts.cut(cut_host)
+seen = {}
+def watch_state():
+    while time.monotonic() - t0 < 120 and actor_state(mesh.shards[victim]) == "ALIVE":
+        time.sleep(0.1)
+    seen["detected"] = time.monotonic() - t0
+w = threading.Thread(target=watch_state, daemon=True)
+w.start()
+try:
+    for ref in gen:
+        got += chunk_tokens(ray.get(ref))
+    result = "same tokens" if got == tokens else f"other tokens {got}"
+except Exception as exc:
+    result = f"{type(exc).__name__}: {str(exc)[:300]}"
+took = time.monotonic() - t0
+w.join(130)
+st = ray.get(mesh.router.stats.remote())
+out["shard_host_link_cut"] = {"shard": victim, "host": cut_host, "stream": result, "served_again_s": took,
+                              "ray_reported_s": seen.get("detected"), "members_cut": st["members_cut"],
+                              "recoveries": [e["kind"] for e in st["recoveries"]][-4:],
+                              "max_abs_diff": float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())}
 print("RESULT " + json.dumps(out))
 mesh.shutdown()
 '''
@@ -218,3 +249,6 @@ def test_four_hosts_tcp_exact_and_hosts_killed_mid_stream(hosts, tiny_checkpoint
     r = out["router_host_killed"]  # restarted on the replacement host; the request in flight replayed
     assert r["result"] == "same tokens" and r["served_again_s"] < 45 and r["router_on"] == a[7], r
     assert r["max_abs_diff"] <= 1e-5
+    c = out["shard_host_link_cut"]  # nothing reset a connection: Ray's verdict on the host, then the watch
+    assert c["stream"] == "same tokens" and c["members_cut"] >= 1 and c["max_abs_diff"] <= 1e-5, c
+    assert c["ray_reported_s"] < 20 and c["served_again_s"] < c["ray_reported_s"] + 10, c

@@ -243,6 +243,7 @@ class Router:
         groups = getattr(ex, "groups_formed", None)
         plane = {"process_groups_formed": groups, "transport": ex.backend, "generation": ex.generation,
                  "data_plane_refused": ex.refused, "data_plane_malformed": ex.malformed,
+                 "members_cut": ex.watch.cuts,
                  "group_formation_seconds": ex.formation_s,
                  "data_plane_address": list(ex.address)} if groups is not None else {}
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
