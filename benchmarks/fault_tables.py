@@ -45,6 +45,14 @@ def multi_host() -> str:
               f"alive after {_s(k['ray_reported_s'])}; it restarted on the new host ({k['router_on']}) and the "
               f"request, run again, finished {_s(k['served_again_s'])} after the kill: {k['result']} (max abs "
               f"logit diff after {k['max_abs_diff']:.1e})."]
+    c = r.get("shard_host_link_cut")
+    if c:
+        lines += ["", f"A shard host's link cut mid-stream (its bridge port down: its processes alive, no connection "
+                  f"reset; no host to replace it): Ray declared the host dead after {_s(c['ray_reported_s'])} (the "
+                  f"chart's detection); the router's step watch cut the stalled member then, the other shards took "
+                  f"its segments from the store, and the stream went on: {c['stream']}, served again "
+                  f"{_s(c['served_again_s'])} after the cut (max abs logit diff after {c['max_abs_diff']:.1e}; "
+                  f"before the watch, the step waited out its 120 s timeout and failed)."]
     return "\n".join(lines)
 
 

@@ -113,7 +113,9 @@ def headline() -> str:
         "A host lost mid-stream",
         f"context shard's host SIGKILLed: the stream served again after {_s(h['served_again_s'])}, {h['stream']} "
         f"(Ray declared it dead after {_s(h['ray_reported_s'])}); expert group's host: "
-        f"{_s(hosts['expert_host_killed']['served_again_s'])}",
+        f"{_s(hosts['expert_host_killed']['served_again_s'])}; a shard host's link cut (nothing reset): "
+        f"{_s(hosts['shard_host_link_cut']['served_again_s'])}, {hosts['shard_host_link_cut']['stream']} (Ray's "
+        f"verdict {_s(hosts['shard_host_link_cut']['ray_reported_s'])}, the chart's detection)",
         "tiny Mixtral with a store; five hosts as Linux network namespaces on one 2-core CPU VM",
         "[faults](docs/faults.md#on-real-hosts)"))
 

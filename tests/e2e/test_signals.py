@@ -6,6 +6,7 @@ The server starts its own local Ray cluster here (no --address), in its own proc
 the signal reaches exactly what a terminal's would.
 """
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -52,8 +53,17 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_to_the_process_group_drains_and_exits(sig, tmp_path):
+def test_signal_to_the_process_group_drains_and_exits(tmp_path):
+    """SIGINT (a terminal's Ctrl-C) to one server, SIGTERM (a container runtime's stop) to
+    another, both at once (each on its own cluster: the two cost about one server's start)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(drain_and_exit, sig, tmp_path / sig.name) for sig in (signal.SIGINT, signal.SIGTERM)]
+        for run in runs:
+            run.result()
+
+
+def drain_and_exit(sig: signal.Signals, tmp_path: Path) -> None:
+    tmp_path.mkdir()
     port = free_port()
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
