@@ -7,8 +7,9 @@ gives up on it. How fast Ray notices a lost host is Ray's node health check (the
 `head.nodeFailureDetection`); a lost process is noticed at once.
 
 Actors the router leaves out of the data plane because Ray does not report them alive come
-back in when Ray does (`RECHECK_S`). In-process objects (tests, the single-process mesh) are
-always alive.
+back in when Ray does (`RECHECK_S`). While the control store cannot be asked (the head
+restarting), Ray's last answer about each actor stands; one it never answered for is UNKNOWN,
+which is never alive. In-process objects (tests, the single-process mesh) are always alive.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import ray
 
 ALIVE = "ALIVE"
-UNKNOWN = "UNKNOWN"  # Ray could not be asked: treated as alive (the caller waits as before)
+UNKNOWN = "UNKNOWN"  # Ray could not be asked and never answered for this actor: never counted alive
 RECHECK_S = 1.0  # while an actor is left out, how often the router asks whether it is back
 RETRY_S = 30.0  # one left out while Ray called it alive is tried again after this long
 
@@ -36,11 +37,20 @@ def actor_info(handle: Any) -> tuple[str, int]:
     or UNKNOWN) and how many times Ray has restarted it."""
     if not isinstance(handle, ray.actor.ActorHandle):
         return ALIVE, 0
+    key = handle._actor_id.hex()
     try:
         row = actor_row(handle)
-        return row.get("State") or UNKNOWN, int(row.get("NumRestarts") or 0)
-    except Exception:  # noqa: BLE001 - a control store that does not answer: say nothing new
-        return UNKNOWN, 0
+        info = (row.get("State") or UNKNOWN, int(row.get("NumRestarts") or 0))
+    except Exception:  # noqa: BLE001 - a control store that does not answer: what it said last
+        return _last.get(key, (UNKNOWN, 0))
+    if info[0] != UNKNOWN:
+        _last[key] = info
+    return info
+
+
+# Ray's last answer per actor: while the control store cannot be asked (the head restarting),
+# members stay members and the left-out stay out; an actor Ray never answered for is UNKNOWN.
+_last: dict[str, tuple[str, int]] = {}
 
 
 def actor_state(handle: Any) -> str:
@@ -53,14 +63,15 @@ def back(handle: Any, when_left: tuple[str, int, float]) -> bool:
     unreachable and not yet declared dead) is back once Ray has restarted it, not while Ray
     still reports the old one (or, in case the failure was passing, after RETRY_S)."""
     state, restarts = actor_info(handle)
-    return state in (ALIVE, UNKNOWN) and (when_left[0] not in (ALIVE, UNKNOWN) or restarts > when_left[1]
-                                           or time.monotonic() - when_left[2] > RETRY_S)
+    return state == ALIVE and (when_left[0] != ALIVE or restarts > when_left[1]
+                               or time.monotonic() - when_left[2] > RETRY_S)
 
 
 def down(handle: Any) -> str | None:
-    """None if the actor can serve (or Ray cannot tell); else its state."""
+    """None if Ray reports the actor alive (now, or last time it could be asked); else its state
+    (UNKNOWN: Ray never answered for it)."""
     s = actor_state(handle)
-    return None if s in (ALIVE, UNKNOWN) else s
+    return None if s == ALIVE else s
 
 
 class LeftOut:
@@ -75,7 +86,7 @@ class LeftOut:
         for i in [i for i, when in self.since.items() if back(handles[i], when)]:
             del self.since[i]
         for i, h in enumerate(handles):
-            if i not in self.since and (info := actor_info(h))[0] not in (ALIVE, UNKNOWN):
+            if i not in self.since and (info := actor_info(h))[0] != ALIVE:
                 self.since[i] = (*info, time.monotonic())
         return self.why()
 
@@ -83,7 +94,7 @@ class LeftOut:
         self.since[i] = (*actor_info(handle), time.monotonic())
 
     def why(self) -> dict[int, str]:
-        return {i: "UNREACHABLE" if s in (ALIVE, UNKNOWN) else s for i, (s, _, _) in self.since.items()}
+        return {i: "UNREACHABLE" if s == ALIVE else s for i, (s, _, _) in self.since.items()}
 
     def any_back(self, handles: list[Any]) -> bool:
         return any(back(handles[i], when) for i, when in self.since.items())

@@ -1,14 +1,15 @@
 """A request's tokens from the router, as text deltas: stop strings, and failover when the
 router dies under it (RouterSet).
 
-A request whose router dies under it runs again on another router (or on the same one once Ray
-has restarted it); tokens already sent are skipped, so it goes on where it was when its tokens
+A request whose router dies under it, or sends nothing for CHUNK_TIMEOUT_S (its host cut off),
+runs again on another router (or on the same one once Ray has restarted it); tokens already sent are skipped, so it goes on where it was when its tokens
 are reproducible (greedy or seeded: the Serve app seeds every sampled request that has no seed),
 and is a 503 otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,11 @@ from expertmesh.engine.request import Request, Result
 from expertmesh.pipelines.admission import Admission
 from expertmesh.pipelines.api_errors import ApiError, _unavailable, api_error
 from expertmesh.pipelines.detokenize import TextStream
-from expertmesh.platform.router_set import RouterSet
+from expertmesh.platform.router_set import CHUNK_TIMEOUT_S, RouterSet
+
+
+class RouterSilent(Exception):
+    """A router sent nothing for CHUNK_TIMEOUT_S: the stream goes on elsewhere, as if it had died."""
 
 
 async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics: Any, admission: Admission,
@@ -43,7 +48,14 @@ async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics
                 with routers.busy(i) as router:  # counted while it streams: who is least busy
                     this = dataclasses.replace(req, request_id=f"{req.request_id}-{attempt}") if attempt else req
                     gen = router.stream.options(num_returns="streaming").remote(this)
-                    async for ref in gen:
+                    while True:  # each next tokens within CHUNK_TIMEOUT_S, or the router counts as lost
+                        try:
+                            ref = await asyncio.wait_for(gen.__anext__(), CHUNK_TIMEOUT_S)
+                        except StopAsyncIteration:
+                            break
+                        except asyncio.TimeoutError:
+                            ray.cancel(gen)
+                            raise RouterSilent(routers.name(i)) from None
                         item = await ref
                         if isinstance(item, Result):
                             result = item
@@ -71,7 +83,7 @@ async def stream(routers: RouterSet, decode: Callable[[list[int]], str], metrics
                         if delta or lps:
                             yield delta, (lps[:pushed] if lps else None), None
                 break
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, RouterSilent):
                 if sent and not replayable:
                     raise _unavailable("the router restarted under this request; retry it") from None
                 attempt += 1

@@ -47,7 +47,7 @@ from expertmesh.pipelines.router_requests import RouterRequests
 from expertmesh.pipelines.recent import RecentRequests
 from expertmesh.pipelines.serve_settings import ServeSettings
 from expertmesh.pipelines.tenant_limits import TenantLimits
-from expertmesh.platform.router_set import RouterSet
+from expertmesh.platform.router_set import RouterSet, call_timeout, no_answer
 from expertmesh.platform.tenancy import ANONYMOUS, Tenants, load_tenants
 
 RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router before 503
@@ -145,10 +145,15 @@ class ExpertMeshServer:
         the mesh's other routers, then on the first once it is back (RouterSet's failover). The
         mesh's errors become API errors (404, 400, 413, 503 with Retry-After)."""
         try:
+            timeout_s = call_timeout(method, args)
             async for i in self.routers.attempts_async(RECOVER_TIMEOUT_S):
                 try:
                     with self.routers.busy(i) as router:
-                        return await getattr(router, method).remote(*args)
+                        ref = getattr(router, method).remote(*args)
+                        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+                except asyncio.TimeoutError:
+                    ray.cancel(ref)
+                    raise no_answer(self.routers.name(i), method, timeout_s) from None
                 except ray.exceptions.RayActorError:
                     continue
             raise _unavailable("every router this request ran on failed under it; retry shortly")

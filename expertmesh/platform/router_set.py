@@ -6,7 +6,8 @@ or to the one a caller pins (`router=i`: tests, debugging). A router that dies u
 reports alive, least busy first (same tokens when greedy or seeded); only when every router
 failed under it does the call wait for its first router to come back (Ray restarts it), within
 a bound, and run there once more. `attempts` (driver threads: `RouterSet.call`, `Mesh`) and
-`attempts_async` (Serve's replicas, over calls and streams) are that one policy.
+`attempts_async` (Serve's replicas, over calls and streams) are that one policy. Every call has
+a deadline (`call_timeout`): a router that does not answer in time is Unavailable to the caller.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ from expertmesh.dataplane.liveness import down
 from expertmesh.errors import Unavailable
 
 RECOVER_TIMEOUT_S = 60.0  # how long a call waits for a restarting router before it gives up
+# Every call to a router has a deadline, so that a router that cannot answer (its host cut off
+# before Ray declares it dead, a control store down) never holds its caller for good:
+CALL_TIMEOUT_S = 60.0  # a control call (contexts, pool, stats, a drop)
+WORK_TIMEOUT_S = 3600.0  # a registration, a rebalance, or a request without a deadline of its own
+GRACE_S = 10.0  # past a request's own deadline (the router answers DeadlineExceeded by then)
+CHUNK_TIMEOUT_S = 150.0  # a stream's next tokens (a step is bounded by 120 s): past it, the router is lost
+WORK = ("register_context", "rebalance", "add_shards", "generate", "forward_logits", "stream")
+
+
+def call_timeout(method: str, args: tuple) -> float:
+    """How long a caller waits for a router's answer to `method(*args)`."""
+    if method not in WORK:
+        return CALL_TIMEOUT_S
+    left = args[0].seconds_left() if args and hasattr(args[0], "seconds_left") else None
+    return WORK_TIMEOUT_S if left is None else max(0.0, left) + GRACE_S
+
+
+def no_answer(router: str, method: str, timeout_s: float) -> Unavailable:
+    return Unavailable(f"{router} did not answer {method} within {timeout_s:g} s (its host unreachable, or the "
+                       "cluster's control store down); retry later")
 
 
 def wait_until_back(actor, what: str, timeout_s: float) -> float:
@@ -121,10 +142,15 @@ class RouterSet:
 
     def call(self, method: str, *args: Any, pin: int | None = None) -> Any:
         """Run a router method (see the module docstring for which router and what on failure)."""
+        timeout_s = call_timeout(method, args)
         for i in self.attempts(pin):
             try:
                 with self.busy(i) as router:
-                    return ray.get(getattr(router, method).remote(*args))
+                    ref = getattr(router, method).remote(*args)
+                    return ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                ray.cancel(ref)
+                raise no_answer(self.name(i), method, timeout_s) from None
             except ray.exceptions.RayActorError as exc:
                 failure = exc
         raise Unavailable(f"every router the call ran on failed under it ({failure.__class__.__name__}); "

@@ -149,3 +149,28 @@ def test_a_dead_actor_fails_requests_at_once_naming_it(ray_cluster, tiny_checkpo
             m.register_context(list(range(4, 100)), shards=2)
     finally:
         m.shutdown()
+
+
+def test_a_frozen_router_fails_its_callers_in_bounded_time(mesh, monkeypatch):
+    """A router that cannot answer (SIGSTOP: a frozen VM; Ray still reports it alive) fails a
+    driver's control call and request within their deadlines, not never; thawed, it serves on."""
+    import os
+    import signal
+
+    from expertmesh.platform import router_set
+
+    want = mesh.generate(PROMPT, max_new_tokens=8).token_ids
+    pid = ray.get(mesh.router.__ray_call__.remote(lambda self: os.getpid()))
+    monkeypatch.setattr(router_set, "CALL_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(router_set, "WORK_TIMEOUT_S", 3.0)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(em.Unavailable, match="did not answer list_contexts within 2 s"):
+            mesh.contexts()
+        with pytest.raises(em.Unavailable, match="did not answer generate within 3 s"):
+            mesh.generate(PROMPT, max_new_tokens=8)
+        assert time.monotonic() - t0 < 10
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert mesh.generate(PROMPT, max_new_tokens=8).token_ids == want
