@@ -86,6 +86,35 @@ def test_requests_spread_over_routers_and_fail_over_when_one_dies(ray_cluster, t
         mesh.shutdown()
 
 
+def test_a_drop_through_one_router_lets_another_finish_its_streams(ray_cluster, tiny_checkpoint):
+    """No store (a drop deletes the pages): a context dropped through router 0 while router 1
+    streams over it, then the reverse. Each stream finishes with its tokens (the drop fences
+    every router's running requests); new requests are refused at once; the shards let the
+    segments go once the streams end."""
+    from tests.faults import chunk_tokens, greedy_stream
+
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=2, expert_groups=2, page_size=16, routers=2)
+    try:
+        for streaming, dropping in ((1, 0), (0, 1)):
+            ctx = mesh.register_context(ids(200, 5 + streaming), mode="exact")
+            want = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=40, router=streaming).token_ids
+            gen = greedy_stream(mesh.routers[streaming], PROMPT, ctx.id, 40)
+            got = chunk_tokens(ray.get(next(gen)))
+            mesh.drop_context(ctx.id, router=dropping)
+            for r in (0, 1):  # refused by both once the drop returned
+                with pytest.raises(ContextNotFound, match="dropped"):
+                    mesh.forward_logits(PROMPT, context_id=ctx.id, router=r)
+            for ref in gen:
+                got += chunk_tokens(ray.get(ref))
+            assert got == want, (streaming, dropping)
+            deadline = time.monotonic() + 30  # then the segments go
+            while any(ctx.id in ray.get(s.contexts.remote()) for s in mesh.shards):
+                assert time.monotonic() < deadline, "the dropped context's segments stayed on the shards"
+                time.sleep(0.2)
+    finally:
+        mesh.shutdown()
+
+
 def test_calls_go_to_the_least_busy_router_ties_in_turn():
     from expertmesh.platform.router_set import RouterSet
 

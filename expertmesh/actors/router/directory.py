@@ -45,6 +45,8 @@ from expertmesh.store.registry import ContextInfo, ContextRecord, Segment
 
 log = logging.getLogger("expertmesh.directory")
 TELL_TIMEOUT_S = 5.0  # a change waits this long at most for the mesh's other routers to take it up
+FENCE_TIMEOUT_S = 3600.0  # a dropped context's segments wait this long at most for other routers' requests
+FENCE_POLL_S = 0.2
 FOLLOW_RETRY_S = (0.05, 2.0)  # a router that cannot be asked is asked again after this, doubling
 HELD_TIMEOUT_S = 10.0  # the shards' own description of what they hold (no store)
 
@@ -107,6 +109,26 @@ class Directory:
         if late:
             log.warning("context directory: routers %s did not take up change %d within %.0f s",
                         late, self.contexts.published.id, TELL_TIMEOUT_S)
+
+    async def quiet(self, context_id: str) -> list[str]:
+        """Wait until no other router of the mesh (of those Ray reports alive) runs a request over
+        `context_id` (they refuse new ones once `spread` returned): a dropped context's segments
+        go only then (the fence of a drop). At most FENCE_TIMEOUT_S; the routers still busy then."""
+        if not self.siblings:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FENCE_TIMEOUT_S
+        busy = await asyncio.to_thread(lambda: [n for n, h in list(self._handles.items()) if not down(h)])
+        while busy and loop.time() < deadline:
+            counts = await asyncio.gather(*(call(self._handles[n], "running_over", context_id) for n in busy),
+                                          return_exceptions=True)
+            busy = [n for n, c in zip(busy, counts) if isinstance(c, int) and c > 0]  # a lost router runs nothing
+            if busy:
+                await asyncio.sleep(FENCE_POLL_S)
+        if busy:
+            log.warning("context directory: routers %s still ran requests over dropped context %s after %.0f s",
+                        busy, context_id, FENCE_TIMEOUT_S)
+        return busy
 
     async def _follow(self, name: str) -> None:
         """Ask router `name` what changed since the snapshot held, apply it, ask again."""

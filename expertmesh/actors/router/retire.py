@@ -1,7 +1,8 @@
 """How segments leave the shards, once no request reads them there.
 
-- a dropped context (contexts.py `drop`): when the last request over it ends (or at once when
-  none runs), its shards and any shard standing in for one let its segments go, and the store
+- a dropped context (contexts.py `drop`): when the last request over it ends, on this router
+  and on the mesh's others (`quiet`: a drop fences every router's running requests, store or
+  not), or at once when none runs, its shards and any shard standing in for one let its segments go, and the store
   deletes its files unless another context of any mesh names them (catalog.py `release`);
 - a moved segment (placement.py, or a move learned from another router or mesh): once the
   requests begun before the move have ended, its old shard (and any stand-in for it) lets it
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from expertmesh.actors.router.shards import Shards
 from expertmesh.engine.engine import Engine
@@ -29,13 +30,34 @@ class Retiring:
         """in_flight(): the router's requests now (admitted, running or streaming)."""
         self.shards, self.engine, self.catalog, self.in_flight = shards, engine, catalog, in_flight
         self.busy: dict[str, set[int]] = {}  # context id -> shards letting go of a moved segment
+        # quiet(context id): awaits the mesh's other routers running no request over it (directory.py);
+        # None: this router is the mesh's only one
+        self.quiet: Callable[[str], Awaitable] | None = None
+        self._fencing: set[str] = set()  # dropped contexts waiting for the other routers
         self._tasks: set[asyncio.Task] = set()
 
     async def dropped(self, record: ContextRecord) -> None:
-        """A dropped context's segments go, if no request reads it (else the last one to end calls
-        this again: `Router._run`)."""
+        """A dropped context's segments go, if no request of this router reads it (else the last
+        one to end calls this again: `Router._run`) and, where the mesh has other routers, once
+        none of theirs does either (`quiet`, in the background: nobody waits on it)."""
         if not record.dropped or record.active > 0:
             return
+        if self.quiet is None:
+            return await self._let_go_dropped(record)
+        cid = record.info.id
+        if cid in self._fencing:
+            return
+        self._fencing.add(cid)
+
+        async def fenced() -> None:
+            try:
+                await self.quiet(cid)
+                await self._let_go_dropped(record)
+            finally:
+                self._fencing.discard(cid)
+        self._spawn(fenced())
+
+    async def _let_go_dropped(self, record: ContextRecord) -> None:
         cid = record.info.id
         await self.shards.drop([(s.shard, cid) for s in record.segments] + self.engine.forget(cid))
         if self.catalog is not None:

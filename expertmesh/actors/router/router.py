@@ -104,6 +104,8 @@ class Router:
         self.retiring = Retiring(self.shards, self.engine, self.catalog, lambda: list(self._by_id.values()))
         self.registration = Registration(self.cfg, spec, self.contexts, self.shards, self.catalog, self._run)
         self.directory = Directory(self.contexts, self.shards, self.catalog, self.retiring, own_name(), spec.routers)
+        if self.directory.siblings:
+            self.retiring.quiet = self.directory.quiet  # a drop fences every router's requests
         self.placement = Placement(self.contexts, self.shards, self.engine, self.catalog, self.retiring,
                                    self.directory)
         self.scheduler = Scheduler(max_batch_tokens=spec.max_batch_tokens, lanes=lanes)
@@ -144,14 +146,19 @@ class Router:
 
     async def drop_context(self, context_id: str) -> None:
         """Refused here at once, by every router of the mesh once this returns, by every mesh on
-        the store at its next read; the segments go once no request reads them."""
+        the store at its next read; the segments go once no request reads them, on any router of
+        the mesh (requests running over it when it was dropped finish, store or not)."""
         self._record(context_id)
         record = self.contexts.drop(context_id, f"context {context_id!r} was dropped",
                                     told=f"context {context_id!r} was dropped (through another router)")
         if self.catalog is not None:  # tombstone + manifest first: gone for every mesh even if a delete fails
             self.catalog.withdraw(context_id)
         await self.directory.spread()
-        await self.retiring.dropped(record)
+        await self.retiring.dropped(record)  # with other routers: once their requests over it end too
+
+    def running_over(self, context_id: str) -> int:
+        """Requests this router runs (admitted, running or streaming) over a context."""
+        return sum(1 for seq in list(self._by_id.values()) if seq.context_id == context_id)
 
     def list_contexts(self) -> list[ContextInfo]:
         return self.directory.listing()
