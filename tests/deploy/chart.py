@@ -36,6 +36,9 @@ SMALL = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memo
 CASES: dict[str, dict] = {
     "defaults": {},
     "ray-node-failure-detection": {"head": {"nodeFailureDetection": None}},
+    "gcs-fault-tolerance": {"head": {"gcsFaultTolerance": {
+        "enabled": True, "redisAddress": "redis.ray.svc:6379", "redisPasswordSecret": {"name": "redis", "key": "pw"},
+        "externalStorageNamespace": "expertmesh"}}},
     "routers": {"serve": {"routers": 2, "microBatches": 2}},
     "gpu": {
         "serve": {"checkpoint": "s3://models/mixtral-8x7b", "contextShards": 8, "expertGroups": 4,

@@ -292,6 +292,23 @@ def test_node_failure_detection_can_be_left_to_ray(chart):
         assert "env" not in tpl["spec"]["containers"][0], name
 
 
+def test_gcs_fault_tolerance_keeps_the_serving_clusters_gcs_in_redis(chart):
+    _, docs = render(chart, "defaults")
+    assert "gcsFaultToleranceOptions" not in of_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    _, docs = render(chart, "gcs-fault-tolerance")
+    ft = of_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft == {"redisAddress": "redis.ray.svc:6379", "externalStorageNamespace": "expertmesh",
+                  "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis", "key": "pw"}}}}
+    values = {"head": {"gcsFaultTolerance": {"enabled": True}}, "jobs": CASES["jobs"]["jobs"]}
+    with pytest.raises(helm.HelmRenderError, match=r"head.gcsFaultTolerance.redisAddress: the Redis"):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    values["head"]["gcsFaultTolerance"]["redisAddress"] = "redis:6379"  # a job's short-lived cluster: none
+    docs = [d for d in yaml.safe_load_all(chart.render(values, name=RELEASE, namespace=NAMESPACE)
+                                          .get("expertmesh/templates/rayjob-train.yaml", "")) if d]
+    (job,) = of_kind(docs, "RayJob")
+    assert "gcsFaultToleranceOptions" not in job["spec"]["rayClusterSpec"]
+
+
 # -- jobs -------------------------------------------------------------------------------------
 def test_jobs_disabled_by_default(chart):
     for case in ("defaults", "jobs-off"):

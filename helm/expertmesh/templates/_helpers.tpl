@@ -243,6 +243,21 @@ authOptions:
   {{- end }}
 {{- end }}
 enableInTreeAutoscaling: {{ $v.autoscaling.enabled }}
+{{- if and (eq .component "serve") $v.head.gcsFaultTolerance.enabled }}
+{{- $ft := $v.head.gcsFaultTolerance }}
+gcsFaultToleranceOptions:
+  redisAddress: {{ required "head.gcsFaultTolerance.redisAddress: the Redis (host:port) is needed when gcsFaultTolerance is enabled" $ft.redisAddress | quote }}
+  {{- with $ft.redisPasswordSecret }}
+  redisPassword:
+    valueFrom:
+      secretKeyRef:
+        name: {{ .name }}
+        key: {{ .key }}
+  {{- end }}
+  {{- with $ft.externalStorageNamespace }}
+  externalStorageNamespace: {{ . | quote }}
+  {{- end }}
+{{- end }}
 {{- if $v.autoscaling.enabled }}
 autoscalerOptions:
   upscalingMode: {{ $v.autoscaling.upscalingMode }}
