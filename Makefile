@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # CI and developer machines); GPU machines get the default (CUDA) build.
 TORCH  ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 
-.PHONY: setup demo demo-real test test-fast bench bench-train bench-store-10m eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
+.PHONY: setup demo demo-real test test-fast bench bench-soak bench-train bench-store-10m eval eval-realtext eval-realtext-quick data-text data-demo-v2 \
         train-demo-model train-demo-model-v2 train-demo-model-cpu clean
 
 setup: $(VENV)/.ready
@@ -28,11 +28,18 @@ demo: setup
 demo-real: setup
 	$(PY) -m expertmesh.cli demo --real
 
+# two pytest workers (pytest-xdist), a module per worker at a time, the longest first (tests/conftest.py);
+# each worker has its own Ray cluster. PYTEST_WORKERS=0: one process, one cluster.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests/model
+
+# the chaos soak: streaming clients through faults on a cluster of network-namespace hosts (root; --minutes)
+bench-soak: setup
+	$(PY) benchmarks/bench_soak.py --minutes 10
 
 # every benchmark (~15 min here), then the tables of README.md and docs/ from their results files
 bench: setup

@@ -1,6 +1,7 @@
 """The fault tables: hosts lost and added (multi_host.json: docs/faults.md), a shard lost under a
 1M-token context (elastic.json), several routers (routers.json), micro-batch ping-pong
-(micro_batches.json) and two meshes on one store (shared_store.json: docs/benchmarks.md)."""
+(micro_batches.json) and two meshes on one store (shared_store.json: docs/benchmarks.md); the chaos
+soak (soak.json: docs/faults.md)."""
 
 from __future__ import annotations
 
@@ -137,4 +138,23 @@ def micro_batches() -> str:
               f"{r['statistic']} of {r['repeats']}; {r['machine']}, 1-minute load average {r['loadavg'][0]:.1f} "
               f"after the run. With 2 micro-batches the waits are both halves' and include a half waiting for "
               f"its turn while the other's exchange is out."]
+    return "\n".join(lines)
+
+
+def soak() -> str:
+    r = _load("soak.json")
+    gib = 2 ** 30
+    lines = [f"{r['minutes']:g} minutes, {r['clients']} clients streaming back to back over a shared context "
+             f"(greedy, seeded, unseeded in turn), a fault every {r['every_s']:g} s; {r['machine']}, {r['date']}:", "",
+             "| requests | answered right | refused before their first token | cut mid-stream | wrong | longest gap "
+             "between tokens | memory of the mesh's processes, start -> end | actor processes left after shutdown |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {r['requests']} | {r['right']} | {r['refused']} | {r['cut']} | {r['wrong']} | "
+             f"{_s(r['longest_gap_s'])} | {r['memory_start_bytes'] / gib:.2f} -> {r['memory_end_bytes'] / gib:.2f} "
+             f"GiB | {len(r['left_after_shutdown']) or 'none'} |", "",
+             "| fault | at | back after | what |", "|---|---|---|---|"]
+    for f in r["faults"]:
+        what = f.get("error") or ", ".join(f"{k} {v}" for k, v in f.items()
+                                           if k not in ("fault", "at_s", "took_s", "error"))
+        lines.append(f"| {f['fault']} | {f['at_s']:.0f} s | {_s(f['took_s'])} | {what} |")
     return "\n".join(lines)

@@ -160,7 +160,7 @@ def recovered(ray_cluster, prometheus, tiny_checkpoint):
     try:
         want = mesh.generate([5, 17, 42], max_new_tokens=4).token_ids
         counted = f'{dashboard.metric("expertmesh_recoveries_total")}{{router="dashrecover.router"}}'
-        deadline = time.time() + 30
+        deadline = time.time() + 90  # an export interval and a scrape; more on a loaded machine
         while not query(prometheus, counted):  # increase() sees the first event only after a 0
             assert time.time() < deadline, "the router's recovery counters did not reach Prometheus at 0"
             time.sleep(0.5)

@@ -168,23 +168,33 @@ def test_full_server_queue_gives_503(server):
 
 
 def test_metrics_reach_rays_metrics_system(server, ray_cluster):
-    """The documented metric names, as exported by the node's metrics agent (Prometheus text)."""
+    """The documented metric names (docs/observability.md's table), as exported by the node's
+    metrics agent (Prometheus text)."""
     import re
     import time
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    names = set(re.findall(r"`(expertmesh_[a-z_]+)`", readme))
-    assert len(names) >= 8, names
-    client(server).completions.create(model="expertmesh", prompt="metrics", max_tokens=3)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    names = {n for line in doc.splitlines() if line.startswith("| `expertmesh_")
+             for n in re.findall(r"`(expertmesh_[a-z_]+)`", line.split("|")[1])}
+    assert len(names) >= 20, names
+    # what every metric counts: a context (its KV, its pages read, the shards visited), a refusal
+    ctx = httpx.post(f"{server}/v1/contexts", headers=h("acme"), timeout=120,
+                     json={"text": "The metrics are counted here. " * 40, "name": "metrics"}).json()["id"]
+    refused = httpx.post(f"{server}/v1/completions", headers=h("tiny"), timeout=60,
+                         json={"model": "expertmesh", "prompt": "y" * 700, "max_tokens": 1})
+    assert refused.status_code == 429
+    client(server).completions.create(model="expertmesh", prompt="metrics", max_tokens=3, extra_body={"context_id": ctx})
     (node,) = [n for n in ray_cluster.nodes() if n["Alive"]]
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     deadline, missing = time.time() + 60, names
     while time.time() < deadline:  # gauges are live values: Ray drops one not refreshed for two intervals
-        client(server).completions.create(model="expertmesh", prompt="metrics", max_tokens=2)
+        client(server).completions.create(model="expertmesh", prompt="metrics", max_tokens=2,
+                                          extra_body={"context_id": ctx})
         text = httpx.get(url, timeout=10).text
         missing = {n for n in names if not re.search(rf"^ray_{n}(_bucket|_sum|_count|_total)?{{", text, re.M)}
         if not missing:
             break
         time.sleep(3)
+    httpx.delete(f"{server}/v1/contexts/{ctx}", headers=h("acme"), timeout=60)
     assert not missing, f"not exported at {url}: {sorted(missing)}"
