@@ -137,8 +137,8 @@ LONGEST_FIRST = ("tests/hosts/", "tests/e2e/test_jobs.py", "tests/pipelines/test
 
 
 def pytest_collection_modifyitems(session, config, items):
-    if not getattr(config.option, "numprocesses", None):
-        return
+    if not (os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None)):
+        return  # (the workers collect; the controller hands their modules out in this order)
     def rank(item) -> int:
         path = item.nodeid.split("::")[0]
         return next((i for i, p in enumerate(LONGEST_FIRST) if path.startswith(p)), len(LONGEST_FIRST))
