@@ -16,8 +16,9 @@ expert group, a Serve replica's loss.
 
 Report: requests answered right, refused before their first token (429/503), cut mid-stream
 (target 0), wrong (greedy and seeded answers against the same request before any fault; target
-0), the longest gap between two tokens a client saw, the mesh's processes' memory at the start
-and the end, and the mesh's actor processes left after shutdown (target none).
+0), the longest gap between two tokens a client saw, the resident memory of the mesh's and its
+Serve app's actor processes at the start and the end (hosts lost meanwhile left out, replacements
+in), and those processes left after shutdown (target none).
 
 Writes benchmarks/results/soak.json.
 
@@ -41,7 +42,7 @@ from pathlib import Path
 import httpx
 import ray
 import expertmesh as em
-from expertmesh.dataplane.liveness import actor_state
+from expertmesh.dataplane.liveness import actor_info, actor_state
 from tests.hosts.netns import Hosts
 
 hosts = Hosts.attach()
@@ -78,14 +79,17 @@ def rss(pids):
             pass
     return total
 gone = set()  # hosts cut off or killed: what still runs there is not the mesh's any more
-def mesh_pids():
+ROLES = (b"ray::ContextShard", b"ray::ExpertGroup", b"ray::Router", b"ray::ServeReplica", b"ray::ProxyActor",
+         b"ray::ServeController", b"ray::TenantLimits")
+def mesh_pids(roles=ROLES):
+    """The mesh's and its Serve app's actor processes on the hosts still in the cluster."""
     out = []
     for i in range(64):
         if i in gone:
             continue
         for pid in hosts.pids(i):
             try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(roles):
                     out.append(pid)
             except OSError:
                 pass
@@ -146,6 +150,14 @@ def wait_alive(handle, timeout_s=120):
     while actor_state(handle) != "ALIVE" and time.monotonic() < deadline:
         time.sleep(0.2)
     return actor_state(handle)
+def kill_and_wait(handle, timeout_s=120):
+    """ray.kill (Ray restarts it); back once Ray reports it alive after one more restart."""
+    restarts = actor_info(handle)[1]
+    ray.kill(handle, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while (actor_info(handle)[1] <= restarts or actor_state(handle) != "ALIVE") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return actor_state(handle)
 n = 0
 while time.monotonic() - t0 < minutes * 60 - every:
     time.sleep(every)
@@ -155,11 +167,11 @@ while time.monotonic() - t0 < minutes * 60 - every:
     f = {"fault": kind, "at_s": time.monotonic() - t0}
     try:
         if kind == "kill shard":
-            ray.kill(mesh.shards[0], no_restart=False); f["state"] = wait_alive(mesh.shards[0])
+            f["state"] = kill_and_wait(mesh.shards[0])
         elif kind == "kill expert group":
-            ray.kill(mesh.groups[1], no_restart=False); f["state"] = wait_alive(mesh.groups[1])
+            f["state"] = kill_and_wait(mesh.groups[1])
         elif kind == "kill router":
-            ray.kill(mesh.routers[n % 2], no_restart=False); f["state"] = wait_alive(mesh.routers[n % 2])
+            f["state"] = kill_and_wait(mesh.routers[n % 2])
         elif kind == "cut shard host link":
             h = host_of(mesh.shards[1]); hosts.cut(h); gone.add(h); f["host"] = h
             while actor_state(mesh.shards[1]) == "ALIVE" and time.monotonic() - t0 < minutes * 60:
@@ -187,7 +199,6 @@ serve.shutdown()
 mesh.shutdown(stop_actors=True)
 time.sleep(3)
 left = [Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode() for p in mesh_pids()]
-left = [t for t in left if not t.startswith("ray::IDLE")]
 count = lambda what: sum(1 for o in outcomes if o["outcome"] == what)
 print("RESULT " + json.dumps({
     "minutes": minutes, "every_s": every, "clients": clients, "requests": len(outcomes),

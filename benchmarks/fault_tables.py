@@ -154,7 +154,11 @@ def soak() -> str:
              f"GiB | {len(r['left_after_shutdown']) or 'none'} |", "",
              "| fault | at | back after | what |", "|---|---|---|---|"]
     for f in r["faults"]:
-        what = f.get("error") or ", ".join(f"{k} {v}" for k, v in f.items()
-                                           if k not in ("fault", "at_s", "took_s", "error"))
+        what = f.get("error") or "; ".join(filter(None, [
+            f"host {f['host']}" if "host" in f else "",
+            f"Ray declared it dead after {_s(f['ray_declared_dead_s'])}" if "ray_declared_dead_s" in f else "",
+            f"restarted on new host {f['replaced_by']}" if "replaced_by" in f else "",
+            f"shard {f['added'][0]} started there, rebalance moved {f['moved']} segment(s)" if "added" in f else "",
+            f"Ray reports it {f['state']}" if "state" in f else ""]))
         lines.append(f"| {f['fault']} | {f['at_s']:.0f} s | {_s(f['took_s'])} | {what} |")
     return "\n".join(lines)

@@ -119,6 +119,16 @@ def headline() -> str:
         "tiny Mixtral with a store; five hosts as Linux network namespaces on one 2-core CPU VM",
         "[faults](docs/faults.md#on-real-hosts)"))
 
+    soak = _load("soak.json")
+    rows.append(_row(
+        "Streams through faults (a chaos soak)",
+        f"{soak['requests']:,} streamed requests through {len(soak['faults'])} faults in {soak['minutes']:g} min: "
+        f"{soak['right']:,} answered right, {soak['cut']} cut mid-stream, {soak['wrong']} wrong, {soak['refused']} "
+        f"refused; longest gap between tokens {_s(soak['longest_gap_s'])}",
+        f"{soak['clients']} clients through Serve (greedy, seeded, unseeded); process kills of a shard, an expert "
+        "group, a router; a shard host's link cut, an expert host killed, a shard host added; tiny Mixtral with a "
+        "store on network-namespace hosts, one 2-core CPU VM", "[faults](docs/faults.md#the-chaos-soak)"))
+
     t = elastic["takeover"]
     rows.append(_row(
         "A shard lost for good",

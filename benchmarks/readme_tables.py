@@ -16,7 +16,7 @@ import argparse
 import statistics
 import sys
 
-from fault_tables import elastic, micro_batches, multi_host, routers, shared_store
+from fault_tables import elastic, micro_batches, multi_host, routers, shared_store, soak
 from headline_table import headline
 from table_format import ROOT, _load, _load_note, _load_warning, _met, _ms, _s, _x
 from training_tables import builtin_heldout, cpu_curve
@@ -270,7 +270,7 @@ PAGES = {
                            "serve": serve, "train": train, "store": store,
                            "dataplane": dataplane, "elastic": elastic, "routers": routers,
                            "micro_batches": micro_batches, "shared_store": shared_store},
-    "docs/faults.md": {"multi_host": multi_host},
+    "docs/faults.md": {"multi_host": multi_host, "soak": soak},
     "docs/store.md": {"kv_sizes": kv_sizes},
     "docs/training.md": {"cpu_curve": cpu_curve, "builtin_heldout": builtin_heldout},
 }

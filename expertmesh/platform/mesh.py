@@ -399,17 +399,21 @@ class Mesh:
         go unless stop_actors=True (e.g. `expertmesh serve` stopping the mesh its replicas share)."""
         if not (self._owned if stop_actors is None else stop_actors):
             return
-        shards = self.shards
-        try:  # every shard, those added by other drivers too
-            shards = ray.get(self.router.describe.remote(), timeout=10)["shards"]
-        except Exception:  # noqa: BLE001 - a dead router: the shards this handle knows
+        shards, others = self.shards, []
+        try:  # every shard, those added by other drivers too; the Serve app's shared admission state
+            desc = ray.get(self.router.describe.remote(), timeout=10)
+            shards = desc["shards"]
+            if desc.get("mesh"):
+                others = [ray.get_actor(f"{desc['mesh']}.tenants", namespace=NAMESPACE)]
+        except Exception:  # noqa: BLE001 - a dead router: the shards this handle knows; no tenants actor
             pass
         for router in self.routers:  # the data plane first (each router's group)
             try:
                 ray.get(router.close.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - a dead router has no group left to leave
                 pass
-        for actor in [*self.routers, *{s._actor_id: s for s in [*self.shards, *shards]}.values(), *self.groups]:
+        for actor in [*self.routers, *{s._actor_id: s for s in [*self.shards, *shards]}.values(), *self.groups,
+                      *others]:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone

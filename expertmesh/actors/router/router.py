@@ -122,7 +122,8 @@ class Router:
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
         """What a driver needs to attach to this mesh."""
-        return {"checkpoint": self.checkpoint, "shards": self.shards.handles, "groups": self.groups}
+        return {"checkpoint": self.checkpoint, "shards": self.shards.handles, "groups": self.groups,
+                "mesh": mesh_of(own_name())}
 
     def ping(self) -> dict:
         return {"architecture": self.cfg.architecture, "vocab_size": self.cfg.vocab_size,
