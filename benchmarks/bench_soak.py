@@ -212,6 +212,18 @@ print("RESULT " + json.dumps({
 '''
 
 
+def summarize(out: dict) -> dict:
+    """Per fault, the requests begun in the minute after it and the longest gap between tokens
+    they saw; the per-request records themselves are not kept (thousands of them)."""
+    outcomes = out.pop("outcomes")
+    t0 = min((o["t"] for o in outcomes), default=0.0)
+    for f in out["faults"]:
+        after = [o for o in outcomes if f["at_s"] <= o["t"] - t0 < f["at_s"] + 60]
+        f["requests_in_the_minute_after"] = len(after)
+        f["longest_gap_in_the_minute_after_s"] = max((o["gap_s"] for o in after), default=0.0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -241,7 +253,7 @@ def main() -> None:
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise SystemExit(f"the soak's driver failed ({proc.returncode}): {proc.stderr[-4000:]}")
-        out = json.loads(line[7:])
+        out = summarize(json.loads(line[7:]))
         out["wall_s"] = time.monotonic() - t0
         out["machine"] = "2-core CPU VM; hosts are Linux network namespaces on it"
         out["date"] = time.strftime("%Y-%m-%d")
