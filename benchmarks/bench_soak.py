@@ -213,14 +213,16 @@ print("RESULT " + json.dumps({
 
 
 def summarize(out: dict) -> dict:
-    """Per fault, the requests begun in the minute after it and the longest gap between tokens
-    they saw; the per-request records themselves are not kept (thousands of them)."""
+    """Per fault, the requests in flight when it struck and the longest gap between tokens they
+    saw, and the requests begun in the minute after; the per-request records themselves are not
+    kept (thousands of them)."""
     outcomes = out.pop("outcomes")
     t0 = min((o["t"] for o in outcomes), default=0.0)
     for f in out["faults"]:
-        after = [o for o in outcomes if f["at_s"] <= o["t"] - t0 < f["at_s"] + 60]
-        f["requests_in_the_minute_after"] = len(after)
-        f["longest_gap_in_the_minute_after_s"] = max((o["gap_s"] for o in after), default=0.0)
+        hit = [o for o in outcomes if o["t"] - t0 <= f["at_s"] <= o["t"] - t0 + o["s"]]
+        f["requests_in_flight"] = len(hit)
+        f["longest_gap_in_flight_s"] = max((o["gap_s"] for o in hit), default=0.0)
+        f["requests_in_the_minute_after"] = sum(1 for o in outcomes if f["at_s"] < o["t"] - t0 < f["at_s"] + 60)
     return out
 
 

@@ -152,8 +152,8 @@ def soak() -> str:
              f"| {r['requests']} | {r['right']} | {r['refused']} | {r['cut']} | {r['wrong']} | "
              f"{_s(r['longest_gap_s'])} | {r['memory_start_bytes'] / gib:.2f} -> {r['memory_end_bytes'] / gib:.2f} "
              f"GiB | {len(r['left_after_shutdown']) or 'none'} |", "",
-             "| fault | at | back after | requests begun in the minute after | their longest gap between tokens "
-             "| what |", "|---|---|---|---|---|---|"]
+             "| fault | at | back after | requests in flight then | their longest gap between tokens "
+             "| requests begun in the minute after | what |", "|---|---|---|---|---|---|---|"]
     for f in r["faults"]:
         what = f.get("error") or "; ".join(filter(None, [
             f"host {f['host']}" if "host" in f else "",
@@ -161,6 +161,6 @@ def soak() -> str:
             f"restarted on new host {f['replaced_by']}" if "replaced_by" in f else "",
             f"shard {f['added'][0]} started there, rebalance moved {f['moved']} segment(s)" if "added" in f else "",
             f"Ray reports it {f['state']}" if "state" in f else ""]))
-        lines.append(f"| {f['fault']} | {f['at_s']:.0f} s | {_s(f['took_s'])} | {f['requests_in_the_minute_after']} "
-                     f"| {_s(f['longest_gap_in_the_minute_after_s'])} | {what} |")
+        lines.append(f"| {f['fault']} | {f['at_s']:.0f} s | {_s(f['took_s'])} | {f['requests_in_flight']} "
+                     f"| {_s(f['longest_gap_in_flight_s'])} | {f['requests_in_the_minute_after']} | {what} |")
     return "\n".join(lines)
