@@ -28,8 +28,9 @@ demo: setup
 demo-real: setup
 	$(PY) -m expertmesh.cli demo --real
 
-# two pytest workers (pytest-xdist), a module per worker at a time, the longest first (tests/conftest.py);
-# each worker has its own Ray cluster. PYTEST_WORKERS=0: one process, one cluster.
+# two pytest workers (pytest-xdist), a module per worker at a time in collection order (handing the
+# longest modules out first ran them together: 20 min 23 s against 17 min 46 s); each worker has its
+# own Ray cluster. PYTEST_WORKERS=0: one process, one cluster.
 PYTEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope --durations=15 tests

@@ -124,22 +124,3 @@ def ray_cluster(tmp_path_factory):
     if zygote is not None:
         zygote.terminate()
         zygote.wait(timeout=30)
-
-
-
-# Under pytest-xdist (`make test` runs two workers, a module per worker at a time: --dist
-# loadscope), the longest modules go out first, so no worker is left with one at the end.
-LONGEST_FIRST = ("tests/hosts/", "tests/e2e/test_jobs.py", "tests/pipelines/test_upcycle.py",
-                 "tests/train/test_train_ray.py", "tests/e2e/test_load.py", "tests/e2e/test_fuzz.py",
-                 "tests/e2e/test_signals.py", "tests/dataplane/test_data_plane.py", "tests/e2e/test_host_loss.py",
-                 "tests/e2e/test_eos_stop.py", "tests/e2e/test_api_contract.py", "tests/e2e/test_serve.py",
-                 "tests/e2e/test_placement.py", "tests/e2e/test_dashboard.py", "tests/actors/test_jax_mesh.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    if not (os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None)):
-        return  # (the workers collect; the controller hands their modules out in this order)
-    def rank(item) -> int:
-        path = item.nodeid.split("::")[0]
-        return next((i for i, p in enumerate(LONGEST_FIRST) if path.startswith(p)), len(LONGEST_FIRST))
-    items.sort(key=rank)  # stable: each module's tests keep their order
