@@ -50,9 +50,9 @@ out["exact_over_tcp"] = float(np.abs(got - want).max())
 out["transport"] = ray.get(mesh.router.stats.remote())["transport"]
 tokens = mesh.generate(prompt, context_id=ctx.id, max_new_tokens=32).token_ids
 
-def kill_mid_stream(host, victim):
-    """Kill a host under a stream: (stream result, seconds to the end of the stream, seconds
-    until Ray stopped reporting the victim actor alive)."""
+def kill_mid_stream(host, victim, lose=hosts.kill):
+    """Lose a host under a stream (`lose`: kill its processes, or cut its link): (stream result,
+    seconds to the end of the stream, seconds until Ray stopped reporting the victim actor alive)."""
     gen = greedy_stream(mesh.router, prompt, ctx.id, 32)
     got = chunk_tokens(ray.get(next(gen)))
     seen = {}
@@ -62,7 +62,7 @@ def kill_mid_stream(host, victim):
             time.sleep(0.1)
         seen["detected"] = time.monotonic() - t0
     w = threading.Thread(target=watch, daemon=True)
-    hosts.kill(host)
+    lose(host)
     w.start()
     try:
         for ref in gen:
@@ -180,30 +180,10 @@ on = [s for s in next(c for c in mesh.pool()["segments"] if c["context_id"] == c
 held = sorted({s["shard"] for s in on if actor_state(mesh.shards[s["shard"]]) == "ALIVE"})
 victim = held[0]
 cut_host = int(where(mesh.shards[victim]).rsplit(".", 1)[1]) - 1
-gen = greedy_stream(mesh.router, prompt, ctx.id, 32)
-got = chunk_tokens(ray.get(next(gen)))
-t0 = time.monotonic()
-hosts.cut(cut_host)
-seen = {}
-def watch_state():
-    while time.monotonic() - t0 < 120 and actor_state(mesh.shards[victim]) == "ALIVE":
-        time.sleep(0.1)
-    seen["detected"] = time.monotonic() - t0
-w = threading.Thread(target=watch_state, daemon=True)
-w.start()
-try:
-    for ref in gen:
-        got += chunk_tokens(ray.get(ref))
-    result = "same tokens" if got == tokens else f"other tokens {got}"
-except Exception as exc:
-    result = f"{type(exc).__name__}: {str(exc)[:300]}"
-took = time.monotonic() - t0
-w.join(130)
+cut = kill_mid_stream(cut_host, mesh.shards[victim], lose=hosts.cut)
 st = ray.get(mesh.router.stats.remote())
-out["shard_host_link_cut"] = {"shard": victim, "host": cut_host, "stream": result, "served_again_s": took,
-                              "ray_reported_s": seen.get("detected"), "members_cut": st["members_cut"],
-                              "recoveries": [e["kind"] for e in st["recoveries"]][-4:],
-                              "max_abs_diff": float(np.abs(mesh.forward_logits(prompt, context_id=ctx.id) - want).max())}
+out["shard_host_link_cut"] = cut | {"shard": victim, "host": cut_host, "members_cut": st["members_cut"],
+                                    "recoveries": [e["kind"] for e in st["recoveries"]][-4:]}
 print("RESULT " + json.dumps(out))
 mesh.shutdown()
 '''

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import os
 import time
@@ -25,6 +24,7 @@ from expertmesh.actors.router.directory import Directory
 from expertmesh.actors.router.long_poll import Snapshot
 from expertmesh.actors.router.placement import Placement
 from expertmesh.actors.router.registration import Registration, check_tokens
+from expertmesh.actors.router.reports import Reports
 from expertmesh.actors.router.retire import Retiring
 from expertmesh.actors.router.router_metrics import FLUSH_S, RouterMetrics
 from expertmesh.actors.router.shards import Shards
@@ -115,7 +115,7 @@ class Router:
         self.steps = 0
         self.step_log: collections.deque = collections.deque(maxlen=4096)  # (seqs, tokens, seconds)
         self.metrics = RouterMetrics(own_name()) if own_name() else None  # Ray metrics: a router actor's only
-        self.recoveries: collections.deque[Recovery] = collections.deque(maxlen=100)  # the latest, for stats()
+        self.reports = Reports(self.engine, self.contexts, self.metrics)  # recoveries, expert load (reports.py)
         self.directory.load()  # a store's contexts listed at once (without one: what the shards hold)
         self.directory.start()  # an actor's constructor runs on its event loop: the directory follows from now on
 
@@ -260,17 +260,7 @@ class Router:
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
                 "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts),
-                "expert_load": self.expert_load(), "recoveries": [dataclasses.asdict(e) for e in self._events()]}
-
-    def expert_load(self) -> dict:
-        """Tokens routed to each expert group per MoE layer since the router started, and each
-        layer's balancedness (max / mean group load; 1.0 is even) and experts' load [layer][expert]."""
-        load = self.engine.group_load()
-        layers = [i for i in range(load.shape[0]) if load[i].sum() > 0]
-        balance = {i: float(load[i].max() / load[i].float().mean()) for i in layers}
-        return {"groups": {i: load[i].tolist() for i in layers}, "balancedness": balance,
-                "max_balancedness": max(balance.values(), default=None),
-                "experts": {i: self.engine.expert_load[i].tolist() for i in layers}}
+                "expert_load": self.reports.expert_load(), "recoveries": self.reports.events()}
 
     async def add_shards(self, names: list[str]) -> list[int]:
         """Context shards started for this mesh join it (placement.py); their indices."""
@@ -301,7 +291,7 @@ class Router:
                 try:  # idle: the metrics still follow drops, registrations and recoveries
                     await asyncio.wait_for(self._wake.wait(), FLUSH_S)
                 except asyncio.TimeoutError:
-                    self._observe()
+                    self.reports.observe()
                 continue
             tokens, t0 = sum(len(s.token_ids) - s.num_computed for s in batch), time.perf_counter()
             try:
@@ -316,7 +306,7 @@ class Router:
             self.step_log.append((len(batch), tokens, time.perf_counter() - t0))
             if self.metrics is not None:
                 self.metrics.stepped(self.step_log[-1][2])
-            self._observe()
+            self.reports.observe()
             for seq, logits in zip(batch, outs):  # sample, emit
                 self._postprocess(seq, logits)
 
@@ -376,11 +366,11 @@ class Router:
         lost = await self.directory.drop_lost() if recoverable else {}
         now = time.time()
         if recoverable:
-            self.engine.events.append(Recovery("step_retry", f"a step of {len(batch)} requests failed "
+            self.reports.recovered(Recovery("step_retry", f"a step of {len(batch)} requests failed "
                                                              f"({type(exc).__name__}) and runs again", now))
         for why in lost.values():
-            self.engine.events.append(Recovery("context_lost", why, now))
-        self._observe(force=True)
+            self.reports.recovered(Recovery("context_lost", why, now))
+        self.reports.observe(force=True)
         for seq in batch:
             if seq.context_id in lost:
                 self._finish(seq, error=ContextNotFound(lost[seq.context_id]))
@@ -394,21 +384,6 @@ class Router:
                                                     f"({type(exc).__name__}); retry later"))
             else:
                 self._finish(seq, error=exc)
-
-    def _events(self) -> list[Recovery]:
-        """The engine's new recoveries moved onto the router's list (and counted); the latest."""
-        while self.engine.events:
-            event = self.engine.events.popleft()
-            self.recoveries.append(event)
-            if self.metrics is not None:
-                self.metrics.recovered(event)
-        return list(self.recoveries)
-
-    def _observe(self, force: bool = False) -> None:
-        """Recoveries counted now; the expert load and the contexts every FLUSH_S (or now)."""
-        self._events()
-        if self.metrics is not None and (force or self.metrics.due()):
-            self.metrics.flush(self.engine.group_load(), len(self.contexts), sum(self.contexts.shard_tokens()))
 
     async def _run(self, seq: Sequence) -> None:
         """Queue a sequence for the step loop and wait until it finishes."""
