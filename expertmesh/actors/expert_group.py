@@ -19,9 +19,11 @@ import ray
 import torch
 
 from expertmesh.dataplane.step_worker import StepWorker
+from expertmesh.engine.expert_placement import ExpertPlacement
 from expertmesh.errors import CapacityError
 from expertmesh.jax_backend import check_backend, configure_jax
-from expertmesh.model.checkpoint import load_experts
+from expertmesh.model.checkpoint import load_experts, resolve_checkpoint
+from expertmesh.model.config import ModelConfig
 from expertmesh.model.device import resolve_device, resolve_dtype
 
 # Arrays from Ray's object store are read-only views; these modules only read them.
@@ -48,10 +50,20 @@ class ExpertGroup(StepWorker):
         self.adopted: dict[range, dict] = {}  # a lost group's experts held here too: range -> {layer: bank}
         self.adopt_seconds: dict[str, float] = {}  # "first..last" -> seconds its last adoption took to load
         self.adopters: dict[range, set[str]] = {}  # the routers sending an adopted range's rows here
+        # the mesh's expert placement (expert_placement.py): experts it places here beyond this
+        # group's own, (layer, expert) -> a one-expert bank; kept for routers that start later
+        self.placement: ExpertPlacement | None = None
+        self.placed: dict[tuple[int, int], object] = {}
+        self.cfg = ModelConfig.from_file(resolve_checkpoint(checkpoint) / "config.json")
+        self._args = (checkpoint, index, experts, num_threads, backend, device, dtype)
         self._lock = threading.Lock()
 
     def ping(self) -> tuple[int, int, int]:
         return self.index, self.experts.start, self.experts.stop
+
+    def group_spec(self) -> tuple:
+        """Its constructor arguments (groups added to a running mesh are made alike)."""
+        return self._args
 
     def compute(self, layer: int, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """x [P, H] rows, experts [P] (global ids held here) -> expert outputs [P, H] (fp32 numpy)."""
@@ -71,17 +83,54 @@ class ExpertGroup(StepWorker):
         self.adopters.setdefault(held, set()).add(router)
         return len(self.experts) + sum(len(r) for r in self.adopted)
 
-    def _check_room(self, held: range) -> None:
-        """Refuse experts that would not fit where this group's live (its own are the measure:
-        same shapes per expert), with the numbers, instead of loading them into an OOM kill."""
-        per_expert = sum(int(a.nbytes) for bank in self.banks.values() for a in _arrays(bank)) / len(self.experts)
-        need, free = int(per_expert * len(held)), free_memory_bytes(self.device)
+    def _check_room(self, held: range, layers: int | None = None, why: str = "take over experts {} of a lost group",
+                    fix: str = "bring the lost group's host back") -> None:
+        """Refuse experts that would not fit where this group's live, with the numbers, instead
+        of loading them into an OOM kill. layers: MoE layers per expert (default: every one)."""
+        moe = sum(self.cfg.moe_layers)
+        per_layer = 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size * torch.finfo(self.dtype).bits // 8
+        need, free = per_layer * len(held) * (moe if layers is None else layers), free_memory_bytes(self.device)
         if need > ROOM * free:
             raise CapacityError(
-                f"expert group {self.index} cannot take over experts {held.start}..{held.stop - 1} of a lost group: "
+                f"expert group {self.index} cannot {why.format(f'{held.start}..{held.stop - 1}')}: "
                 f"they need {need / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB is free on its {self.device} "
-                f"(at most {ROOM:.0%} may be used); give expert hosts room for another group's experts, or "
-                "bring the lost group's host back")
+                f"(at most {ROOM:.0%} may be used); give expert hosts room for another group's experts, or {fix}")
+
+    def hold(self, placement: ExpertPlacement) -> dict:
+        """Compute what the mesh's expert `placement` places here beyond this group's own experts:
+        load what is not held yet (what an earlier placement placed here stays until `settle`,
+        as routers may still send its rows). Keeps the placement for routers that start later.
+        Returns the (layer, expert) banks held beyond its own and the seconds loading took."""
+        if self.placement is not None and placement.version < self.placement.version:
+            raise ValueError(f"expert placement version {placement.version} is older than the one held "
+                             f"({self.placement.version})")
+        want = placement.placed(self.index, self.experts)
+        new = {(layer, e) for layer, es in want.items() for e in es} - set(self.placed)
+        t0 = time.perf_counter()
+        if new:
+            self._check_room(range(len(new)), layers=1, why="hold {} more (layer, expert) weights the expert "
+                             "placement puts here", fix="place fewer experts here (fewer redundant ones)")
+        loaded = {}
+        for e in sorted({e for _, e in new}):
+            layers = {layer for layer, x in new if x == e}
+            loaded.update({(layer, e): bank for layer, bank in self._load(range(e, e + 1), layers).items()})
+        with self._lock:
+            self.placed = {**self.placed, **loaded}
+            self.placement = placement
+        return {"placed": len(self.placed), "loaded": len(loaded), "seconds": time.perf_counter() - t0}
+
+    def settle(self, version: int) -> int:
+        """Every router computes with placement `version`: let go of the weights it no longer
+        places here. Returns the (layer, expert) banks held beyond its own."""
+        with self._lock:
+            if self.placement is not None and self.placement.version == version:
+                want = self.placement.placed(self.index, self.experts)
+                self.placed = {k: b for k, b in self.placed.items() if k[1] in want.get(k[0], ())}
+            return len(self.placed)
+
+    def expert_placement(self) -> ExpertPlacement | None:
+        """The newest expert placement this group was given (a starting router takes it)."""
+        return self.placement
 
     def release_experts(self, start: int, stop: int, router: str = "") -> bool:
         """One router no longer sends these experts' rows here; the last one lets them go."""
@@ -92,12 +141,13 @@ class ExpertGroup(StepWorker):
         self.adopters.pop(held, None)
         return self.adopted.pop(held, None) is not None
 
-    def _load(self, held: range) -> dict:
+    def _load(self, held: range, layers: set[int] | None = None) -> dict:
         if self.backend == "jax":
             from expertmesh.jax_backend.experts import load_banks
 
-            return load_banks(self.checkpoint, held)
-        return load_experts(self.checkpoint, held, dtype=self.dtype, device=self.device)
+            banks = load_banks(self.checkpoint, held)
+            return {layer: b for layer, b in banks.items() if layers is None or layer in layers}
+        return load_experts(self.checkpoint, held, dtype=self.dtype, device=self.device, layers=layers)
 
     @torch.no_grad()
     def compute_tensors(self, layer: int, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -110,6 +160,9 @@ class ExpertGroup(StepWorker):
         parts = [(mine, self.experts, self.banks)]
         if not mine.all():
             parts += [((ids >= r.start) & (ids < r.stop), r, banks) for r, banks in dict(self.adopted).items()]
+            placed = dict(self.placed)  # one expert a bank: those the placement puts here
+            parts += [(m, range(e, e + 1), {layer: placed[layer, e]}) for e in np.unique(ids[~mine]).tolist()
+                      if (layer, e) in placed and (m := ids == e).any()]
             if not np.logical_or.reduce([m for m, _, _ in parts]).all():
                 held = ", ".join(f"{r.start}..{r.stop - 1}" for _, r, _ in parts)
                 raise ValueError(f"expert group {self.index} holds experts {held}; got {int(ids.min())}..{int(ids.max())}")
@@ -129,10 +182,15 @@ class ExpertGroup(StepWorker):
             return torch.from_numpy(np.asarray(bank(x.float().cpu().numpy(), experts.cpu().numpy())))
         return bank(x.to(self.device, self.dtype), experts.to(self.device)).float()
 
+    def group_stats(self) -> dict:  # (as a colocated worker answers for its group)
+        return self.stats()
+
     def stats(self) -> dict:
         with self._lock:
             out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
                    "adopted_experts": sorted([r.start, r.stop] for r in self.adopted),
+                   "placed_experts": len(self.placed),
+                   "placement_version": self.placement.version if self.placement is not None else 0,
                    "adopt_seconds": dict(self.adopt_seconds),
                    "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                    "tokens_per_expert": {layer: t.tolist() for layer, t in self.tokens.items()}}

@@ -71,6 +71,40 @@ def added_shards(router_name: str | None, first: int) -> list[str]:
     return [] if mesh is None else _running(lambda i: actor_name(mesh, CONTEXT_SHARD, first + i))
 
 
+def present(targets: list) -> list:
+    """`lookup`, with None for a name no actor has (an expert group taken out of the mesh)."""
+    out = []
+    for t in targets:
+        try:
+            out.append(lookup([t])[0])
+        except ValueError:
+            out.append(None)
+    return out
+
+
+GAP = 8  # names past the last one found that are tried before a scan stops
+
+
+def added_groups(router_name: str | None, first: int) -> list[str | None]:
+    """Names of expert groups added to a running mesh (`Mesh.add_groups`), from index `first`
+    on, None where one was taken out again (`Mesh.remove_groups`): a restarted router finds them."""
+    mesh = mesh_of(router_name)
+    if mesh is None:
+        return []
+    found: list[str | None] = []
+    missing = 0
+    while missing < GAP:
+        name = actor_name(mesh, EXPERT_GROUP, first + len(found) + missing)
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            missing += 1
+            continue
+        found += [None] * missing + [name]
+        missing = 0
+    return found
+
+
 def own_name() -> str | None:
     """This actor's name (None outside an actor, e.g. an in-process router)."""
     try:

@@ -46,6 +46,22 @@ def colocated_worker(shard_cls: type = ContextShard) -> type:
         def release_experts(self, start: int, stop: int, router: str = "") -> bool:
             return self.group is not None and self.group.release_experts(start, stop, router)
 
+        def hold(self, placement):
+            if self.group is None:
+                raise ValueError(f"worker {self.index} holds no experts")
+            return self.group.hold(placement)
+
+        def group_spec(self) -> tuple:
+            if self.group is None:
+                raise ValueError(f"worker {self.index} holds no experts")
+            return self.group.group_spec()
+
+        def settle(self, version: int) -> int:
+            return self.group.settle(version) if self.group is not None else 0
+
+        def expert_placement(self):
+            return self.group.expert_placement() if self.group is not None else None
+
         def group_stats(self) -> dict:
             return self.group.stats() if self.group is not None else {}
 

@@ -188,6 +188,21 @@ class CollectiveExchange(ActorExchange):
             self.limits = dataclasses.replace(self.limits, shards=max(self.limits.shards, first + len(handles)))
             self._drop_group()
 
+    def add_groups(self, handles: dict[int, Any]) -> None:
+        """Expert groups added to the mesh: the next step forms a new generation with them."""
+        with self._lock:
+            self.peers += [(h, None, g) for g, h in handles.items()]
+            self._drop_group()
+
+    def remove_groups(self, groups: set[int]) -> None:
+        """Expert groups taken out of the mesh: the next generation forms without them (an actor
+        that is also a context shard stays, as a shard)."""
+        with self._lock:
+            peers = [(h, s, None if g in groups else g) for h, s, g in self.peers]
+            self.peers = [p for p in peers if p[1] is not None or p[2] is not None]
+            self._out = LeftOut()  # by peer index: asked again as the next generation forms
+            self._drop_group()
+
     def allow_segments(self, n: int) -> None:
         """Plans may name n shards' segments (contexts stored by a mesh with more shards, served by
         this mesh's): the actors' bound on a step's attention rows grows, from the next group."""

@@ -34,7 +34,7 @@ class TaskExchange(ActorExchange):
         if fresh or time.monotonic() - self._checked >= RECHECK_S:
             self._checked = time.monotonic()
             self._absent = ({i: st for i, h in enumerate(self.shards) if (st := down(h))},
-                            {g: st for g, h in enumerate(self.groups) if (st := down(h))})
+                            {g: st for g, h in enumerate(self.groups) if h is not None and (st := down(h))})
         return dict(self._absent[0]), dict(self._absent[1])
 
     def shard_handle(self, shard: int) -> Any:
@@ -45,6 +45,13 @@ class TaskExchange(ActorExchange):
 
     def group_handle(self, group: int) -> Any:
         return self.groups[group]
+
+    def add_groups(self, handles: dict[int, Any]) -> None:
+        groups = self.groups + [None] * (max(handles) + 1 - len(self.groups))
+        self.groups = [handles.get(g, h) for g, h in enumerate(groups)]  # a new list: steps in flight keep theirs
+
+    def remove_groups(self, groups: set[int]) -> None:
+        self.groups = [None if g in groups else h for g, h in enumerate(self.groups)]
 
 
 class _TaskStep(Exchange):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import torch
 
 from expertmesh.engine.config import ContextView, EngineConfig
 from expertmesh.engine.exchange import Exchange
+from expertmesh.engine.expert_placement import ExpertPlacement, Routes, routes
 from expertmesh.engine.pathway import choose_shards
 from expertmesh.engine.ping_pong import PingPong, TakingTurns
 from expertmesh.engine.sequence import Sequence
@@ -60,6 +62,8 @@ class _Step:
     pooled: bool = False  # every sequence's own KV lives in the engine's pool (one write and read per layer)
     group_counts: list = dataclasses.field(default_factory=list)  # (batch, [B, groups] pairs) per MoE layer
     expert_counts: list = dataclasses.field(default_factory=list)  # (layer, [E] pairs per expert) per MoE layer
+    host_counts: list = dataclasses.field(default_factory=list)  # (layer, [groups] pairs each computed) per MoE layer
+    routes: Routes | None = None  # the expert placement this step routes by (None: the partition)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +100,15 @@ class Engine:
         self.events: collections.deque[Recovery] = collections.deque(maxlen=256)  # the router drains them
         bounds = torch.tensor([r.stop for r in partition])
         self._group_of = lambda experts: torch.bucketize(experts, bounds, right=True)  # noqa: E731
+        # where experts are computed (expert_placement.py): None routes by the partition
+        self.placement: ExpertPlacement | None = None
+        self.removed: set[int] = set()  # expert groups taken out of the mesh (remove_groups)
+        self._routes: tuple[tuple, Routes] | None = None  # the placement over the groups running now
+        self._turn = 0  # a replicated expert's next group
+        self._placing = threading.Condition()
+        self._in_flight: collections.Counter = collections.Counter()  # steps running, per placement version
+        # rows each expert group computed, per layer, since the engine started (group_load)
+        self.group_rows = torch.zeros(self.cfg.num_layers, max(len(partition), 1), dtype=torch.long)
 
     def forward(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
         """Run the new tokens of every sequence; return the logits rows each sequence needs."""
@@ -120,7 +133,7 @@ class Engine:
             absent.update({k: FOREIGN for k in foreign})
             self._stand_in(absent)
             self._stand_in_experts(absent_groups)
-            running = tuple(g for g in range(len(self.partition)) if g not in absent_groups)
+            running = tuple(g for g in range(len(self.partition)) if g not in absent_groups and g not in self.removed)
             plans = [build_plan(part, spans, positions, self.model, self.summaries, len(self.partition),
                                 self.serving, running) for part, (_, spans, positions) in zip(halves, inputs)]
             lost = sorted({s for plan in plans for lp in plan.layers for s in lp.attend if s in absent})
@@ -137,9 +150,21 @@ class Engine:
             self.adopted.update((h, it.context_id) for plan in plans for lp in plan.layers
                                 for h, items in lp.attend.items() for it in items if h != it.owner)
         device = self.model.embed.weight.device
+        with self._placing:  # one placement throughout the step (set_placement waits for it)
+            placed = self._routes_over(absent_groups)
+            version = placed.version if placed is not None else 0
+            self._in_flight[version] += 1
+        try:
+            return self._run(batch, halves, inputs, plans, placed, device)
+        finally:
+            with self._placing:
+                self._in_flight[version] -= 1
+                self._placing.notify_all()
+
+    def _run(self, batch, halves, inputs, plans, placed: Routes | None, device) -> list[torch.Tensor | None]:
         exchanges = self.exchange.begin_micro(plans) if len(plans) > 1 else [self.exchange.begin(plans[0])]
         steps = [_Step(plan, ex, list(part), spans, positions.to(device),
-                       all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in part))
+                       all(isinstance(s.kv, SeqKV) and s.kv.pool is self.kv_pool for s in part), routes=placed)
                  for plan, ex, part, (_, spans, positions) in zip(plans, exchanges, halves, inputs)]
         try:
             if len(steps) == 1:
@@ -163,6 +188,8 @@ class Engine:
             self._count_groups(step)
             for index, counts in step.expert_counts:
                 self.expert_load[index] += counts
+            for index, counts in step.host_counts:
+                self.group_rows[index, :len(counts)] += counts
             out.update(self._logits(part, step, x))
         return [out.get(id(seq)) for seq in batch]
 
@@ -303,13 +330,23 @@ class Engine:
         n_groups, lengths = len(self.partition), torch.tensor([b - a for a, b in step.spans])
         step.expert_counts.append((layer.index, torch.bincount(experts.reshape(-1).cpu(),
                                                                minlength=self.expert_load.shape[1])))
-        if n_groups == 1:  # every pair to the one group (or the group standing in for it): no split
+        if n_groups == 1 and step.routes is None:  # every pair to the one group (or its stand-in): no split
             only = int(self._host_of[0])
             requests, picks = {only: (rows, experts)}, None
             counts = lengths[:, None] * layer.cfg.top_k
+            step.host_counts.append((layer.index, torch.bincount(torch.tensor([only]), minlength=n_groups)
+                                     * experts.numel()))
         else:
-            group = self._group_of(experts.cpu())  # [P]
-            host = self._host_of[group]  # a lost group's rows go to the group standing in for it
+            if step.routes is None:
+                group = self._group_of(experts.cpu())  # [P]
+                host = self._host_of[group]  # a lost group's rows go to the group standing in for it
+            else:  # the placement's groups, a replicated expert's in turn
+                try:
+                    host = group = step.routes.route(layer.index, experts.reshape(-1).cpu(), self._turn)
+                except LookupError as exc:
+                    raise Unavailable(f"{exc}; rebalance the experts (Mesh.balance_experts)") from None
+                self._turn += 1
+            step.host_counts.append((layer.index, torch.bincount(host, minlength=n_groups)))
             requests, picks = {}, {}
             for g in torch.unique(host).tolist():
                 pick = (host == g).nonzero().squeeze(1).to(rows.device)
@@ -345,9 +382,44 @@ class Engine:
                 seq.group_tokens.update({g: n for g, n in enumerate(per) if n})
 
     def group_load(self) -> torch.Tensor:
-        """Tokens routed to each expert group, per layer, since the engine started [layers, groups]
-        (by the partition: a lost group's tokens count as its own, whoever computed them)."""
-        return torch.stack([self.expert_load[:, r.start:r.stop].sum(1) for r in self.partition], 1)
+        """(Token, expert) rows each expert group computed, per layer, since the engine started
+        [layers, groups] (a lost group's rows count for the group that stood in)."""
+        return self.group_rows.clone()
+
+    # -- expert placement (expert_placement.py) --------------------------------------------
+    def set_placement(self, placement: ExpertPlacement, timeout_s: float) -> bool:
+        """Route by `placement` from the next step on; returns once no step routes by an earlier
+        one (False: steps still did after timeout_s). Its groups must hold its experts already."""
+        with self._placing:
+            self.placement, self._routes = placement, None
+            return self._placing.wait_for(lambda: not any(n for v, n in self._in_flight.items()
+                                                          if n and v != placement.version), timeout_s)
+
+    def _routes_over(self, absent_groups: dict[int, str]) -> Routes | None:
+        if self.placement is None:
+            return None
+        key = (self.placement.version, frozenset(absent_groups), frozenset(self.removed), tuple(self._host_of.tolist()))
+        if self._routes is None or self._routes[0] != key:
+            self._routes = (key, routes(self.placement, self.partition, set(absent_groups) | self.removed,
+                                        self._host_of))
+        return self._routes[1]
+
+    def add_groups(self, n: int) -> list[int]:
+        """Expert groups added to the mesh (holding no experts of their own: a placement puts
+        experts there); their indices. The exchange takes their actors in (router)."""
+        first, empty = len(self.partition), range(self.cfg.num_experts, self.cfg.num_experts)
+        self.partition = [*self.partition, *([empty] * n)]
+        self._host_of = torch.cat([self._host_of, torch.arange(first, first + n)])
+        self.group_rows = torch.cat([self.group_rows, torch.zeros(self.group_rows.shape[0], n, dtype=torch.long)], 1)
+        return list(range(first, first + n))
+
+    def remove_groups(self, groups: set[int]) -> None:
+        """Expert groups taken out of the mesh: no step sends them rows (the placement in force
+        must not name them)."""
+        if self.placement is not None and (named := groups & self.placement.groups()):
+            raise ValueError(f"the expert placement in force still computes experts on groups {sorted(named)}")
+        self.removed |= groups
+        self._routes = None
 
     def _account(self, batch: list[Sequence], plan: StepPlan, reads: list) -> None:
         """Pages read per shard and tier, and shards visited, onto the requests."""
@@ -380,7 +452,9 @@ class Engine:
     def _stand_in_experts(self, absent: dict[int, str]) -> None:
         """Who computes the experts of groups Ray does not report alive: a running group loads
         them from the checkpoint (bounded wait) and holds them until the lost group is back."""
-        serving = serving_map(len(self.partition), absent, [len(r) for r in self.partition])
+        serving = serving_map(len(self.partition), {**absent, **{g: "removed" for g in self.removed}},
+                              [len(r) for r in self.partition])
+        serving = {g: h for g, h in serving.items() if g not in self.removed and len(self.partition[g])}
         if serving == self.group_serving:
             return
         self._changed("group", self.group_serving, serving, "experts")

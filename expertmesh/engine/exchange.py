@@ -101,6 +101,14 @@ class Exchange:
         """Context shards added to the mesh (indices from the current count on)."""
         raise NotImplementedError
 
+    def add_groups(self, handles: dict[int, Any]) -> None:
+        """Expert groups added to the mesh: index -> handle."""
+        raise NotImplementedError
+
+    def remove_groups(self, groups: set[int]) -> None:
+        """Expert groups taken out of the mesh: no step reaches them again."""
+        raise NotImplementedError
+
     def allow_segments(self, n: int) -> None:
         """Plans may name the segments of n shards (more than the mesh has: collective.py)."""
 

@@ -280,8 +280,9 @@ def save_model(model: MoETransformer, path: str | os.PathLike) -> Path:
 
 
 def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype | str = torch.float32,
-                 device: torch.device | str = "cpu") -> dict[int, ExpertBank]:
-    """Experts `held` of every MoE layer (what one expert group holds): {layer: ExpertBank}.
+                 device: torch.device | str = "cpu", layers: set[int] | None = None) -> dict[int, ExpertBank]:
+    """Experts `held` of every MoE layer (what one expert group holds), or of `layers` only:
+    {layer: ExpertBank}.
 
     The weights land on `device` in `dtype` (strings as in model/device.py).
     """
@@ -291,13 +292,13 @@ def load_experts(path: str | os.PathLike, held: range, dtype: torch.dtype | str 
     t = _Tensors(root)
     banks: dict[int, ExpertBank] = {}
     for i in range(cfg.num_layers):
-        if not cfg.moe_layers[i]:
+        if not cfg.moe_layers[i] or (layers is not None and i not in layers):
             continue
         with torch.device("meta"):
             bank = expert_bank(cfg, held)
         bank = bank.to_empty(device=device).to(dtype)
         with torch.no_grad():
-            for local, get in _expert_tensors(t, cfg, i, held):
+            for local, get in _expert_tensors(t, cfg, i, held) if len(held) else ():  # (none: an empty bank)
                 getattr(bank, local).copy_(get())  # host -> device, cast to dtype
         banks[i] = bank.eval().requires_grad_(False)
     return banks

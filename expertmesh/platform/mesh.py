@@ -44,6 +44,7 @@ from expertmesh.platform.cluster import (
     missing_resources,
     threads_per_actor,
 )
+from expertmesh.platform.elastic_experts import balance_experts, remove_groups, start_groups
 from expertmesh.platform.layout import local_resources, pick_layout
 from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.router_set import RouterSet
@@ -332,6 +333,38 @@ class Mesh:
         self.shards = [*self.shards, *(actor for _, actor in new)]
         return added
 
+    # -- expert groups --------------------------------------------------------------------
+    @_unwrap
+    def balance_experts(self, redundant: int = 0, timeout_s: float = 120.0) -> dict:
+        """Re-place experts over the running expert groups by the load the routers counted
+        (tokens per expert, per MoE layer), while serving: the hottest experts get `redundant`
+        extra copies per layer, and every layer's copies are spread so that each group computes
+        about as many rows (DeepSeek's EPLB). Returns the balancedness (max / mean group load)
+        per layer before and as planned, and what moved. Logits do not change."""
+        return balance_experts(self.routers, self._moe_layers, redundant, timeout_s)
+
+    @_unwrap
+    def add_groups(self, n: int = 1, redundant: int = 0, timeout_s: float = 120.0) -> dict:
+        """Start n expert groups like the running ones (on hosts declaring `expert_group` where the
+        cluster declares it), add them to the mesh and balance experts onto them, while serving."""
+        new, report = start_groups(self.routers, self._moe_layers, n, redundant, timeout_s)
+        self.groups = [*self.groups, *new]
+        return report
+
+    @_unwrap
+    def remove_groups(self, groups: list[int], redundant: int = 0, timeout_s: float = 120.0) -> dict:
+        """Take expert groups out of the mesh while serving: their experts are placed on the others
+        first (loaded there), every router stops sending them rows, then their actors stop."""
+        handles = ray.get(self.router.group_handles.remote(), timeout=timeout_s)
+        report = remove_groups(self.routers, self._moe_layers, list(groups), redundant, self.colocated, timeout_s)
+        gone = {handles[g]._actor_id for g in groups}
+        self.groups = [g for g in self.groups if g._actor_id not in gone]
+        return report
+
+    @property
+    def _moe_layers(self) -> list[int]:
+        return [i for i, moe in enumerate(self.config.moe_layers) if moe]
+
     @_unwrap
     def pool(self) -> dict:
         """Each context shard: Ray's state of its actor ("ALIVE", "RESTARTING", ...) and its tokens."""
@@ -399,10 +432,10 @@ class Mesh:
         go unless stop_actors=True (e.g. `expertmesh serve` stopping the mesh its replicas share)."""
         if not (self._owned if stop_actors is None else stop_actors):
             return
-        shards, others = self.shards, []
-        try:  # every shard, those added by other drivers too; the Serve app's shared admission state
+        shards, groups, others = self.shards, self.groups, []
+        try:  # every shard and group, those added by other drivers too; the Serve app's shared admission state
             desc = ray.get(self.router.describe.remote(), timeout=10)
-            shards = desc["shards"]
+            shards, groups = desc["shards"], [*self.groups, *desc["groups"]]
             if desc.get("mesh"):
                 others = [ray.get_actor(f"{desc['mesh']}.tenants", namespace=NAMESPACE)]
         except Exception:  # noqa: BLE001 - a dead router: the shards this handle knows; no tenants actor
@@ -412,8 +445,7 @@ class Mesh:
                 ray.get(router.close.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - a dead router has no group left to leave
                 pass
-        for actor in [*self.routers, *{s._actor_id: s for s in [*self.shards, *shards]}.values(), *self.groups,
-                      *others]:
+        for actor in [*self.routers, *{a._actor_id: a for a in [*self.shards, *shards, *groups]}.values(), *others]:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone

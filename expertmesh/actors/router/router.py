@@ -18,9 +18,10 @@ import numpy as np
 import ray
 import torch
 
-from expertmesh.actors.names import added_shards, lookup, mesh_of, own_name
+from expertmesh.actors.names import added_groups, added_shards, lookup, mesh_of, own_name, present
 from expertmesh.actors.router.contexts import Contexts
 from expertmesh.actors.router.directory import Directory
+from expertmesh.actors.router.experts import Experts
 from expertmesh.actors.router.long_poll import Snapshot
 from expertmesh.actors.router.placement import Placement
 from expertmesh.actors.router.registration import Registration, check_tokens
@@ -79,16 +80,19 @@ class Router:
         self.grammars: Grammars | None = None
         # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
         self.shards = Shards(lookup(shards + added_shards(own_name(), len(shards))))
-        self.groups = lookup(groups)
-        shards, groups = self.shards.handles, self.groups
+        # the groups it was started with, those added since (`add_groups`); None: taken out again
+        first_groups = len(groups)
+        groups = present(groups + added_groups(own_name(), len(groups)))
+        shards = self.shards.handles
         self.catalog: Catalog | None = None
         if store is not None:  # this router's member lease names its mesh (store/members.py)
             self.catalog = Catalog.open(store, fingerprint or model_fingerprint(checkpoint),
                                         {"architecture": self.cfg.architecture, "checkpoint": str(checkpoint)},
                                         group=mesh_of(own_name()))
-        self.partition = expert_partition(self.cfg.num_experts, len(groups)) if any(self.cfg.moe_layers) else []
+        self.partition = expert_partition(self.cfg.num_experts, first_groups) if any(self.cfg.moe_layers) else []
+        self.partition += [range(self.cfg.num_experts, self.cfg.num_experts)] * (len(groups) - first_groups)
         self._by_id: dict[str, Sequence] = {}  # running requests, for cancel()
-        remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups)
+        remote = all(isinstance(t, ray.actor.ActorHandle) for t in shards + groups if t is not None)
         lanes = spec.lanes
         if remote and spec.data_plane == "collective":
             exchange = CollectiveExchange(shards, groups, self.cfg.num_heads, self.cfg.head_dim, self.cfg.hidden_size,
@@ -101,6 +105,8 @@ class Router:
         self.contexts = Contexts(self.shards)  # the one owner of the contexts, handed to each part below
         self.engine = Engine(self.model, exchange, self.partition, self.contexts,
                              EngineConfig(durable=self.catalog is not None, micro_batches=spec.micro_batches))
+        self.experts = Experts(self.engine, groups)  # groups added and taken out, the expert placement
+        self.experts.adopt_newest()
         self.retiring = Retiring(self.shards, self.engine, self.catalog, lambda: list(self._by_id.values()))
         self.registration = Registration(self.cfg, spec, self.contexts, self.shards, self.catalog, self._run)
         self.directory = Directory(self.contexts, self.shards, self.catalog, self.retiring, own_name(), spec.routers)
@@ -122,7 +128,8 @@ class Router:
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
         """What a driver needs to attach to this mesh."""
-        return {"checkpoint": self.checkpoint, "shards": self.shards.handles, "groups": self.groups,
+        return {"checkpoint": self.checkpoint, "shards": self.shards.handles,
+                "groups": [g for g in self.experts.groups if g is not None],
                 "mesh": mesh_of(own_name())}
 
     def ping(self) -> dict:
@@ -260,7 +267,8 @@ class Router:
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
                 "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts),
-                "expert_load": self.reports.expert_load(), "recoveries": self.reports.events()}
+                "expert_load": self.reports.expert_load(), "recoveries": self.reports.events(),
+                "expert_groups": self.experts.describe()}
 
     async def add_shards(self, names: list[str]) -> list[int]:
         """Context shards started for this mesh join it (placement.py); their indices."""
@@ -271,6 +279,27 @@ class Router:
 
     async def rebalance(self) -> dict:
         return await self.placement.rebalance()
+
+    def expert_groups(self) -> dict:
+        return self.experts.describe()
+
+    def group_handles(self) -> list:
+        return list(self.experts.groups)
+
+    def expert_placement(self):
+        return self.engine.placement
+
+    def expert_load_table(self) -> np.ndarray:
+        return self.experts.load()
+
+    async def set_expert_placement(self, placement) -> bool:
+        return await self.experts.set_placement(placement)
+
+    async def add_groups(self, names: dict[int, str]) -> list[int]:
+        return await self.experts.add_groups(names)
+
+    async def remove_groups(self, groups: list[int]) -> None:
+        await self.experts.remove_groups(groups)
 
     def clean_store(self) -> dict:
         return self.directory.clean_store()

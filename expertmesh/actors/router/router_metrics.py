@@ -78,6 +78,10 @@ class RouterMetrics:
     def flush(self, group_load: torch.Tensor, contexts: int, context_tokens: int) -> None:
         """The load routed since the last flush [layers, groups], and the contexts."""
         self._flushed = time.monotonic()
+        if self._sent is not None and self._sent.shape != group_load.shape:  # expert groups added
+            grown = torch.zeros_like(group_load)
+            grown[:, :self._sent.shape[1]] = self._sent
+            self._sent = grown
         delta = group_load if self._sent is None else group_load - self._sent
         self._sent = group_load.clone()
         for layer, group in delta.nonzero().tolist():
