@@ -133,7 +133,8 @@ def _layer(w: torch.Tensor, owner: dict[int, int], groups: list[int], redundant:
     slots = math.ceil(sum(copies) / len(groups))
     items = sorted(((float(w[e]) / copies[e], e) for e in range(num_experts) for _ in range(copies[e])),
                    key=lambda it: (-it[0], it[1]))
-    plans = [_pack(items, owner, groups, slots, keep) for keep in (True, False)]
+    share = {e: float(w[e]) / copies[e] for e in range(num_experts)}
+    plans = [_improve(*_pack(items, owner, groups, slots, keep), share, slots) for keep in (True, False)]
     kept, fastest = ([max(p[1].values()) for p in plans])
     best = plans[0] if kept <= fastest * (1 + KEEP_SLACK) else plans[1]
     return tuple(tuple(sorted(best[0][e])) for e in range(num_experts))
@@ -149,7 +150,8 @@ def _pack(items: list[tuple[float, int]], owner: dict[int, int], groups: list[in
     target = sum(w for w, _ in items) / len(groups) * (1 + KEEP_SLACK)
     where: dict[int, list[int]] = {}
     for w, e in items:
-        free = [g for g in groups if count[g] < slots and g not in where.get(e, [])]
+        free = [g for g in groups if count[g] < slots and g not in where.get(e, [])] or \
+            [g for g in groups if g not in where.get(e, [])]  # (the last copies may find full groups only)
         g = min(free, key=lambda g: (load[g], g))
         home = owner.get(e)
         if keep and e not in where and home in free and load[home] + w <= target:
@@ -200,3 +202,42 @@ def routes(placement: ExpertPlacement, partition: list[range], unavailable: set[
                                     dtype=torch.long)
         counts[layer] = torch.tensor([len(k) for k in live], dtype=torch.long)
     return Routes(placement.version, hosts, counts)
+
+
+def _improve(where: dict[int, list[int]], load: dict[int, float], share: dict[int, float], slots: int,
+             rounds: int = 200) -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Local search after packing: move a copy off the most loaded group, or swap it with a
+    lighter one elsewhere, while that lowers the pair's larger load."""
+    count = {g: 0 for g in load}
+    for gs in where.values():
+        for g in gs:
+            count[g] += 1
+    for _ in range(rounds):
+        src = max(load, key=lambda g: (load[g], -g))
+        best = None  # (the pair's larger load after, expert off src, dst, expert off dst or None)
+        for e in [e for e, gs in where.items() if src in gs]:
+            for dst in load:
+                if dst == src or dst in where[e]:
+                    continue
+                if count[dst] < slots:
+                    after = max(load[src] - share[e], load[dst] + share[e])
+                    if after < load[src] - 1e-9 and (best is None or after < best[0]):
+                        best = (after, e, dst, None)
+                for f in [f for f, gs in where.items() if dst in gs and src not in gs and f != e]:
+                    after = max(load[src] - share[e] + share[f], load[dst] - share[f] + share[e])
+                    if after < load[src] - 1e-9 and (best is None or after < best[0]):
+                        best = (after, e, dst, f)
+        if best is None:
+            break
+        _, e, dst, f = best
+        where[e][where[e].index(src)] = dst
+        load[src] -= share[e]
+        load[dst] += share[e]
+        if f is None:
+            count[src] -= 1
+            count[dst] += 1
+        else:
+            where[f][where[f].index(dst)] = src
+            load[dst] -= share[f]
+            load[src] += share[f]
+    return where, load
