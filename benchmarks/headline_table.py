@@ -35,6 +35,11 @@ def _when(report: dict) -> str:
     return f", {report['date']}" if report.get("date") else ""
 
 
+def _range(per_layer: dict) -> str:
+    v = list(per_layer.values())
+    return f"{min(v):.2f}-{max(v):.2f}"
+
+
 def _row(what: str, figure: str, on: str, link: str) -> str:
     return f"| {what} | {figure} | {on} | {link} |"
 
@@ -137,6 +142,18 @@ def headline() -> str:
         "context again; `add_shards` + `rebalance` move its segment onto a new shard",
         f"built-in model, {elastic['context_shards']} shards + {elastic['expert_groups']} groups, store on local "
         f"disk; {_cores(elastic)}", "[benchmarks](docs/benchmarks.md#a-context-shard-lost-for-good)"))
+
+    eplb = _load("eplb.json")
+    best = min((r for r in eplb["runs"] if r["model"] == "built-in"), key=lambda r: r["max_balancedness_after"])
+    rows.append(_row(
+        "Experts balanced while serving (EPLB)",
+        f"balancedness (max/mean rows per group) per MoE layer from {_range(best['balancedness_before'])} to "
+        f"{_range(best['balancedness_after'])} with {best['redundant_per_layer']} expert copies a layer, "
+        f"{_same(best['same_tokens'], 'tokens')}; the batch-32 step {best['step_ratio_after_over_before']:.2f}x "
+        "as long (four groups on two shared cores)",
+        f"built-in model (8 experts top-1), {eplb['expert_groups']} expert groups; planned on KJV text, measured on "
+        "the Debian Reference; 2-core CPU VM",
+        "[faults](docs/faults.md#expert-groups-that-change-balance_experts-add_groups-remove_groups)"))
 
     runs = {r["routers"]: r["failover"] for r in routers["runs"]}
     rows.append(_row(

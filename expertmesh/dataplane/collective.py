@@ -203,6 +203,12 @@ class CollectiveExchange(ActorExchange):
             self._out = LeftOut()  # by peer index: asked again as the next generation forms
             self._drop_group()
 
+    def stats(self) -> dict:
+        return {"process_groups_formed": self.groups_formed, "transport": self.backend, "generation": self.generation,
+                "data_plane_refused": self.refused, "data_plane_malformed": self.malformed,
+                "members_cut": self.watch.cuts, "group_formation_seconds": self.formation_s,
+                "data_plane_address": list(self.address)}
+
     def allow_segments(self, n: int) -> None:
         """Plans may name n shards' segments (contexts stored by a mesh with more shards, served by
         this mesh's): the actors' bound on a step's attention rows grows, from the next group."""

@@ -112,5 +112,9 @@ class Exchange:
     def allow_segments(self, n: int) -> None:
         """Plans may name the segments of n shards (more than the mesh has: collective.py)."""
 
+    def stats(self) -> dict:
+        """What the data plane reports in the router's stats (the collective plane: its group)."""
+        return {}
+
     def close(self) -> None:
         pass

@@ -344,11 +344,14 @@ class ExpertMeshServer:
     async def pool(self, request: Request) -> dict:
         """What `expertmesh pool status` shows, with the contexts this tenant may see: each shard
         (Ray's state of it, the tokens it holds), each context's segments (which shard holds which
-        tokens, and whether the store has it), the routers and expert groups."""
+        tokens, and whether the store has it), the routers and expert groups (those in the mesh now,
+        and the version of the expert placement in force: `expertmesh pool experts`)."""
         tenant = self._tenant(request)
-        pool = await self._router("pool")
+        pool, experts = await asyncio.gather(self._router("pool"), self._router("expert_groups"))
         pool["segments"] = [c for c in pool["segments"] if c["owner"] == tenant or c["visibility"] == "shared"]
-        pool["routers"], pool["expert_groups"] = len(self.mesh.routers), len(self.mesh.groups)
+        pool["routers"] = len(self.mesh.routers)
+        pool["expert_groups"] = sum(h is not None for h in experts["handles"])
+        pool["expert_placement_version"] = experts["placement_version"]
         return pool
 
     @api.get("/ui", include_in_schema=False)

@@ -35,10 +35,8 @@ class ExpertGroups:
         self.routers, self.moe_layers, self.timeout_s = [r for r in routers if not down(r)], moe_layers, timeout_s
         if not self.routers:
             raise Unavailable("no router of the mesh is running; retry once one is back")
-        first = self.routers[0]
-        self.info, self.handles, self.current = ray.get(
-            [first.expert_groups.remote(), first.group_handles.remote(), first.expert_placement.remote()],
-            timeout=timeout_s)
+        self.info = ray.get(self.routers[0].expert_groups.remote(), timeout=timeout_s)
+        self.handles, self.current = self.info["handles"], self.info["placement"]
         self.partition = [range(a, b) for a, b in self.info["partition"]]
         if not self.partition:
             raise ValueError("this model has no MoE layers: there are no experts to place")

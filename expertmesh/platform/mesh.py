@@ -15,11 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from expertmesh.actors.context_shard import ContextShard, RemoteContextShard
-from expertmesh.actors.expert_group import RemoteExpertGroup
-from expertmesh.actors.names import lookup, routers_of
-from expertmesh.actors.router.router import RemoteRouter
-from expertmesh.actors.worker import remote_worker
+from expertmesh.actors.names import NAMESPACE, lookup, routers_of
 from expertmesh.dataplane.liveness import down
 from expertmesh.engine.request import Request
 from expertmesh.errors import PlacementError
@@ -28,24 +24,14 @@ from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import resolve_checkpoint
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.default import default_checkpoint
-from expertmesh.model.moe import expert_partition
 from expertmesh.model.sampling import SamplingParams
 from expertmesh.model.tokenizer import Tokenizer, load_tokenizer
-from expertmesh.platform.cluster import (
-    CONTEXT_SHARD,
-    EXPERT_GROUP,
-    NAMESPACE,
-    WORKER,
-    actor_name,
-    actor_options,
-    connect,
-    describe_resources,
-    gpus_per_mesh_actor,
-    missing_resources,
-    threads_per_actor,
+from expertmesh.platform.elastic_experts import (
+    balance_experts,
+    remove_groups,
+    start_groups,
 )
-from expertmesh.platform.elastic_experts import balance_experts, remove_groups, start_groups
-from expertmesh.platform.layout import local_resources, pick_layout
+from expertmesh.platform.launch import launch
 from expertmesh.platform.more_shards import start_shards
 from expertmesh.platform.router_set import RouterSet
 from expertmesh.store.fingerprint import model_fingerprint
@@ -85,20 +71,6 @@ def _unwrap(fn):
     return wrapper
 
 
-def _await_pings(routers: list, shards: list, groups: list, timeout_s: float) -> None:
-    """Wait until every actor answers, or raise PlacementError naming those that did not."""
-    refs = {r.ping.remote(): f"router {i}" if len(routers) > 1 else "the router" for i, r in enumerate(routers)}
-    refs |= {s.ping.remote(): f"context shard {i}" for i, s in enumerate(shards)}
-    refs |= {g.ping.remote(): f"expert group {i}" for i, g in enumerate(groups)}
-    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    ray.get(ready)  # an actor whose constructor failed raises its error here
-    if pending:
-        names = ", ".join(refs[r] for r in pending)
-        raise PlacementError(f"cannot start the mesh: {names} did not start within {timeout_s:g} s; the cluster "
-                             f"has {describe_resources(ray.available_resources())} free of "
-                             f"{describe_resources(ray.cluster_resources())}")
-
-
 class Mesh:
     """Context shards + expert groups + a router, as Ray actors."""
 
@@ -135,7 +107,7 @@ class Mesh:
             spec = MeshSpec(checkpoint=None if checkpoint is None else str(checkpoint), **fields)
         elif checkpoint is not None or fields:
             raise ValueError("pass a MeshSpec or its fields, not both (MeshSpec.replace(...) changes one)")
-        checkpoint, store, device = spec.checkpoint, spec.store, spec.device
+        checkpoint, store = spec.checkpoint, spec.store
         path = default_checkpoint() if checkpoint is None else resolve_checkpoint(checkpoint)
         config = ModelConfig.from_file(path / "config.json")
         tokenizer = load_tokenizer(path, config.vocab_size)  # before anything starts
@@ -145,83 +117,9 @@ class Mesh:
             StoreLocation(store).bind(fingerprint, {"architecture": config.architecture, "checkpoint": str(path)})
         if address is None and "jax" in (spec.shard_backend, spec.expert_backend):
             check_jax_installed()  # a local cluster's actors import what this process can import
-        experts = config.num_experts if any(config.moe_layers) else 0
-        local = address is None and not ray.is_initialized()
-        cpu_only = device == "cpu"  # a GPU host's GPUs do not count then
-        layout = pick_layout(spec.context_shards, spec.expert_groups, spec.colocate,
-                             local_resources(cpu_only) if local else {}, experts)
-        started = connect(address, layout.context_shards, layout.expert_groups)
-        actors: list = []
-        try:
-            if not local:  # a running cluster: its own resources decide what is left to pick
-                have = {k: v for k, v in ray.cluster_resources().items() if not (cpu_only and k == "GPU")}
-                layout = pick_layout(spec.context_shards, spec.expert_groups, spec.colocate, have, experts)
-            context_shards, colocate = layout.context_shards, layout.colocate
-            partition = expert_partition(config.num_experts, layout.expert_groups) if experts else []
-            missing = missing_resources(context_shards, len(partition))
-            if missing:
-                raise PlacementError(f"cannot start the mesh: {missing}")
-            n_actors = (max(context_shards, len(partition)) if colocate else context_shards + len(partition)) \
-                + spec.routers
-            threads = threads_per_actor(n_actors)
-            gpus = gpus_per_mesh_actor(device, spec.gpus_per_actor, n_actors)
-            specs = [config.attention_spec(i) for i in range(config.num_layers)]
-            base = name or f"mesh-{uuid.uuid4().hex[:12]}"
-            life = {"lifetime": "detached"} if detached else {}
-
-            life |= {"num_gpus": gpus} if gpus else {}
-
-            def options(kind: str | None, index: int = 0) -> dict:
-                return actor_options(kind) | life | {"name": actor_name(base, kind, index), "namespace": NAMESPACE}
-
-            shard_cls, shard_plain = RemoteContextShard, ContextShard
-            if spec.shard_backend == "jax":  # imports JAX in the shard actors only
-                from expertmesh.actors.jax_context_shard import (
-                    JaxContextShard as shard_plain,
-                )
-                from expertmesh.actors.jax_context_shard import (
-                    RemoteJaxContextShard as shard_cls,
-                )
-            shard_args = [(i, specs, spec.shard_capacity_tokens, spec.page_size, threads, store,
-                           spec.shard_memory_bytes, spec.kv_dtype, device, gpus or None)
-                          for i in range(max(context_shards, len(partition)))]
-            group_args = [(str(path), g, experts, threads, spec.expert_backend, device, spec.dtype)
-                          for g, experts in enumerate(partition)]
-            if colocate:  # worker i: shard i and group i (a worker past the last shard only computes experts)
-                worker_cls = remote_worker(shard_plain)
-                n = max(context_shards, len(partition))
-                names = [actor_name(base, WORKER, i) for i in range(n)]
-                for i in range(n):
-                    opts = actor_options(CONTEXT_SHARD if i < context_shards else EXPERT_GROUP,
-                                         also=EXPERT_GROUP if i < min(context_shards, len(partition)) else None)
-                    actors.append(worker_cls.options(**opts | life | {"name": names[i], "namespace": NAMESPACE})
-                                  .remote(shard_args[i], group_args[i] if i < len(partition) else None))
-                shards, groups = actors[:context_shards], actors[:len(partition)]
-                shard_names, group_names = names[:context_shards], names[:len(partition)]
-            else:
-                shards = [shard_cls.options(**options(CONTEXT_SHARD, i)).remote(*shard_args[i])
-                          for i in range(context_shards)]
-                groups = [RemoteExpertGroup.options(**options(EXPERT_GROUP, g)).remote(*a)
-                          for g, a in enumerate(group_args)]
-                actors += shards + groups
-                shard_names = [actor_name(base, CONTEXT_SHARD, i) for i in range(len(shards))]
-                group_names = [actor_name(base, EXPERT_GROUP, g) for g in range(len(groups))]
-            placed = spec.replace(checkpoint=str(path), context_shards=context_shards,  # what was picked
-                                  expert_groups=layout.expert_groups, colocate=colocate)
-            routers_ = [RemoteRouter.options(**options(None, r)).remote(placed, shard_names, group_names, fingerprint)
-                        for r in range(spec.routers)]
-            actors += routers_
-            _await_pings(routers_, shards, groups, start_timeout_s)
-        except BaseException as exc:
-            for actor in actors:  # a failed start leaves nothing behind
-                ray.kill(actor)
-            if started:
-                ray.shutdown()
-            if isinstance(exc, ray.exceptions.RayActorError) and "expertmesh[jax]" in str(exc):
-                line = next(x for x in str(exc).splitlines() if "expertmesh[jax]" in x)  # JAX missing on a host
-                raise ImportError(line.split("ImportError: ", 1)[-1].strip()) from None
-            raise
-        return cls(routers_, shards, groups, config, tokenizer, path, started)
+        routers, shards, groups, started = launch(spec, path, config, fingerprint, address, name, detached,
+                                                  start_timeout_s)
+        return cls(routers, shards, groups, config, tokenizer, path, started)
 
     @classmethod
     def attach(cls, name: str) -> "Mesh":
@@ -355,11 +253,23 @@ class Mesh:
     def remove_groups(self, groups: list[int], redundant: int = 0, timeout_s: float = 120.0) -> dict:
         """Take expert groups out of the mesh while serving: their experts are placed on the others
         first (loaded there), every router stops sending them rows, then their actors stop."""
-        handles = ray.get(self.router.group_handles.remote(), timeout=timeout_s)
+        handles = ray.get(self.router.expert_groups.remote(), timeout=timeout_s)["handles"]
         report = remove_groups(self.routers, self._moe_layers, list(groups), redundant, self.colocated, timeout_s)
         gone = {handles[g]._actor_id for g in groups}
         self.groups = [g for g in self.groups if g._actor_id not in gone]
         return report
+
+    @_unwrap
+    def experts(self) -> dict:
+        """The expert groups (index, own experts, taken out or not), the placement in force (per
+        MoE layer, the groups computing each expert) and the load the routers counted (rows per
+        group per layer, balancedness per layer)."""
+        info = self._call("expert_groups")
+        placement, load = info.pop("placement"), self._call("stats")["expert_load"]
+        info.pop("handles")
+        return info | {"placement": {layer: [list(gs) for gs in experts] for layer, experts in
+                                     placement.layers.items()} if placement is not None else None,
+                       "load": {k: load[k] for k in ("groups", "balancedness", "max_balancedness")}}
 
     @property
     def _moe_layers(self) -> list[int]:

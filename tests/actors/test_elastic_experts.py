@@ -3,6 +3,7 @@ platform/elastic_experts.py): experts balanced by the load the routers counted (
 of hot experts), groups added and taken out, every change under a running generation with the
 same tokens and logits as before, kept through a router restart."""
 
+import json
 import threading
 import time
 
@@ -12,6 +13,7 @@ import ray
 import torch
 
 import expertmesh as em
+from expertmesh.cli import main
 from expertmesh.engine.expert_placement import (
     ExpertPlacement,
     balance,
@@ -93,9 +95,9 @@ def _skewed(checkpoint: str, tmp_path) -> str:
     return str(out)
 
 
-def test_experts_balanced_added_and_removed_while_serving(ray_cluster, tiny_checkpoint, tmp_path):
+def test_experts_balanced_added_and_removed_while_serving(ray_cluster, tiny_checkpoint, tmp_path, capsys):
     mesh = em.Mesh.start(_skewed(tiny_checkpoint("mixtral"), tmp_path), context_shards=1, expert_groups=2,
-                         page_size=16)
+                         page_size=16, name="elastic-experts")
     try:
         ctx = mesh.register_context(list(range(4, 200)), mode="exact")
         want = mesh.forward_logits(PROMPT, context_id=ctx.id)
@@ -146,6 +148,15 @@ def test_experts_balanced_added_and_removed_while_serving(ray_cluster, tiny_chec
             mesh.remove_groups([0])
         with pytest.raises(ValueError, match="no running expert group"):
             mesh.remove_groups([1, 2])
+
+        # the operator's commands: what is placed where; a mesh not detached gets no groups from a shell
+        capsys.readouterr()
+        assert main(["pool", "experts", "--mesh", "elastic-experts"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["removed"] == [0] and shown["placement_version"] == 3
+        assert all(0 not in gs for experts in shown["placement"].values() for gs in experts)
+        assert main(["pool", "add-groups", "1", "--mesh", "elastic-experts"]) == 2
+        assert "not detached" in capsys.readouterr().err
 
         # a restarted router takes the placement and the mesh's groups from the groups
         ray.kill(mesh.router, no_restart=False)

@@ -18,11 +18,20 @@ import numpy as np
 import ray
 import torch
 
-from expertmesh.actors.names import added_groups, added_shards, lookup, mesh_of, own_name, present
+from expertmesh.actors.names import (
+    added_groups,
+    added_shards,
+    lookup,
+    mesh_of,
+    own_name,
+    present,
+)
 from expertmesh.actors.router.contexts import Contexts
 from expertmesh.actors.router.directory import Directory
 from expertmesh.actors.router.experts import Experts
 from expertmesh.actors.router.long_poll import Snapshot
+from expertmesh.actors.router.new_sequence import new_sequence
+from expertmesh.actors.router.next_token import next_token
 from expertmesh.actors.router.placement import Placement
 from expertmesh.actors.router.registration import Registration, check_tokens
 from expertmesh.actors.router.reports import Reports
@@ -47,7 +56,6 @@ from expertmesh.model.checkpoint import load_model
 from expertmesh.model.device import resolve_device, resolve_dtype
 from expertmesh.model.grammar import Grammars
 from expertmesh.model.moe import expert_partition
-from expertmesh.model.sampling import SamplingParams, logprobs_of, sample
 from expertmesh.model.tokenizer import load_tokenizer
 from expertmesh.store.catalog import Catalog
 from expertmesh.store.fingerprint import model_fingerprint
@@ -254,16 +262,9 @@ class Router:
         return list(self.step_log)
 
     def stats(self) -> dict:
-        ex = self.engine.exchange
-        groups = getattr(ex, "groups_formed", None)
-        plane = {"process_groups_formed": groups, "transport": ex.backend, "generation": ex.generation,
-                 "data_plane_refused": ex.refused, "data_plane_malformed": ex.malformed,
-                 "members_cut": ex.watch.cuts,
-                 "group_formation_seconds": ex.formation_s,
-                 "data_plane_address": list(ex.address)} if groups is not None else {}
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
-                "data_plane": self.data_plane, **plane,
+                "data_plane": self.data_plane, **self.engine.exchange.stats(),
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
                 "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts),
@@ -281,13 +282,8 @@ class Router:
         return await self.placement.rebalance()
 
     def expert_groups(self) -> dict:
-        return self.experts.describe()
-
-    def group_handles(self) -> list:
-        return list(self.experts.groups)
-
-    def expert_placement(self):
-        return self.engine.placement
+        """describe() with the groups' handles (None: taken out) and the placement in force."""
+        return self.experts.describe() | {"handles": list(self.experts.groups), "placement": self.engine.placement}
 
     def expert_load_table(self) -> np.ndarray:
         return self.experts.load()
@@ -345,36 +341,11 @@ class Router:
         if seq.kind == "logits":
             seq.logits.append(logits.cpu().numpy())
             return self._finish(seq)
-        if seq.t_first is None:
-            seq.t_first = time.perf_counter()
-            seq.freeze_pathway()
-        params = seq.params
-        if logits.dim() == 2:  # the prefill's every row: the prompt's log-probabilities, then the last row's choice
-            rows = logits
-            prompt = seq.token_ids[:seq.prompt_len]
-            seq.prompt_logprobs = [None] + logprobs_of(rows[-len(prompt):-1], prompt[1:], params.prompt_logprobs)
-            logits = rows[-1]
-        if params.max_new_tokens == 0:
-            return self._finish(seq, reason="length")
-        stop_ids = () if params.ignore_eos else tuple(self.cfg.eos_token_id)
-        allowed = seq.matcher.mask(logits) if seq.matcher is not None else logits  # the grammar's next tokens
-        token = sample(allowed, params, seq.generator, seq.token_ids[:seq.prompt_len], seq.output,
-                       stop_ids + params.stop_token_ids)
-        if seq.matcher is not None:
-            seq.matcher.consume(token)
-        if params.logprobs is not None:
-            seq.logprobs.extend(logprobs_of(logits.view(1, -1), [token], params.logprobs))
-        seq.output.append(token)
-        seq.token_ids.append(token)
-        if seq.stream is not None:
-            seq.stream.put_nowait(token)
-        eos = token in self.cfg.eos_token_id and not params.ignore_eos
-        if eos or token in seq.params.stop_token_ids or seq.cancelled or (seq.matcher is not None and seq.matcher.done):
-            self._finish(seq, reason="stop")
-        elif len(seq.output) >= seq.params.max_new_tokens:
-            self._finish(seq, reason="length")
-        else:
+        reason = next_token(seq, logits, self.cfg)  # sample, emit (next_token.py)
+        if reason is None:
             self.scheduler.keep_running(seq)
+        else:
+            self._finish(seq, reason=reason)
 
     def _finish(self, seq: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
         seq.finish_reason = reason
@@ -441,30 +412,10 @@ class Router:
 
     # -- helpers --------------------------------------------------------------------------
     def _sequence(self, kind: str, request: Request) -> Sequence:
-        """The router's state for a request, checked against this model (vocabulary, positions)."""
+        """The router's state for a request, checked against this model (new_sequence.py)."""
         self._check_tokens(request.prompt_ids, "prompt")
-        request_id = request.request_id or f"req-{next(self._ids)}"
-        left = request.seconds_left()
-        if left is not None and left <= 0:
-            raise DeadlineExceeded(f"request {request_id!r} reached the router {-left:.3f} s after its deadline; "
-                                   "nothing was run")
-        params = request.params if kind == "generate" else SamplingParams(max_new_tokens=0)
-        segments, start, files = [], 0, {}
-        if request.context_id is not None:
-            record = self._record(request.context_id)
-            segments, start = record.segments, record.info.num_tokens
-            files = {s.shard: (f, s.start, s.end) for s, f in zip(record.segments, record.files)}
-        total = start + len(request.prompt_ids) + params.max_new_tokens
-        if total > self.cfg.max_position_embeddings:
-            raise ValueError(f"context ({start}) + prompt ({len(request.prompt_ids)}) + max_new_tokens "
-                             f"({params.max_new_tokens}) = {total} exceeds max_position_embeddings "
-                             f"({self.cfg.max_position_embeddings})")
-        seq = Sequence(request_id, kind, list(request.prompt_ids), start, segments, request.context_id, params,
-                       self.cfg.num_layers, request.top_shards, request.tenant, top_pages=request.top_pages,
-                       segment_files=files, deadline=request.deadline, pool=self.engine.kv_pool)
-        if params.grammar is not None:
-            seq.matcher = self._grammars().matcher(params.grammar)
-        return seq
+        return new_sequence(kind, request, request.request_id or f"req-{next(self._ids)}", self.cfg, self._record,
+                            self._grammars, self.engine.kv_pool)
 
     def _grammars(self) -> Grammars:
         """Structured output against this checkpoint's tokenizer (built at the first grammar)."""
@@ -492,10 +443,8 @@ def _retrieved(task: asyncio.Future) -> None:
 
 
 def _cuda_memory(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
     return {"cuda_memory_allocated_bytes": torch.cuda.memory_allocated(device),
-            "cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+            "cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
 
 
 RemoteRouter = ray.remote(Router)
