@@ -31,6 +31,12 @@ import ray
 import torch
 
 from expertmesh.actors.names import own_mesh
+from expertmesh.actors.segment_moves import SegmentMoves
+from expertmesh.actors.shard_memory import (  # noqa: F401
+    default_pool_bytes,
+    host_memory_bytes,
+    remove_dead_scratch,
+)
 from expertmesh.actors.shard_metrics import ShardMetrics
 from expertmesh.dataplane.step_worker import StepWorker
 from expertmesh.engine.pathway import quest_bound_rows
@@ -65,46 +71,7 @@ def _host(x) -> np.ndarray:
     return x.cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
-def host_memory_bytes() -> int:
-    """This host's memory, or the container's limit where one is set (cgroup v2 / v1)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path).read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
-def default_pool_bytes(device: torch.device, gpu_share: float | None = None) -> int:
-    """The hot-page budget when none is given. A pool in host memory: an eighth of the host's
-    (or container's) memory. A pool on a GPU: 90% of the GPU memory free when the pool is made
-    (after the weights of actors sharing the GPU loaded), at most this actor's share of the GPU
-    (`gpu_share`: the GPUs it asked Ray for; several shards and expert groups may share one)."""
-    if device.type != "cuda":
-        return host_memory_bytes() // 8
-    free, total = torch.cuda.mem_get_info(device)
-    share = total * min(1.0, gpu_share) if gpu_share else total
-    return int(0.9 * min(free, share))
-
-
-def _remove_dead_scratch() -> None:
-    """Scratch directories of shards whose process is gone (killed: no exit handler ran)."""
-    root = tempfile.gettempdir()
-    for name in os.listdir(root):
-        parts = name.split("-")
-        if len(parts) >= 3 and parts[0] == "expertmesh" and parts[1].startswith("shard") and parts[2].isdigit():
-            try:
-                os.kill(int(parts[2]), 0)
-            except ProcessLookupError:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            except PermissionError:
-                pass
-
-
-class ContextShard(StepWorker):
+class ContextShard(StepWorker, SegmentMoves):
     BACKEND = "torch"  # what `Mesh.add_shards` starts more of
 
     def __init__(self, index: int, specs: list[AttentionSpec], capacity_tokens: int | None = None,
@@ -133,7 +100,7 @@ class ContextShard(StepWorker):
         self.durable = store is not None
         self._scratch = None
         if store is None:
-            _remove_dead_scratch()
+            remove_dead_scratch()
             self._scratch = tempfile.mkdtemp(prefix=f"expertmesh-shard{index}-{os.getpid()}-")
             atexit.register(shutil.rmtree, self._scratch, True)
         self.location = StoreLocation(store or self._scratch)
@@ -213,11 +180,12 @@ class ContextShard(StepWorker):
         with self._lock:
             return self._summaries(self._open(context_id, name, start, end))
 
-    def _open(self, context_id: str, name: str, start: int, end: int) -> _Open:
+    def _open(self, context_id: str, name: str, start: int, end: int, here: bool = False) -> _Open:
+        # here: the file is in this shard's own location, with a store or not (import_segment)
         opened = self._ctx.get(context_id)
         if opened is not None:
             return opened
-        if not self.durable:
+        if not self.durable and not here:
             raise ContextNotFound(f"context {context_id!r} has no segment on shard {self.index} (this mesh has "
                                   f"no store: the context was lost with the shard's memory)")
         opened = self._files.get(name)

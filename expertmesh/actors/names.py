@@ -64,13 +64,6 @@ def lookup(targets: list) -> list:
     return [ray.get_actor(t, namespace=NAMESPACE) if isinstance(t, str) else t for t in targets]
 
 
-def added_shards(router_name: str | None, first: int) -> list[str]:
-    """Names of context shards added to a running mesh (`Mesh.add_shards`), from index `first`
-    on: a restarted router finds them by name (its constructor names only the first ones)."""
-    mesh = mesh_of(router_name)
-    return [] if mesh is None else _running(lambda i: actor_name(mesh, CONTEXT_SHARD, first + i))
-
-
 def present(targets: list) -> list:
     """`lookup`, with None for a name no actor has (an expert group taken out of the mesh)."""
     out = []
@@ -85,16 +78,18 @@ def present(targets: list) -> list:
 GAP = 8  # names past the last one found that are tried before a scan stops
 
 
-def added_groups(router_name: str | None, first: int) -> list[str | None]:
-    """Names of expert groups added to a running mesh (`Mesh.add_groups`), from index `first`
-    on, None where one was taken out again (`Mesh.remove_groups`): a restarted router finds them."""
+def added(kind: str, router_name: str | None, first: int) -> list[str | None]:
+    """Names of the context shards or expert groups (`kind`) added to a running mesh
+    (`Mesh.add_shards`, `Mesh.add_groups`) from index `first` on, None where one was taken out
+    again (`remove_shards`, `remove_groups`): a restarted router finds them (its constructor
+    names only the first ones)."""
     mesh = mesh_of(router_name)
     if mesh is None:
         return []
     found: list[str | None] = []
     missing = 0
     while missing < GAP:
-        name = actor_name(mesh, EXPERT_GROUP, first + len(found) + missing)
+        name = actor_name(mesh, kind, first + len(found) + missing)
         try:
             ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:

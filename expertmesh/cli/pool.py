@@ -4,6 +4,7 @@ pod of a KubeRay cluster: `kubectl exec ... -- expertmesh pool add-shards 1`).
     expertmesh pool status                 # each shard: Ray's state of it, tokens it holds
     expertmesh pool add-shards N           # N more context shards, like the running ones
     expertmesh pool rebalance              # move stored segments onto the least loaded shards
+    expertmesh pool remove-shards S [S ...]   # take shards out (their segments move first)
     expertmesh pool experts                # expert groups, the placement in force, load per layer
     expertmesh pool balance-experts [--redundant R]   # re-place experts by the counted load
     expertmesh pool add-groups N [--redundant R]      # N more expert groups, experts balanced onto them
@@ -20,11 +21,12 @@ import json
 
 def add_parser(sub) -> None:
     p = sub.add_parser("pool", help="a running mesh's context pool and expert groups: status, add-shards N, "
-                                    "rebalance, experts, balance-experts, add-groups N, remove-groups G...")
-    p.add_argument("action", choices=("status", "add-shards", "rebalance", "experts", "balance-experts",
-                                      "add-groups", "remove-groups"))
+                                    "rebalance, remove-shards S..., experts, balance-experts, add-groups N, "
+                                    "remove-groups G...")
+    p.add_argument("action", choices=("status", "add-shards", "rebalance", "remove-shards", "experts",
+                                      "balance-experts", "add-groups", "remove-groups"))
     p.add_argument("numbers", nargs="*", type=int,
-                   help="add-shards / add-groups: how many (default 1); remove-groups: the groups' indices")
+                   help="add-shards / add-groups: how many (default 1); remove-shards / remove-groups: indices")
     p.add_argument("--redundant", type=int, default=0,
                    help="balance-experts / add-groups / remove-groups: extra copies of hot experts per MoE layer")
     p.add_argument("--mesh", default="expertmesh", help="the running mesh's name (default: expertmesh)")
@@ -54,11 +56,12 @@ def cmd_pool(args: argparse.Namespace) -> int:
         out = {"added": mesh.add_shards(count, timeout_s=args.timeout_s)}
     elif args.action == "add-groups":
         out = mesh.add_groups(count, redundant=args.redundant, timeout_s=args.timeout_s)
-    elif args.action == "remove-groups":
+    elif args.action in ("remove-groups", "remove-shards"):
         if not args.numbers:
-            raise ValueError("remove-groups needs the indices of the groups to take out (`expertmesh pool experts` "
-                             "lists them)")
-        out = mesh.remove_groups(args.numbers, redundant=args.redundant, timeout_s=args.timeout_s)
+            raise ValueError(f"{args.action} needs the indices of what to take out (`expertmesh pool status` lists "
+                             "the shards, `expertmesh pool experts` the groups)")
+        out = mesh.remove_shards(args.numbers) if args.action == "remove-shards" else \
+            mesh.remove_groups(args.numbers, redundant=args.redundant, timeout_s=args.timeout_s)
     elif args.action == "balance-experts":
         out = mesh.balance_experts(redundant=args.redundant, timeout_s=args.timeout_s)
     elif args.action == "experts":

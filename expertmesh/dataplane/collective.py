@@ -180,10 +180,9 @@ class CollectiveExchange(ActorExchange):
         self.left_shards = {self.peers[i][1]: st for i, st in left.items() if self.peers[i][1] is not None}
         self.left_groups = {self.peers[i][2]: st for i, st in left.items() if self.peers[i][2] is not None}
 
-    def add_shards(self, handles: list[Any]) -> None:
+    def add_shards(self, handles: list[Any], first: int) -> None:
         """Context shards added to the mesh: the next step forms a new generation with them."""
         with self._lock:
-            first = 1 + max(s for _, s, _ in self.peers if s is not None)
             self.peers += [(h, first + k, None) for k, h in enumerate(handles)]
             self.limits = dataclasses.replace(self.limits, shards=max(self.limits.shards, first + len(handles)))
             self._drop_group()
@@ -197,8 +196,14 @@ class CollectiveExchange(ActorExchange):
     def remove_groups(self, groups: set[int]) -> None:
         """Expert groups taken out of the mesh: the next generation forms without them (an actor
         that is also a context shard stays, as a shard)."""
+        self._leave([(h, s, None if g in groups else g) for h, s, g in self.peers])
+
+    def remove_shards(self, shards: set[int]) -> None:
+        """Context shards taken out of the mesh: the next generation forms without them."""
+        self._leave([(h, None if s in shards else s, g) for h, s, g in self.peers])
+
+    def _leave(self, peers: list) -> None:
         with self._lock:
-            peers = [(h, s, None if g in groups else g) for h, s, g in self.peers]
             self.peers = [p for p in peers if p[1] is not None or p[2] is not None]
             self._out = LeftOut()  # by peer index: asked again as the next generation forms
             self._drop_group()

@@ -21,6 +21,7 @@ import ray
 
 ALIVE = "ALIVE"
 UNKNOWN = "UNKNOWN"  # Ray could not be asked and never answered for this actor: never counted alive
+REMOVED = "REMOVED"  # taken out of the mesh (its handle is None): never alive again
 RECHECK_S = 1.0  # while an actor is left out, how often the router asks whether it is back
 RETRY_S = 30.0  # one left out while Ray called it alive is tried again after this long
 
@@ -34,7 +35,10 @@ def actor_row(handle: Any) -> dict:
 
 def actor_info(handle: Any) -> tuple[str, int]:
     """Ray's state of an actor (ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD,
-    or UNKNOWN) and how many times Ray has restarted it."""
+    or UNKNOWN) and how many times Ray has restarted it. None (an actor taken out of the mesh
+    by the mesh itself: remove_shards, remove_groups) is REMOVED."""
+    if handle is None:
+        return REMOVED, 0
     if not isinstance(handle, ray.actor.ActorHandle):
         return ALIVE, 0
     key = handle._actor_id.hex()

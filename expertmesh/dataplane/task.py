@@ -33,18 +33,22 @@ class TaskExchange(ActorExchange):
         directly: no group)."""
         if fresh or time.monotonic() - self._checked >= RECHECK_S:
             self._checked = time.monotonic()
-            self._absent = ({i: st for i, h in enumerate(self.shards) if (st := down(h))},
+            self._absent = ({i: st for i, h in enumerate(self.shards) if h is not None and (st := down(h))},
                             {g: st for g, h in enumerate(self.groups) if h is not None and (st := down(h))})
         return dict(self._absent[0]), dict(self._absent[1])
 
     def shard_handle(self, shard: int) -> Any:
         return self.shards[shard]
 
-    def add_shards(self, handles: list[Any]) -> None:
-        self.shards = [*self.shards, *handles]  # a step in flight keeps the list it began with
+    def add_shards(self, handles: list[Any], first: int) -> None:
+        shards = self.shards + [None] * (first - len(self.shards))
+        self.shards = [*shards, *handles]  # a step in flight keeps the list it began with
 
     def group_handle(self, group: int) -> Any:
         return self.groups[group]
+
+    def remove_shards(self, shards: set[int]) -> None:
+        self.shards = [None if i in shards else h for i, h in enumerate(self.shards)]
 
     def add_groups(self, handles: dict[int, Any]) -> None:
         groups = self.groups + [None] * (max(handles) + 1 - len(self.groups))

@@ -62,10 +62,11 @@ def is_transport_error(exc: BaseException) -> bool:
 
 def peer_list(shards: list[Any], groups: list[Any]) -> list[tuple[Any, int | None, int | None]]:
     """Unique actors (handle, shard index, group index): a colocated actor holds one of each.
-    A group's handle None: taken out of the mesh (remove_groups), not a peer."""
+    A handle None: taken out of the mesh (remove_shards, remove_groups), not a peer."""
     peers: dict[Any, list] = {}
     for i, h in enumerate(shards):
-        peers.setdefault(h._actor_id, [h, None, None])[1] = i
+        if h is not None:  # a shard taken out of the mesh
+            peers.setdefault(h._actor_id, [h, None, None])[1] = i
     for g, h in enumerate(groups):
         if h is not None:  # a group taken out of the mesh
             peers.setdefault(h._actor_id, [h, None, None])[2] = g

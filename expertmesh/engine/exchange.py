@@ -97,8 +97,12 @@ class Exchange:
     def group_handle(self, group: int) -> Any:
         raise NotImplementedError
 
-    def add_shards(self, handles: list[Any]) -> None:
-        """Context shards added to the mesh (indices from the current count on)."""
+    def add_shards(self, handles: list[Any], first: int) -> None:
+        """Context shards added to the mesh, with indices from `first` on."""
+        raise NotImplementedError
+
+    def remove_shards(self, shards: set[int]) -> None:
+        """Context shards taken out of the mesh (their segments moved off): no step reaches them."""
         raise NotImplementedError
 
     def add_groups(self, handles: dict[int, Any]) -> None:

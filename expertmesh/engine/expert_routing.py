@@ -7,7 +7,7 @@ out of the mesh; the rows each group computed (its load)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -15,16 +15,13 @@ from expertmesh.engine.expert_placement import ExpertPlacement, Routes, routes
 from expertmesh.engine.takeover import serving_map
 from expertmesh.errors import Unavailable
 
-if TYPE_CHECKING:
-    from expertmesh.engine.engine import _Step
-
 
 class ExpertRouting:
     """Engine methods over its partition, placement, stand-ins and group counts (set up in
     Engine.__init__)."""
 
     # -- experts --------------------------------------------------------------------------
-    def _dispatch(self, step: _Step, layer, rows: torch.Tensor, experts: torch.Tensor):
+    def _dispatch(self, step: Any, layer, rows: torch.Tensor, experts: torch.Tensor):
         """Send (row, expert) pairs to the groups holding the experts; a function combining
         their outputs [P, H] in pair order."""
         if not step.plan.layers[layer.index].experts:  # no rows left at this layer (segments only)
@@ -74,7 +71,7 @@ class ExpertRouting:
         return combine
 
     @staticmethod
-    def _count_groups(step: _Step) -> None:
+    def _count_groups(step: Any) -> None:
         """Tokens each request sent to each expert group this step, summed over its layers."""
         sums: dict[int, tuple[list, torch.Tensor]] = {}
         for batch, counts in step.group_counts:  # one batch list until the last layer narrows it

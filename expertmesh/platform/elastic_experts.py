@@ -73,18 +73,21 @@ class ExpertGroups:
         named = placement.groups()
         live = {g: h for g, h in enumerate(self.handles) if h is not None}
         refs = {g: h.hold.remote(placement) for g, h in live.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)  # one bound for all
         loaded = 0
         for g, ref in refs.items():
             try:
-                loaded += ray.get(ref, timeout=self.timeout_s)["loaded"]
+                loaded += ray.get(ref, timeout=0.1)["loaded"]
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 if g in named:  # a group the placement needs cannot hold its part: nothing changes
                     raise Unavailable(f"expert group {g} could not load the experts placed on it "
                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
         ray.get([r.set_expert_placement.remote(placement) for r in self.routers], timeout=self.timeout_s)
-        for ref in [h.settle.remote(placement.version) for h in live.values()]:
+        settled = [h.settle.remote(placement.version) for h in live.values()]
+        ray.wait(settled, num_returns=len(settled), timeout=self.timeout_s)
+        for ref in settled:
             try:
-                ray.get(ref, timeout=self.timeout_s)
+                ray.get(ref, timeout=0.1)
             except (ray.exceptions.RayError, TimeoutError):
                 pass  # a lost group holds nothing
         moved = sum(1 for experts in placement.layers.values() for e, gs in enumerate(experts)

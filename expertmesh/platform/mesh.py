@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from expertmesh.actors.names import NAMESPACE, lookup, routers_of
+from expertmesh.actors.names import CONTEXT_SHARD, NAMESPACE, actor_name, lookup, routers_of
 from expertmesh.dataplane.liveness import down
 from expertmesh.engine.request import Request
 from expertmesh.errors import PlacementError
@@ -220,7 +220,8 @@ class Mesh:
         share; on hosts declaring `context_shard` where the cluster declares it) and add them to
         the mesh: new contexts use them at once; `rebalance()` moves existing segments onto them.
         They stay part of the mesh through router restarts. Returns their indices."""
-        new = start_shards(self.router, self.shards, n, timeout_s)
+        first = self._call("describe")["shard_slots"]
+        new = start_shards(self.router, self.shards, n, timeout_s, first)
         try:
             names = [name for name, _ in new]
             added = ray.get([r.add_shards.remote(names) for r in self.routers if not down(r)])[0]
@@ -274,6 +275,25 @@ class Mesh:
     @property
     def _moe_layers(self) -> list[int]:
         return [i for i, moe in enumerate(self.config.moe_layers) if moe]
+
+    @_unwrap
+    def remove_shards(self, shards: list[int], timeout_s: float = 300.0) -> dict:
+        """Take context shards out of the mesh while serving: their segments move to the other
+        shards first (stored ones opened there from the store, the others carried peer to peer),
+        requests keep running with the same logits, then every router forgets them and their
+        actors stop. Returns what moved and the tokens per shard after."""
+        if self.colocated:
+            raise ValueError("the mesh's context shards are colocated workers that also hold expert groups; "
+                             "they cannot be taken out on their own")
+        report = self._call("remove_shards", list(shards))
+        mesh = self._call("describe")["mesh"]
+        leaving = [ray.get_actor(actor_name(mesh, CONTEXT_SHARD, s), namespace=NAMESPACE) for s in shards]
+        ray.get([r.forget_shards.remote(list(shards)) for r in self.routers if not down(r)], timeout=timeout_s)
+        for actor in leaving:
+            ray.kill(actor)
+        gone = {a._actor_id for a in leaving}
+        self.shards = [h for h in self.shards if h._actor_id not in gone]
+        return report
 
     @_unwrap
     def pool(self) -> dict:

@@ -16,8 +16,8 @@ from expertmesh.platform.cluster import (
 )
 
 
-def start_shards(router, shards: list, n: int, timeout_s: float) -> list[tuple[str, object]]:
-    """n shards with the next indices, the same constructor arguments as a running shard's (its
+def start_shards(router, shards: list, n: int, timeout_s: float, first: int) -> list[tuple[str, object]]:
+    """n shards with indices from `first` on (never one a shard taken out had), the same constructor arguments as a running shard's (its
     backend, page budget, store, GPU share) and the mesh's lifetime; (name, handle) each, once
     every one answers. Fails within timeout_s (PlacementError: no room) leaving nothing behind."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -27,7 +27,7 @@ def start_shards(router, shards: list, n: int, timeout_s: float) -> list[tuple[s
     if backend == "jax":
         from expertmesh.actors.jax_context_shard import RemoteJaxContextShard as cls
     row = actor_row(router)
-    base, first, gpu_share = mesh_of(row["Name"]), len(shards), args[-1]
+    base, gpu_share = mesh_of(row["Name"]), args[-1]
     life = ({"lifetime": "detached"} if row.get("IsDetached") else {}) | ({"num_gpus": gpu_share} if gpu_share else {})
     names = [actor_name(base, CONTEXT_SHARD, i) for i in range(first, first + n)]
     new = []

@@ -91,6 +91,69 @@ def test_add_shards_then_rebalance_moves_segments_while_requests_run(ray_cluster
         assert {c.id: c.shards for c in mesh.contexts()} == layout
         assert len(ray.get(mesh.router.describe.remote())["shards"]) == 4
         assert mesh.rebalance()["moved"] == []  # balanced already
+
+        # scale-in: shard 0's segments open on the others from the store while a generation runs
+        out = {}
+        worker = threading.Thread(target=lambda: out.setdefault("res", mesh.generate(
+            PROMPT, context_id=ctxs[0].id, max_new_tokens=40)))
+        worker.start()
+        time.sleep(0.3)
+        res = mesh.remove_shards([0])
+        worker.join(120)
+        assert out["res"].token_ids == tokens
+        assert res["removed"] == [0] and res["tokens_after"][0] == 0 and {m["how"] for m in res["moved"]} <= {"store"}
+        assert all(0 not in c.shards for c in mesh.contexts()) and len(mesh.shards) == 3
+        assert mesh.pool()["shards"][0]["state"] == "REMOVED"
+        for c in ctxs:
+            np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=c.id), want[c.id])
+    finally:
+        mesh.shutdown()
+
+
+def test_remove_shards_carries_segments_peer_to_peer_without_a_store(ray_cluster, tiny_checkpoint):
+    """No store: a leaving shard's segments go to the others as their files' bytes; requests keep
+    running with the same tokens and bit-equal logits; the index is never used again; a
+    restarted router knows the shard is gone."""
+    mesh = em.Mesh.start(tiny_checkpoint("mixtral"), context_shards=3, expert_groups=1, page_size=16)
+    try:
+        ctxs = [mesh.register_context(list(range(4 + k, 200 + k)), mode="exact", shards=2) for k in range(3)]
+        want = {c.id: mesh.forward_logits(PROMPT, context_id=c.id) for c in ctxs}
+        victim = next(s for s in range(3) if sum(s in c.shards for c in ctxs) >= 2)
+        on_victim = next(c for c in ctxs if victim in c.shards)
+        tokens = mesh.generate(PROMPT, context_id=on_victim.id, max_new_tokens=40).token_ids
+        out = {}
+        worker = threading.Thread(target=lambda: out.setdefault("res", mesh.generate(
+            PROMPT, context_id=on_victim.id, max_new_tokens=40)))
+        worker.start()
+        time.sleep(0.3)
+        res = mesh.remove_shards([victim])
+        worker.join(120)
+        print(f"\nREMOVE_SHARDS (no store) {res}")
+        assert out["res"].token_ids == tokens
+        assert res["moved"] and {m["how"] for m in res["moved"]} == {"peer"} and res["tokens_after"][victim] == 0
+        for c in ctxs:
+            np.testing.assert_array_equal(mesh.forward_logits(PROMPT, context_id=c.id), want[c.id])
+        assert all(victim not in c.shards for c in mesh.contexts())
+        with pytest.raises(ValueError, match="not in the mesh"):
+            mesh.remove_shards([victim])
+        with pytest.raises(ValueError, match="no running context shard"):
+            mesh.remove_shards([s for s in range(3) if s != victim])
+        fresh = mesh.register_context(list(range(40, 120)), mode="exact", shards=2)
+        assert victim not in fresh.shards
+        assert mesh.add_shards(1) == [3]  # a new index, never the one taken out
+
+        ray.kill(mesh.router, no_restart=False)  # a restarted router: the shard is gone, the layout stays
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got = mesh.forward_logits(PROMPT, context_id=on_victim.id)
+                states = [s["state"] for s in mesh.pool()["shards"]]
+                break
+            except Exception as exc:  # noqa: BLE001 - restarting
+                assert time.monotonic() < deadline, repr(exc)
+                time.sleep(0.5)
+        np.testing.assert_array_equal(got, want[on_victim.id])
+        assert states[victim] == "REMOVED" and len(states) == 4
     finally:
         mesh.shutdown()
 

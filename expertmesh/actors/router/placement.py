@@ -26,15 +26,18 @@ import ray
 from expertmesh.actors.names import lookup
 from expertmesh.actors.router.contexts import Contexts
 from expertmesh.actors.router.directory import Directory
+from expertmesh.actors.router.registration import shard_meta
 from expertmesh.actors.router.retire import Retiring
 from expertmesh.actors.router.shards import Shards
 from expertmesh.dataplane.calls import call, tell
 from expertmesh.dataplane.liveness import down
 from expertmesh.engine.engine import Engine
+from expertmesh.errors import CapacityError
 from expertmesh.store.catalog import Catalog
 from expertmesh.store.registry import ContextRecord
 
 MOVE_TIMEOUT_S = 60.0  # a target shard opening one segment file (its summaries from the store)
+LET_GO_S = 120.0  # a leaving shard's segments let go (the requests begun before their moves finishing)
 
 
 def plan_moves(layout: dict[str, list[tuple[int, int]]], running: list[bool], base: list[int] | None = None,
@@ -98,7 +101,7 @@ class Placement:
         """Context shards started for this mesh (`Mesh.add_shards`) join it: the next step's
         group takes them in, and new contexts may use them at once. Returns their indices."""
         handles = lookup(names)
-        await asyncio.to_thread(self.engine.exchange.add_shards, handles)  # after a step in flight
+        await asyncio.to_thread(self.engine.exchange.add_shards, handles, len(self.shards))  # after a step in flight
         return self.shards.add(handles)
 
     async def pool(self) -> dict:
@@ -155,16 +158,90 @@ class Placement:
                     "not_moved": {"contexts": kept, "lost": sorted(set(lost)),
                                   "why": "not in a store: a segment lives in its shard's memory"} if kept else {}}
 
+    async def remove_shards(self, indices: list[int]) -> dict:
+        """Move every segment off shards leaving the mesh (`Mesh.remove_shards`): stored ones as
+        `rebalance` moves them (the target opens the file from the store), the others peer to
+        peer (the target takes the file's bytes from the leaving shard); new contexts no longer
+        go there. Returns once the leaving shards have let go of everything (requests that began
+        before a move finish on the old shard). The routers then forget them (`forget_shards`)."""
+        async with self._placing:
+            t0 = time.perf_counter()
+            bad = [s for s in indices if not isinstance(s, int) or not 0 <= s < len(self.shards) or self.shards[s] is None]
+            if bad or not indices:
+                raise ValueError(f"context shards {bad or indices} are not in the mesh; its shards: "
+                                 f"{[s for s, h in enumerate(self.shards) if h is not None]}")
+            running = [h is not None and s not in indices for s, h in enumerate(self.shards.running())]
+            if not any(running):
+                raise ValueError(f"taking out shards {indices} would leave no running context shard")
+            self.shards.leaving |= set(indices)
+            try:
+                moved = await self._evacuate(set(indices), running)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + LET_GO_S
+                while any(set(indices) & busy for busy in self.retiring.busy.values()) and loop.time() < deadline:
+                    await asyncio.sleep(0.05)  # requests begun before a move finish on the old shard
+            except BaseException:
+                self.shards.leaving -= set(indices)
+                raise
+            return {"moved": moved, "tokens_after": self.contexts.shard_tokens(), "removed": list(indices),
+                    "seconds": time.perf_counter() - t0}
+
+    async def _evacuate(self, leaving: set[int], running: list[bool]) -> list[dict]:
+        records = [r for r in self.contexts.records() if r.ready and not r.dropped]
+        layout = {r.info.id: [(s.shard, s.end - s.start) for s in r.segments] for r in records}
+        moved = []
+        for cid, i, dst in plan_moves(layout, running, busy=self.retiring.busy):
+            record = self.contexts.get(cid)
+            if record is None or record.dropped or record.segments[i].shard not in leaving:
+                continue  # dropped meanwhile, or a move that only evens the load (rebalance's)
+            src, seg = record.segments[i].shard, record.segments[i]
+            if not (await self._move(record, i, dst) if record.info.stored else await self._carry(record, i, dst)):
+                continue
+            moved.append({"context": cid, "segment": i, "tokens": seg.end - seg.start, "from": src, "to": dst,
+                          "how": "store" if record.info.stored else "peer"})
+        left = {r.info.id: [s.shard for s in r.segments if s.shard in leaving] for r in self.contexts.records()
+                if r.ready and not r.dropped}
+        left = {cid: s for cid, s in left.items() if s}
+        if left:
+            raise CapacityError(f"segments of contexts {sorted(left)} found no other shard to go to (a context "
+                                "keeps one segment a shard): add shards first, or drop those contexts")
+        return moved
+
+    async def _carry(self, record: ContextRecord, i: int, dst: int) -> bool:
+        """Segment `i` of a context without a store onto shard `dst`: its file's bytes from the
+        shard holding it, then as `_move`."""
+        cid, seg = record.info.id, record.segments[i]
+        name, start, end, data = await call(self.shards[seg.shard], "export_segment", cid, timeout_s=MOVE_TIMEOUT_S)
+        summaries = await call(self.shards[dst], "import_segment", cid, name, start, end, data,
+                               timeout_s=MOVE_TIMEOUT_S)
+        if not await self._switch(record, i, dst, summaries):
+            return False
+        meta = shard_meta(record)  # the shards holding it describe the new layout (a restarted router reads it)
+        await asyncio.gather(*(call(self.shards[s.shard], "describe", cid, meta) for s in record.segments),
+                             return_exceptions=True)
+        return True
+
+    def forget_shards(self, indices: list[int]) -> None:
+        """Shards taken out of the mesh (their segments gone): no step or plan reaches them."""
+        self.engine.exchange.remove_shards(set(indices))
+        self.shards.remove(set(indices))
+
     async def _move(self, record: ContextRecord, i: int, dst: int) -> bool:
         """Segment `i` of a stored context onto shard `dst` (see the module docstring)."""
         cid, seg = record.info.id, record.segments[i]
         summaries = await call(self.shards[dst], "open", cid, record.files[i], seg.start, seg.end,
                                timeout_s=MOVE_TIMEOUT_S)
+        return await self._switch(record, i, dst, summaries)
+
+    async def _switch(self, record: ContextRecord, i: int, dst: int, summaries: list) -> bool:
+        """Requests from now on plan segment `i` on `dst` (which opened it); the old shard lets go
+        once those begun before have finished."""
+        cid, seg = record.info.id, record.segments[i]
         if record.dropped:  # while the target opened it: let go there too
             tell(self.shards[dst], "drop", cid)
             return False
         self.contexts.move(record, {i: dst}, opened={i: summaries})  # requests begun before keep the old shard's
-        if self.catalog is not None:  # a restarted router, and every other mesh on the store, read it there
+        if self.catalog is not None and record.info.stored:  # a restarted router, and every other mesh on the store, read it there
             await asyncio.to_thread(self.catalog.relocate, cid, list(record.info.shards))
         await self.directory.spread()  # the mesh's other routers read it there before the old shard lets go
         self.retiring.moved(record, seg.shard)

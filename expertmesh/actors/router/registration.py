@@ -156,9 +156,10 @@ class Registration:
         return progress
 
     async def _unreachable_shards(self, timeout_s: float = 5.0) -> list[int]:
-        got = await asyncio.gather(*(call(s, "contexts", timeout_s=timeout_s) for s in self.shards),
+        got = await asyncio.gather(*(call(s, "contexts", timeout_s=timeout_s) for s in self.shards if s is not None),
                                    return_exceptions=True)
-        return [i for i, g in enumerate(got) if isinstance(g, BaseException)]
+        live = [i for i, s in enumerate(self.shards) if s is not None]
+        return [i for i, g in zip(live, got) if isinstance(g, BaseException)]
 
     async def _compute_segments(self, record: ContextRecord, token_ids: np.ndarray, todo: list[int],
                                 progress: Progress) -> None:
@@ -169,8 +170,7 @@ class Registration:
         on its own."""
         cid, segments, cfg = record.info.id, record.segments, self.cfg
         heads, head_dim = cfg.num_kv_heads, cfg.head_dim
-        meta = {"info": dataclasses.asdict(record.info), "files": list(record.files),
-                "segments": [dataclasses.astuple(s) for s in segments]}
+        meta = shard_meta(record)
         await asyncio.gather(*(call(self.shards[segments[i].shard], "begin", cid, record.files[i], segments[i].start,
                                     segments[i].end, cfg.num_layers, heads, head_dim, meta, cfg.kv_latent)
                                      for i in todo))
@@ -262,3 +262,10 @@ class Registration:
         record = self.contexts.get(context_id)
         if record is not None and record.ready and not record.opened:
             await self.open_segments(record)
+
+
+def shard_meta(record: ContextRecord) -> dict:
+    """What a shard keeps of a context it holds a segment of: a restarted router without a store
+    serves the context again from it (directory.py, `adopt_from_shards`)."""
+    return {"info": dataclasses.asdict(record.info), "files": list(record.files),
+            "segments": [dataclasses.astuple(s) for s in record.segments]}

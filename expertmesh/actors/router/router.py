@@ -19,9 +19,9 @@ import ray
 import torch
 
 from expertmesh.actors.names import (
-    added_groups,
-    added_shards,
-    lookup,
+    CONTEXT_SHARD,
+    EXPERT_GROUP,
+    added,
     mesh_of,
     own_name,
     present,
@@ -87,10 +87,10 @@ class Router:
         self.cfg = self.model.cfg
         self.grammars: Grammars | None = None
         # names (names.actor_name), and the shards added to the mesh since it started (`add_shards`)
-        self.shards = Shards(lookup(shards + added_shards(own_name(), len(shards))))
+        self.shards = Shards(present(shards + added(CONTEXT_SHARD, own_name(), len(shards))))  # None: taken out
         # the groups it was started with, those added since (`add_groups`); None: taken out again
         first_groups = len(groups)
-        groups = present(groups + added_groups(own_name(), len(groups)))
+        groups = present(groups + added(EXPERT_GROUP, own_name(), len(groups)))
         shards = self.shards.handles
         self.catalog: Catalog | None = None
         if store is not None:  # this router's member lease names its mesh (store/members.py)
@@ -136,7 +136,8 @@ class Router:
     # -- public methods (Ray actor methods) -----------------------------------------------
     def describe(self) -> dict:
         """What a driver needs to attach to this mesh."""
-        return {"checkpoint": self.checkpoint, "shards": self.shards.handles,
+        return {"checkpoint": self.checkpoint, "shards": [h for h in self.shards.handles if h is not None],
+                "shard_slots": len(self.shards),
                 "groups": [g for g in self.experts.groups if g is not None],
                 "mesh": mesh_of(own_name())}
 
@@ -280,6 +281,12 @@ class Router:
 
     async def rebalance(self) -> dict:
         return await self.placement.rebalance()
+
+    async def remove_shards(self, indices: list[int]) -> dict:
+        return await self.placement.remove_shards(indices)
+
+    async def forget_shards(self, indices: list[int]) -> None:
+        await asyncio.to_thread(self.placement.forget_shards, indices)  # after a step in flight
 
     def expert_groups(self) -> dict:
         """describe() with the groups' handles (None: taken out) and the placement in force."""
