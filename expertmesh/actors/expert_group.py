@@ -54,6 +54,7 @@ class ExpertGroup(StepWorker):
         # group's own, (layer, expert) -> a one-expert bank; kept for routers that start later
         self.placement: ExpertPlacement | None = None
         self.placed: dict[tuple[int, int], object] = {}
+        self.loaded_on_demand = 0  # placed experts loaded at a step (after a restart)
         self.cfg = ModelConfig.from_file(resolve_checkpoint(checkpoint) / "config.json")
         self._args = (checkpoint, index, experts, num_threads, backend, device, dtype)
         self._lock = threading.Lock()
@@ -119,6 +120,20 @@ class ExpertGroup(StepWorker):
             self.placement = placement
         return {"placed": len(self.placed), "loaded": len(loaded), "seconds": time.perf_counter() - t0}
 
+    def _load_missing(self, layer: int, experts: list[int]) -> None:
+        """Experts a router sent rows of that this group does not hold: a group restarted after a
+        placement put them here comes back with its own experts only (the placement is the
+        routers'); it loads them now from the checkpoint (within its room), once."""
+        missing = [e for e in experts if (layer, e) not in self.placed and 0 <= e < self.cfg.num_experts]
+        if not missing:
+            return
+        self._check_room(range(len(missing)), layers=1, why="load {} (layer, expert) weights a router sent rows of",
+                         fix="balance the experts again (Mesh.balance_experts)")
+        loaded = {(layer, e): self._load(range(e, e + 1), {layer})[layer] for e in missing}
+        with self._lock:
+            self.placed = {**self.placed, **loaded}
+            self.loaded_on_demand += len(loaded)
+
     def settle(self, version: int) -> int:
         """Every router computes with placement `version`: let go of the weights it no longer
         places here. Returns the (layer, expert) banks held beyond its own."""
@@ -160,8 +175,10 @@ class ExpertGroup(StepWorker):
         parts = [(mine, self.experts, self.banks)]
         if not mine.all():
             parts += [((ids >= r.start) & (ids < r.stop), r, banks) for r, banks in dict(self.adopted).items()]
+            covered = np.logical_or.reduce([m for m, _, _ in parts])
+            self._load_missing(layer, np.unique(ids[~covered]).tolist())  # (a restarted group's placed ones)
             placed = dict(self.placed)  # one expert a bank: those the placement puts here
-            parts += [(m, range(e, e + 1), {layer: placed[layer, e]}) for e in np.unique(ids[~mine]).tolist()
+            parts += [(m, range(e, e + 1), {layer: placed[layer, e]}) for e in np.unique(ids[~covered]).tolist()
                       if (layer, e) in placed and (m := ids == e).any()]
             if not np.logical_or.reduce([m for m, _, _ in parts]).all():
                 held = ", ".join(f"{r.start}..{r.stop - 1}" for _, r, _ in parts)
@@ -189,7 +206,7 @@ class ExpertGroup(StepWorker):
         with self._lock:
             out = {"index": self.index, "backend": self.backend, "experts": [self.experts.start, self.experts.stop],
                    "adopted_experts": sorted([r.start, r.stop] for r in self.adopted),
-                   "placed_experts": len(self.placed),
+                   "placed_experts": len(self.placed), "loaded_on_demand": self.loaded_on_demand,
                    "placement_version": self.placement.version if self.placement is not None else 0,
                    "adopt_seconds": dict(self.adopt_seconds),
                    "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),

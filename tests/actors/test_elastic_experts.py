@@ -14,6 +14,7 @@ import torch
 
 import expertmesh as em
 from expertmesh.cli import main
+from expertmesh.dataplane.liveness import actor_info
 from expertmesh.engine.expert_placement import (
     ExpertPlacement,
     balance,
@@ -127,6 +128,19 @@ def test_experts_balanced_added_and_removed_while_serving(ray_cluster, tiny_chec
         assert max(res["balancedness_planned"].values()) < max(res["balancedness_before"].values())
         groups = mesh.stats()["expert_groups"]
         assert sum(g["placed_experts"] for g in groups) == res["placed_off_own_group"] >= 1 and {g["placement_version"] for g in groups} == {1}
+
+        # a group holding placed experts restarts with its own only: it loads the others at the
+        # step that sends it their rows (the same tokens meanwhile: the step fails over and retries)
+        victim = mesh.groups[next(i for i, g in enumerate(groups) if g["placed_experts"])]
+        ray.kill(victim, no_restart=False)
+        while actor_info(victim) != ("ALIVE", 1):
+            time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        while True:
+            assert mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=24).token_ids == tokens
+            if ray.get(victim.stats.remote())["loaded_on_demand"]:
+                break
+            assert time.monotonic() < deadline, ray.get(victim.stats.remote())
 
         res = under_load(lambda: mesh.add_groups(1, redundant=1))
         print(f"ADD {res}")

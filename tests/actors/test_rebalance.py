@@ -89,7 +89,7 @@ def test_add_shards_then_rebalance_moves_segments_while_requests_run(ray_cluster
         got = mesh.forward_logits(PROMPT, context_id=ctxs[1].id)
         np.testing.assert_array_equal(got, want[ctxs[1].id])
         assert {c.id: c.shards for c in mesh.contexts()} == layout
-        assert len(ray.get(mesh.router.describe.remote())["shards"]) == 4
+        assert len(mesh._call("describe")["shards"]) == 4  # (through the router set: the kill may strike late)
         assert mesh.rebalance()["moved"] == []  # balanced already
 
         # scale-in: shard 0's segments open on the others from the store while a generation runs
