@@ -1,6 +1,6 @@
 """The Grafana dashboard checked against the real thing: a real Prometheus (Debian's `prometheus`,
 installed by `make setup` through scripts/install-test-packages.sh) scrapes the session's Ray
-node's metrics endpoint every second while the e2e server (tests/e2e/conftest.py) takes load
+node's metrics endpoint every SCRAPE_S seconds while the e2e server (tests/e2e/conftest.py) takes load
 from two tenants, and every panel's query of the committed dashboard is evaluated through
 Prometheus' HTTP API: each answers, with data, and the figures agree with the load sent.
 
@@ -37,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "deploy" / "grafana" / "expertmesh-dashboard.json"
 CONTEXT = "The grass is green. The sky is blue. The pass key is 4242. " * 76  # 4,484 tokens: 3 shards
 WINDOW = "2m"  # $__rate_interval here: both waves and the samples before them
+# Prometheus' scrape interval and timeout: the session's Ray node exports every mesh the session
+# made; on the loaded machine an answer took over 1 s, the scrape failed and marked every series
+# stale (a panel, or the load, "not in Prometheus")
+SCRAPE_S = 3
 
 
 def h(tenant: str) -> dict:
@@ -45,12 +49,12 @@ def h(tenant: str) -> dict:
 
 @pytest.fixture
 def prometheus(ray_cluster, tmp_path):
-    """A Prometheus on 127.0.0.1 scraping the Ray node's metrics port every second; killed at the end."""
+    """A Prometheus on 127.0.0.1 scraping the Ray node's metrics port every SCRAPE_S seconds; killed at the end."""
     binary = shutil.which("prometheus")
     node = ray_cluster._private.worker.global_worker.node
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "ray", "static_configs": [
             {"targets": [f"127.0.0.1:{node.metrics_export_port}"]}]}]}))
     port = free_port()
@@ -91,12 +95,12 @@ def by(prom: str, expr: str, label: str) -> dict[str, float]:
     return {s["metric"].get(label, ""): float(s["value"][1]) for s in query(prom, expr)}
 
 
-def settle(prom: str, since: float, interval_s: float, check, timeout_s: float = 30.0) -> dict:
+def settle(prom: str, since: float, interval_s: float, check, timeout_s: float = 60.0) -> dict:
     """Prometheus' totals once everything recorded before `since` is in them: after one of Ray's
     export intervals and two scrapes, and check(totals) holds (the waits of this test)."""
     deadline = time.time() + timeout_s
     while True:
-        if time.time() >= since + interval_s + 2 and check(t := totals(prom)):
+        if time.time() >= since + interval_s + 2 * SCRAPE_S and check(t := totals(prom)):
             return t
         assert time.time() < deadline, f"the load is not in Prometheus within {timeout_s:g} s: {totals(prom)}"
         time.sleep(0.5)
