@@ -242,6 +242,10 @@ class CollectiveExchange(ActorExchange):
                 self._form_group()
             return dict(self.left_shards), dict(self.left_groups)
 
+    def refresh_metrics(self) -> None:
+        if self._metrics is not None and self._metrics.stale():  # (from the first group on)
+            self._count()
+
     def _count(self, formed: bool = False) -> None:
         """Ray metrics beside the counts in the router's stats."""
         self._metrics = self._metrics or DataPlaneMetrics(self.router)

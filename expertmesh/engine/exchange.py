@@ -120,5 +120,9 @@ class Exchange:
         """What the data plane reports in the router's stats (the collective plane: its group)."""
         return {}
 
+    def refresh_metrics(self) -> None:
+        """Set its Ray gauges again (Ray drops a gauge not set for two export intervals: an idle
+        router's panels would show no data)."""
+
     def close(self) -> None:
         pass

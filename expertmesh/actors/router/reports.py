@@ -37,6 +37,7 @@ class Reports:
         report that fails is logged: it never stops the step loop."""
         try:
             self.events()
+            self.engine.exchange.refresh_metrics()  # idle too: its gauges stay in the panels
             if self.metrics is not None and (force or self.metrics.due()):
                 self.metrics.flush(self.engine.group_load(), len(self.contexts), sum(self.contexts.shard_tokens()))
         except Exception:  # noqa: BLE001 - the requests come first
