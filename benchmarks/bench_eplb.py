@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -104,21 +103,6 @@ def one(checkpoint: str | None, label: str, plan_text: bytes, measure_text: byte
         mesh.shutdown()
 
 
-def skewed(checkpoint: Path, into: Path, skew: float) -> str:
-    """The checkpoint with its routers' gate rows of experts 0 and 1 raised."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(checkpoint, into)
-    for f in into.glob("*.safetensors"):
-        t = load_file(f)
-        for k in t:
-            if k.endswith("feed_forward.router.weight"):
-                t[k] = t[k].clone()
-                t[k][:2] += skew * t[k].abs().mean()
-        save_file(t, f, metadata={"format": "pt"})
-    return str(into)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--redundant", default="4,8", help="extra expert copies per MoE layer (a run each)")
@@ -128,6 +112,7 @@ def main() -> None:
     import ray
 
     from expertmesh.model.default import default_checkpoint
+    from expertmesh.model.hot_experts import with_hot_experts
     from expertmesh.pipelines import text_sources
 
     plan_text, measure_text = text_sources.load("kjv").data, text_sources.load("debian-reference").data
@@ -136,7 +121,7 @@ def main() -> None:
     runs = [one(None, "built-in", plan_text, measure_text, r) for r in copies]
     if args.skew:
         with tempfile.TemporaryDirectory() as tmp:
-            path = skewed(Path(default_checkpoint()), Path(tmp) / "skewed", args.skew)
+            path = with_hot_experts(default_checkpoint(), Path(tmp) / "skewed", (0, 1), args.skew)
             runs.append(one(path, f"built-in, gate rows of experts 0-1 raised {args.skew:g}x", plan_text,
                             measure_text, copies[-1]))
     out = {"benchmark": "eplb", "host": "this machine's CPU, one Ray node", "batch": BATCH,

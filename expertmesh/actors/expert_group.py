@@ -175,11 +175,10 @@ class ExpertGroup(StepWorker):
         parts = [(mine, self.experts, self.banks)]
         if not mine.all():
             parts += [((ids >= r.start) & (ids < r.stop), r, banks) for r, banks in dict(self.adopted).items()]
-            covered = np.logical_or.reduce([m for m, _, _ in parts])
-            self._load_missing(layer, np.unique(ids[~covered]).tolist())  # (a restarted group's placed ones)
+            rest = np.unique(ids[~np.logical_or.reduce([m for m, _, _ in parts])]).tolist()
+            self._load_missing(layer, rest)  # (a restarted group's placed ones)
             placed = dict(self.placed)  # one expert a bank: those the placement puts here
-            parts += [(m, range(e, e + 1), {layer: placed[layer, e]}) for e in np.unique(ids[~covered]).tolist()
-                      if (layer, e) in placed and (m := ids == e).any()]
+            parts += [(ids == e, range(e, e + 1), {layer: placed[layer, e]}) for e in rest if (layer, e) in placed]
             if not np.logical_or.reduce([m for m, _, _ in parts]).all():
                 held = ", ".join(f"{r.start}..{r.stop - 1}" for _, r, _ in parts)
                 raise ValueError(f"expert group {self.index} holds experts {held}; got {int(ids.min())}..{int(ids.max())}")

@@ -81,3 +81,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     if _check_dtype(dtype) == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def cuda_memory(device: torch.device) -> dict:
+    """What PyTorch has allocated on a CUDA device now and at most (empty for any other device)."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_memory_allocated_bytes": torch.cuda.memory_allocated(device),
+            "cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)}

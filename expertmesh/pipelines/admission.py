@@ -8,10 +8,15 @@ when it ends (`Admission.release`, once).
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from expertmesh.pipelines.api_errors import ApiError, _cause
 from expertmesh.platform.tenancy import RateLimited
+
+
+GAUGE_S = 2.0  # the requests-in-flight gauge is set this often
 
 
 class Admission:
@@ -27,7 +32,6 @@ class Admission:
         self.done = True
         q = self.queue
         q.in_flight -= 1
-        q.metrics.queue.set(q.in_flight)
         q.limits.release.remote(self.tenant, max(0, self.reserved - used_tokens) if used_tokens else 0, q.holder)
 
 
@@ -37,6 +41,13 @@ class AdmissionQueue:
     def __init__(self, limits: Any, metrics: Any, max_queue: int, holder: str) -> None:
         self.limits, self.metrics, self.max_queue, self.holder = limits, metrics, max_queue, holder
         self.in_flight = 0
+        # the gauge is set every GAUGE_S, idle too (Ray drops a gauge not set for two export intervals)
+        threading.Thread(target=self._gauge, daemon=True, name="expertmesh-queue-gauge").start()
+
+    def _gauge(self) -> None:
+        while True:
+            self.metrics.queue.set(self.in_flight)
+            time.sleep(GAUGE_S)
 
     async def admit(self, tenant: str, reserve: int) -> Admission:
         """A place in the queue and `reserve` tokens of the tenant's limits, or 503 / 429."""
@@ -54,5 +65,4 @@ class AdmissionQueue:
                 raise
             self.metrics.refused.inc(1, {"tenant": tenant, "status": "429", "reason": cause.reason})
             raise ApiError(429, str(_cause(exc)), "rate_limit_exceeded", code="rate_limit_exceeded") from None
-        self.metrics.queue.set(self.in_flight)
         return Admission(self, tenant, reserve)

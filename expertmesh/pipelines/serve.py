@@ -343,15 +343,12 @@ class ExpertMeshServer:
     @api.get("/v1/pool", responses=_ERRORS, summary="the context pool: shards, their state and load, segments")
     async def pool(self, request: Request) -> dict:
         """What `expertmesh pool status` shows, with the contexts this tenant may see: each shard
-        (Ray's state of it, the tokens it holds), each context's segments (which shard holds which
-        tokens, and whether the store has it), the routers and expert groups (those in the mesh now,
-        and the version of the expert placement in force: `expertmesh pool experts`)."""
+        (Ray's state, tokens held), each context's segments (which shard holds which tokens, stored
+        or not), the routers, the expert groups and the expert placement's version."""
         tenant = self._tenant(request)
-        pool, experts = await asyncio.gather(self._router("pool"), self._router("expert_groups"))
+        pool = await self._router("pool")
         pool["segments"] = [c for c in pool["segments"] if c["owner"] == tenant or c["visibility"] == "shared"]
         pool["routers"] = len(self.mesh.routers)
-        pool["expert_groups"] = sum(h is not None for h in experts["handles"])
-        pool["expert_placement_version"] = experts["placement_version"]
         return pool
 
     @api.get("/ui", include_in_schema=False)

@@ -23,6 +23,7 @@ from expertmesh.engine.expert_placement import (
     partition_placement,
     routes,
 )
+from expertmesh.model.hot_experts import with_hot_experts
 from expertmesh.model.moe import expert_partition
 
 pytestmark = pytest.mark.ray
@@ -77,27 +78,8 @@ def test_routes_skip_lost_and_removed_groups_and_split_copies():
         orphan.route(0, torch.tensor([0]), 0)
 
 
-def _skewed(checkpoint: str, tmp_path) -> str:
-    """The checkpoint with its routers' gate rows for experts 0 and 1 scaled up: most tokens
-    pick them (a skewed workload, as a real model's hot experts)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "skewed"
-    shutil.copytree(checkpoint, out)
-    for f in out.glob("*.safetensors"):
-        t = load_file(f)
-        for k in t:
-            if k.endswith("block_sparse_moe.gate.weight"):
-                t[k] = t[k].clone()
-                t[k][:2] += 0.5 * t[k][:2].abs().mean()
-        save_file(t, f, metadata={"format": "pt"})
-    return str(out)
-
-
 def test_experts_balanced_added_and_removed_while_serving(ray_cluster, tiny_checkpoint, tmp_path, capsys):
-    mesh = em.Mesh.start(_skewed(tiny_checkpoint("mixtral"), tmp_path), context_shards=1, expert_groups=2,
+    mesh = em.Mesh.start(with_hot_experts(tiny_checkpoint("mixtral"), tmp_path / "hot"), context_shards=1, expert_groups=2,
                          page_size=16, name="elastic-experts")
     try:
         ctx = mesh.register_context(list(range(4, 200)), mode="exact")

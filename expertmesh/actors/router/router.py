@@ -53,7 +53,7 @@ from expertmesh.errors import (
 )
 from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.checkpoint import load_model
-from expertmesh.model.device import resolve_device, resolve_dtype
+from expertmesh.model.device import cuda_memory, resolve_device, resolve_dtype
 from expertmesh.model.grammar import Grammars
 from expertmesh.model.moe import expert_partition
 from expertmesh.model.tokenizer import load_tokenizer
@@ -236,7 +236,7 @@ class Router:
         error = DeadlineExceeded(f"request {seq.request_id!r} missed its deadline by {late:.3f} s: {took:.3f} s after "
                                  f"it reached the router, {len(seq.output)} of {seq.params.max_new_tokens} tokens "
                                  "generated")
-        task.add_done_callback(_retrieved)  # the caller has `error`; the run's own end needs no reader
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the caller has `error`: seen, unread
         if self.scheduler.discard(seq):  # waiting for a step: it leaves now
             self._finish(seq, error=error)
         else:  # inside a step: it ends after it
@@ -264,7 +264,7 @@ class Router:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                **_cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
+                **cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
                 "data_plane": self.data_plane, **self.engine.exchange.stats(),
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
                 "waiting": len(self.scheduler.waiting),
@@ -277,7 +277,9 @@ class Router:
         return await self.placement.add_shards(names)
 
     async def pool(self) -> dict:
-        return await self.placement.pool()
+        groups = self.experts.describe()  # the expert groups in the mesh now, and the placement's version
+        return await self.placement.pool() | {"expert_groups": groups["groups"] - len(groups["removed"]),
+                                               "expert_placement_version": groups["placement_version"]}
 
     async def rebalance(self) -> dict:
         return await self.placement.rebalance()
@@ -441,17 +443,6 @@ class Router:
     async def _prepare(self, context_id: str | None) -> None:
         """A stored context's shards open its files at its first use (registration.py)."""
         await self.registration.prepare(context_id)
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    """Mark a background run's end as seen (its error, if any, reached its caller another way)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _cuda_memory(device: torch.device) -> dict:
-    return {"cuda_memory_allocated_bytes": torch.cuda.memory_allocated(device),
-            "cuda_max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
 
 
 RemoteRouter = ray.remote(Router)
