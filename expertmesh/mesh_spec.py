@@ -50,6 +50,10 @@ class MeshSpec:
     micro_batches: 1, or 2: a router step runs its requests as two halves in ping-pong (one
     computes its dense layers while the other's rows are at the shards and expert groups;
     engine/ping_pong.py); the same logits either way.
+    whole_steps: where one colocated worker holds every context shard and expert group (the
+    default layout on one host), the router sends it each step whole: it computes every layer
+    in process, one round trip a step instead of two a layer (engine/whole_step.py); False: per
+    layer. The same logits either way.
     data_plane: "collective" (per-layer tensors point to point; `transport` "auto": NCCL when
     the router computes on a GPU, TCP sockets on CPU hosts; "gloo" or "socket" forced) or "ray"
     (a Ray task per actor per layer, the reference path; same results).
@@ -73,6 +77,7 @@ class MeshSpec:
     max_batch_tokens: int = 16384
     lanes: int = 2
     micro_batches: int = 1
+    whole_steps: bool = True
     data_plane: str = "collective"
     transport: str = "auto"
     shard_backend: str = "torch"
@@ -88,6 +93,8 @@ class MeshSpec:
             _count(what, getattr(self, what))
         if self.micro_batches not in (1, 2) or isinstance(self.micro_batches, bool):
             raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches!r}")
+        if not isinstance(self.whole_steps, bool):
+            raise ValueError(f"whole_steps must be True or False, got {self.whole_steps!r}")
         if self.colocate is not None and not isinstance(self.colocate, bool):
             raise ValueError(f"colocate must be True, False or None (picked), got {self.colocate!r}")
         if self.kv_dtype not in KV_DTYPES:

@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.dataplane.calls import ActorExchange
 from expertmesh.dataplane.collective_step import CollectiveStep, start_step
+from expertmesh.dataplane.collective_whole import incarnation, run_whole, whole_rank
 from expertmesh.dataplane.handshake import new_key
 from expertmesh.dataplane.join_watch import join_check
 from expertmesh.dataplane.liveness import RECHECK_S, LeftOut
@@ -101,6 +102,7 @@ class CollectiveExchange(ActorExchange):
         self._held: dict[int, list[torch.Tensor]] = {}  # rank -> messages to go out with its next one (any step)
         self.member_nodes: dict[int, str] = {}  # rank -> the Ray node its actor runs on (current group)
         self.step_started: float | None = None  # time.monotonic() the current step began (None between steps)
+        self.incarnation = incarnation()  # whole steps' mirrors at the worker belong to this exchange
         self.watch = watch_exchange(self)  # a member whose host Ray declared dead is cut (step_watch.py)
 
     @property
@@ -290,6 +292,13 @@ class CollectiveExchange(ActorExchange):
             raise
         self.steps += 1
         return views
+
+    def whole_target(self) -> bool:
+        self.absent()  # (forms the group)
+        return whole_rank(self) is not None
+
+    def whole(self, request, vocab: int, experts: int, groups: int):
+        return run_whole(self, dataclasses.replace(request, incarnation=self.incarnation), vocab, experts, groups)
 
     def close(self) -> None:
         """Leave the group: after the step in flight, if any (bounded by the step timeout)."""

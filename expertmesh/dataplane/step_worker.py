@@ -25,7 +25,9 @@ from expertmesh.dataplane.wire import (
     decode_plan,
     encode_error,
 )
+from expertmesh.dataplane.wire_whole import decode_request, is_whole
 from expertmesh.engine.step_plan import AttendItem, PeerPlan
+from expertmesh.engine.whole_step import WholeRequest
 
 log = logging.getLogger("expertmesh.dataplane")
 
@@ -76,7 +78,11 @@ class StepWorker:
                     raise WireError(f"a step plan of {n} bytes announced; at most {MAX_PLAN_BYTES}")
                 buf = torch.empty(n, dtype=torch.uint8, device=self.data_device)
                 pg.recv([buf], 0, 0).wait()
-                self.run_step(pg, decode_plan(buf.cpu().numpy().tobytes(), limits, generation))
+                data = buf.cpu().numpy().tobytes()
+                if is_whole(data):  # a step computed here whole (engine/whole_step.py)
+                    self.run_whole(pg, decode_request(data, limits, generation), router)
+                else:
+                    self.run_step(pg, decode_plan(data, limits, generation))
             except StepAborted:
                 continue
             except WireError as exc:
@@ -97,6 +103,11 @@ class StepWorker:
                 self._attend_part(pg, plan, part)
             else:
                 self._experts_part(pg, plan, part)
+
+    def run_whole(self, pg, req: WholeRequest, router: str) -> None:
+        """A step computed whole here: only an actor holding every shard and group of the mesh
+        (the colocated worker) can; the router sends none to another."""
+        raise WireError("a whole step sent to an actor that is not a colocated worker")
 
     def _answer(self, pg, size: int, work) -> None:
         """Send status 0 + the result of `work()` (fp32 tensors, `size` floats in all); or status 1, then

@@ -14,10 +14,12 @@ import torch
 class EngineConfig:
     """durable: the contexts' segments are store files, so a lost shard's are served by the
     others (takeover.py); without a store they died with it. micro_batches: 1, or 2 to run a
-    step's requests as two halves in ping-pong (ping_pong.py)."""
+    step's requests as two halves in ping-pong (ping_pong.py). whole_steps: send a step whole to
+    the one actor holding every shard and group, where the exchange has one (whole_step.py)."""
 
     durable: bool = False
     micro_batches: int = 1
+    whole_steps: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.durable, bool):

@@ -9,7 +9,8 @@ places where the mesh differs from one process:
     partition or the expert placement in force: expert_routing.py), while the router computes
     the shared expert; outputs combine by gate weight.
 The step's plan (step_plan.py) is built before the first layer; the exchange (exchange.py,
-collective.py) carries it and every per-layer tensor.
+collective.py) carries it and every per-layer tensor. Where one colocated worker holds every
+shard and group, the step goes to it whole instead (whole_step.py): one round trip a step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from expertmesh.engine.ping_pong import PingPong, TakingTurns
 from expertmesh.engine.sequence import Sequence
 from expertmesh.engine.step_plan import StepPlan, build_plan
 from expertmesh.engine.takeover import alias_of, serving_map
+from expertmesh.engine.whole_step import WholeSteps
 from expertmesh.errors import ContextNotFound, Unavailable
 from expertmesh.model.attention import (
     batched_decode_attention,
@@ -78,7 +80,7 @@ class Recovery:
     time: float  # wall clock
 
 
-class Engine(ExpertRouting):
+class Engine(ExpertRouting, WholeSteps):
     def __init__(self, dense: MoETransformer, exchange: Exchange, partition: list[range], contexts: ContextView,
                  config: EngineConfig = EngineConfig()) -> None:
         """dense: the model without its experts; exchange: the data plane (exchange.py);
@@ -111,9 +113,14 @@ class Engine(ExpertRouting):
         self._in_flight: collections.Counter = collections.Counter()  # steps running, per placement version
         # rows each expert group computed, per layer, since the engine started (group_load)
         self.group_rows = torch.zeros(self.cfg.num_layers, max(len(partition), 1), dtype=torch.long)
+        self.whole_steps, self.whole_steps_run = config.whole_steps, 0  # steps sent whole (whole_step.py)
+        self._remote: dict = {}  # request id -> its sequence (weak), whose own KV lives at the worker
 
     def forward(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
         """Run the new tokens of every sequence; return the logits rows each sequence needs."""
+        if self._whole_ok(batch):  # one round trip to the worker holding everything
+            return self._run_whole(batch)
+        self._localize(batch)
         halves = self._split(batch)
         inputs = []  # per micro-batch: token ids, row spans, positions
         for part in halves:

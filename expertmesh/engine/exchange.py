@@ -9,6 +9,9 @@
     experts(layer, {group: (rows, ids)}) -> wait() -> {group: y}
                                         dispatch token rows to expert groups, combine outputs
     end() -> [(layer, shard, item, pages read)]     the step is over
+    whole_target() -> bool; whole(request, ...) -> reply
+                                        a step sent whole to the one actor holding every
+                                        shard and group (engine/whole_step.py), one round trip
     abort(error) -> the error the step fails with (after a failed step: the actors' own, if any)
 Outside steps:
     absent() -> ({shard: state}, {group: state})   context shards and expert groups Ray does not
@@ -69,6 +72,14 @@ class Exchange:
         raise NotImplementedError
 
     def end(self) -> list[tuple[int, int, int, dict]]:
+        raise NotImplementedError
+
+    def whole_target(self) -> bool:
+        """Can the next step go whole to one actor holding every shard and group (whole_step.py)?"""
+        return False
+
+    def whole(self, request: Any, vocab: int, experts: int, groups: int) -> Any:
+        """Run a step whole there: a WholeRequest in, a WholeReply out (whole_step.py)."""
         raise NotImplementedError
 
     def abort(self, exc: BaseException) -> BaseException:

@@ -65,6 +65,8 @@ class Sequence:
     page_reads: dict[int, Counter] = dataclasses.field(default_factory=dict)  # shard -> pages read per tier
     retries: int = 0  # steps run again after an actor failed under them (at most 1)
     deadline: float | None = None  # time.time() by which the request must finish (Request.deadline)
+    kv_remote: bool = False  # its own KV lives in the worker that computes its steps whole (whole_step.py)
+    finished: bool = False  # the router is done with it (answered, failed or cancelled)
     pool: dataclasses.InitVar[KVPool | None] = None  # the router's paged pool for `kv`; None: a KVCache of its own
 
     def __post_init__(self, pool: KVPool | None) -> None:

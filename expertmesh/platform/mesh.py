@@ -93,7 +93,7 @@ class Mesh:
         The mesh is `spec` (a `MeshSpec`), or the spec made of `checkpoint` and `fields` (every
         `MeshSpec` field by name: context_shards, expert_groups, colocate, routers, store,
         shard_capacity_tokens, shard_memory_bytes, page_size, kv_dtype, max_batch_tokens, lanes, micro_batches,
-        data_plane, transport, shard_backend, expert_backend, device, dtype, gpus_per_actor; the
+        whole_steps, data_plane, transport, shard_backend, expert_backend, device, dtype, gpus_per_actor; the
         `MeshSpec` docstring says what each does), validated before anything starts.
         name: register the router under this name so other drivers and jobs can
         `Mesh.attach(name)` (e.g. an ingestion job adding contexts to a serving mesh).

@@ -112,7 +112,8 @@ class Router:
         self.data_plane = spec.data_plane if remote else "in-process"
         self.contexts = Contexts(self.shards)  # the one owner of the contexts, handed to each part below
         self.engine = Engine(self.model, exchange, self.partition, self.contexts,
-                             EngineConfig(durable=self.catalog is not None, micro_batches=spec.micro_batches))
+                             EngineConfig(durable=self.catalog is not None, micro_batches=spec.micro_batches,
+                                          whole_steps=spec.whole_steps))
         self.experts = Experts(self.engine, groups)  # groups added and taken out, the expert placement
         self.experts.adopt_newest()
         self.retiring = Retiring(self.shards, self.engine, self.catalog, lambda: list(self._by_id.values()))
@@ -267,6 +268,7 @@ class Router:
                 **cuda_memory(self.device), "step_seconds": sum(s for _, _, s in self.step_log),
                 "data_plane": self.data_plane, **self.engine.exchange.stats(),
                 "wait_seconds": dict(self.engine.waits), "micro_batched_steps": self.engine.micro_steps,
+                "whole_steps": self.engine.whole_steps_run,
                 "waiting": len(self.scheduler.waiting),
                 "running": len(self.scheduler.ready) + self.scheduler.in_flight, "contexts": len(self.contexts),
                 "expert_load": self.reports.expert_load(), "recoveries": self.reports.events(),
@@ -357,7 +359,7 @@ class Router:
             self._finish(seq, reason=reason)
 
     def _finish(self, seq: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
-        seq.finish_reason = reason
+        seq.finish_reason, seq.finished = reason, True
         if seq.stream is not None:
             seq.stream.put_nowait(None)
         if seq.done is not None and not seq.done.done():
