@@ -51,6 +51,7 @@ from logbook_text import smollm2_inputs
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {
     "default": {},
+    "per-layer": {"whole_steps": False},  # the same actors, a round trip per layer and role
     "4+2": {"context_shards": 4, "expert_groups": 2, "colocate": False},
     "colocated-2": {"context_shards": 2, "expert_groups": 2, "colocate": True},
 }

@@ -50,6 +50,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 SMALL_STEP = 256  # tokens: below, the router's own compute runs on one thread
+RESTART_WAIT_S = 30.0  # a step whose experts no running group holds waits this long for Ray to restart one
+RESTART_POLL_S = 0.25
 FOREIGN = "not in this mesh (a context stored by a mesh with more context shards)"  # such a shard's "state"
 
 
@@ -137,22 +139,31 @@ class Engine(ExpertRouting, WholeSteps):
         foreign = self.contexts.foreign_shards()
         if foreign:  # before the group forms: its actors check plans against the bound
             self.exchange.allow_segments(max(foreign) + 1)
-        for fresh in (False, True):  # what the exchange last heard, then (a shard this step needs) Ray now
-            absent, absent_groups = self.exchange.absent(fresh=fresh)
-            absent.update({k: FOREIGN for k in foreign})
-            self._stand_in(absent)
-            self._stand_in_experts(absent_groups)
-            running = tuple(g for g in range(len(self.partition)) if g not in absent_groups and g not in self.removed)
-            plans = [build_plan(part, spans, positions, self.model, self.summaries, len(self.partition),
-                                self.serving, running) for part, (_, spans, positions) in zip(halves, inputs)]
-            lost = sorted({s for plan in plans for lp in plan.layers for s in lp.attend if s in absent})
-            if not lost or set(lost) <= {k for k, v in absent.items() if v == FOREIGN}:
+        restarting_until = time.monotonic() + RESTART_WAIT_S
+        while True:
+            for fresh in (False, True):  # what the exchange last heard, then (a shard this step needs) Ray now
+                absent, absent_groups = self.exchange.absent(fresh=fresh)
+                absent.update({k: FOREIGN for k in foreign})
+                self._stand_in(absent)
+                self._stand_in_experts(absent_groups)
+                running = tuple(g for g in range(len(self.partition)) if g not in absent_groups and g not in self.removed)
+                plans = [build_plan(part, spans, positions, self.model, self.summaries, len(self.partition),
+                                    self.serving, running) for part, (_, spans, positions) in zip(halves, inputs)]
+                lost = sorted({s for plan in plans for lp in plan.layers for s in lp.attend if s in absent})
+                if not lost or set(lost) <= {k for k, v in absent.items() if v == FOREIGN}:
+                    break
+            # no running group to hold the experts of lost ones (the only group restarting): wait
+            # for Ray to bring one back, bounded; a step never runs without its experts
+            no_experts = any(lp.experts for plan in plans for lp in plan.layers) and \
+                len(self.group_serving) < len([g for g in absent_groups if len(self.partition[g])])
+            if not no_experts or time.monotonic() >= restarting_until:
                 break
+            time.sleep(RESTART_POLL_S)
         if lost:  # without a store its segments died with it (the router drops their contexts)
             error = Unavailable if self.durable else ContextNotFound
             raise error(f"context shard {lost[0]} is not running (Ray reports its actor {absent[lost[0]]}) and no "
                         f"other shard can serve its segments ({'no shard is running' if self.durable else 'the mesh has no store'})")
-        if any(plan.groups for plan in plans) and len(self.group_serving) < len(absent_groups):
+        if no_experts:
             raise Unavailable(f"expert groups {sorted(absent_groups)} are not running (Ray reports "
                               f"{sorted(set(absent_groups.values()))}) and no expert group is; retry later")
         if self.serving:

@@ -117,6 +117,8 @@ class StepHost:
     def run(self, req: WholeRequest) -> WholeReply:
         for key in req.drops:
             self.seqs.pop(key, None)
+        if not req.seqs:
+            return WholeReply(torch.zeros(0, self.engine.cfg.vocab_size), [], {}, {}, {})
         batch = [self._mirror(ws) for ws in req.seqs]
         recomputed = [seq.num_computed < ws.num_computed for seq, ws in zip(batch, req.seqs)]
         self.recomputed += sum(recomputed)
