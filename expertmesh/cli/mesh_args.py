@@ -38,6 +38,9 @@ def mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", type=int, choices=(1, 2), default=1,
                    help="2: a router step runs its requests as two halves in ping-pong, one computing while the "
                         "other's rows are at the shards and expert groups (same logits; default 1)")
+    p.add_argument("--whole-steps", action=argparse.BooleanOptionalAction, default=True,
+                   help="where one colocated worker holds every shard and expert group, send it each step whole "
+                        "(one round trip a step; same logits; default on)")
 
 
 def _device(value: str) -> str:
@@ -49,7 +52,7 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-PLACEMENT = ("device", "dtype", "colocate", "data_plane", "routers", "micro_batches")
+PLACEMENT = ("device", "dtype", "colocate", "data_plane", "routers", "micro_batches", "whole_steps")
 
 
 def spec_of(args: argparse.Namespace, **more):

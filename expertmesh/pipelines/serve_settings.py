@@ -49,6 +49,8 @@ class ServeSettings(BaseModel):
     micro_batches: int = Field(1, ge=1, le=2, description="2: each router step runs its requests as two halves in "
                                "ping-pong (one computes while the other's rows are at the shards and expert groups); "
                                "the same logits either way")
+    whole_steps: bool = Field(True, description="where one colocated worker holds every shard and expert group, "
+                              "each step goes to it whole (one round trip a step); the same logits either way")
     mesh_name: str = Field("expertmesh", min_length=1, description="name of the mesh every replica shares and "
                            "ingestion jobs attach to (Mesh.attach)")
     start_timeout_s: float = Field(300.0, gt=0, description="bound on starting (or waiting for) the mesh")

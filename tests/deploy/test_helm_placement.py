@@ -60,14 +60,17 @@ def test_cli_placement_flags_parse_and_go_to_the_mesh():
     p = argparse.ArgumentParser()
     mesh_args.mesh_args(p)
     kw = mesh_args.mesh_kwargs(p.parse_args(["--device", "cuda:1", "--dtype", "float16", "--colocate",
-                                         "--data-plane", "ray", "--routers", "3", "--micro-batches", "2"]))
+                                         "--data-plane", "ray", "--routers", "3", "--micro-batches", "2",
+                                         "--no-whole-steps"]))
     assert {k: kw[k] for k in mesh_args.PLACEMENT} == {"device": "cuda:1", "dtype": "float16", "colocate": True,
-                                                 "data_plane": "ray", "routers": 3, "micro_batches": 2}
+                                                 "data_plane": "ray", "routers": 3, "micro_batches": 2,
+                                                 "whole_steps": False}
     assert {k: mesh_args.mesh_kwargs(p.parse_args([]))[k] for k in mesh_args.PLACEMENT} == {  # None: picked (layout.py)
         "device": "auto", "dtype": "auto", "colocate": None, "data_plane": "collective", "routers": 1,
-        "micro_batches": 1}
+        "micro_batches": 1, "whole_steps": True}
     assert mesh_args.mesh_kwargs(p.parse_args(["--no-colocate"]))["colocate"] is False
     assert p.parse_args([]).context_shards is None and p.parse_args([]).expert_groups is None
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "tpu"])
     assert ServeSettings(**kw).mesh_spec().micro_batches == 2  # the serving app takes the same keywords
+    assert ServeSettings(**kw).mesh_spec().whole_steps is False
