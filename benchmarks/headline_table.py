@@ -44,6 +44,15 @@ def _row(what: str, figure: str, on: str, link: str) -> str:
     return f"| {what} | {figure} | {on} | {link} |"
 
 
+def _per_layer(r: dict, batches: tuple) -> str:
+    """The same actors stepping per layer (whole_steps=False), where the run measured them."""
+    p = r["layouts"].get("per-layer")
+    if p is None:
+        return ""
+    return "; per layer (the same actors, a round trip per layer and role): " + ", ".join(
+        f"{_ms(p['mesh'][f'decode_b{b}_s'])} at batch {b}" for b in batches)
+
+
 def headline() -> str:
     serve, user, store, m10 = _load("serve.json"), _load("user_path.json"), _load("store.json"), _load("store_10m.json")
     hosts, elastic, routers = _load("multi_host.json"), _load("elastic.json"), _load("routers.json")
@@ -72,9 +81,9 @@ def headline() -> str:
         "Decoding as a user calls it (`Mesh.generate`)",
         f"{_ms(d['mesh']['decode_b1_s'])} a step at batch 1 ({_x(d['ratios']['decode_b1_mesh_over_hf'])} Hugging "
         f"Face's with a prefix cache), {_ms(d['mesh']['decode_b16_s'])} at batch 16 "
-        f"({_x(d['ratios']['decode_b16_mesh_over_hf'])})",
+        f"({_x(d['ratios']['decode_b16_mesh_over_hf'])})" + _per_layer(user, (1, 16)),
         f"{_model(user)}, {user['context_tokens'] // 1024}K-token context, the default layout (router + "
-        f"{lay['context_shards']} colocated worker); {_cores(user)}{_when(user)}",
+        f"{lay['context_shards']} colocated worker, whole steps); {_cores(user)}{_when(user)}",
         "[benchmarks](docs/benchmarks.md#the-users-path)"))
 
     real = _load("user_path_smollm2.json")
@@ -90,9 +99,10 @@ def headline() -> str:
         f"{_ms(d['mesh'][f'decode_b{first}_s'])} a step at batch {first} ({vs(first)} Hugging Face's with a prefix "
         f"cache{' in a DynamicCache / a StaticCache' if static else ''}), {_ms(d['mesh'][f'decode_b{last}_s'])} at "
         f"batch {last} ({vs(last)}); "
-        + ("the same greedy tokens" if real["exact_greedy_b1"] else "**other greedy tokens**"),
+        + ("the same greedy tokens" if real["exact_greedy_b1"] else "**other greedy tokens**")
+        + _per_layer(real, (first,)),
         f"SmolLM2-135M-Instruct upcycled to 4 experts top-2, fp32, context of {real['context_tokens']:,} tokens, the "
-        f"default layout (router + {lay['context_shards']} colocated worker); {_cores(real)}{_when(real)}",
+        f"default layout (router + {lay['context_shards']} colocated worker, whole steps); {_cores(real)}{_when(real)}",
         "[benchmarks](docs/benchmarks.md#the-users-path-on-a-real-model)"))
 
     rs = store["restart"]

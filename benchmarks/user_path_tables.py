@@ -52,7 +52,7 @@ def user_path_smollm2() -> str:
             + (" (Dynamic / Static)" if static else "") + " | mesh (router / caller) |",
             "|---|---|---|---|---|---|---|" + ("---|" if static else "")]
     where = ["| layout | batch | mesh step (caller) | router decode step (median) | router step (mean) | "
-             "waiting for the shard's attention | waiting for the experts | the router's own work |",
+             "waiting for the shard's attention | waiting for the experts | the rest |",
              "|---|---|---|---|---|---|---|---|"]
     for name, x in r["layouts"].items():
         lay, hf, mesh, ratio = x["mesh"]["layout"], x["hf_prefix_cache"], x["mesh"], x["ratios"]
@@ -96,7 +96,10 @@ def user_path_smollm2() -> str:
         f"`{r['hf_implementation']['experts']}`.",
         "", "Where the mesh's step goes: the router's counters over the last repeat, per router step (the "
         "prompts' steps included, hence the mean above the decode steps' median); the caller's step also holds "
-        "sampling, scheduling and the results' way back through Ray:", "",
+        "sampling, scheduling and the results' way back through Ray. Per layer, the waits are the router's for "
+        "the worker's answers and the rest is the router's own compute; with whole steps the worker runs the "
+        "step, its waits are calls to its own shard and group in process (the attention over the context, the "
+        "experts) and the rest is its dense layers plus the round trip:", "",
         *where, "",
         f"Run of {r.get('date', '?')} on {r['machine']['platform']} ({_load_note(r)}); "
         "`results/user_path_smollm2.json`." + _load_warning(r)]

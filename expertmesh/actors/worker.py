@@ -77,7 +77,8 @@ def colocated_worker(shard_cls: type = ContextShard) -> type:
 
         def whole_stats(self) -> dict:
             """Whole steps' mirrors: sequences held and recomputed, per router."""
-            return {r: {"sequences": len(h.seqs), "recomputed": h.recomputed} for r, h in self._hosts.items()}
+            return {r: {"sequences": len(h.seqs), "recomputed": h.recomputed, "steps": h.steps,
+                        "step_seconds": h.seconds} for r, h in self._hosts.items()}
 
         def compute(self, layer: int, x: np.ndarray, experts: np.ndarray) -> np.ndarray:
             if self.group is None:

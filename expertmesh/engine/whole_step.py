@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 import weakref
 
 import numpy as np
@@ -113,6 +114,7 @@ class StepHost:
         self.incarnation = incarnation
         self.seqs: dict[str, Sequence] = {}
         self.recomputed = 0  # sequences whose KV was computed again here
+        self.steps, self.seconds = 0, 0.0  # whole steps run here, and their compute time
 
     def run(self, req: WholeRequest) -> WholeReply:
         for key in req.drops:
@@ -122,9 +124,10 @@ class StepHost:
         batch = [self._mirror(ws) for ws in req.seqs]
         recomputed = [seq.num_computed < ws.num_computed for seq, ws in zip(batch, req.seqs)]
         self.recomputed += sum(recomputed)
-        eng = self.engine
+        eng, t0 = self.engine, time.perf_counter()
         load, rows, waits = eng.expert_load.clone(), eng.group_rows.clone(), collections.Counter(eng.waits)
         outs = eng.forward(batch)
+        self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - t0
         pieces = []
         for ws, out in zip(req.seqs, outs):
             if ws.logits_rows:
