@@ -23,7 +23,8 @@ from expertmesh.actors.expert_group import ExpertGroup
 from expertmesh.dataplane.local import LocalExchange
 from expertmesh.dataplane.wire import encode_error
 from expertmesh.dataplane.wire_whole import encode_meta
-from expertmesh.engine.whole_step import StepHost, WholeRequest
+from expertmesh.engine.step_host import StepHost
+from expertmesh.engine.whole_step import WholeRequest
 from expertmesh.model.checkpoint import load_model
 
 

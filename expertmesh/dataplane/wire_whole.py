@@ -31,7 +31,13 @@ from expertmesh.dataplane.wire import (
     _str,
     _unpack,
 )
-from expertmesh.engine.whole_step import KINDS, SeqReport, WholeReply, WholeRequest, WholeSeq
+from expertmesh.engine.whole_step import (
+    KINDS,
+    SeqReport,
+    WholeReply,
+    WholeRequest,
+    WholeSeq,
+)
 
 MAX_META_BYTES = 16 << 20
 _MAX_COUNT = 1 << 20  # sequences, drops, experts or groups in one message

@@ -10,7 +10,7 @@ places where the mesh differs from one process:
     the shared expert; outputs combine by gate weight.
 The step's plan (step_plan.py) is built before the first layer; the exchange (exchange.py,
 collective.py) carries it and every per-layer tensor. Where one colocated worker holds every
-shard and group, the step goes to it whole instead (whole_step.py): one round trip a step.
+shard and group, the step goes to it whole instead (whole_step.py, step_host.py): one round trip a step.
 """
 
 from __future__ import annotations

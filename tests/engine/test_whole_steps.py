@@ -16,9 +16,15 @@ from expertmesh.actors.worker import colocated_worker
 from expertmesh.dataplane.local import LocalExchange
 from expertmesh.dataplane.task import TaskExchange
 from expertmesh.dataplane.wire import WireError, WireLimits
-from expertmesh.dataplane.wire_whole import decode_meta, decode_request, encode_meta, encode_request
+from expertmesh.dataplane.wire_whole import (
+    decode_meta,
+    decode_request,
+    encode_meta,
+    encode_request,
+)
 from expertmesh.engine.request import Request
-from expertmesh.engine.whole_step import StepHost, WholeRequest, WholeSeq
+from expertmesh.engine.step_host import StepHost
+from expertmesh.engine.whole_step import WholeRequest, WholeSeq
 from expertmesh.mesh_spec import MeshSpec
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.sampling import SamplingParams
