@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from collections import Counter
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from expertmesh.model.kv_pool import KVPool, SeqKV
 from expertmesh.model.sampling import SamplingParams, TokenLogprob
 
 Kind = Literal["generate", "logits", "segment"]
+_UIDS = itertools.count()  # sequences of this process, in order (a caller's request ids may repeat)
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class Sequence:
     retries: int = 0  # steps run again after an actor failed under them (at most 1)
     deadline: float | None = None  # time.time() by which the request must finish (Request.deadline)
     kv_remote: bool = False  # its own KV lives in the worker that computes its steps whole (whole_step.py)
+    uid: int = dataclasses.field(default_factory=lambda: next(_UIDS), init=False)  # unique in this process
     finished: bool = False  # the router is done with it (answered, failed or cancelled)
     pool: dataclasses.InitVar[KVPool | None] = None  # the router's paged pool for `kv`; None: a KVCache of its own
 

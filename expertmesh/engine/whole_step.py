@@ -34,7 +34,7 @@ KINDS = ("generate", "logits", "segment")
 class WholeSeq:
     """One sequence of a whole step, as the router counts it."""
 
-    key: str  # its request id (unique among the router's running sequences)
+    key: str  # its mirror's name: unique among the router's sequences (WholeSteps._whole_key)
     kind: str  # KINDS
     token_ids: np.ndarray  # int64: all of its own tokens (prompt, then generated)
     start_pos: int  # position of its first own token
@@ -104,12 +104,18 @@ class WholeSteps:
             if seq.kv_remote:
                 seq.kv, seq.num_computed, seq.kv_remote = self.kv_pool.handle(), 0, False
 
+    @staticmethod
+    def _whole_key(seq: Sequence) -> str:
+        """Its mirror's name at the worker: unique among this router's sequences (request ids
+        are the callers' and may repeat)."""
+        return f"{seq.uid}:{seq.request_id[:200]}"
+
     def _run_whole(self, batch: list[Sequence]) -> list[torch.Tensor | None]:
-        keys = {seq.request_id for seq in batch}
+        keys = {self._whole_key(seq) for seq in batch}
         drops = [k for k, ref in self._remote.items()
                  if k not in keys and ((s := ref()) is None or s.finished or not s.kv_remote)]
         req = WholeRequest("", tuple(drops), tuple(
-            WholeSeq(seq.request_id, seq.kind, np.asarray(seq.token_ids, dtype=np.int64), seq.start_pos,
+            WholeSeq(self._whole_key(seq), seq.kind, np.asarray(seq.token_ids, dtype=np.int64), seq.start_pos,
                      seq.num_computed, seq.context_id, tuple((g.shard, g.start, g.end) for g in seq.segments),
                      seq.top_pages, seq.kind == "logits" or seq.wants_prompt_rows,
                      tuple((s, *f) for s, f in seq.segment_files.items()) if seq.kind == "segment" else ())
@@ -133,7 +139,7 @@ class WholeSteps:
             if seq.kind != "segment":
                 if not seq.kv_remote:  # its KV here (if any) is of no use now
                     seq.kv, seq.kv_remote = self.kv_pool.handle(), True
-                self._remote[seq.request_id] = weakref.ref(seq)
+                self._remote[ws.key] = weakref.ref(seq)
             seq.pathway_visits.update(rep.visits)
             for shard, reads in rep.reads.items():
                 seq.page_reads.setdefault(shard, collections.Counter()).update(reads)

@@ -142,3 +142,30 @@ def test_malformed_whole_steps_are_refused_before_anything_is_allocated():
     with pytest.raises(WireError):
         decode_request(data[:-3], limits, 1)  # truncated
 
+
+
+@pytest.mark.ray
+def test_requests_of_one_name_keep_their_own_kv_at_the_worker(ray_cluster, tiny_checkpoint):
+    """Callers name requests (request_id) and may repeat a name; the worker's mirrors must not mix them."""
+    rng = np.random.default_rng(5)
+    context = rng.integers(0, VOCAB, 40).tolist()
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (4, 7)]
+
+    def named(router):
+        async def go():
+            ctx = await router.register_context(context, "exact")
+            params = SamplingParams(max_new_tokens=12)
+            return await asyncio.gather(*(router.generate(Request(p, ctx.id, params, request_id="same"))
+                                          for p in prompts))
+        loop = asyncio.new_event_loop()
+        try:
+            return [r.token_ids for r in loop.run_until_complete(go())]
+        finally:
+            for t in asyncio.all_tasks(loop):
+                t.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+    want = named(make_router(tiny_checkpoint("mixtral"), None)[0])
+    router, _ = make_router(tiny_checkpoint("mixtral"), [1])
+    assert named(router) == want and want[0] != want[1]
+    assert router.engine.exchange.host.recomputed == 0
