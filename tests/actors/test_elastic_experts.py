@@ -92,12 +92,18 @@ def test_experts_balanced_added_and_removed_while_serving(ray_cluster, tiny_chec
 
         def under_load(change):
             out = {}
-            worker = threading.Thread(target=lambda: out.setdefault("res", mesh.generate(
-                PROMPT, context_id=ctx.id, max_new_tokens=24)))
+
+            def ask():
+                try:
+                    out["res"] = mesh.generate(PROMPT, context_id=ctx.id, max_new_tokens=24)
+                except Exception as exc:  # noqa: BLE001 - reported below, with the change's report
+                    out["error"] = f"{type(exc).__name__}: {exc}"
+            worker = threading.Thread(target=ask)
             worker.start()
             time.sleep(0.2)
             report = change()
             worker.join(120)
+            assert "res" in out, (out.get("error", "no answer within 120 s"), report)
             assert out["res"].token_ids == tokens, report  # same tokens through the change
             got = mesh.forward_logits(PROMPT, context_id=ctx.id)
             print(f"max |logit diff| {np.abs(got - want).max():.3g}")
