@@ -21,7 +21,7 @@ from expertmesh.errors import DataPlaneError
 
 def whole_rank(ex: Any) -> int | None:
     """The rank of the one member holding every context shard and expert group of the mesh (a
-    colocated worker), where steps can go to it whole; else None. Forms the group if there is none."""
+    colocated worker), where steps can go to it whole; else None (the group formed: `absent()`)."""
     if ex.backend != "socket" or len(ex.peers) != 1 or ex.left_shards or ex.left_groups:
         return None
     _, shard, group = ex.peers[0]

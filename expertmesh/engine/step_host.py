@@ -1,6 +1,6 @@
 """A worker's side of whole steps (whole_step.py): one router's steps computed in process by the
 same engine over the worker's own shard and group, with that router's sequences' own KV kept
-between steps (a mirror by request id)."""
+between steps (a mirror per sequence, named by the router: WholeSteps._whole_key)."""
 
 from __future__ import annotations
 
