@@ -134,6 +134,17 @@ def headline() -> str:
         "tiny Mixtral with a store; five hosts as Linux network namespaces on one 2-core CPU VM",
         "[faults](docs/faults.md#on-real-hosts)"))
 
+    head = _load("head_loss.json")
+    r = head["requests"]
+    rows.append(_row(
+        "The head lost (GCS fault tolerance)",
+        f"head host SIGKILLed and started again {_s(head['head']['down_s'])} later: {r['answered_right']} of "
+        f"{r['total']} requests answered right ({r['while_head_down']} while the head was away), none failed; the "
+        f"longest {_s(r['longest_s'])}; every actor alive after",
+        "Ray's GCS on an external Redis (`redis-server`, as the chart's `serve.gcsFaultTolerance`); 2 clients "
+        "through `Mesh.generate`; tiny Mixtral; four hosts as network namespaces on one 2-core CPU VM",
+        "[faults](docs/faults.md#the-head-lost-gcs-fault-tolerance)"))
+
     soak = _load("soak.json")
     rows.append(_row(
         "Streams through faults (a chaos soak)",

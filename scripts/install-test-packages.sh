@@ -3,13 +3,14 @@
 #   prometheus (Debian's package: the server and promtool) - tests/e2e/test_dashboard.py evaluates the
 #   Grafana dashboard's queries on a real Prometheus scraping the test mesh; tests/deploy checks the
 #   queries' syntax with promtool;
-#   chromium - tests/e2e/test_pathway_page.py drives the pathway page in it with Playwright.
+#   chromium - tests/e2e/test_pathway_page.py drives the pathway page in it with Playwright;
+#   redis-server - tests/hosts/test_head_loss.py: the external Redis of Ray's GCS fault tolerance.
 # Only as root on a machine with apt-get; elsewhere it does nothing (those tests skip and say why).
 # Never fails the setup: a package that cannot be had is reported and the tests that need it skip.
 set -uo pipefail
 
-PACKAGES=(prometheus chromium)
-BINARIES=(prometheus chromium)
+PACKAGES=(prometheus chromium redis-server)
+BINARIES=(prometheus chromium redis-server)
 
 missing=0
 for b in "${BINARIES[@]}"; do command -v "$b" >/dev/null 2>&1 || missing=1; done

@@ -99,9 +99,17 @@ class Hosts:
         return dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
                     PYTHONWARNINGS="ignore", EXPERTMESH_HOSTS=self.spec())
 
-    def add(self, i: int, resources: dict[str, float], num_cpus: int = 1) -> float:
-        """Host i (0: the head) joins the cluster with these Ray resources; seconds it took."""
+    def add(self, i: int, resources: dict[str, float], num_cpus: int = 1, env: dict[str, str] | None = None,
+            head_args: tuple[str, ...] = ()) -> float:
+        """Host i (0: the head) joins the cluster with these Ray resources; seconds it took.
+        env: more of Ray's settings for its processes; head_args: more `ray start --head` flags."""
         t0 = time.monotonic()
+        self.link(i)
+        self.start(i, resources, num_cpus, env, head_args)
+        return time.monotonic() - t0
+
+    def link(self, i: int) -> None:
+        """Host i's namespace and its link to the bridge (nothing runs there yet)."""
         ns = self.name(i)
         self._ip("netns", "add", ns)
         self._ip("-n", ns, "link", "set", "lo", "up")
@@ -110,20 +118,45 @@ class Hosts:
         self._ip("-n", self.bridge, "link", "set", f"p{i}", "up")
         self._ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
         self._ip("-n", ns, "link", "set", "eth0", "up")
-        where = ["--head", "--port", "6379", "--include-dashboard=false"] if i == 0 else ["--address", self.head]
-        env = self.env()
+
+    def start(self, i: int, resources: dict[str, float], num_cpus: int = 1, env: dict[str, str] | None = None,
+              head_args: tuple[str, ...] = ()) -> None:
+        """`ray start` on host i (its namespace made by `link`; again after `kill`: a restarted node)."""
+        where = ["--head", "--port", "6379", "--include-dashboard=false", *head_args] if i == 0 \
+            else ["--address", self.head]
+        full = self.env() | (env or {})
         if i == 0:  # the Helm chart's node failure detection (head.nodeFailureDetection), not Ray's 15-50 s
-            env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="2000",
-                       RAY_health_check_failure_threshold="5")
-        temp = self.root / f"h{i}"
-        temp.mkdir(parents=True, exist_ok=True)
-        cmd = self._cmd("ip", "netns", "exec", ns, RAY, "start", *where, "--node-ip-address", self.address(i),
-                        "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--disable-usage-stats",
-                        "--object-store-memory", str(200 << 20), "--temp-dir", str(temp))
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            full.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="2000",
+                        RAY_health_check_failure_threshold="5")
+        temp, again = self.root / f"h{i}", 0
+        while temp.exists():  # a restarted host starts on an empty disk, as a new pod (and `ray start
+            again += 1  # --head` would take the other hosts' processes on this machine for a GCS running)
+            temp = self.root / f"h{i}r{again}"
+        temp.mkdir(parents=True)
+        cmd = self._cmd("ip", "netns", "exec", self.name(i), RAY, "start", *where, "--node-ip-address",
+                        self.address(i), "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
+                        "--disable-usage-stats", "--object-store-memory", str(200 << 20), "--temp-dir", str(temp))
+        done = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"ray start on host {i} failed: {done.stderr[-2000:]}")
-        return time.monotonic() - t0
+
+    def redis(self, i: int, password: str) -> subprocess.Popen:
+        """A Redis server (the distribution's) as host i, on its address, port 6379, with a password
+        and no persistence: the external store of Ray's GCS fault tolerance."""
+        self.link(i)
+        cmd = self._cmd("ip", "netns", "exec", self.name(i), "redis-server", "--bind", self.address(i),
+                        "--port", "6379", "--requirepass", password, "--save", "", "--appendonly", "no",
+                        "--dir", str(self.root))
+        self.root.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        probe = self._cmd("ip", "netns", "exec", self.name(i), "redis-cli", "-h", self.address(i), "--no-auth-warning",
+                          "-a", password, "ping")
+        while subprocess.run(probe, capture_output=True, text=True).stdout.strip() != "PONG":
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on host {i} did not start (exit {proc.poll()})")
+            time.sleep(0.1)
+        return proc
 
     def cut(self, i: int) -> None:
         """Cut host i's link (its bridge port down): its processes live on and nothing resets a
@@ -145,9 +178,9 @@ class Hosts:
                     pass
             time.sleep(0.05)
 
-    def driver(self, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run a Python driver inside the head's namespace."""
-        return subprocess.run(["ip", "netns", "exec", self.name(0), sys.executable, "-c", script, *args],
+    def driver(self, script: str, *args: str, timeout: float = 600, host: int = 0) -> subprocess.CompletedProcess:
+        """Run a Python driver inside a host's namespace (the head's by default)."""
+        return subprocess.run(["ip", "netns", "exec", self.name(host), sys.executable, "-c", script, *args],
                               env=self.env(), capture_output=True, text=True, timeout=timeout)
 
     def close(self) -> None:
