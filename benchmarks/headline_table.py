@@ -135,14 +135,15 @@ def headline() -> str:
         "[faults](docs/faults.md#on-real-hosts)"))
 
     head = _load("head_loss.json")
-    r = head["requests"]
+    r, sv = head["requests"], head["serve"]
     rows.append(_row(
         "The head lost (GCS fault tolerance)",
         f"head host SIGKILLed and started again {_s(head['head']['down_s'])} later: {r['answered_right']} of "
-        f"{r['total']} requests answered right ({r['while_head_down']} while the head was away), none failed; the "
-        f"longest {_s(r['longest_s'])}; every actor alive after",
-        "Ray's GCS on an external Redis (`redis-server`, as the chart's `serve.gcsFaultTolerance`); 2 clients "
-        "through `Mesh.generate`; tiny Mixtral; four hosts as network namespaces on one 2-core CPU VM",
+        f"{r['total']} requests through `Mesh.generate` and {sv['answered_right']} of {sv['total']} streams through "
+        f"Serve answered right ({r['while_head_down']} and {sv['while_head_down']} while the head was away), none "
+        f"failed; the longest {_s(max(r['longest_s'], sv['longest_s']))}; every actor alive after",
+        "Ray's GCS on an external Redis (`redis-server`, as the chart's `serve.gcsFaultTolerance`); Serve's "
+        "replica and proxy off the head; tiny Mixtral; four hosts as network namespaces on one 2-core CPU VM",
         "[faults](docs/faults.md#the-head-lost-gcs-fault-tolerance)"))
 
     soak = _load("soak.json")

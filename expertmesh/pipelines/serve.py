@@ -127,7 +127,7 @@ class ExpertMeshServer:
         ray.get(self.limits.update.remote(tenants.model_dump() if tenants else None, self.holder,
                                           ray.get_runtime_context().current_actor))
         self.metrics = ServeMetrics([t.name for t in tenants.tenants] if tenants else [ANONYMOUS])
-        self.queue = AdmissionQueue(self.limits, self.metrics, s.max_queue, self.holder)
+        self.queue = AdmissionQueue(self.limits, self.metrics, s.max_queue, self.holder, self.tenants)
         self.recent = RecentRequests()  # what the pathway page shows each tenant
         self.registering: dict[str, tuple[str, int]] = {}  # background registrations running: id -> (tenant, tokens)
         self.created = int(time.time())
