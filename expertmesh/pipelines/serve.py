@@ -19,19 +19,16 @@ it stops; under `serve run`/`serve deploy` stop it with
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import ray
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.engine.request import Request as RouterRequest
 from expertmesh.engine.request import Result
@@ -41,8 +38,11 @@ from expertmesh.model.grammar import Grammars
 from expertmesh.pipelines import openai_logprobs, openai_stream, router_stream
 from expertmesh.pipelines import openai_schema as oa
 from expertmesh.pipelines.admission import Admission, AdmissionQueue
-from expertmesh.pipelines.api_errors import ApiError, _error, _unavailable, api_error
+from expertmesh.pipelines.api_errors import ApiError, _unavailable, api_error
 from expertmesh.pipelines.prompts import Prompts
+from expertmesh.pipelines.serve_app import _ERRORS, api
+from expertmesh.pipelines.serve_pool import SUMMARY as POOL_SUMMARY
+from expertmesh.pipelines.serve_pool import PoolChange, PoolChanges
 from expertmesh.pipelines.router_requests import RouterRequests
 from expertmesh.pipelines.recent import RecentRequests
 from expertmesh.pipelines.serve_settings import ServeSettings
@@ -54,42 +54,6 @@ RECOVER_TIMEOUT_S = 30.0  # how long a request waits for a restarting router bef
 UI_PAGE = Path(__file__).resolve().parents[1] / "assets" / "ui" / "pathways.html"
 
 
-_ERRORS = {s: {"model": oa.ErrorResponse} for s in (400, 401, 403, 404, 413, 429, 503)}
-
-api = FastAPI(title="expertmesh", version="0.1.0",
-              description="OpenAI-compatible inference over shared long contexts (Bearer API key per tenant).")
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    # the field's path; pydantic's names of union branches ("constrained-str", "list[int]") are not fields
-    param = ".".join(str(p) for p in first.get("loc", ())[1:]
-                     if isinstance(p, int) or re.fullmatch(r"[A-Za-z_]\w*", str(p))) or None
-    # 400, as OpenAI's API and vLLM's server answer a malformed body (clients map 422 to another error)
-    return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    headers = exc.headers
-    if exc.status_code == 405:  # Allow: every method the schema documents for the path (Starlette: one route's)
-        headers = {**(headers or {}), "Allow": ", ".join(_allowed(request.app.openapi(), request.url.path))}
-    return _error(exc.status_code, str(exc.detail), "invalid_request_error", headers=headers)
-
-
-def _allowed(schema: dict, path: str) -> list[str]:
-    for template, ops in schema["paths"].items():
-        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
-            return sorted(m.upper() for m in ops)
-    return []
-
-
 HEAD = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
 
 
@@ -97,7 +61,7 @@ HEAD = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=2,
                   graceful_shutdown_timeout_s=10, graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(api)
-class ExpertMeshServer:
+class ExpertMeshServer(PoolChanges):
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         from expertmesh.platform.cluster import NAMESPACE
         from expertmesh.platform.mesh import Mesh
@@ -350,6 +314,11 @@ class ExpertMeshServer:
         pool["segments"] = [c for c in pool["segments"] if c["owner"] == tenant or c["visibility"] == "shared"]
         pool["routers"] = len(self.mesh.routers)
         return pool
+
+    @api.post("/v1/pool/{action}", responses=_ERRORS, summary=POOL_SUMMARY)
+    async def change_pool(self, request: Request, action: str, body: PoolChange | None = None) -> dict:
+        """One change of the pool while the mesh serves, for admin tenants (serve_pool.py)."""
+        return await self._change_pool(self._tenant(request), action, body)
 
     @api.get("/ui", include_in_schema=False)
     async def ui(self) -> HTMLResponse:

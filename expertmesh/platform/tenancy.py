@@ -28,6 +28,8 @@ class TenantSpec(BaseModel):
     max_concurrent_requests: int = Field(8, ge=1, description="requests in flight at once; more get 429")
     tokens_per_minute: int = Field(200_000, ge=1, description="prompt + completion tokens per minute; more get 429")
     max_context_tokens: int = Field(2_000_000, ge=0, description="total tokens of the contexts this tenant owns")
+    admin: bool = Field(False, description="may change the pool over the API (POST /v1/pool/{action}: add and take "
+                                          "out context shards and expert groups, rebalance, balance experts)")
 
     @field_validator("api_key_sha256")
     @classmethod
@@ -126,6 +128,10 @@ class Tenants:
 
     def spec(self, tenant: str) -> TenantSpec:
         return self._state[tenant].spec
+
+    def is_admin(self, tenant: str) -> bool:
+        """May this tenant change the pool? Without a tenants file (loopback only) the one tenant may."""
+        return self.open or self._state[tenant].spec.admin
 
     def acquire(self, tenant: str, tokens: int, holder: str = "") -> None:
         """Admit a request of about `tokens` tokens, or raise RateLimited (the caller must release)."""

@@ -19,7 +19,8 @@ KEYS = {"acme": "key-acme-123", "globex": "key-globex-456", "tiny": "key-tiny-78
 def server(ray_cluster, tmp_path_factory):
     tenants = {"tenants": [
         {"name": "acme", "api_key_sha256": hashlib.sha256(KEYS["acme"].encode()).hexdigest(),
-         "max_concurrent_requests": 40, "tokens_per_minute": 10_000_000, "max_context_tokens": 100_000},
+         "max_concurrent_requests": 40, "tokens_per_minute": 10_000_000, "max_context_tokens": 100_000,
+         "admin": True},  # may change the pool (test_serve_pool.py)
         {"name": "globex", "api_key_sha256": hashlib.sha256(KEYS["globex"].encode()).hexdigest(),
          "max_concurrent_requests": 40, "tokens_per_minute": 10_000_000, "max_context_tokens": 100_000},
         {"name": "tiny", "api_key_sha256": hashlib.sha256(KEYS["tiny"].encode()).hexdigest(),
