@@ -60,11 +60,24 @@ def stream_once(url: str, tenant: str, n: int) -> str:
     return "complete" if lines and lines[-1] == "data: [DONE]" and '"finish_reason": "' in lines[-2] else "broken"
 
 
+def settled_processes(gcs_address: str, timeout_s: float = 15.0) -> dict[int, tuple[str, int]]:
+    """`serving_processes` once two reads 1 s apart name the same ones: actors an earlier test on
+    this cluster let go (a mesh shut down, a shard or group taken out) exit a moment later."""
+    procs, deadline = serving_processes(gcs_address), time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(1.0)
+        again = serving_processes(gcs_address)
+        if set(again) == set(procs):
+            break
+        procs = again
+    return procs
+
+
 def test_32_streaming_clients(server, ray_cluster):
     gcs = ray_cluster.get_runtime_context().gcs_address
     for i in range(4):  # warm up, then take the memory baseline
         stream_once(server, "acme", i)
-    procs = serving_processes(gcs)
+    procs = settled_processes(gcs)
     titles = sorted(t for t, _ in procs.values())
     for role in ROLES:
         assert any(role in t for t in titles), f"no {role} process among {titles}"
