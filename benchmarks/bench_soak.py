@@ -2,17 +2,21 @@
 (Linux network namespaces, tests/hosts/netns.py; root and iproute2) while a schedule of faults
 runs, and what the clients saw.
 
-Cluster: host 0 (head: Serve, an expert group), hosts 1-2 (a context shard each), host 3 (an
-expert group), hosts 5-6 (a router each); a store on local disk; tiny Mixtral; the chart's node
-failure detection on the head. Clients (`--clients`, default 3) stream `/v1/completions` over a
-shared registered context back to back, in turn: greedy, sampled with a seed, sampled without
-one (the server seeds it). Faults, one every `--every` seconds, in turn:
+Cluster: host 0 (head: Serve's controller and the tenants' shared limits, no mesh actor, as the
+chart places them; GCS fault tolerance on Redis, host 9, as the chart's `serve.gcsFaultTolerance`),
+hosts 1-2 (a context shard each), hosts 3 and 7 (an expert group each), host 4 (the edge: Serve's replica and the proxy the
+clients talk to, and the driver), hosts 5-6 (a router each); a store on local disk; tiny Mixtral;
+the chart's node failure detection on the head. Clients (`--clients`, default 3) stream
+`/v1/completions` over a shared registered context back to back, in turn: greedy, sampled with a
+seed, sampled without one (the server seeds it). Faults, one every `--every` seconds, in turn:
   kill a context shard's process, kill an expert group's process, kill a router's process
   (Ray restarts each), cut a shard host's link (its processes alive: the silent loss; a new
   host replaces it), SIGKILL the expert host (a new host replaces it), add a shard host and a
-  shard (`add_shards` + `rebalance`).
-Not in the schedule (not built): the head's restart (GCS fault tolerance), removing a shard or an
-expert group, a Serve replica's loss.
+  shard (`add_shards` + `rebalance`), cut the expert host's link, cut a router host's link (a
+  new host replaces each), take the added shard out (`remove_shards`), lose the head (every
+  process SIGKILLed; started again on its address 5 s later, as KubeRay restarts a head pod).
+Not in the schedule: a Serve replica's loss (it cuts its streams: Serve does not carry a stream
+over to another replica).
 
 Report: requests answered right, refused before their first token (429/503), cut mid-stream
 (target 0), wrong (greedy and seeded answers against the same request before any fault; target
@@ -28,6 +32,7 @@ Writes benchmarks/results/soak.json.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -47,15 +52,16 @@ from tests.hosts.netns import Hosts
 
 hosts = Hosts.attach()
 ckpt, store, minutes, every, clients = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-ray.init(address=hosts.head)
+head_env = json.loads(sys.argv[6])
+ray.init(address=hosts.head, _node_ip_address=hosts.address(4))  # this host, not the head's node
 mesh = em.Mesh.start(ckpt, context_shards=2, expert_groups=2, routers=2, address=hosts.head, store=store,
                      page_size=16, name="soak", detached=True)
 from ray import serve
 from expertmesh.pipelines.serve import ExpertMeshServer
-serve.start(http_options={"host": hosts.address(0), "port": 8000})
+serve.start(proxy_location="EveryNode", http_options={"host": "0.0.0.0", "port": 8000})
 serve.run(ExpertMeshServer.options(ray_actor_options={"num_cpus": 0, "resources": {"serve": 0.01}}).bind(
     {"checkpoint": ckpt, "mesh_name": "soak", "store": store}), name="expertmesh", route_prefix="/")
-base = f"http://{hosts.address(0)}:8000"
+base = f"http://{hosts.address(4)}:8000"  # the edge host's proxy
 where = lambda h: ray.get(h.__ray_call__.remote(lambda self: ray.util.get_node_ip_address()), timeout=30)
 host_of = lambda h: int(where(h).rsplit(".", 1)[1]) - 1
 http = httpx.Client(timeout=300)
@@ -139,7 +145,7 @@ mem_start = rss(mesh_pids())
 t0 = time.monotonic()
 for t in threads:
     t.start()
-faults, next_host = [], [8]
+faults, next_host, added = [], [10], []
 def new_host(resources):
     i = next_host[0]
     next_host[0] += 1
@@ -158,11 +164,20 @@ def kill_and_wait(handle, timeout_s=120):
     while (actor_info(handle)[1] <= restarts or actor_state(handle) != "ALIVE") and time.monotonic() < deadline:
         time.sleep(0.05)
     return actor_state(handle)
+KINDS_OF_FAULT = ["kill shard", "kill expert group", "kill router", "cut shard host link", "kill expert host",
+                  "add shard host", "cut expert host link", "cut router host link", "remove shard", "restart head"]
+def cut_and_replace(handle, resources, f):
+    """Cut the link of the handle's host; once Ray declares the actor's host dead, a new host with
+    these resources joins and the actor restarts there."""
+    h = host_of(handle); hosts.cut(h); gone.add(h); f["host"] = h
+    while actor_state(handle) == "ALIVE" and time.monotonic() - t0 < minutes * 60:
+        time.sleep(0.2)
+    f["ray_declared_dead_s"] = time.monotonic() - t0 - f["at_s"]
+    f["replaced_by"] = new_host(resources); f["state"] = wait_alive(handle)
 n = 0
 while time.monotonic() - t0 < minutes * 60 - every:
     time.sleep(every)
-    kind = ["kill shard", "kill expert group", "kill router", "cut shard host link", "kill expert host",
-            "add shard host"][n % 6]
+    kind = KINDS_OF_FAULT[n % len(KINDS_OF_FAULT)]
     n += 1
     f = {"fault": kind, "at_s": time.monotonic() - t0}
     try:
@@ -173,11 +188,7 @@ while time.monotonic() - t0 < minutes * 60 - every:
         elif kind == "kill router":
             f["state"] = kill_and_wait(mesh.routers[n % 2])
         elif kind == "cut shard host link":
-            h = host_of(mesh.shards[1]); hosts.cut(h); gone.add(h); f["host"] = h
-            while actor_state(mesh.shards[1]) == "ALIVE" and time.monotonic() - t0 < minutes * 60:
-                time.sleep(0.2)
-            f["ray_declared_dead_s"] = time.monotonic() - t0 - f["at_s"]
-            f["replaced_by"] = new_host({"context_shard": 1}); f["state"] = wait_alive(mesh.shards[1])
+            cut_and_replace(mesh.shards[1], {"context_shard": 1}, f)
         elif kind == "kill expert host":
             g = next(i for i, grp in enumerate(mesh.groups) if host_of(grp) != 0)  # not the head's
             h = host_of(mesh.groups[g]); hosts.kill(h); gone.add(h); f["host"] = h
@@ -185,6 +196,29 @@ while time.monotonic() - t0 < minutes * 60 - every:
         elif kind == "add shard host":
             f["host"] = new_host({"context_shard": 1})
             f["added"] = mesh.add_shards(1); f["moved"] = len(mesh.rebalance()["moved"])
+            added.extend(f["added"])
+        elif kind == "cut expert host link":
+            g = 1
+            cut_and_replace(mesh.groups[g], {"expert_group": 1}, f)
+        elif kind == "cut router host link":
+            cut_and_replace(mesh.routers[n % 2], {"router": 1}, f)
+        elif kind == "remove shard":
+            if not added:
+                raise ValueError("no shard added to take out")
+            gone_shard = added.pop()
+            f["removed"] = gone_shard; f["moved"] = len(mesh.remove_shards([gone_shard])["moved"])
+        elif kind == "restart head":
+            hosts.kill(0)
+            time.sleep(5)
+            hosts.start(0, {}, 2, head_env["env"], tuple(head_env["args"]))
+            f["head_started_s"] = time.monotonic() - t0 - f["at_s"]
+            while time.monotonic() - t0 - f["at_s"] < 120:  # Ray's state API answering for the hosts in use
+                try:
+                    f["state"] = f"{sum(1 for x in ray.nodes() if x['Alive'])} hosts alive"
+                    break
+                except Exception:
+                    time.sleep(0.5)
+            f["state_api_back_s"] = time.monotonic() - t0 - f["at_s"]
     except Exception as exc:
         f["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     f["took_s"] = time.monotonic() - t0 - f["at_s"]
@@ -223,6 +257,9 @@ def summarize(out: dict) -> dict:
         f["requests_in_flight"] = len(hit)
         f["longest_gap_in_flight_s"] = max((o["gap_s"] for o in hit), default=0.0)
         f["requests_in_the_minute_after"] = sum(1 for o in outcomes if f["at_s"] < o["t"] - t0 < f["at_s"] + 60)
+        f["in_flight_outcomes"] = dict(collections.Counter(o["outcome"] for o in hit))
+        f["not_right_begun_while_it_ran"] = dict(collections.Counter(
+            o["outcome"] for o in outcomes if f["at_s"] < o["t"] - t0 < f["at_s"] + f["took_s"] and o["outcome"] != "right"))
     return out
 
 
@@ -245,13 +282,19 @@ def main() -> None:
     ckpt = build_tiny("mixtral", work / "mixtral")
     hosts = Hosts.create()
     try:
-        hosts.add(0, {"expert_group": 1, "serve": 1}, num_cpus=2)
+        import secrets
+
+        password = secrets.token_hex(16)
+        hosts.redis(9, password)  # the GCS's external store (GCS fault tolerance)
+        head = {"env": {"RAY_REDIS_ADDRESS": f"{hosts.address(9)}:6379", "RAY_external_storage_namespace": "soak"},
+                "args": ["--redis-password", password]}
+        hosts.add(0, {}, num_cpus=2, env=head["env"], head_args=tuple(head["args"]))
         for i, res in ((1, {"context_shard": 1}), (2, {"context_shard": 1}), (3, {"expert_group": 1}),
-                       (5, {"router": 1}), (6, {"router": 1})):
+                       (4, {"serve": 1}), (5, {"router": 1}), (6, {"router": 1}), (7, {"expert_group": 1})):
             hosts.add(i, res)
         t0 = time.monotonic()
         proc = hosts.driver(DRIVER, ckpt, str(work / "store"), str(args.minutes), str(args.every), str(args.clients),
-                            timeout=args.minutes * 60 + 900)
+                            json.dumps(head), timeout=args.minutes * 60 + 900, host=4)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise SystemExit(f"the soak's driver failed ({proc.returncode}): {proc.stderr[-4000:]}")

@@ -152,15 +152,23 @@ def soak() -> str:
              f"| {r['requests']} | {r['right']} | {r['refused']} | {r['cut']} | {r['wrong']} | "
              f"{_s(r['longest_gap_s'])} | {r['memory_start_bytes'] / gib:.2f} -> {r['memory_end_bytes'] / gib:.2f} "
              f"GiB | {len(r['left_after_shutdown']) or 'none'} |", "",
-             "| fault | at | back after | requests in flight then | their longest gap between tokens "
-             "| requests begun in the minute after | what |", "|---|---|---|---|---|---|---|"]
+             "| fault | at | back after | requests in flight then (their outcomes) | their longest gap between tokens "
+             "| begun while it ran and not answered right | requests begun in the minute after | what |",
+             "|---|---|---|---|---|---|---|---|"]
     for f in r["faults"]:
         what = f.get("error") or "; ".join(filter(None, [
             f"host {f['host']}" if "host" in f else "",
             f"Ray declared it dead after {_s(f['ray_declared_dead_s'])}" if "ray_declared_dead_s" in f else "",
             f"restarted on new host {f['replaced_by']}" if "replaced_by" in f else "",
             f"shard {f['added'][0]} started there, rebalance moved {f['moved']} segment(s)" if "added" in f else "",
-            f"Ray reports it {f['state']}" if "state" in f else ""]))
-        lines.append(f"| {f['fault']} | {f['at_s']:.0f} s | {_s(f['took_s'])} | {f['requests_in_flight']} "
-                     f"| {_s(f['longest_gap_in_flight_s'])} | {f['requests_in_the_minute_after']} | {what} |")
+            f"shard {f['removed']} taken out, {f['moved']} segment(s) moved off" if "removed" in f else "",
+            f"started again after {_s(f['head_started_s'])}, Ray's state API back after {_s(f['state_api_back_s'])}"
+            if "head_started_s" in f else "",
+            f"Ray reports it {f['state']}" if "state" in f and "head_started_s" not in f else
+            (f"{f['state']}" if "state" in f else "")]))
+        seen = ", ".join(f"{n} {k}" for k, n in sorted(f.get("in_flight_outcomes", {}).items()))
+        bad = ", ".join(f"{n} {k}" for k, n in sorted(f.get("not_right_begun_while_it_ran", {}).items())) or "none"
+        lines.append(f"| {f['fault']} | {f['at_s']:.0f} s | {_s(f['took_s'])} | {f['requests_in_flight']}"
+                     f"{f' ({seen})' if seen else ''} | {_s(f['longest_gap_in_flight_s'])} | {bad} "
+                     f"| {f['requests_in_the_minute_after']} | {what} |")
     return "\n".join(lines)

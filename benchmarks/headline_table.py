@@ -153,8 +153,9 @@ def headline() -> str:
         f"{soak['right']:,} answered right, {soak['cut']} cut mid-stream, {soak['wrong']} wrong, {soak['refused']} "
         f"refused; longest gap between tokens {_s(soak['longest_gap_s'])}",
         f"{soak['clients']} clients through Serve (greedy, seeded, unseeded); process kills of a shard, an expert "
-        "group, a router; a shard host's link cut, an expert host killed, a shard host added; tiny Mixtral with a "
-        "store on network-namespace hosts, one 2-core CPU VM", "[faults](docs/faults.md#the-chaos-soak)"))
+        "group, a router; links cut of a shard, an expert and a router host, an expert host killed, a shard host "
+        "added and its shard taken out, the head lost (GCS fault tolerance); tiny Mixtral with a store on "
+        "network-namespace hosts, one 2-core CPU VM", "[faults](docs/faults.md#the-chaos-soak)"))
 
     t = elastic["takeover"]
     rows.append(_row(
