@@ -71,7 +71,11 @@ def test_half_precision_matches_hugging_face_in_the_same_dtype(arch, dtype, tiny
     print(f"PARITY {arch:9s} {str(dtype):15s} rel_err {r['rel_err']:.4f} agree {r['agree']:.3f} "
           f"ours_vs_fp32 {r['ours_vs_fp32']:.4f} hf_vs_fp32 {r['hf_vs_fp32']:.4f}")
     max_err, min_agree = WIDER.get((arch, dtype), BOUNDS[dtype])
-    assert r["rel_err"] <= max_err and r["agree"] >= min_agree, r
+    # within the bound of HF's forward in this dtype; where that forward itself strays from fp32 past
+    # the bound (OLMoE fp16 on some CPUs: 0.0199 from fp32, ours 0.0009), within the bound of fp32
+    near_hf = r["rel_err"] <= max_err
+    near_fp32 = r["hf_vs_fp32"] > max_err and r["ours_vs_fp32"] <= max_err
+    assert (near_hf or near_fp32) and r["agree"] >= min_agree, r
     # as close to the fp32 reference as the bound, or as HF's own forward in this dtype (a routing flip)
     assert r["ours_vs_fp32"] <= max(max_err, 1.5 * r["hf_vs_fp32"]), r
 
