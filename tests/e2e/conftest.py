@@ -12,19 +12,21 @@ import yaml
 
 from tests.e2e.serving import free_port, wait_healthy  # noqa: F401 - free_port for the tests
 
-KEYS = {"acme": "key-acme-123", "globex": "key-globex-456", "tiny": "key-tiny-789"}
+KEYS = {"acme": "key-acme-123", "globex": "key-globex-456", "tiny": "key-tiny-789", "ops": "key-ops-000"}
 
 
 @pytest.fixture(scope="session")
 def server(ray_cluster, tmp_path_factory):
     tenants = {"tenants": [
         {"name": "acme", "api_key_sha256": hashlib.sha256(KEYS["acme"].encode()).hexdigest(),
-         "max_concurrent_requests": 40, "tokens_per_minute": 10_000_000, "max_context_tokens": 100_000,
-         "admin": True},  # may change the pool (test_serve_pool.py)
+         "max_concurrent_requests": 40, "tokens_per_minute": 10_000_000, "max_context_tokens": 100_000},
         {"name": "globex", "api_key_sha256": hashlib.sha256(KEYS["globex"].encode()).hexdigest(),
          "max_concurrent_requests": 40, "tokens_per_minute": 10_000_000, "max_context_tokens": 100_000},
         {"name": "tiny", "api_key_sha256": hashlib.sha256(KEYS["tiny"].encode()).hexdigest(),
          "max_concurrent_requests": 1, "tokens_per_minute": 600, "max_context_tokens": 50},
+        # may change the pool (test_serve_pool.py); not the fuzzers' tenant (they would add and take out actors)
+        {"name": "ops", "api_key_sha256": hashlib.sha256(KEYS["ops"].encode()).hexdigest(),
+         "max_concurrent_requests": 8, "tokens_per_minute": 10_000_000, "max_context_tokens": 10_000, "admin": True},
     ]}
     path = tmp_path_factory.mktemp("serve") / "tenants.yaml"
     path.write_text(yaml.safe_dump(tenants))
