@@ -45,6 +45,7 @@ def tickets(limits) -> tuple[int, int]:
 
 def test_shared_limits_that_do_not_answer_give_way_to_the_replicas_own(ray_cluster):
     limits = TenantLimits.remote(SPEC)
+    ray.get(limits.__ray_ready__.remote(), timeout=60)  # started (a replica's first call waits for it too)
     q = queue(limits)
 
     async def go():
