@@ -97,6 +97,8 @@ def test_shared_limits_gone_for_good_never_hang_an_admission(ray_cluster):
     limits = TenantLimits.options(max_restarts=0).remote(SPEC)
     ray.get(limits.__ray_ready__.remote())
     ray.kill(limits, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):  # gone (ray.kill returns before the actor is)
+        ray.get(limits.__ray_ready__.remote(), timeout=30)
     q = queue(limits)
 
     async def go():
