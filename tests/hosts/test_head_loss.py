@@ -12,13 +12,13 @@ Figures go to stdout (`pytest -s`) and, with EXPERTMESH_RESULTS=<file>, to a JSO
 (benchmarks/results/head_loss.json is made so)."""
 
 import json
-import os
 import secrets
 import shutil
 
 import pytest
 
-from tests.hosts.netns import Hosts, unavailable
+from tests.hosts.conftest import driver_result
+from tests.hosts.netns import unavailable
 
 WHY = unavailable() or (None if shutil.which("redis-server") and shutil.which("redis-cli") else
                         "redis-server is not installed (`make setup` installs it as root with apt-get)")
@@ -140,15 +140,6 @@ mesh.shutdown()
 '''
 
 
-@pytest.fixture
-def hosts():
-    h = Hosts.create()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 def test_head_host_lost_with_gcs_fault_tolerance_while_clients_ask(hosts, tiny_checkpoint, tmp_path):
     password = secrets.token_hex(16)
     hosts.redis(9, password)
@@ -160,12 +151,7 @@ def test_head_host_lost_with_gcs_fault_tolerance_while_clients_ask(hosts, tiny_c
     hosts.add(2, {"router": 1, "serve": 1})
     proc = hosts.driver(DRIVER, tiny_checkpoint("mixtral"), str(tmp_path / "store"), json.dumps(head), timeout=600,
                         host=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    print("\nHEADLOSS " + json.dumps(out, indent=1))
-    if os.environ.get("EXPERTMESH_RESULTS"):
-        with open(os.environ["EXPERTMESH_RESULTS"], "w") as f:
-            json.dump(out, f, indent=1)
+    out = driver_result(proc, "HEADLOSS")
     a = [hosts.address(i) for i in range(3)]
     p = out["placement"]
     assert p["router"] == a[2] and p["shards"] == [a[1]] and p["groups"] == [a[1]], p

@@ -10,12 +10,11 @@ Hosts: 0 (head): an expert group and Serve; 1, 2: a context shard each; 3: an ex
 Figures go to stdout (`pytest -s`) and, with EXPERTMESH_RESULTS=<file>, to a JSON file
 (benchmarks/results/multi_host.json is made so)."""
 
-import json
-import os
 
 import pytest
 
-from tests.hosts.netns import Hosts, unavailable
+from tests.hosts.conftest import driver_result
+from tests.hosts.netns import unavailable
 
 WHY = unavailable()
 pytestmark = [pytest.mark.ray, pytest.mark.e2e,
@@ -189,26 +188,12 @@ mesh.shutdown()
 '''
 
 
-@pytest.fixture
-def hosts():
-    h = Hosts.create()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 def test_four_hosts_tcp_exact_and_hosts_killed_mid_stream(hosts, tiny_checkpoint, tmp_path):
     hosts.add(0, {"expert_group": 1, "serve": 1}, num_cpus=2)
     for i, res in ((1, {"context_shard": 1}), (2, {"context_shard": 1}), (3, {"expert_group": 1}), (5, {"router": 1})):
         hosts.add(i, res)
     proc = hosts.driver(DRIVER, tiny_checkpoint("mixtral"), str(tmp_path / "store"), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    print("\nMULTIHOST " + json.dumps(out, indent=1))
-    if os.environ.get("EXPERTMESH_RESULTS"):
-        with open(os.environ["EXPERTMESH_RESULTS"], "w") as f:
-            json.dump(out, f, indent=1)
+    out = driver_result(proc, "MULTIHOST")
     a = [hosts.address(i) for i in range(8)]
     p = out["placement"]  # by Ray resources: each actor on a host declaring its kind
     assert p["router"] == a[5] and sorted(p["shards"]) == [a[1], a[2]] and sorted(p["groups"]) == [a[0], a[3]]
